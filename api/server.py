@@ -1,0 +1,76 @@
+"""``slkv serve``: the SGLang engine with the SimLayerKV plugin and the chat API, in one process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import replace
+
+logger = logging.getLogger("slkv.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slkv serve", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--model-path", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--sglang-url", default=None,
+                   help="use a running `python -m sglang.launch_server --enable-simlayerkv` instead of an in-process engine")
+    p.add_argument("--redis-url", default=os.environ.get("SLKV_REDIS_URL"),
+                   help="session store (env SLKV_REDIS_URL); unset: an in-process store (quick start only)")
+    p.add_argument("--redis-prefix", default="slkv:", help="key prefix in Redis (default slkv:)")
+    p.add_argument("--session-ttl", type=int, default=3600, help="seconds an idle session is kept (default 3600)")
+    p.add_argument("--api-keys", default=os.environ.get("SLKV_API_KEYS", ""),
+                   help="comma-separated API keys (env SLKV_API_KEYS); unset: no authentication")
+    p.add_argument("--offload-budget", type=int, default=0,
+                   help="host offload budget in bytes (stored and shown; the offload tier is not built yet)")
+    p.add_argument("--slkv-threshold", type=float, default=None, help="lazy-layer threshold (default: SLKV_THRESHOLD or 0.9)")
+    p.add_argument("--slkv-score", choices=["mean", "kvmin", "headmin"], default=None, help="score mode (default kvmin)")
+    p.add_argument("--slkv-recent", type=int, default=None, help="recent window in lazy layers (default 1020)")
+    p.add_argument("--disable-simlayerkv", action="store_true", help="serve with full KV")
+    p.add_argument("--worker-name", default=os.uname().nodename, help="recorded in each turn's layer map")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+    from transformers import AutoConfig, AutoTokenizer
+
+    from slkv_sglang.config import SlkvConfig
+    from slkv_sglang.model import ensure_bundled_model
+    from slkv_sglang.runtime import make_engine, shutdown_engine
+
+    from .app import EngineClient, RemoteEngineClient, Settings, create_app
+    from .store import MemoryStore, RedisStore
+
+    slkv = SlkvConfig.from_env()
+    slkv = replace(slkv, enabled=not args.disable_simlayerkv, threshold=args.slkv_threshold or slkv.threshold,
+                   score=args.slkv_score or slkv.score, recent=args.slkv_recent or slkv.recent)
+    path = args.model_path or str(ensure_bundled_model())
+    hf = AutoConfig.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    context_len = hf.max_position_embeddings
+    engine = None if args.sglang_url else make_engine(path, slkv=slkv)
+    client = RemoteEngineClient(args.sglang_url, tokenizer, context_len) if args.sglang_url else \
+        EngineClient(engine, tokenizer, context_len)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    settings = Settings(
+        api_keys=frozenset(k for k in args.api_keys.split(",") if k),
+        model_name=os.path.basename(path.rstrip("/")),
+        threshold=slkv.threshold,
+        offload_budget_bytes=args.offload_budget,
+        worker=args.worker_name,
+        kv_bytes_per_token_layer=2 * hf.num_key_value_heads * head_dim * 4,  # K and V, float32
+    )
+    store = RedisStore(args.redis_url, args.redis_prefix, args.session_ttl) if args.redis_url else MemoryStore(args.session_ttl)
+    if not args.redis_url:
+        logger.warning("no --redis-url / SLKV_REDIS_URL: sessions live in this process only")
+    app = create_app(client, store, settings)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        if engine is not None:
+            shutdown_engine(engine)
+    return 0

@@ -1,0 +1,38 @@
+"""What both backends share: the tracker built from a ModelRunner, and scoring after each extend layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import SlkvConfig
+from ..tracker import LazyTracker
+
+def make_tracker(model_runner: Any, config: SlkvConfig) -> LazyTracker:
+    hf = model_runner.model_config
+    req_to_token = model_runner.req_to_token_pool.req_to_token
+    return LazyTracker(
+        config,
+        num_layers=hf.num_hidden_layers,
+        num_kv_heads=hf.get_num_kv_heads(1),
+        num_rows=req_to_token.shape[0],
+        req_to_token=req_to_token,
+    )
+
+
+
+class ScoringMixin:
+    """Put before an SGLang backend class: after each extend layer wrote its KV, score the deciders."""
+
+    tracker: LazyTracker
+    token_to_kv_pool: Any
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[no-untyped-def]
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)  # type: ignore[misc]
+        self._score(q, layer)
+        return o
+
+    def _score(self, q: torch.Tensor, layer: Any) -> None:
+        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        self.tracker.score(q_, layer.layer_id, self.token_to_kv_pool.get_key_buffer(layer.layer_id), layer.scaling)

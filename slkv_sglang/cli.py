@@ -1,0 +1,40 @@
+"""``slkv``: one command, a few subcommands; each subcommand module parses its own options."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# subcommand -> (module with ``main(argv) -> int``, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "setup": ("slkv_sglang.setup_cmd", "prepare this machine: bundled model, sgl_kernel stand-in if needed"),
+    "serve": ("api.server", "start the engine with the plugin and the chat API (bundled model by default)"),
+    "eval": ("slkv_sglang.evaluate", "long-context retrieval/NLL evaluation through the real engine"),
+    "bench": ("slkv_sglang.bench", "identification overhead and decode step time, SimLayerKV vs full KV"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: slkv <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines.append("\n`slkv <command> --help` documents each command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"slkv: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""SimLayerKV settings: one typed record, read from ``SLKV_*`` environment variables.
+
+Environment variables are the one channel that reaches every SGLang process (the launcher, the spawned
+scheduler, ``sglang.Engine``); the ``--slkv-*`` CLI flags only write them (see ``plugin.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Literal, Mapping
+
+ScoreMode = Literal["mean", "kvmin", "headmin"]
+DecideMode = Literal["prefill", "decode"]
+
+SCORE_MODES: tuple[str, ...] = ("mean", "kvmin", "headmin")
+DECIDE_MODES: tuple[str, ...] = ("prefill", "decode")
+
+# Defaults. sink 4, recent 1020 and last 32 are the paper's (arXiv 2410.13846, rebuttal code snippet:
+# w_sink=4, w_recent=1020, w_last=32). Threshold 0.9 is the official code's value for Llama-3, the family of
+# the bundled Llama-architecture model; docs/evaluation.md has the measurement behind it and behind the
+# default score mode.
+DEFAULT_THRESHOLD = 0.9
+DEFAULT_SINK = 4
+DEFAULT_RECENT = 1020
+DEFAULT_LAST = 32
+DEFAULT_SCORE: ScoreMode = "kvmin"
+DEFAULT_MODE: DecideMode = "prefill"
+
+
+class SlkvConfigError(ValueError):
+    """A SimLayerKV setting is invalid; raised at start-up, never mid-request."""
+
+
+@dataclass(frozen=True)
+class SlkvConfig:
+    enabled: bool = False
+    threshold: float = DEFAULT_THRESHOLD
+    sink: int = DEFAULT_SINK
+    recent: int = DEFAULT_RECENT
+    last: int = DEFAULT_LAST
+    mode: DecideMode = DEFAULT_MODE
+    score: ScoreMode = DEFAULT_SCORE
+    protect: tuple[int, ...] = ()  # layers never made lazy (e.g. a calibrated retrieval layer)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold:
+            raise SlkvConfigError(f"slkv threshold must be > 0 (values > 1 make no layer lazy), got {self.threshold}")
+        if self.sink < 0:
+            raise SlkvConfigError(f"slkv sink must be >= 0, got {self.sink}")
+        if self.recent < 1:
+            raise SlkvConfigError(f"slkv recent window must be >= 1, got {self.recent}")
+        if self.last < 1:
+            raise SlkvConfigError(f"slkv last-queries window must be >= 1, got {self.last}")
+        if self.mode not in DECIDE_MODES:
+            raise SlkvConfigError(f"slkv mode must be one of {DECIDE_MODES}, got {self.mode!r}")
+        if any(layer < 0 for layer in self.protect):
+            raise SlkvConfigError(f"slkv protected layers must be >= 0, got {self.protect}")
+        if self.score not in SCORE_MODES:
+            raise SlkvConfigError(f"slkv score must be one of {SCORE_MODES}, got {self.score!r}")
+
+    @property
+    def min_trim_len(self) -> int:
+        """Sequences shorter than this are never trimmed (paper: w_sink + w_recent + w_last)."""
+        return self.sink + self.recent + self.last
+
+    @property
+    def kept_tokens(self) -> int:
+        return self.sink + self.recent
+
+    def to_env(self) -> dict[str, str]:
+        return {_env_name(k): _env_value(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "SlkvConfig":
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(_env_name(f.name))
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, raw, f.type)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _env_name(field_name: str) -> str:
+    return "SLKV_ENABLE" if field_name == "enabled" else f"SLKV_{field_name.upper()}"
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _parse(name: str, raw: str, annotation: object) -> object:
+    kind = str(annotation)
+    try:
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "int":
+            return int(raw)
+        if kind.startswith("tuple"):
+            return tuple(sorted({int(x) for x in raw.split(",") if x.strip()}))
+    except ValueError:
+        raise SlkvConfigError(f"{_env_name(name)}={raw!r} is not a valid {kind}") from None
+    return raw

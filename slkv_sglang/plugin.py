@@ -1,0 +1,218 @@
+"""The SGLang plugin (entry point group ``sglang.srt.plugins``): flags, backends and request hooks.
+
+``register()`` runs in every SGLang process (launcher/tokenizer, scheduler, detokenizer). It only installs
+hooks; nothing happens unless SimLayerKV is enabled (``--enable-simlayerkv`` or ``SLKV_ENABLE=1``).
+
+Data flow: the ``ForwardBatch.init_new`` hook puts each request's settings on the batch; the attention
+backend (a subclass of SGLang's torch_native or FlashInfer backend) scores layers and restricts decode;
+the batch-result hook moves a finished decision into ``req.customized_info``, which SGLang ships to the
+tokenizer process, where it becomes ``meta_info["slkv"]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from .config import DECIDE_MODES, SCORE_MODES, SlkvConfig, SlkvConfigError
+from .request_params import OVERRIDE_KEY, parse_overrides, request_params
+from .tracker import LazyTracker
+
+logger = logging.getLogger("slkv.plugin")
+
+META_KEY = "slkv"
+_trackers: list[LazyTracker] = []
+_config: SlkvConfig | None = None
+
+
+def config() -> SlkvConfig:
+    """This process's SimLayerKV config, read once from ``SLKV_*``."""
+    global _config
+    if _config is None:
+        _config = SlkvConfig.from_env()
+    return _config
+
+
+# ---- CLI flags -------------------------------------------------------------------------------------------
+class _EnvAction(argparse._StoreAction):
+    """Stores the flag and mirrors it into its ``SLKV_*`` variable, which reaches the spawned processes.
+
+    Subclasses ``_StoreAction`` so that SGLang's ``--config`` YAML merging accepts it.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        super().__call__(parser, namespace, values, option_string)
+        env = self.metavar_env  # type: ignore[attr-defined]
+        os.environ[env] = "1" if values is True else str(values)  # bare --enable-simlayerkv stores True
+        try:
+            SlkvConfig.from_env()
+        except SlkvConfigError as exc:
+            parser.error(str(exc))
+
+
+def _add_flag(parser: Any, flag: str, env: str, **kw: Any) -> None:
+    added = parser.add_argument(flag, action=_EnvAction, **kw)
+    added.metavar_env = env  # type: ignore[attr-defined]
+
+
+def _add_cli_args(_result: Any, parser: argparse.ArgumentParser) -> None:
+    """ServerArgs.add_cli_args: the ``--slkv-*`` flags (argument groups share the parser's namespace)."""
+    parser_ = parser.add_argument_group("SimLayerKV (slkv-sglang plugin)")
+    _add_flag(parser_, "--enable-simlayerkv", "SLKV_ENABLE", nargs="?", const=True, default=None,
+              help="Per-request lazy layers (SimLayerKV): lazy layers decode from sink + recent KV only.")
+    _add_flag(parser_, "--slkv-threshold", "SLKV_THRESHOLD", type=float, default=None,
+              help="A layer is lazy when its score exceeds this (default 0.9; > 1 disables trimming).")
+    _add_flag(parser_, "--slkv-sink", "SLKV_SINK", type=int, default=None, help="Sink tokens kept (default 4).")
+    _add_flag(parser_, "--slkv-recent", "SLKV_RECENT", type=int, default=None,
+              help="Recent window kept in lazy layers (default 1020).")
+    _add_flag(parser_, "--slkv-last", "SLKV_LAST", type=int, default=None,
+              help="Last prompt queries that score a layer (default 32).")
+    _add_flag(parser_, "--slkv-mode", "SLKV_MODE", choices=DECIDE_MODES, default=None,
+              help="Decide at prefill (last queries) or at the first decode step.")
+    _add_flag(parser_, "--slkv-score", "SLKV_SCORE", choices=SCORE_MODES, default=None,
+              help="Score reduction over heads: mean (paper), kvmin or headmin (guard retrieval heads).")
+    _add_flag(parser_, "--slkv-protect", "SLKV_PROTECT", default=None,
+              help="Comma-separated layer ids never made lazy (e.g. a model's retrieval layers).")
+
+
+# ---- engine side -----------------------------------------------------------------------------------------
+def _wrap_backend_factories() -> None:
+    from sglang.srt.layers.attention import attention_registry as reg
+
+    plain_torch = reg.ATTENTION_BACKENDS["torch_native"]
+    plain_flashinfer = reg.ATTENTION_BACKENDS["flashinfer"]
+
+    def torch_native(runner: Any) -> Any:
+        if not config().enabled:
+            return plain_torch(runner)
+        from .backends.torch_native import SlkvTorchNativeBackend
+
+        backend = SlkvTorchNativeBackend(runner, config())
+        _trackers.append(backend.tracker)
+        logger.info("SimLayerKV on torch_native: %s", config())
+        return backend
+
+    def flashinfer(runner: Any) -> Any:
+        if not config().enabled or runner.use_mla_backend:
+            return plain_flashinfer(runner)
+        from .backends.flashinfer import SlkvFlashInferBackend
+
+        backend = SlkvFlashInferBackend(runner, config())
+        _trackers.append(backend.tracker)
+        logger.info("SimLayerKV on flashinfer: %s", config())
+        return backend
+
+    reg.ATTENTION_BACKENDS["torch_native"] = torch_native
+    reg.ATTENTION_BACKENDS["flashinfer"] = flashinfer
+
+
+def _attach_params(result: Any, _cls: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    """ForwardBatch.init_new: stage each request's settings for the backend's next ``plan``.
+
+    The eager runner copies the ForwardBatch into static buffers before planning, dropping extra
+    attributes, so the settings go to the tracker, which checks they match the batch it plans.
+    """
+    if not config().enabled or not (batch.forward_mode.is_extend() or batch.forward_mode.is_decode()):
+        return None
+    decode = batch.forward_mode.is_decode()
+    params = []
+    for req in batch.reqs:
+        last = decode or req.extend_end == len(req.full_untruncated_fill_ids)
+        try:
+            params.append(request_params(config(), req.rid, req.sampling_params.custom_params, last))
+        except SlkvConfigError as exc:  # validated in the tokenizer process; never expected here
+            raise RuntimeError(f"slkv: invalid overrides reached the scheduler for {req.rid}: {exc}") from exc
+    for tracker in _trackers:
+        tracker.stage(params)
+    return None
+
+
+def _cap_prefix(result: int, req: Any, input_len: int) -> int | None:
+    """Leave at least ``last`` prompt tokens to extend, so a radix hit still has the queries that score."""
+    if not config().enabled or config().mode != "prefill":
+        return None
+    return max(0, min(result, input_len - config().last))
+
+
+def _release_row(req: Any, *args: Any, **kwargs: Any) -> None:
+    row = getattr(req, "req_pool_idx", None)
+    if row is not None:
+        for tracker in _trackers:
+            tracker.release_row(int(row))
+    return None
+
+
+def _report_decision(_result: Any, _self: Any, i: int, req: Any, logits_output: Any) -> None:
+    """Batch results: a decision taken in this forward becomes request-level ``customized_info``."""
+    for tracker in _trackers:
+        found = tracker.pop_decision(req.rid)
+        if found is None:
+            continue
+        layer_map, (ident_s, forward_s) = found
+        record = layer_map.to_dict()
+        record["timing"] = {"identification_s": ident_s, "prefill_forward_s": forward_s}
+        if req.customized_info is None:
+            req.customized_info = {}
+        req.customized_info[META_KEY] = [record]
+    return None
+
+
+def _request_level_key(result: bool, _self: Any, key: str) -> bool | None:
+    return True if key == META_KEY else None
+
+
+def _unwrap_meta(_result: Any, _self: Any, meta_info: dict, *args: Any, **kwargs: Any) -> None:
+    """Tokenizer side: SGLang accumulates customized info in a list; clients get the latest map."""
+    value = meta_info.get(META_KEY)
+    if isinstance(value, list):
+        if value:
+            meta_info[META_KEY] = value[-1]
+        else:  # a batch neighbour had a map, this request has none (SimLayerKV off for it)
+            del meta_info[META_KEY]
+    return None
+
+
+def _validate_request(_self: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
+    """Tokenizer side: reject bad ``custom_params.slkv`` before it reaches the scheduler."""
+    params = getattr(obj, "sampling_params", None)
+    for sp in params if isinstance(params, list) else [params]:
+        custom = (sp or {}).get("custom_params") if isinstance(sp, dict) else None
+        if custom and OVERRIDE_KEY in custom:
+            parse_overrides(custom[OVERRIDE_KEY])
+    return None
+
+
+def _validate_startup(*args: Any, **kwargs: Any) -> None:
+    cfg = SlkvConfig.from_env()  # raises SlkvConfigError with the offending variable
+    if cfg.enabled:
+        logger.info("SimLayerKV enabled: %s", cfg)
+    return None
+
+
+def register() -> None:
+    reg = HookRegistry.register
+    reg("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AFTER)
+    reg("sglang.srt.entrypoints.engine.Engine._launch_subprocesses", _validate_startup, HookType.BEFORE)
+    reg("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _attach_params, HookType.AFTER)
+    reg("sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len", _cap_prefix, HookType.AFTER)
+    reg("sglang.srt.mem_cache.common.release_kv_cache", _release_row, HookType.BEFORE)
+    reg(
+        "sglang.srt.managers.scheduler_components.batch_result_processor."
+        "SchedulerBatchResultProcessor._maybe_collect_customized_info",
+        _report_decision,
+        HookType.AFTER,
+    )
+    reg(
+        "sglang.srt.managers.scheduler_components.output_streamer."
+        "SchedulerOutputStreamer.is_request_level_customized_info_key",
+        _request_level_key,
+        HookType.AFTER,
+    )
+    reg("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info", _unwrap_meta, HookType.AFTER)
+    reg("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", _validate_request, HookType.BEFORE)
+    _wrap_backend_factories()
+

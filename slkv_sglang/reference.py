@@ -1,0 +1,157 @@
+"""Reference SimLayerKV in plain PyTorch + transformers (no SGLang), to check the engine against.
+
+Independent of the engine's code path on purpose: the score is the explicit softmax probability mass of
+the last queries (materialised ``[H, n, L]`` probabilities, summed over sink + recent keys), not the engine's
+log-sum-exp difference; decode restriction indexes the HF cache's keys. Batch size 1, greedy decoding.
+Shared with the engine: only the head reduction (``reduce_heads_tensor``), which *defines* a score mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import SlkvConfig
+from .layer_map import LayerMap
+from .scoring import reduce_heads_tensor
+
+_IMPL = "slkv_reference"
+
+
+@dataclass
+class ReferenceResult:
+    output_ids: list[int]
+    layer_map: LayerMap | None  # None when SimLayerKV is off
+    per_head: list[list[float]]  # per layer, per query head mass at the decision point
+
+
+@dataclass
+class _Run:
+    """What the attention function needs to know during one generate call."""
+
+    config: SlkvConfig
+    score_now: bool = False  # this forward takes the decision
+    lazy: frozenset[int] = frozenset()
+    per_head: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+_run: _Run | None = None
+
+
+def _mass(query: torch.Tensor, key: torch.Tensor, n: int, sink: int, recent: int, scaling: float) -> torch.Tensor:
+    """Per head, the mean over the last ``n`` queries of their softmax probability on sink + recent keys."""
+    q = query[0, :, -n:, :]  # [H, n, D]
+    k = key[0].repeat_interleave(q.shape[0] // key.shape[1], dim=0)  # [H, S, D]
+    seq = k.shape[1]
+    logits = (q @ k.transpose(1, 2)) * scaling  # [H, n, S]
+    q_pos = torch.arange(seq - n, seq)[:, None]
+    k_pos = torch.arange(seq)[None, :]
+    probs = torch.softmax(logits.masked_fill(k_pos > q_pos, float("-inf")), dim=-1)
+    in_window = (k_pos[0] < sink) | (k_pos[0] >= seq - recent)
+    return probs[:, :, in_window].sum(dim=-1).mean(dim=-1)
+
+
+def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+               dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: query [1, H, q, D], key/value [1, Hkv, S, D] (cache included)."""
+    run, layer = _run, module.layer_idx
+    assert run is not None and query.shape[0] == 1
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q_len, seq = query.shape[2], key.shape[2]
+    cfg = run.config
+    if q_len > 1:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
+        n = min(cfg.last, q_len)
+    else:
+        k_sel, v_sel = key, value
+        if layer in run.lazy and seq > cfg.sink + cfg.recent:
+            keep = torch.cat([torch.arange(cfg.sink), torch.arange(seq - cfg.recent, seq)])
+            k_sel, v_sel = key[:, :, keep], value[:, :, keep]
+        out = F.scaled_dot_product_attention(query, k_sel, v_sel, scale=scale, enable_gqa=True)
+        n = 1
+    if run.score_now:
+        run.per_head[layer] = _mass(query, key, n, cfg.sink, cfg.recent, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+class ReferenceModel:
+    def __init__(self, model_path: str | Path, device: str = "cpu"):
+        from transformers import AttentionInterface, AutoModelForCausalLM
+
+        AttentionInterface.register(_IMPL, _attention)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_path), dtype=torch.float32, attn_implementation=_IMPL
+        ).to(device).eval()
+        self.device = device
+        cfg = self.model.config
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = cfg.num_key_value_heads
+        eos = cfg.eos_token_id
+        self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    def _decide(self, run: _Run, prompt_len: int, decided_at: int, force_lazy: Sequence[int] | None) -> LayerMap:
+        cfg = run.config
+        per_head = torch.stack([run.per_head[layer] for layer in range(self.num_layers)])
+        scores = reduce_heads_tensor(per_head, cfg.score, self.num_kv_heads)
+        if force_lazy is not None:
+            lazy = [layer in set(force_lazy) for layer in range(self.num_layers)]
+        else:
+            lazy = [bool(s > cfg.threshold) for s in scores]
+        long_enough = prompt_len >= cfg.min_trim_len
+        lazy = [v and long_enough and layer not in cfg.protect for layer, v in enumerate(lazy)]
+        return LayerMap(
+            lazy=tuple(lazy), scores=tuple(float(s) for s in scores), threshold=cfg.threshold,
+            score_mode=cfg.score, decide_mode=cfg.mode, sink=cfg.sink, recent=cfg.recent, decided_at=decided_at,
+        )
+
+    @torch.no_grad()
+    def _forward(self, ids: list[int], cache: Any) -> tuple[int, Any]:
+        out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True)
+        return int(out.logits[0, -1].argmax()), out.past_key_values
+
+    def generate(
+        self,
+        input_ids: list[int],
+        config: SlkvConfig,
+        max_new_tokens: int,
+        stop_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        force_lazy: Sequence[int] | None = None,
+    ) -> ReferenceResult:
+        global _run
+        stops = set() if ignore_eos else set(self.eos_ids if stop_ids is None else stop_ids)
+        run = _Run(config, score_now=config.enabled and config.mode == "prefill")
+        _run = run
+        layer_map: LayerMap | None = None
+        try:
+            token, cache = self._forward(list(input_ids), None)
+            if run.score_now:
+                layer_map = self._decide(run, len(input_ids), len(input_ids), force_lazy)
+                run.lazy = frozenset(layer_map.lazy_layers)
+                run.score_now = False
+            output = [token]
+            while len(output) < max_new_tokens and token not in stops:
+                decide_here = config.enabled and config.mode == "decode" and layer_map is None
+                run.score_now = decide_here
+                token, cache = self._forward([token], cache)
+                if decide_here:
+                    layer_map = self._decide(run, len(input_ids), len(input_ids) + 1, force_lazy)
+                    run.lazy = frozenset(layer_map.lazy_layers)
+                    run.score_now = False
+                output.append(token)
+        finally:
+            _run = None
+        per_head = [run.per_head[layer].tolist() for layer in sorted(run.per_head)]
+        return ReferenceResult(output, layer_map, per_head)
+
+    def lazy_scores(self, input_ids: list[int], config: SlkvConfig) -> LayerMap:
+        """The prefill-time decision alone (one forward, no generation)."""
+        from dataclasses import replace
+
+        result = self.generate(input_ids, replace(config, enabled=True, mode="prefill"), max_new_tokens=1)
+        assert result.layer_map is not None
+        return result.layer_map

@@ -1,0 +1,72 @@
+"""Per-request SimLayerKV settings: the engine's config, overridden by ``custom_params["slkv"]``.
+
+A client (the chat API's admin threshold, the evaluator's side-by-side configurations) can change the
+threshold, the score mode, turn SimLayerKV off, or force a lazy set for one request::
+
+    sampling_params={"custom_params": {"slkv": {"threshold": 0.8, "score": "mean"}}}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .config import SCORE_MODES, ScoreMode, SlkvConfig, SlkvConfigError
+
+OVERRIDE_KEY = "slkv"
+_ALLOWED = {"enabled", "threshold", "score", "force_lazy"}
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    rid: str
+    enabled: bool
+    threshold: float
+    score: ScoreMode
+    force_lazy: tuple[int, ...] | None
+    last_chunk: bool  # this forward processes the prompt's last token (extend) or is a decode step
+
+
+def parse_overrides(raw: Any, num_layers: int | None = None) -> dict[str, Any]:
+    """Validate a ``custom_params["slkv"]`` value; raise ``SlkvConfigError`` with a clear message."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise SlkvConfigError(f"custom_params.slkv must be an object, got {type(raw).__name__}")
+    unknown = set(raw) - _ALLOWED
+    if unknown:
+        raise SlkvConfigError(f"unknown custom_params.slkv keys {sorted(unknown)}; allowed: {sorted(_ALLOWED)}")
+    out: dict[str, Any] = {}
+    if "enabled" in raw:
+        if not isinstance(raw["enabled"], bool):
+            raise SlkvConfigError("custom_params.slkv.enabled must be a boolean")
+        out["enabled"] = raw["enabled"]
+    if "threshold" in raw:
+        t = raw["threshold"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise SlkvConfigError(f"custom_params.slkv.threshold must be a number > 0, got {t!r}")
+        out["threshold"] = float(t)
+    if "score" in raw:
+        if raw["score"] not in SCORE_MODES:
+            raise SlkvConfigError(f"custom_params.slkv.score must be one of {SCORE_MODES}, got {raw['score']!r}")
+        out["score"] = raw["score"]
+    if "force_lazy" in raw and raw["force_lazy"] is not None:
+        layers = raw["force_lazy"]
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            raise SlkvConfigError("custom_params.slkv.force_lazy must be a list of layer ids")
+        if num_layers is not None and any(not 0 <= x < num_layers for x in layers):
+            raise SlkvConfigError(f"custom_params.slkv.force_lazy layer ids must be in [0, {num_layers})")
+        out["force_lazy"] = tuple(sorted(set(layers)))
+    return out
+
+
+def request_params(config: SlkvConfig, rid: str, custom_params: Mapping[str, Any] | None, last_chunk: bool) -> RequestParams:
+    overrides = parse_overrides((custom_params or {}).get(OVERRIDE_KEY))
+    return RequestParams(
+        rid=rid,
+        enabled=overrides.get("enabled", config.enabled),
+        threshold=overrides.get("threshold", config.threshold),
+        score=overrides.get("score", config.score),
+        force_lazy=overrides.get("force_lazy"),
+        last_chunk=last_chunk,
+    )

@@ -1,0 +1,225 @@
+"""Backend-independent SimLayerKV state: per-request lazy maps, scoring during prefill, decode windows.
+
+An attention backend owns one ``LazyTracker``. Per forward it calls ``plan(forward_batch)`` once (host-side
+metadata, FlashInfer-style), then per layer ``score(...)`` after attention and, in decode,
+``restricted_positions(layer)`` / ``window_indices(i)`` to know which requests read only sink + recent KV.
+Decisions are keyed by request-pool row for the hot path and by request id for reporting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import SlkvConfig
+from .layer_map import LayerMap
+from .request_params import RequestParams
+from .scoring import head_mass, reduce_heads_tensor
+
+logger = logging.getLogger("slkv.tracker")
+
+
+@dataclass
+class _Scorer:
+    """One request that takes its lazy decision in this forward."""
+
+    pos: int  # position in the batch
+    row: int  # request-pool row
+    params: RequestParams
+    q_start: int  # first row of this request's queries in the forward's q
+    q_end: int
+    seq_len: int  # keys 0..seq_len-1 (including this forward's tokens)
+    prompt_len: int  # for the short-sequence rule
+    key_slots: torch.Tensor  # KV slot ids of positions 0..seq_len-1
+    carry: dict[int, torch.Tensor] | None  # per layer, queries carried over from the previous chunk
+    keep_tail: bool  # not the prompt's last chunk: keep the last queries for the next one
+    decide: bool
+    per_head: list[torch.Tensor | None] = field(default_factory=list)
+
+
+@dataclass
+class _Tail:
+    end: int  # sequence length after the chunk that produced it
+    q: dict[int, torch.Tensor]  # layer -> [n, H, D]
+
+
+@dataclass
+class _AwaitingDecode:
+    params: RequestParams
+    prompt_len: int
+
+
+@dataclass
+class BatchPlan:
+    is_decode: bool
+    rows: list[int]
+    seq_lens: list[int]
+    scorers: list[_Scorer]
+    window: dict[int, torch.Tensor]  # decode: batch position -> KV slot ids of sink + recent
+    started: float
+
+
+class LazyTracker:
+    def __init__(self, config: SlkvConfig, num_layers: int, num_kv_heads: int, num_rows: int, req_to_token: torch.Tensor):
+        self.config = config
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.req_to_token = req_to_token
+        self.lazy = torch.zeros(num_rows, num_layers, dtype=torch.bool)  # host copy, read per layer
+        self._tails: dict[int, _Tail] = {}
+        self._awaiting: dict[int, _AwaitingDecode] = {}
+        self._decisions: dict[str, LayerMap] = {}
+        self._timings: dict[str, tuple[float, float]] = {}  # rid -> (identification s, prefill forward s)
+        self._timing: dict[int, list[float]] = {}  # row -> [identification s, forward s] over its prefill
+        self.plan_: BatchPlan | None = None
+        self._staged: list[RequestParams] | None = None
+
+    # ---- per forward -------------------------------------------------------------------------------
+    def stage(self, params: list[RequestParams]) -> None:
+        """The settings of the requests in the batch about to be planned (same order)."""
+        self._staged = params
+
+    def plan(self, fb) -> BatchPlan | None:
+        """Host-side metadata for one forward; None when SimLayerKV has nothing to do in it."""
+        mode = fb.forward_mode
+        params, self._staged = self._staged, None
+        if params is None or not (mode.is_extend() or mode.is_decode()) or mode.is_mixed():
+            self.plan_ = None
+            return None
+        rows = fb.req_pool_indices.tolist()
+        if len(params) != len(rows):
+            raise RuntimeError(f"slkv: staged settings for {len(params)} requests, batch has {len(rows)}")
+        seq_lens = (fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens).tolist()
+        plan = BatchPlan(mode.is_decode(), rows, seq_lens, [], {}, time.perf_counter())
+        if plan.is_decode:
+            self._plan_decode(plan, params)
+        else:
+            self._plan_extend(plan, params, fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)
+        self.plan_ = plan
+        return plan
+
+    def _plan_extend(self, plan: BatchPlan, params: list[RequestParams], prefix_lens: list[int], ext_lens: list[int]) -> None:
+        cfg = self.config
+        q_start = 0
+        for pos, (row, seq_len, p) in enumerate(zip(plan.rows, plan.seq_lens, params)):
+            ext, prefix = int(ext_lens[pos]), int(prefix_lens[pos])
+            tail = self._tails.pop(row, None)
+            carry = tail.q if tail is not None and tail.end == prefix else None
+            if carry is None:
+                self._timing[row] = [0.0, 0.0]
+            if p.last_chunk:
+                self.lazy[row] = False
+                self._awaiting.pop(row, None)
+            if p.enabled and cfg.mode == "prefill":
+                plan.scorers.append(
+                    _Scorer(
+                        pos=pos, row=row, params=p, q_start=q_start + max(0, ext - cfg.last), q_end=q_start + ext,
+                        seq_len=seq_len, prompt_len=seq_len, key_slots=self.req_to_token[row, :seq_len],
+                        carry=carry if ext < cfg.last else None, keep_tail=not p.last_chunk,
+                        decide=p.last_chunk, per_head=[None] * self.num_layers,
+                    )
+                )
+            elif p.enabled and p.last_chunk:  # decode variant: decide at the first decode step
+                self._awaiting[row] = _AwaitingDecode(p, prompt_len=seq_len)
+            q_start += ext
+
+    def _plan_decode(self, plan: BatchPlan, params: list[RequestParams]) -> None:
+        cfg = self.config
+        for pos, (row, seq_len) in enumerate(zip(plan.rows, plan.seq_lens)):
+            waiting = self._awaiting.pop(row, None)
+            if waiting is not None:
+                plan.scorers.append(
+                    _Scorer(
+                        pos=pos, row=row, params=waiting.params, q_start=pos, q_end=pos + 1, seq_len=seq_len,
+                        prompt_len=waiting.prompt_len, key_slots=self.req_to_token[row, :seq_len], carry=None,
+                        keep_tail=False, decide=True, per_head=[None] * self.num_layers,
+                    )
+                )
+            if seq_len > cfg.kept_tokens and bool(self.lazy[row].any()):
+                slots = self.req_to_token[row]
+                plan.window[pos] = torch.cat([slots[: cfg.sink], slots[seq_len - cfg.recent : seq_len]])
+
+    # ---- per layer ---------------------------------------------------------------------------------
+    def restricted_positions(self, layer_id: int) -> list[int]:
+        """Batch positions that read only sink + recent KV in this layer (decode)."""
+        plan = self.plan_
+        if plan is None or not plan.window:
+            return []
+        return [pos for pos in plan.window if bool(self.lazy[plan.rows[pos], layer_id])]
+
+    def window_indices(self, pos: int) -> torch.Tensor:
+        assert self.plan_ is not None
+        return self.plan_.window[pos]
+
+    def score(self, q: torch.Tensor, layer_id: int, k_cache: torch.Tensor, scaling: float) -> None:
+        """After a layer's attention (its KV is written): score the requests deciding in this forward."""
+        plan = self.plan_
+        if plan is None or not plan.scorers:
+            return
+        t0 = time.perf_counter()
+        cfg = self.config
+        for s in plan.scorers:
+            q_rows = q[s.q_start : s.q_end]
+            if s.carry is not None:
+                q_rows = torch.cat([s.carry[layer_id], q_rows])[-cfg.last :]
+            if s.keep_tail:
+                self._tails.setdefault(s.row, _Tail(s.seq_len, {})).q[layer_id] = q_rows[-cfg.last :].clone()
+            if s.decide:
+                n = q_rows.shape[0]
+                q_pos = torch.arange(s.seq_len - n, s.seq_len)
+                keys = k_cache[s.key_slots]
+                s.per_head[layer_id] = head_mass(q_rows, keys, q_pos, cfg.sink, cfg.recent, scaling)
+        spent = time.perf_counter() - t0
+        for s in plan.scorers:
+            self._timing.setdefault(s.row, [0.0, 0.0])[0] += spent / len(plan.scorers)
+        if layer_id == self.num_layers - 1:
+            self._finish(plan)
+
+    def _finish(self, plan: BatchPlan) -> None:
+        elapsed = time.perf_counter() - plan.started
+        for s in plan.scorers:
+            timing = self._timing.setdefault(s.row, [0.0, 0.0])
+            timing[1] += elapsed
+            if not s.decide:
+                continue
+            if any(x is None for x in s.per_head):
+                raise RuntimeError(f"slkv: request {s.params.rid} was not scored in every layer")
+            per_head = torch.stack(s.per_head).cpu()  # type: ignore[arg-type]
+            scores = reduce_heads_tensor(per_head, s.params.score, self.num_kv_heads)
+            long_enough = s.prompt_len >= self.config.min_trim_len
+            if s.params.force_lazy is not None:
+                lazy = torch.zeros(self.num_layers, dtype=torch.bool)
+                lazy[list(s.params.force_lazy)] = True
+            else:
+                lazy = scores > s.params.threshold
+            lazy &= long_enough
+            lazy[[layer for layer in self.config.protect if layer < self.num_layers]] = False
+            self.lazy[s.row] = lazy
+            self._decisions[s.params.rid] = LayerMap(
+                lazy=tuple(bool(x) for x in lazy),
+                scores=tuple(float(x) for x in scores),
+                threshold=s.params.threshold,
+                score_mode=s.params.score,
+                decide_mode=self.config.mode,
+                sink=self.config.sink,
+                recent=self.config.recent,
+                decided_at=s.seq_len,
+            )
+            self._timings[s.params.rid] = (timing[0], timing[1])
+            logger.debug("slkv decision rid=%s lazy=%s", s.params.rid, self._decisions[s.params.rid].lazy_layers)
+
+    # ---- request lifecycle ---------------------------------------------------------------------------
+    def pop_decision(self, rid: str) -> tuple[LayerMap, tuple[float, float]] | None:
+        lm = self._decisions.pop(rid, None)
+        if lm is None:
+            return None
+        return lm, self._timings.pop(rid, (0.0, 0.0))
+
+    def release_row(self, row: int) -> None:
+        """The request holding ``row`` is done: drop its carried queries and pending decode decision."""
+        self._tails.pop(row, None)
+        self._awaiting.pop(row, None)
+        self._timing.pop(row, None)

@@ -1,0 +1,83 @@
+"""Settings: flags, environment, per-request overrides — bad values fail early with a clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from slkv_sglang.config import SlkvConfig, SlkvConfigError
+from slkv_sglang.layer_map import LayerMap
+from slkv_sglang.request_params import parse_overrides
+
+
+def test_env_round_trip():
+    cfg = SlkvConfig(enabled=True, threshold=0.8, recent=512, score="mean", protect=(18, 3))
+    assert SlkvConfig.from_env(cfg.to_env()) == SlkvConfig(enabled=True, threshold=0.8, recent=512, score="mean", protect=(3, 18))
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"SLKV_THRESHOLD": "abc"}, "SLKV_THRESHOLD='abc' is not a valid float"),
+        ({"SLKV_THRESHOLD": "0"}, "threshold must be > 0"),
+        ({"SLKV_RECENT": "0"}, "recent window must be >= 1"),
+        ({"SLKV_SCORE": "max"}, "score must be one of"),
+        ({"SLKV_MODE": "later"}, "mode must be one of"),
+        ({"SLKV_ENABLE": "maybe"}, "SLKV_ENABLE='maybe' is not a valid bool"),
+        ({"SLKV_PROTECT": "x"}, "SLKV_PROTECT='x' is not a valid"),
+    ],
+)
+def test_bad_env_is_rejected(env, message):
+    with pytest.raises(SlkvConfigError, match=message):
+        SlkvConfig.from_env(env)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"threshold": -1}, "threshold must be a number > 0"),
+        ({"threshold": True}, "threshold must be a number > 0"),
+        ({"score": "max"}, "score must be one of"),
+        ({"force_lazy": [0, "a"]}, "force_lazy must be a list of layer ids"),
+        ({"windows": 3}, "unknown custom_params.slkv keys"),
+        ("fast", "must be an object"),
+    ],
+)
+def test_bad_overrides_are_rejected(raw, message):
+    with pytest.raises(SlkvConfigError, match=message):
+        parse_overrides(raw, num_layers=30)
+
+
+def test_layer_map_compression():
+    lm = LayerMap(lazy=(True, False, True, False), scores=(0.95, 0.5, 0.99, 0.1), threshold=0.9, score_mode="kvmin",
+                  decide_mode="prefill", sink=4, recent=1020, decided_at=4096)
+    assert lm.lazy_layers == [0, 2]
+    assert lm.compression(4096) == pytest.approx(4 * 4096 / (2 * 4096 + 2 * 1024))
+    assert LayerMap.from_dict(lm.to_dict()) == lm
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--slkv-threshold", "-1"], "slkv threshold must be > 0"),
+    (["--slkv-score", "max"], "invalid choice: 'max'"),
+    (["--slkv-recent", "ten"], "invalid int value"),
+])
+def test_launch_server_rejects_bad_flags(flag, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--model-path", "unused", *flag],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_engine_rejects_bad_env_before_spawning(monkeypatch, model_path):
+    import sglang
+
+    from slkv_sglang.runtime import engine_kwargs
+
+    monkeypatch.setenv("SLKV_ENABLE", "1")
+    monkeypatch.setenv("SLKV_RECENT", "-5")
+    with pytest.raises(SlkvConfigError, match="recent window must be >= 1"):
+        sglang.Engine(**engine_kwargs(model_path))

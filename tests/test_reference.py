@@ -1,0 +1,68 @@
+"""The reference implementation itself: plain transformers when off, the paper's mass, real restriction."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from slkv_sglang.config import SlkvConfig
+from slkv_sglang.corpus import prompt_ids
+from slkv_sglang.reference import ReferenceModel, _mass
+from slkv_sglang.scoring import head_mass
+
+QUESTION = "Which classes and functions are defined in the code above? Answer briefly."
+
+
+@pytest.fixture(scope="module")
+def reference(model_path) -> ReferenceModel:
+    return ReferenceModel(model_path)
+
+
+@pytest.fixture(scope="module")
+def prompt(tokenizer) -> list[int]:
+    return prompt_ids(tokenizer, 1100, seed=0, question=QUESTION)
+
+
+def test_off_is_plain_transformers(reference, prompt, model_path):
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    expected = plain.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+    got = reference.generate(prompt, SlkvConfig(enabled=False), max_new_tokens=10, ignore_eos=True)
+    assert got.layer_map is None
+    assert got.output_ids == expected
+
+
+def test_explicit_mass_equals_engine_formula():
+    """The reference's materialised softmax and the engine's log-sum-exp give the same mass."""
+    torch.manual_seed(0)
+    seq, n = 1500, 32
+    q, k = torch.randn(1, 9, seq, 64), torch.randn(1, 3, seq, 64)
+    explicit = _mass(q, k, n, sink=4, recent=256, scaling=0.125)
+    lse = head_mass(q[0, :, -n:].transpose(0, 1), k[0].transpose(0, 1), torch.arange(seq - n, seq), 4, 256, 0.125)
+    assert torch.allclose(explicit, lse, atol=1e-5)
+
+
+def test_window_covering_everything_is_full_kv(reference, prompt):
+    full = reference.generate(prompt, SlkvConfig(enabled=False), max_new_tokens=8, ignore_eos=True)
+    wide = SlkvConfig(enabled=True, recent=len(prompt) + 16)
+    forced = reference.generate(prompt, wide, max_new_tokens=8, ignore_eos=True, force_lazy=range(30))
+    assert forced.output_ids == full.output_ids
+
+
+def test_small_window_changes_output(reference, prompt):
+    full = reference.generate(prompt, SlkvConfig(enabled=False), max_new_tokens=12, ignore_eos=True)
+    narrow = SlkvConfig(enabled=True, recent=32, last=8)
+    forced = reference.generate(prompt, narrow, max_new_tokens=12, ignore_eos=True, force_lazy=range(30))
+    assert all(forced.layer_map.lazy)
+    assert forced.output_ids != full.output_ids
+
+
+def test_short_prompts_are_never_trimmed(reference, tokenizer):
+    short = prompt_ids(tokenizer, 200, seed=1, question=QUESTION)
+    lm = reference.lazy_scores(short, SlkvConfig(enabled=True, threshold=0.1))
+    assert max(lm.scores) > 0.1 and not any(lm.lazy)
+    # the same prompt is long enough for a smaller window, and then layers are trimmed
+    assert any(reference.lazy_scores(short, replace(SlkvConfig(), threshold=0.1, recent=100, last=8)).lazy)
