@@ -23,12 +23,17 @@ from .metrics import Metrics
 from .store import Session, SessionStore, StoreUnavailable
 
 MAX_BODY_BYTES = 1 << 20
+ROUTING_HEADER = "X-SMG-Routing-Key"
 TURN_LOCK_SECONDS = 120
 
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str):
         self.status, self.code, self.message = status, code, message
+
+
+class EngineUnavailable(RuntimeError):
+    """The remote SGLang worker or router failed the turn; the API answers 502 and keeps the session as it was."""
 
 
 class Message(BaseModel):
@@ -74,7 +79,9 @@ class EngineClient:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    async def generate(self, ids: list[int], params: dict[str, Any], stream: bool) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, ids: list[int], params: dict[str, Any], stream: bool,
+                       routing_key: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """One generation; ``routing_key`` (the session id) pins a session to one worker behind a router."""
         result = await self.engine.async_generate(input_ids=ids, sampling_params=params, stream=stream)
         if stream:
             async for chunk in result:
@@ -90,21 +97,27 @@ class RemoteEngineClient(EngineClient):
         super().__init__(None, tokenizer, context_len)
         self.url = url.rstrip("/")
 
-    async def generate(self, ids: list[int], params: dict[str, Any], stream: bool) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, ids: list[int], params: dict[str, Any], stream: bool,
+                       routing_key: str | None = None) -> AsyncIterator[dict[str, Any]]:
         import httpx
 
         body = {"input_ids": ids, "sampling_params": params, "stream": stream}
-        async with httpx.AsyncClient(timeout=None) as http:
-            if not stream:
-                r = await http.post(f"{self.url}/generate", json=body)
-                r.raise_for_status()
-                yield r.json()
-                return
-            async with http.stream("POST", f"{self.url}/generate", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                        yield json.loads(line[5:])
+        # sglang-router's `manual` policy pins each X-SMG-Routing-Key value to one worker (docs/operations.md).
+        headers = {ROUTING_HEADER: routing_key} if routing_key else {}
+        try:
+            async with httpx.AsyncClient(timeout=None, headers=headers) as http:
+                if not stream:
+                    r = await http.post(f"{self.url}/generate", json=body)
+                    r.raise_for_status()
+                    yield r.json()
+                    return
+                async with http.stream("POST", f"{self.url}/generate", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                            yield json.loads(line[5:])
+        except httpx.HTTPError as exc:  # nothing is committed: the client may retry the turn
+            raise EngineUnavailable(f"engine at {self.url} failed: {exc!r}") from exc
 
 
 def turn_ids(client: EngineClient, session: Session, new: list[dict[str, str]]) -> list[int]:
@@ -135,6 +148,11 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
     async def _store_down(_req: Request, exc: StoreUnavailable) -> JSONResponse:
         metrics.redis_errors.inc()
         return JSONResponse({"error": {"code": "store_unavailable", "message": str(exc)}}, status_code=503)
+
+    @app.exception_handler(EngineUnavailable)
+    async def _engine_down(_req: Request, exc: EngineUnavailable) -> JSONResponse:
+        metrics.engine_errors.inc()
+        return JSONResponse({"error": {"code": "engine_unavailable", "message": str(exc)}}, status_code=502)
 
     @app.middleware("http")
     async def _limit_size(request: Request, call_next: Any) -> Response:
@@ -189,7 +207,7 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
     @app.post("/v1/sessions")
     async def open_session(request: Request) -> JSONResponse:
         who = owner(request)
-        session = Session(id=f"sess_{secrets.token_urlsafe(24)}", owner=who, created=time.time(), worker=settings.worker)
+        session = Session(id=f"sess_{secrets.token_urlsafe(24)}", owner=who, created=time.time())
         await store.create(session)
         metrics.sessions.inc()
         return JSONResponse({"id": session.id, "object": "session", "created": int(session.created)}, status_code=201)
@@ -254,12 +272,13 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
             params = {"max_new_tokens": req.max_tokens, "temperature": req.temperature,
                       "custom_params": {"slkv": {"threshold": settings.threshold}}}
             cid = f"chatcmpl-{secrets.token_hex(12)}"
+            key = session.id if session else None
             if req.stream:
-                gen = client.generate(ids, params, stream=True)
+                gen = client.generate(ids, params, stream=True, routing_key=key)
                 first = await gen.__anext__()  # errors before the first byte still become HTTP errors
                 streaming = True
                 return StreamingResponse(_stream(req, cid, ids, first, gen, session, new), media_type="text/event-stream")
-            out = await client.generate(ids, params, stream=False).__anext__()
+            out = await client.generate(ids, params, stream=False, routing_key=key).__anext__()
             await _commit(session, new, ids, out)
             return JSONResponse(_completion(req, cid, out))
         finally:
@@ -288,6 +307,9 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
         except StoreUnavailable as exc:
             metrics.redis_errors.inc()
             yield _sse({"error": {"code": "store_unavailable", "message": str(exc)}})
+        except EngineUnavailable as exc:  # mid-stream: nothing was committed, the turn can be retried
+            metrics.engine_errors.inc()
+            yield _sse({"error": {"code": "engine_unavailable", "message": str(exc)}})
         finally:
             if session is not None:
                 try:
@@ -302,6 +324,13 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
         if session is None:
             return
         output_ids = list(out.get("output_ids") or [])
+        worker = (layer_map or {}).get("worker") or settings.worker
+        # A turn served by another worker than the last one found none of the session's KV there and
+        # recomputed the history in its prefill: correct, slower, and counted.
+        switched = session.turns > 0 and session.worker != worker
+        if switched:
+            metrics.worker_switches.inc()
+        session.worker = worker
         session.history = {
             "messages": session.history["messages"] + new + [{"role": "assistant", "content": out["text"]}],
             "ids": ids + output_ids,
@@ -315,7 +344,8 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
         num_layers = len(layer_map["lazy"]) if layer_map else 0
         record = {
             "turn": session.turns, "prompt_tokens": meta["prompt_tokens"], "completion_tokens": meta["completion_tokens"],
-            "cached_tokens": meta.get("cached_tokens", 0), "worker": settings.worker, "layer_map": layer_map,
+            "cached_tokens": meta.get("cached_tokens", 0), "worker": worker, "worker_switched": switched,
+            "layer_map": layer_map,
             # Offload (issue 3) is not built yet: every layer's KV stays on the device.
             "kv_location": ["device"] * num_layers, "host_bytes": 0,
             "device_kv_bytes": Metrics.device_bytes(layer_map, len(ids) + len(output_ids), settings.kv_bytes_per_token_layer),

@@ -19,6 +19,9 @@ class Metrics:
         self.device_kv_bytes = Gauge("slkv:device_kv_bytes_last_turn", "KV bytes the last turn reads on the device", registry=r)
         self.full_kv_bytes = Gauge("slkv:full_kv_bytes_last_turn", "KV bytes the last turn would read with full KV", registry=r)
         self.redis_errors = Counter("slkv:redis_errors", "Session store operations that failed", registry=r)
+        self.engine_errors = Counter("slkv:engine_errors", "Turns failed by the remote worker or router", registry=r)
+        self.worker_switches = Counter("slkv:worker_switches", "Turns served by another worker than the session's "
+                                       "last one (history recomputed there)", registry=r)
 
     @staticmethod
     def device_bytes(layer_map: dict[str, Any] | None, seq_len: int, bytes_per_token_layer: int) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
@@ -27,6 +28,14 @@ logger = logging.getLogger("slkv.plugin")
 META_KEY = "slkv"
 _trackers: list[LazyTracker] = []
 _config: SlkvConfig | None = None
+
+
+def worker_id() -> str:
+    """Which worker holds a request's KV: ``SLKV_WORKER_ID``, else the host name (a StatefulSet pod name).
+
+    Reported with every layer map so the chat API can record where a session's KV lives and count turns
+    that land on another worker (they recompute the history)."""
+    return os.environ.get("SLKV_WORKER_ID") or socket.gethostname()
 
 
 def config() -> SlkvConfig:
@@ -155,6 +164,7 @@ def _report_decision(_result: Any, _self: Any, i: int, req: Any, logits_output: 
         layer_map, (ident_s, forward_s) = found
         record = layer_map.to_dict()
         record["timing"] = {"identification_s": ident_s, "prefill_forward_s": forward_s}
+        record["worker"] = worker_id()
         if req.customized_info is None:
             req.customized_info = {}
         req.customized_info[META_KEY] = [record]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import tempfile
 import time
 
 import httpx
@@ -17,20 +18,40 @@ def free_port() -> int:
 
 def start_server(cmd: list[str], env: dict[str, str], health_url: str, timeout: float = 300) -> subprocess.Popen:
     """Start ``cmd`` and wait until ``health_url`` answers 200; fail with the server's stderr tail."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = spawn(cmd, env)
+    wait_healthy(proc, health_url, timeout)
+    return proc
+
+
+def spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start a server with its output in a temporary file: a pipe nobody reads would fill up and block it."""
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def _tail(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)  # type: ignore[attr-defined]
+    return proc.log.read()[-3000:]  # type: ignore[attr-defined]
+
+
+def wait_healthy(proc: subprocess.Popen, health_url: str, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[:4]} exited: {proc.stderr.read()[-3000:]}")
+            raise RuntimeError(f"{proc.args[:4]} exited: {_tail(proc)}")
         try:
             if httpx.get(health_url, timeout=2).status_code == 200:
-                return proc
+                return
         except httpx.HTTPError:
-            time.sleep(1)
+            pass
+        time.sleep(1)
     proc.kill()
-    raise RuntimeError(f"{cmd[:4]} did not become healthy in {timeout:.0f} s")
+    raise RuntimeError(f"{proc.args[:4]} did not become healthy in {timeout:.0f} s: {_tail(proc)}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(timeout=60)
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=60)

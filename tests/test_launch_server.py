@@ -5,31 +5,50 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+import uuid
 
 import httpx
 import pytest
 
 from slkv_sglang.corpus import prompt_ids
 
-from .servers import free_port, start_server, stop_server
+from .servers import free_port, spawn, start_server, stop_server, wait_healthy
 
 
-@pytest.fixture(scope="module")
-def server(model_path):
-    port = free_port()
-    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1"}
-    env = {k: v for k, v in env.items() if not k.startswith("SLKV_")}  # the flags alone configure it
-    cmd = [
+def _worker_cmd(model_path: str, port: int) -> list[str]:
+    return [
         sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
         "--port", str(port), "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
         "--dtype", "float32", "--mem-fraction-static", "0.2", "--max-total-tokens", "16384", "--watchdog-timeout", "3600",
-        "--skip-server-warmup", "--sleep-on-idle",
+        "--skip-server-warmup", "--sleep-on-idle", "--log-level", "warning",
         "--enable-simlayerkv", "--slkv-recent", "256", "--slkv-threshold", "0.85", "--slkv-score", "mean",
     ]
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(cmd, env, f"{url}/health")
-    yield url
-    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def workers(model_path):
+    """Two CPU workers (the plugin configured by flags alone), started side by side, named w0 and w1."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLKV_")}
+    base.update(SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1")
+    ports = [free_port(), free_port()]
+    procs = [spawn(_worker_cmd(model_path, p), {**base, "SLKV_WORKER_ID": f"w{i}"}) for i, p in enumerate(ports)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    try:
+        for proc, url in zip(procs, urls):
+            wait_healthy(proc, f"{url}/health")
+    except Exception:
+        for proc in procs:
+            proc.kill()
+        raise
+    yield dict(zip(("w0", "w1"), zip(urls, procs)))
+    for proc in procs:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(workers) -> str:
+    return workers["w0"][0]
 
 
 def test_generate_reports_layer_map(server, tokenizer):
@@ -79,3 +98,66 @@ def test_chat_api_in_front_of_a_remote_server(server, model_path):
         assert [t["layer_map"]["threshold"] for t in turns] == [0.9, 0.9]  # the API's threshold, per request
     finally:
         stop_server(proc)
+
+
+def _turn(api: str, sid: str, text: str) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": text}], "session_id": sid, "max_tokens": 6}
+    return httpx.post(f"{api}/v1/chat/completions", json=body, timeout=300)
+
+
+def test_router_keeps_sessions_on_their_worker(workers, model_path):
+    """sglang-router (manual policy, X-SMG-Routing-Key = session id) in front of two workers: each session's
+    turns reach one worker, Redis records it, and a turn that lands elsewhere after a worker loss recomputes
+    and is counted. Runs last in this module: it stops a worker."""
+    import redis
+
+    router_port, api_port, prefix = free_port(), free_port(), f"slkv-router-test-{uuid.uuid4().hex[:8]}:"
+    router = start_server(
+        [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(router_port),
+         "--worker-urls", *(url for url, _ in workers.values()), "--policy", "manual", "--assignment-mode", "min_group",
+         "--health-check-interval-secs", "1", "--health-failure-threshold", "1", "--log-level", "warn",
+         "--prometheus-port", str(free_port())],
+        dict(os.environ), f"http://127.0.0.1:{router_port}/health", timeout=120)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLKV_")}
+    api = f"http://127.0.0.1:{api_port}"
+    proc = start_server([sys.executable, "-m", "slkv_sglang.cli", "serve", "--port", str(api_port), "--model-path",
+                         model_path, "--sglang-url", f"http://127.0.0.1:{router_port}", "--redis-url",
+                         "redis://127.0.0.1:6379/0", "--redis-prefix", prefix], env, f"{api}/healthz", timeout=120)
+    try:
+        deadline = time.time() + 60  # the router answers /health before its workers are registered
+        while sum(w["is_healthy"] for w in httpx.get(f"http://127.0.0.1:{router_port}/workers").json()["workers"]) < 2:
+            assert time.time() < deadline, "the router did not see two healthy workers"
+            time.sleep(0.5)
+        sessions = [httpx.post(f"{api}/v1/sessions").json()["id"] for _ in range(4)]
+        for text in ("Name a fruit.", "And a vegetable?", "And a tree?"):
+            for n, sid in enumerate(sessions):  # distinct histories: no session's KV serves another's
+                assert _turn(api, sid, f"Guest {n} asks: {text}").status_code == 200
+        records = {sid: httpx.get(f"{api}/v1/sessions/{sid}").json()["turns"] for sid in sessions}
+        homes = []
+        for sid, turns in records.items():
+            assert len({t["worker"] for t in turns}) == 1, turns  # every turn of a session on one worker
+            assert turns[0]["worker"] in workers
+            assert turns[0]["cached_tokens"] < turns[1]["cached_tokens"] < turns[2]["cached_tokens"]
+            assert not any(t["worker_switched"] for t in turns)
+            homes.append(turns[0]["worker"])
+        stored = redis.Redis(decode_responses=True).lrange(f"{prefix}session:{sessions[0]}:turns", 0, -1)
+        assert [json.loads(t)["worker"] for t in stored] == [homes[0]] * 3
+
+        # Worker loss: the first session's worker stops; its next turn is served by the other one.
+        lost_url, lost_proc = workers[homes[0]]
+        stop_server(lost_proc)
+        deadline, reply = time.time() + 60, None
+        while time.time() < deadline:
+            reply = _turn(api, sessions[0], "And a colour?")
+            if reply.status_code == 200:
+                break
+            assert reply.status_code == 502 and reply.json()["error"]["code"] == "engine_unavailable", reply.text
+            time.sleep(1)
+        assert reply is not None and reply.status_code == 200, reply.text if reply else "no reply"
+        last = httpx.get(f"{api}/v1/sessions/{sessions[0]}").json()["turns"][-1]
+        assert last["turn"] == 4 and last["worker"] != homes[0] and last["worker_switched"]
+        assert last["cached_tokens"] < records[sessions[0]][2]["cached_tokens"]  # the history was recomputed
+        assert "slkv:worker_switches_total 1.0" in httpx.get(f"{api}/metrics").text
+    finally:
+        stop_server(proc)
+        stop_server(router)
