@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("api.server", "start the engine with the plugin and the chat API (bundled model by default)"),
     "eval": ("slkv_sglang.evaluate", "long-context retrieval/NLL evaluation through the real engine"),
     "bench": ("slkv_sglang.bench", "identification overhead and decode step time, SimLayerKV vs full KV"),
+    "bench-offload": ("offload.bench", "host-tier offload/reload bandwidth vs a plain tensor copy"),
 }
 
 

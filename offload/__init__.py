@@ -1,0 +1,5 @@
+"""Host memory tier for lazy layers' KV (SimLayerKV offload)."""
+
+from .arena import ArenaStats, HostArena, OffloadRefused
+
+__all__ = ["ArenaStats", "HostArena", "OffloadRefused"]

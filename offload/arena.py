@@ -1,0 +1,189 @@
+"""The host KV tier: lazy layers' middle KV, kept in host memory under a byte budget.
+
+A *segment* is the KV of one (session, layer) over a contiguous token range ``[start, end)``, stored as one
+host tensor ``[n, 2, heads, dim]`` (K and V interleaved per token, so one token range is one contiguous copy).
+KV of a token never changes, so offload is incremental: a later turn extends a session's range and only the
+tokens not already on the host are copied. Chunks of one (session, layer) are kept in order; a reload copies
+them back into a device tensor with one transfer per chunk.
+
+Budget: the arena never holds more than ``budget_bytes``. When an offload would exceed it, whole idle
+sessions are evicted, least recently used first (a session in use by a running turn is never evicted). What
+is evicted is gone from the host: the caller recomputes it from the token history (slower, never wrong).
+If the budget cannot fit the new bytes even after evicting every idle session, the offload is refused.
+
+On CUDA the host tensors are pinned and copies run on a side stream; ``wait()`` joins them (events).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+
+class OffloadRefused(RuntimeError):
+    """The budget cannot hold these bytes, even after evicting every idle session."""
+
+
+@dataclass
+class _Chunk:
+    start: int
+    kv: torch.Tensor  # [n, 2, heads, dim] on the host
+
+    @property
+    def end(self) -> int:
+        return self.start + self.kv.shape[0]
+
+
+@dataclass
+class _Session:
+    layers: dict[int, list[_Chunk]] = field(default_factory=dict)
+    nbytes: int = 0
+    busy: int = 0  # running turns; a busy session is never evicted
+
+
+@dataclass
+class ArenaStats:
+    host_bytes: int = 0
+    offloaded_bytes: int = 0
+    reloaded_bytes: int = 0
+    offload_seconds: float = 0.0
+    reload_seconds: float = 0.0
+    evictions: int = 0  # sessions evicted to make room
+    evicted_bytes: int = 0
+    refused: int = 0  # offloads that did not fit at all
+
+
+class HostArena:
+    def __init__(self, budget_bytes: int, device: torch.device | str = "cpu"):
+        if budget_bytes < 0:
+            raise ValueError(f"offload budget must be >= 0 bytes, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self.device = torch.device(device)
+        self._pin = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._pin else None
+        self._pending: list[torch.cuda.Event] = []
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
+        self.stats = ArenaStats()
+
+    # ---- queries ---------------------------------------------------------------------------------------
+    def held(self, session: str, layer: int) -> tuple[int, int] | None:
+        """The token range ``[start, end)`` the host holds for (session, layer), or None."""
+        chunks = self._sessions.get(session, _Session()).layers.get(layer)
+        return (chunks[0].start, chunks[-1].end) if chunks else None
+
+    def session_bytes(self, session: str) -> int:
+        s = self._sessions.get(session)
+        return s.nbytes if s else 0
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    def begin_turn(self, session: str) -> None:
+        """Mark ``session`` in use (not evictable) and most recently used."""
+        s = self._sessions.setdefault(session, _Session())
+        s.busy += 1
+        self._sessions.move_to_end(session)
+
+    def end_turn(self, session: str) -> None:
+        s = self._sessions.get(session)
+        if s is not None and s.busy:
+            s.busy -= 1
+            self._make_room(0)  # a shrink may have left the arena over budget while this session was busy
+
+    def drop(self, session: str) -> None:
+        """The session is closed or expired: free its host memory."""
+        s = self._sessions.pop(session, None)
+        if s is not None:
+            self.stats.host_bytes -= s.nbytes
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """Change the budget at run time; shrinking evicts idle sessions (LRU) until the arena fits."""
+        if budget_bytes < 0:
+            raise ValueError(f"offload budget must be >= 0 bytes, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self._make_room(0)
+
+    # ---- transfers -------------------------------------------------------------------------------------
+    def offload(self, session: str, layer: int, start: int, kv: torch.Tensor) -> int:
+        """Keep tokens ``[start, start + len(kv))`` of (session, layer) on the host; ``kv`` is ``[n, 2, H, D]``.
+
+        Tokens already held are not copied again; the range must continue (or overlap) the held one. Returns
+        the bytes copied. Raises ``OffloadRefused`` (and copies nothing) if the budget cannot hold them.
+        """
+        held = self.held(session, layer)
+        end = start + kv.shape[0]
+        if held is not None:
+            if start > held[1] or start < held[0]:
+                raise ValueError(f"offload of {session}/{layer} [{start}, {end}) does not continue [{held[0]}, {held[1]})")
+            kv, start = kv[held[1] - start :], held[1]
+        if kv.shape[0] == 0:
+            return 0
+        nbytes = kv.numel() * kv.element_size()
+        self._make_room(nbytes, keep=session)
+        if self.stats.host_bytes + nbytes > self.budget_bytes:
+            self.stats.refused += 1
+            raise OffloadRefused(f"host offload budget {self.budget_bytes} B cannot hold {nbytes} B more "
+                                 f"({self.stats.host_bytes} B held by sessions in use)")
+        t0 = time.perf_counter()
+        host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=self._pin)
+        self._copy(host, kv)
+        s = self._sessions.setdefault(session, _Session())
+        self._sessions.move_to_end(session)
+        s.layers.setdefault(layer, []).append(_Chunk(start, host))
+        s.nbytes += nbytes
+        self.stats.host_bytes += nbytes
+        self.stats.offloaded_bytes += nbytes
+        self.stats.offload_seconds += time.perf_counter() - t0
+        return nbytes
+
+    def reload(self, session: str, layer: int, start: int, out: torch.Tensor) -> bool:
+        """Copy tokens ``[start, start + len(out))`` of (session, layer) into ``out`` (``[n, 2, H, D]``).
+
+        False when the host does not hold the whole range (evicted or never offloaded): recompute instead.
+        """
+        held = self.held(session, layer)
+        end = start + out.shape[0]
+        if held is None or start < held[0] or end > held[1]:
+            return False
+        t0 = time.perf_counter()
+        for chunk in self._sessions[session].layers[layer]:
+            lo, hi = max(start, chunk.start), min(end, chunk.end)
+            if lo < hi:
+                self._copy(out[lo - start : hi - start], chunk.kv[lo - chunk.start : hi - chunk.start])
+        self._sessions.move_to_end(session)
+        self.stats.reloaded_bytes += out.numel() * out.element_size()
+        self.stats.reload_seconds += time.perf_counter() - t0
+        return True
+
+    def wait(self) -> None:
+        """Block until every copy issued so far has finished (a no-op on CPU, where copies are synchronous)."""
+        for event in self._pending:
+            event.synchronize()
+        self._pending.clear()
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if self._stream is None or (dst.device.type == "cpu" and src.device.type == "cpu"):
+            dst.copy_(src)
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))  # src is written on the compute stream
+        with torch.cuda.stream(self._stream):
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        for t in (dst, src):
+            if t.device.type == "cuda":
+                t.record_stream(self._stream)
+        self._pending.append(event)
+
+    def _make_room(self, nbytes: int, keep: str | None = None) -> None:
+        """Evict idle sessions, least recently used first, until ``nbytes`` more fit the budget."""
+        for sid in list(self._sessions):
+            if self.stats.host_bytes + nbytes <= self.budget_bytes:
+                return
+            s = self._sessions[sid]
+            if s.busy or sid == keep or not s.nbytes:
+                continue
+            self.drop(sid)
+            self.stats.evictions += 1
+            self.stats.evicted_bytes += s.nbytes

@@ -1,0 +1,90 @@
+"""``slkv bench-offload``: host-tier offload and reload bandwidth against a plain tensor copy of the same bytes.
+
+The plain copy is ``dst.copy_(src)`` into a preallocated tensor on the same machine: the ceiling any tier
+built on tensor copies can reach. The tier's figures include its bookkeeping and host allocation. Shapes
+default to the bundled model's KV (3 KV heads x 64 dims, float32) for a 4K-token session whose lazy layers
+offload their middle tokens (window 4 + 1020). Prints figures; no pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from .arena import HostArena
+
+
+def _median_seconds(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="slkv bench-offload", description=__doc__)
+    p.add_argument("--tokens", type=int, default=4096, help="session length (default 4096)")
+    p.add_argument("--window", type=int, default=1024, help="sink + recent tokens a lazy layer keeps (default 1024)")
+    p.add_argument("--layers", type=int, default=10, help="lazy layers offloaded (default 10)")
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    middle = args.tokens - args.window
+    kv = [torch.randn(middle, 2, args.kv_heads, args.head_dim, device=device) for _ in range(args.layers)]
+    nbytes = sum(t.numel() * t.element_size() for t in kv)
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=device.type == "cuda") for t in kv]
+    back = [torch.empty_like(t) for t in kv]
+
+    def plain_down() -> None:
+        for d, s in zip(host, kv):
+            d.copy_(s, non_blocking=True)
+
+    def plain_up() -> None:
+        for d, s in zip(back, host):
+            d.copy_(s, non_blocking=True)
+
+    arena = HostArena(budget_bytes=4 * nbytes, device=device)
+    runs = iter(range(10**9))
+
+    def offload() -> None:
+        sid = f"s{next(runs)}"
+        for layer, t in enumerate(kv):
+            arena.offload(sid, layer, 4, t)
+        arena.wait()
+        arena.drop(sid)
+
+    arena.offload("resident", 0, 4, kv[0])  # the session reloaded below (every layer)
+    for layer, t in enumerate(kv[1:], start=1):
+        arena.offload("resident", layer, 4, t)
+
+    def reload() -> None:
+        for layer, out in enumerate(back):
+            assert arena.reload("resident", layer, 4, out)
+        arena.wait()
+
+    figures = {
+        "plain device->host": _median_seconds(plain_down, args.repeats, sync),
+        "offload": _median_seconds(offload, args.repeats, sync),
+        "plain host->device": _median_seconds(plain_up, args.repeats, sync),
+        "reload": _median_seconds(reload, args.repeats, sync),
+    }
+    print(f"{args.layers} layers x {middle} tokens x {args.kv_heads} kv heads x {args.head_dim} dims, float32: "
+          f"{nbytes / 2**20:.1f} MiB per transfer, device {device}")
+    for name, secs in figures.items():
+        print(f"  {name:<20} {secs * 1e3:8.2f} ms  {nbytes / secs / 2**30:6.2f} GiB/s")
+    print(f"  offload / plain copy: {figures['plain device->host'] / figures['offload']:.2f}")
+    print(f"  reload / plain copy:  {figures['plain host->device'] / figures['reload']:.2f}")
+    return 0

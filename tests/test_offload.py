@@ -1,0 +1,112 @@
+"""The host tier: bit-exact round trips of real model KV, incremental offload, the budget, LRU eviction."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from offload import HostArena, OffloadRefused
+from slkv_sglang.corpus import prompt_ids
+
+SINK, RECENT = 4, 256
+
+
+@pytest.fixture(scope="module")
+def model_kv(model_path, tokenizer) -> list[torch.Tensor]:
+    """Per layer, the KV of a real 1.2K-token prompt as ``[tokens, 2, kv_heads, dim]`` (the arena's layout)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    ids = prompt_ids(tokenizer, 1200, seed=3, question="What does this code do?")
+    with torch.no_grad():
+        cache = model(torch.tensor([ids]), use_cache=True).past_key_values
+    return [torch.stack([layer.keys[0], layer.values[0]]).permute(2, 0, 1, 3).contiguous() for layer in cache.layers]
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def test_offload_then_reload_is_bit_exact(model_kv):
+    arena = HostArena(budget_bytes=1 << 30)
+    seq = model_kv[0].shape[0]
+    for layer, kv in enumerate(model_kv):
+        assert arena.offload("s", layer, SINK, kv[SINK : seq - RECENT]) == _bytes(kv[SINK : seq - RECENT])
+    for layer, kv in enumerate(model_kv):
+        out = torch.full_like(kv[SINK : seq - RECENT], float("nan"))
+        assert arena.reload("s", layer, SINK, out)
+        assert torch.equal(out, kv[SINK : seq - RECENT])
+    part = torch.empty_like(model_kv[7][100:300])
+    assert arena.reload("s", 7, 100, part) and torch.equal(part, model_kv[7][100:300])
+    assert arena.stats.host_bytes == sum(_bytes(kv[SINK : seq - RECENT]) for kv in model_kv)
+
+
+def test_offload_is_incremental(model_kv):
+    """Turn 2 extends the offloaded range: only tokens the host lacks are copied, the rest is reused."""
+    kv = model_kv[12]
+    arena = HostArena(budget_bytes=1 << 30)
+    arena.offload("s", 12, SINK, kv[SINK:600])
+    copied = arena.offload("s", 12, SINK, kv[SINK:900])  # the next turn's middle, overlapping turn 1's
+    assert copied == _bytes(kv[600:900])
+    assert arena.held("s", 12) == (SINK, 900)
+    out = torch.empty_like(kv[SINK:900])
+    assert arena.reload("s", 12, SINK, out) and torch.equal(out, kv[SINK:900])
+    assert arena.stats.offloaded_bytes == _bytes(kv[SINK:900])
+    with pytest.raises(ValueError, match="does not continue"):
+        arena.offload("s", 12, 950, kv[950:1000])  # a gap would leave tokens nowhere
+
+
+def test_lru_eviction_spares_busy_sessions():
+    seg = torch.randn(100, 2, 3, 64)
+    arena = HostArena(budget_bytes=3 * _bytes(seg))
+    for sid in ("a", "b", "c"):
+        arena.offload(sid, 0, 4, seg)
+    arena.begin_turn("a")  # a is in use: most recent and not evictable
+    arena.offload("d", 0, 4, seg)  # evicts b, the least recently used idle session
+    assert [arena.held(s, 0) is not None for s in "abcd"] == [True, False, True, True]
+    assert arena.stats.evictions == 1 and arena.stats.evicted_bytes == _bytes(seg)
+    assert not arena.reload("b", 0, 4, torch.empty_like(seg))  # evicted: the caller recomputes
+    arena.set_budget(_bytes(seg))  # shrink: idle c and d go, busy a stays
+    assert [arena.held(s, 0) is not None for s in "abcd"] == [True, False, False, False]
+    with pytest.raises(OffloadRefused):
+        arena.offload("e", 0, 4, seg)  # only busy a is left, and it fills the budget
+    assert arena.stats.refused == 1 and arena.held("e", 0) is None
+    arena.end_turn("a")
+    arena.offload("e", 0, 4, seg)  # now a is idle and evictable
+    assert arena.held("a", 0) is None and arena.stats.host_bytes == _bytes(seg)
+
+
+def test_budget_is_never_exceeded():
+    rng = random.Random(0)
+    arena = HostArena(budget_bytes=40_000)
+    lengths: dict[tuple[str, int], int] = {}
+    for _ in range(2000):
+        sid, layer = f"s{rng.randrange(6)}", rng.randrange(3)
+        op = rng.random()
+        if op < 0.6:
+            start = 4 + lengths.get((sid, layer), 0) if arena.held(sid, layer) else 4
+            n = rng.randrange(1, 40)
+            try:
+                arena.offload(sid, layer, start, torch.randn(n, 2, 1, 16))
+                lengths[(sid, layer)] = start - 4 + n
+            except OffloadRefused:
+                pass
+        elif op < 0.75:
+            (arena.begin_turn if rng.random() < 0.5 else arena.end_turn)(sid)
+        elif op < 0.8:
+            arena.set_budget(rng.randrange(10_000, 60_000))
+        elif op < 0.85:
+            arena.drop(sid)
+        if arena.held(sid, layer) is None:
+            lengths.pop((sid, layer), None)
+        held = sum(arena.session_bytes(f"s{i}") for i in range(6))
+        assert arena.stats.host_bytes == held
+        assert held <= arena.budget_bytes or _only_busy(arena)
+    assert arena.stats.evictions > 0 and arena.stats.refused > 0
+
+
+def _only_busy(arena: HostArena) -> bool:
+    """After a shrink, only sessions in use may keep the arena over budget (they are never evicted)."""
+    return all(s.busy for s in arena._sessions.values() if s.nbytes)
