@@ -61,7 +61,7 @@ class Settings:
     api_keys: frozenset[str] = frozenset()  # empty: no authentication (local quick start)
     model_name: str = "SmolLM2-135M-Instruct"
     threshold: float = 0.9
-    offload_budget_bytes: int = 0
+    offload_budget_bytes: int | None = None  # None: the engine's own --slkv-offload-budget
     worker: str = "local"
     kv_bytes_per_token_layer: int = 0  # 2 (K, V) x kv heads x head dim x dtype bytes
     extra: dict[str, Any] = field(default_factory=dict)
@@ -269,8 +269,13 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
                 raise ApiError(400, "context_length_exceeded",
                                f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context "
                                f"length {client.context_len}")
+            slkv: dict[str, Any] = {"threshold": settings.threshold}
+            if session is not None:
+                slkv["session"] = session.id  # the engine keys this session's offloaded KV by it
+            if settings.offload_budget_bytes is not None:
+                slkv["offload_budget"] = settings.offload_budget_bytes
             params = {"max_new_tokens": req.max_tokens, "temperature": req.temperature,
-                      "custom_params": {"slkv": {"threshold": settings.threshold}}}
+                      "custom_params": {"slkv": slkv}}
             cid = f"chatcmpl-{secrets.token_hex(12)}"
             key = session.id if session else None
             if req.stream:
@@ -347,12 +352,21 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
             "cached_tokens": meta.get("cached_tokens", 0), "worker": worker, "worker_switched": switched,
             "layer_map": layer_map,
             # Offload (issue 3) is not built yet: every layer's KV stays on the device.
-            "kv_location": ["device"] * num_layers, "host_bytes": 0,
+            "kv_location": _kv_location(layer_map, num_layers),
+            "host_bytes": (layer_map or {}).get("kv", {}).get("session_host_bytes", 0),
             "device_kv_bytes": Metrics.device_bytes(layer_map, len(ids) + len(output_ids), settings.kv_bytes_per_token_layer),
         }
         await store.commit_turn(session, record)
 
     return app
+
+
+def _kv_location(layer_map: dict[str, Any] | None, num_layers: int) -> list[str]:
+    """Per layer: "host" where the engine offloaded the middle tokens' KV (--slkv-offload), else "device"."""
+    kv = (layer_map or {}).get("kv")
+    if kv is None:
+        return ["device"] * num_layers
+    return ["host" if n < layer_map["decided_at"] else "device" for n in kv["device_tokens"]]
 
 
 def _sse(obj: dict[str, Any]) -> bytes:

@@ -23,6 +23,20 @@ class Metrics:
         self.worker_switches = Counter("slkv:worker_switches", "Turns served by another worker than the session's "
                                        "last one (history recomputed there)", registry=r)
 
+        # The engine's offload counters as of the last turn it reported (--slkv-offload; cumulative there).
+        self.engine_kv = {
+            key: Gauge(f"slkv:{name}", help_, registry=r) for key, name, help_ in (
+                ("host_host_bytes", "host_kv_bytes", "Host bytes of offloaded KV (engine, last report)"),
+                ("host_offloaded_bytes", "offloaded_bytes", "KV bytes copied to the host so far (engine)"),
+                ("host_reloaded_bytes", "reloaded_bytes", "KV bytes copied back from the host so far (engine)"),
+                ("host_offload_seconds", "offload_seconds", "Seconds spent copying KV to the host (engine)"),
+                ("host_reload_seconds", "reload_seconds", "Seconds spent copying KV back (engine)"),
+                ("host_evictions", "host_evictions", "Idle sessions evicted from the host tier (engine)"),
+                ("host_refused", "host_refusals", "Offloads refused by the host budget; KV stayed on the device"),
+                ("free_rows", "device_free_kv_rows", "Free (layer, token) KV rows of the device pool (engine)"),
+            )
+        }
+
     @staticmethod
     def device_bytes(layer_map: dict[str, Any] | None, seq_len: int, bytes_per_token_layer: int) -> int:
         if layer_map is None:
@@ -38,6 +52,9 @@ class Metrics:
             self.lazy_layers.observe(len(layer_map["lazy_layers"]))
             self.device_kv_bytes.set(self.device_bytes(layer_map, seq, bytes_per_token_layer))
             self.full_kv_bytes.set(seq * len(layer_map["lazy"]) * bytes_per_token_layer)
+            if "kv" in layer_map:
+                for key, gauge in self.engine_kv.items():
+                    gauge.set(layer_map["kv"][key])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

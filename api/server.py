@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-ttl", type=int, default=3600, help="seconds an idle session is kept (default 3600)")
     p.add_argument("--api-keys", default=os.environ.get("SLKV_API_KEYS", ""),
                    help="comma-separated API keys (env SLKV_API_KEYS); unset: no authentication")
-    p.add_argument("--offload-budget", type=int, default=0,
-                   help="host offload budget in bytes (stored and shown; the offload tier is not built yet)")
+    p.add_argument("--offload-budget", type=int, default=None,
+                   help="host offload budget in bytes sent to the engine with every turn (default: the engine's "
+                        "--slkv-offload-budget); changeable at run time with PUT /admin/offload")
     p.add_argument("--slkv-threshold", type=float, default=None, help="lazy-layer threshold (default: SLKV_THRESHOLD or 0.9)")
     p.add_argument("--slkv-score", choices=["mean", "kvmin", "headmin"], default=None, help="score mode (default kvmin)")
     p.add_argument("--slkv-recent", type=int, default=None, help="recent window in lazy layers (default 1020)")

@@ -97,6 +97,24 @@ class HostArena:
         if s is not None:
             self.stats.host_bytes -= s.nbytes
 
+    def truncate(self, session: str, layer: int, end: int) -> None:
+        """Forget tokens from position ``end`` on for (session, layer) (their slots were freed)."""
+        s = self._sessions.get(session)
+        chunks = s.layers.get(layer) if s else None
+        if not chunks or chunks[-1].end <= end:
+            return
+        kept: list[_Chunk] = []
+        for chunk in chunks:
+            if chunk.end <= end:
+                kept.append(chunk)
+            elif chunk.start < end:
+                kept.append(_Chunk(chunk.start, chunk.kv[: end - chunk.start].clone()))
+        freed = sum(c.kv.numel() * c.kv.element_size() for c in chunks) - sum(
+            c.kv.numel() * c.kv.element_size() for c in kept)
+        s.layers[layer] = kept
+        s.nbytes -= freed
+        self.stats.host_bytes -= freed
+
     def set_budget(self, budget_bytes: int) -> None:
         """Change the budget at run time; shrinking evicts idle sessions (LRU) until the arena fits."""
         if budget_bytes < 0:

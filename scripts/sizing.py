@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:<28} {value:.3f}")
         else:
             print(f"{key:<28} {value} B ({human(value)})")
-    print("note: the engine still allocates full KV for every layer (lazy layers only read less); the"
-          " SimLayerKV rows are what trimming or offloading lazy layers frees. The host offload tier is not"
-          " built yet: --offload-budget is stored and reported only.")
+    print("note: the simlayerkv rows are device KV with --slkv-offload (torch_native backend), where lazy"
+          " layers' middle tokens move to the host tier (host_offload_* rows); without it, and on FlashInfer,"
+          " the engine keeps full KV for every layer and lazy layers only read less.")
     return 0
 
 

@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("slkv_sglang.evaluate", "long-context retrieval/NLL evaluation through the real engine"),
     "bench": ("slkv_sglang.bench", "identification overhead and decode step time, SimLayerKV vs full KV"),
     "bench-offload": ("offload.bench", "host-tier offload/reload bandwidth vs a plain tensor copy"),
+    "bench-memory": ("slkv_sglang.bench_memory", "device KV per session and next-turn latency with --slkv-offload"),
 }
 
 

@@ -26,6 +26,7 @@ DEFAULT_RECENT = 1020
 DEFAULT_LAST = 32
 DEFAULT_SCORE: ScoreMode = "kvmin"
 DEFAULT_MODE: DecideMode = "prefill"
+DEFAULT_OFFLOAD_BUDGET = 4 << 30
 
 
 class SlkvConfigError(ValueError):
@@ -42,6 +43,9 @@ class SlkvConfig:
     mode: DecideMode = DEFAULT_MODE
     score: ScoreMode = DEFAULT_SCORE
     protect: tuple[int, ...] = ()  # layers never made lazy (e.g. a calibrated retrieval layer)
+    offload: bool = False  # lazy layers give their middle tokens' device rows back (host copy first)
+    offload_budget: int = DEFAULT_OFFLOAD_BUDGET  # host bytes for those copies
+    poison: bool = False  # debug: freed device rows are filled with NaN, so any read of one shows
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold:
@@ -56,6 +60,8 @@ class SlkvConfig:
             raise SlkvConfigError(f"slkv mode must be one of {DECIDE_MODES}, got {self.mode!r}")
         if any(layer < 0 for layer in self.protect):
             raise SlkvConfigError(f"slkv protected layers must be >= 0, got {self.protect}")
+        if self.offload_budget < 0:
+            raise SlkvConfigError(f"slkv offload budget must be >= 0 bytes, got {self.offload_budget}")
         if self.score not in SCORE_MODES:
             raise SlkvConfigError(f"slkv score must be one of {SCORE_MODES}, got {self.score!r}")
 

@@ -21,12 +21,14 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from .config import DECIDE_MODES, SCORE_MODES, SlkvConfig, SlkvConfigError
 from .request_params import OVERRIDE_KEY, parse_overrides, request_params
+from .row_pool import LayerRowPool
 from .tracker import LazyTracker
 
 logger = logging.getLogger("slkv.plugin")
 
 META_KEY = "slkv"
 _trackers: list[LazyTracker] = []
+_pools: list[LayerRowPool] = []  # with --slkv-offload: the KV row pools of this process's backends
 _config: SlkvConfig | None = None
 
 
@@ -86,6 +88,12 @@ def _add_cli_args(_result: Any, parser: argparse.ArgumentParser) -> None:
               help="Score reduction over heads: mean (paper), kvmin or headmin (guard retrieval heads).")
     _add_flag(parser_, "--slkv-protect", "SLKV_PROTECT", default=None,
               help="Comma-separated layer ids never made lazy (e.g. a model's retrieval layers).")
+    _add_flag(parser_, "--slkv-offload", "SLKV_OFFLOAD", nargs="?", const=True, default=None,
+              help="Lazy layers give their middle tokens' device KV back, keeping a host copy (torch_native).")
+    _add_flag(parser_, "--slkv-offload-budget", "SLKV_OFFLOAD_BUDGET", type=int, default=None,
+              help="Host bytes for offloaded KV (default 4 GiB); when full, lazy layers keep their KV.")
+    _add_flag(parser_, "--slkv-poison-freed", "SLKV_POISON", nargs="?", const=True, default=None,
+              help="Debug: fill freed device KV with NaN so that any read of it shows in the outputs.")
 
 
 # ---- engine side -----------------------------------------------------------------------------------------
@@ -102,12 +110,16 @@ def _wrap_backend_factories() -> None:
 
         backend = SlkvTorchNativeBackend(runner, config())
         _trackers.append(backend.tracker)
+        if backend.row_pool is not None:
+            _pools.append(backend.row_pool)
         logger.info("SimLayerKV on torch_native: %s", config())
         return backend
 
     def flashinfer(runner: Any) -> Any:
         if not config().enabled or runner.use_mla_backend:
             return plain_flashinfer(runner)
+        if config().offload:
+            raise SlkvConfigError("--slkv-offload is built for the torch_native backend only (docs/memory.md)")
         from .backends.flashinfer import SlkvFlashInferBackend
 
         backend = SlkvFlashInferBackend(runner, config())
@@ -147,8 +159,13 @@ def _cap_prefix(result: int, req: Any, input_len: int) -> int | None:
     return max(0, min(result, input_len - config().last))
 
 
+def _pool_row(req: Any) -> int | None:
+    """The request's ``req_to_token`` row (SGLang 0.5.23 keeps it on ``req.kv``), None once released."""
+    return getattr(getattr(req, "kv", None), "req_pool_idx", None)
+
+
 def _release_row(req: Any, *args: Any, **kwargs: Any) -> None:
-    row = getattr(req, "req_pool_idx", None)
+    row = _pool_row(req)
     if row is not None:
         for tracker in _trackers:
             tracker.release_row(int(row))
@@ -161,13 +178,31 @@ def _report_decision(_result: Any, _self: Any, i: int, req: Any, logits_output: 
         found = tracker.pop_decision(req.rid)
         if found is None:
             continue
-        layer_map, (ident_s, forward_s) = found
+        layer_map, (ident_s, forward_s), extra = found
         record = layer_map.to_dict()
         record["timing"] = {"identification_s": ident_s, "prefill_forward_s": forward_s}
         record["worker"] = worker_id()
+        record.update(extra)
         if req.customized_info is None:
             req.customized_info = {}
         req.customized_info[META_KEY] = [record]
+    return None
+
+
+def _free_rows(allocator: Any, free_index: Any, *args: Any, **kwargs: Any) -> None:
+    """TokenToKVPoolAllocator.free: SGLang frees slots (radix eviction, aborts), so do their rows.
+
+    Inside a free group the slots arrive again, concatenated, at the group's end."""
+    if _pools and allocator.free_group is None and free_index.numel():
+        for pool in _pools:
+            pool.free_slots(free_index)
+    return None
+
+
+def _reset_rows(_result: Any, _allocator: Any, *args: Any, **kwargs: Any) -> None:
+    """TokenToKVPoolAllocator.clear (flush_cache): no slot is live any more."""
+    for pool in _pools:
+        pool.reset()
     return None
 
 
@@ -210,6 +245,8 @@ def register() -> None:
     reg("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _attach_params, HookType.AFTER)
     reg("sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len", _cap_prefix, HookType.AFTER)
     reg("sglang.srt.mem_cache.common.release_kv_cache", _release_row, HookType.BEFORE)
+    reg("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", _free_rows, HookType.BEFORE)
+    reg("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.clear", _reset_rows, HookType.AFTER)
     reg(
         "sglang.srt.managers.scheduler_components.batch_result_processor."
         "SchedulerBatchResultProcessor._maybe_collect_customized_info",

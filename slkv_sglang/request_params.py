@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from .config import SCORE_MODES, ScoreMode, SlkvConfig, SlkvConfigError
 
 OVERRIDE_KEY = "slkv"
-_ALLOWED = {"enabled", "threshold", "score", "force_lazy"}
+_ALLOWED = {"enabled", "threshold", "score", "force_lazy", "session", "offload_budget"}
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class RequestParams:
     score: ScoreMode
     force_lazy: tuple[int, ...] | None
     last_chunk: bool  # this forward processes the prompt's last token (extend) or is a decode step
+    session: str  # whose host copies a lazy layer's offloaded KV join (the chat session; else the request)
+    offload_budget: int | None  # a new host budget for the engine (the chat API's admin setting)
 
 
 def parse_overrides(raw: Any, num_layers: int | None = None) -> dict[str, Any]:
@@ -57,6 +59,15 @@ def parse_overrides(raw: Any, num_layers: int | None = None) -> dict[str, Any]:
         if num_layers is not None and any(not 0 <= x < num_layers for x in layers):
             raise SlkvConfigError(f"custom_params.slkv.force_lazy layer ids must be in [0, {num_layers})")
         out["force_lazy"] = tuple(sorted(set(layers)))
+    if "session" in raw:
+        if not isinstance(raw["session"], str) or not 0 < len(raw["session"]) <= 256:
+            raise SlkvConfigError("custom_params.slkv.session must be a non-empty string of at most 256 characters")
+        out["session"] = raw["session"]
+    if "offload_budget" in raw:
+        b = raw["offload_budget"]
+        if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+            raise SlkvConfigError(f"custom_params.slkv.offload_budget must be an integer >= 0 (bytes), got {b!r}")
+        out["offload_budget"] = b
     return out
 
 
@@ -69,4 +80,6 @@ def request_params(config: SlkvConfig, rid: str, custom_params: Mapping[str, Any
         score=overrides.get("score", config.score),
         force_lazy=overrides.get("force_lazy"),
         last_chunk=last_chunk,
+        session=overrides.get("session", rid),
+        offload_budget=overrides.get("offload_budget"),
     )

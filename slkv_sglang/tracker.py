@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -76,6 +77,11 @@ class LazyTracker:
         self._timing: dict[int, list[float]] = {}  # row -> [identification s, forward s] over its prefill
         self.plan_: BatchPlan | None = None
         self._staged: list[RequestParams] | None = None
+        self.running: dict[int, int] = {}  # row -> sequence length, every request seen and not yet released
+        # called after each decision with (row, lazy mask, sequence length, settings); what it returns joins
+        # the decision's record (the offload path reports the request's device and host KV)
+        self.on_decide: Callable[[int, torch.Tensor, int, RequestParams], dict] | None = None
+        self._extras: dict[str, dict] = {}
 
     # ---- per forward -------------------------------------------------------------------------------
     def stage(self, params: list[RequestParams]) -> None:
@@ -93,6 +99,7 @@ class LazyTracker:
         if len(params) != len(rows):
             raise RuntimeError(f"slkv: staged settings for {len(params)} requests, batch has {len(rows)}")
         seq_lens = (fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens).tolist()
+        self.running.update(zip(rows, seq_lens))
         plan = BatchPlan(mode.is_decode(), rows, seq_lens, [], {}, time.perf_counter())
         if plan.is_decode:
             self._plan_decode(plan, params)
@@ -209,17 +216,21 @@ class LazyTracker:
                 decided_at=s.seq_len,
             )
             self._timings[s.params.rid] = (timing[0], timing[1])
+            if self.on_decide is not None:
+                self._extras[s.params.rid] = self.on_decide(s.row, lazy, s.seq_len, s.params)
             logger.debug("slkv decision rid=%s lazy=%s", s.params.rid, self._decisions[s.params.rid].lazy_layers)
 
     # ---- request lifecycle ---------------------------------------------------------------------------
-    def pop_decision(self, rid: str) -> tuple[LayerMap, tuple[float, float]] | None:
+    def pop_decision(self, rid: str) -> tuple[LayerMap, tuple[float, float], dict] | None:
+        """A decision taken for ``rid``: its layer map, (identification s, prefill forward s), extra fields."""
         lm = self._decisions.pop(rid, None)
         if lm is None:
             return None
-        return lm, self._timings.pop(rid, (0.0, 0.0))
+        return lm, self._timings.pop(rid, (0.0, 0.0)), self._extras.pop(rid, {})
 
     def release_row(self, row: int) -> None:
         """The request holding ``row`` is done: drop its carried queries and pending decode decision."""
         self._tails.pop(row, None)
         self._awaiting.pop(row, None)
         self._timing.pop(row, None)
+        self.running.pop(row, None)

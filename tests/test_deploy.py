@@ -333,7 +333,7 @@ def test_operations_guide_covers_every_setting():
         assert f"`{env}`" in doc, env
     plugin = (ROOT / "slkv_sglang" / "plugin.py").read_text()
     flags = set(re.findall(r'"(--(?:enable-simlayerkv|slkv-[a-z-]+))"', plugin))
-    assert len(flags) == 8
+    assert len(flags) == 11
     for action in build_parser()._actions:
         flags.update(o for o in action.option_strings if o.startswith("--") and o != "--help")
     for flag in flags:

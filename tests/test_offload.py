@@ -110,3 +110,29 @@ def test_budget_is_never_exceeded():
 def _only_busy(arena: HostArena) -> bool:
     """After a shrink, only sessions in use may keep the arena over budget (they are never evicted)."""
     return all(s.busy for s in arena._sessions.values() if s.nbytes)
+
+
+def test_row_pool_frees_restores_and_forgets():
+    """The device side: a lazy layer's middle rows go to the host and back bit-exactly; freed slots free
+    every layer's rows and cut the host range; a read of freed KV raises instead of returning garbage."""
+    from slkv_sglang.row_pool import LayerRowPool
+
+    layers, slots = 3, torch.arange(1, 51)
+    pool = LayerRowPool(layers, 100, num_rows=layers * 101, heads=2, dim=4, dtype=torch.float32, device="cpu",
+                        arena=HostArena(1 << 20), poison=True)
+    for layer in range(layers):
+        pool.write(layer, slots, torch.randn(50, 2, 4), torch.randn(50, 2, 4))
+    kept = pool.kv[pool.rows(1, slots)].clone()
+    pool.release("s", 1, slots[4:40], start=4)
+    assert pool.rows_used() == [50, 14, 50] and pool.free_rows == layers * 101 - 114
+    assert torch.isnan(pool.kv[pool._free[pool.free_rows - 36 : pool.free_rows]]).all()  # poisoned
+    with pytest.raises(RuntimeError, match="not on the device"):
+        pool.rows(1, slots)
+    pool.restore(1, slots)
+    assert torch.equal(pool.kv[pool.rows(1, slots)], kept)
+    pool.release("s", 1, slots[4:45], start=4)  # the next turn's longer middle: only 5 new tokens copied
+    assert pool.arena.stats.offloaded_bytes == 41 * pool.row_bytes and pool.arena.held("s", 1) == (4, 45)
+    pool.free_slots(slots[30:])  # SGLang evicted the tail
+    assert pool.arena.held("s", 1) == (4, 30) and pool.rows_used() == [30, 4, 30]
+    pool.restore(1, slots[:30])
+    assert torch.equal(pool.kv[pool.rows(1, slots[:30])], kept[:30])

@@ -21,7 +21,6 @@ def make_tracker(model_runner: Any, config: SlkvConfig) -> LazyTracker:
     )
 
 
-
 class ScoringMixin:
     """Put before an SGLang backend class: after each extend layer wrote its KV, score the deciders."""
 
@@ -33,6 +32,10 @@ class ScoringMixin:
         self._score(q, layer)
         return o
 
+    def _key_reader(self, layer_id: int) -> Any:
+        """The layer's keys, indexable by KV slot ids."""
+        return self.token_to_kv_pool.get_key_buffer(layer_id)
+
     def _score(self, q: torch.Tensor, layer: Any) -> None:
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        self.tracker.score(q_, layer.layer_id, self.token_to_kv_pool.get_key_buffer(layer.layer_id), layer.scaling)
+        self.tracker.score(q_, layer.layer_id, self._key_reader(layer.layer_id), layer.scaling)

@@ -3,6 +3,10 @@
 Prefill runs unchanged; afterwards each layer scores the requests that decide in this forward from the KV
 just written. Decode reads, per request and per layer, either the whole row or only sink + recent slots,
 with the same per-request SDPA call as the parent, so non-lazy requests are bit-identical to plain SGLang.
+
+With ``offload`` on, KV lives in a ``LayerRowPool`` instead of SGLang's per-layer buffers (which are
+released): every read translates slot ids to rows of the pool, a lazy decision gives the middle tokens' rows
+of lazy layers back (host copy first), and a prefill restores what its prefix needs first.
 """
 
 from __future__ import annotations
@@ -14,22 +18,81 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
+from offload import HostArena
+
 from ..config import SlkvConfig
+from ..request_params import RequestParams
+from ..row_pool import LayerRowPool
 from .common import ScoringMixin, make_tracker
+
+
+class _RowKeys:
+    """A layer's keys indexed by slot ids, read through the row pool (what scoring indexes)."""
+
+    def __init__(self, pool: LayerRowPool, layer: int):
+        self.pool, self.layer = pool, layer
+
+    def __getitem__(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.pool.kv[self.pool.rows(self.layer, slots), 0]
 
 
 class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
     def __init__(self, model_runner: Any, config: SlkvConfig):
         super().__init__(model_runner)
+        self.config = config
         self.tracker = make_tracker(model_runner, config)
+        self.row_pool: LayerRowPool | None = None
+        if config.offload:
+            self.row_pool = _take_over_kv_pool(self.token_to_kv_pool, config)
+            self.tracker.on_decide = self._release_lazy
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)
         self.tracker.plan(forward_batch)
 
+    # ---- reads and writes ----------------------------------------------------------------------------
+    def _key_reader(self, layer_id: int) -> Any:
+        if self.row_pool is None:
+            return super()._key_reader(layer_id)
+        return _RowKeys(self.row_pool, layer_id)
+
+    def _write(self, layer: Any, forward_batch: Any, k: torch.Tensor | None, v: torch.Tensor | None, save: bool) -> None:
+        if not save or k is None or v is None:
+            return
+        if self.row_pool is None:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
+        else:
+            self.row_pool.write(layer.layer_id, forward_batch.out_cache_loc, k, v)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[override]
+        if self.row_pool is None:
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        _refuse_unsupported(layer)
+        pool, lid = self.row_pool, layer.layer_id
+        self._write(layer, forward_batch, k, v, save_kv_cache)
+        req_to_token = self.req_to_token_pool.req_to_token
+        rows = forward_batch.req_pool_indices.tolist()
+        for row, prefix in zip(rows, forward_batch.extend_prefix_lens_cpu):
+            if prefix:  # the prefill attends to the whole prefix: bring back what lazy layers gave away
+                pool.restore(lid, req_to_token[row, :prefix])
+        seq_lens = forward_batch.seq_lens
+        table = torch.zeros((len(rows), int(seq_lens.max())), dtype=torch.int64)  # rows of each request's KV
+        for i, (row, n) in enumerate(zip(rows, seq_lens.tolist())):
+            table[i, :n] = pool.rows(lid, req_to_token[row, :n])
+        o = torch.empty_like(q) if layer.qk_head_dim == layer.v_head_dim else q.new_empty(
+            (q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
+        self._run_sdpa_forward_extend(
+            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
+            pool.kv[:, 0], pool.kv[:, 1], table, torch.arange(len(rows)), seq_lens,
+            forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens,
+            scaling=layer.scaling, enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num, causal=True,
+        )
+        self._score(q, layer)
+        return o
+
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[override]
         restricted = self.tracker.restricted_positions(layer.layer_id)
-        if restricted:
+        if restricted or self.row_pool is not None:
             o = self._decode_with_windows(q, k, v, layer, forward_batch, save_kv_cache, set(restricted))
         else:
             o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
@@ -38,34 +101,82 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
 
     def _decode_with_windows(self, q, k, v, layer, forward_batch, save_kv_cache, restricted: set[int]):
         """The parent's decode loop, with sink + recent slot ids for the restricted requests."""
-        if layer.is_cross_attention or (layer.sliding_window_size or -1) > -1:
-            raise NotImplementedError("slkv: lazy layers with cross attention or sliding windows")
+        _refuse_unsupported(layer)
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         o = torch.empty_like(q) if layer.qk_head_dim == layer.v_head_dim else q.new_empty(
             (q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
         )
-        if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
+        self._write(layer, forward_batch, k, v, save_kv_cache)
         query = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim).movedim(0, 1)  # [H, bs, D]
         out = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
-        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        plan = self.tracker.plan_
-        assert plan is not None
-        for pos, (row, seq_len) in enumerate(zip(plan.rows, plan.seq_lens)):
+        pool, lid = self.row_pool, layer.layer_id
+        if pool is None:
+            k_cache, v_cache = self.token_to_kv_pool.get_key_buffer(lid), self.token_to_kv_pool.get_value_buffer(lid)
+        else:
+            k_cache, v_cache = pool.kv[:, 0], pool.kv[:, 1]
+        rows, seq_lens = forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist()
+        for pos, (row, seq_len) in enumerate(zip(rows, seq_lens)):
             if pos in restricted:
                 slots = self.tracker.window_indices(pos)
             else:
                 slots = self.req_to_token_pool.req_to_token[row, :seq_len]
-            key = k_cache[slots].movedim(0, 1)
-            value = v_cache[slots].movedim(0, 1)
+            idx = slots if pool is None else pool.rows(lid, slots)
             per_req = scaled_dot_product_attention(
                 query[:, pos : pos + 1, :].unsqueeze(0),
-                key.unsqueeze(0),
-                value.unsqueeze(0),
+                k_cache[idx].movedim(0, 1).unsqueeze(0),
+                v_cache[idx].movedim(0, 1).unsqueeze(0),
                 enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
                 scale=layer.scaling,
                 is_causal=False,
             )
             out[pos : pos + 1] = per_req.squeeze(0).movedim(1, 0)
         return o
+
+    # ---- offload -------------------------------------------------------------------------------------
+    def _release_lazy(self, row: int, lazy: torch.Tensor, seq_len: int, params: RequestParams) -> dict:
+        """After a decision: lazy layers give back the rows of their middle tokens ``[sink, seq_len - recent)``.
+
+        Slots another running request also reads (a prefix shared through the radix cache) keep their rows.
+        Returns the request's KV report (``kv`` in its layer map).
+        """
+        cfg, pool = self.config, self.row_pool
+        assert pool is not None
+        if params.offload_budget is not None and params.offload_budget != pool.arena.budget_bytes:
+            pool.arena.set_budget(params.offload_budget)  # the chat API's PUT /admin/offload
+        req_to_token = self.req_to_token_pool.req_to_token
+        if bool(lazy.any()) and seq_len > cfg.sink + cfg.recent:
+            self._release_middles(row, lazy, seq_len, params.session)
+        return {"kv": pool.report(req_to_token[row, :seq_len], params.session)}
+
+    def _release_middles(self, row: int, lazy: torch.Tensor, seq_len: int, session: str) -> None:
+        cfg, pool = self.config, self.row_pool
+        assert pool is not None
+        req_to_token = self.req_to_token_pool.req_to_token
+        middle = req_to_token[row, cfg.sink : seq_len - cfg.recent]
+        shared = torch.zeros(pool.row_of.shape[1], dtype=torch.bool)
+        for other, n in self.tracker.running.items():
+            if other != row:
+                shared[req_to_token[other, :n]] = True
+        hits = shared[middle].nonzero()
+        start = cfg.sink + (int(hits[-1]) + 1 if hits.numel() else 0)
+        middle = req_to_token[row, start : seq_len - cfg.recent]
+        for layer in lazy.nonzero().flatten().tolist():
+            pool.release(session, layer, middle, start)
+
+
+def _refuse_unsupported(layer: Any) -> None:
+    if layer.is_cross_attention or (layer.sliding_window_size or -1) > -1:
+        raise NotImplementedError("slkv: lazy layers with cross attention or sliding windows")
+
+
+def _take_over_kv_pool(kv_pool: Any, config: SlkvConfig) -> LayerRowPool:
+    """Replace SGLang's per-layer KV buffers by a row pool of the same bytes, and release theirs."""
+    k0 = kv_pool.get_key_buffer(0)
+    layers, slots = kv_pool.layer_num, kv_pool.size
+    arena = HostArena(config.offload_budget, device=k0.device)
+    pool = LayerRowPool(layers, slots, num_rows=layers * (slots + 1), heads=k0.shape[1], dim=k0.shape[2],
+                        dtype=k0.dtype, device=k0.device, arena=arena, poison=config.poison)
+    empty = k0.new_empty((0, *k0.shape[1:]))
+    kv_pool.k_buffer = [empty] * layers  # nothing else reads them on this backend; their memory goes back
+    kv_pool.v_buffer = [empty] * layers
+    return pool

@@ -1,0 +1,83 @@
+"""``slkv bench-memory``: device KV per session and next-turn latency with ``--slkv-offload``, on one engine.
+
+Prints figures, no pass/fail:
+
+* device KV per 4K-token session, SimLayerKV with offload vs full KV, measured from the rows the engine's
+  pool holds for each session after its first turn, and the number of such sessions a fixed device pool
+  holds (the pool's rows / rows per session);
+* time to first token of turn 2 three ways: lazy layers' KV reloaded from the host (offload), the whole
+  history recomputed (radix cache flushed between the turns), and everything resident (SimLayerKV off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+from typing import Any
+
+from .config import SlkvConfig
+from .corpus import prompt_ids
+
+QUESTION = "Summarise the code above in one sentence."
+FOLLOW_UP = "<|im_end|>\n<|im_start|>user\nAnd which function is the longest?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _generate(engine: Any, ids: list[int], n: int, **slkv: Any) -> tuple[float, dict[str, Any]]:
+    params = {"temperature": 0.0, "max_new_tokens": n, "ignore_eos": True, "custom_params": {"slkv": slkv}}
+    t0 = time.perf_counter()
+    out = engine.generate(input_ids=ids, sampling_params=params)
+    return time.perf_counter() - t0, out
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="slkv bench-memory", description=__doc__)
+    p.add_argument("--tokens", type=int, default=4096, help="session length (default 4096)")
+    p.add_argument("--sessions", type=int, default=3, help="sessions measured (default 3)")
+    p.add_argument("--threshold", type=float, default=None, help="SimLayerKV threshold (default: config)")
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from .model import ensure_bundled_model
+    from .runtime import make_engine, shutdown_engine
+
+    config = SlkvConfig.from_env()
+    config = replace(config, enabled=True, offload=True, threshold=args.threshold or config.threshold)
+    path = ensure_bundled_model()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    follow = tokenizer(FOLLOW_UP, add_special_tokens=False)["input_ids"]
+    engine = make_engine(path, slkv=config, chunked_prefill_size=1024)
+    try:
+        rows, ttft = [], {"reload": [], "recompute": [], "resident": []}
+        for n in range(args.sessions):
+            ids = prompt_ids(tokenizer, args.tokens, seed=300 + n, question=QUESTION)
+            _, first = _generate(engine, ids, 8, session=f"s{n}")
+            kv = first["meta_info"]["slkv"]["kv"]
+            rows.append(sum(kv["device_tokens"]))
+            turn2 = ids + first["output_ids"] + follow
+            ttft["reload"].append(_generate(engine, turn2, 1, session=f"s{n}")[0])
+            engine.flush_cache()
+            ttft["recompute"].append(_generate(engine, turn2, 1, session=f"r{n}")[0])
+            engine.flush_cache()
+            _generate(engine, ids, 8, enabled=False)
+            ttft["resident"].append(_generate(engine, turn2, 1, enabled=False)[0])
+            engine.flush_cache()
+        pool_rows, layers = kv["rows"], len(kv["device_tokens"])
+    finally:
+        shutdown_engine(engine)
+    full = args.tokens * layers
+    slkv = statistics.mean(rows)
+    row_bytes = kv["row_bytes"]
+    print(f"SimLayerKV {config}")
+    print(f"device KV per {args.tokens}-token session after turn 1 ({args.sessions} sessions):")
+    print(f"  full KV     {full:>8} rows  {full * row_bytes / 2**20:7.1f} MiB")
+    print(f"  SimLayerKV  {slkv:>8.0f} rows  {slkv * row_bytes / 2**20:7.1f} MiB   ({full / slkv:.2f}x less)")
+    print(f"sessions a pool of {pool_rows} rows ({pool_rows * row_bytes / 2**30:.2f} GiB) holds: "
+          f"full {pool_rows // full}, SimLayerKV {int(pool_rows // slkv)}")
+    print("time to first token of turn 2 (median):")
+    for name, values in ttft.items():
+        print(f"  {name:<10} {statistics.median(values):6.2f} s")
+    print(f"  reload / recompute: {statistics.median(ttft['reload']) / statistics.median(ttft['recompute']):.2f}")
+    return 0

@@ -1,0 +1,208 @@
+"""Device KV that follows the layer map: one row of a shared store per (layer, token slot).
+
+SGLang's pool gives a token slot one entry in *every* layer, so a lazy layer cannot give back its middle
+tokens. Here SGLang keeps allocating logical slots (radix cache, ``req_to_token`` and admission control are
+untouched) while each (layer, slot) that holds KV owns a row of one store ``kv [rows, 2, heads, dim]``:
+
+* writes take rows for new slots (``write``); reads translate slots to rows (``rows``, one gather);
+* at a lazy decision, the middle tokens' rows of a lazy layer are copied to the host tier and given back
+  (``release``), so any layer of any request can use them;
+* a later prefill that needs them (the session's next turn, or another request sharing the prefix through
+  the radix cache) brings them back first (``restore``);
+* when SGLang frees a slot, every layer's row of it is freed and host copies of it are dropped (``free_slots``).
+
+A read of a row that is neither on the device nor restorable raises: never silently wrong KV.
+``docs/memory.md`` has the design and its limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from offload import HostArena, OffloadRefused
+
+
+class PoolExhausted(RuntimeError):
+    """No free device rows for KV that must be on the device now."""
+
+
+@dataclass
+class PoolStats:
+    released_rows: int = 0  # rows given back by lazy layers
+    restored_rows: int = 0  # rows brought back from the host
+    kept_rows: int = 0  # rows a lazy layer kept because the host budget refused them
+
+
+class LayerRowPool:
+    def __init__(self, num_layers: int, num_slots: int, num_rows: int, heads: int, dim: int, dtype: torch.dtype,
+                 device: torch.device | str, arena: HostArena, poison: bool = False):
+        self.num_layers, self.num_rows = num_layers, num_rows
+        self.kv = torch.zeros(num_rows, 2, heads, dim, dtype=dtype, device=device)
+        self.row_of = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64, device=device)
+        self.on_host = torch.zeros((num_layers, num_slots + 1), dtype=torch.bool, device=device)
+        self.pos_of = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=device)  # position of a host copy
+        self.owner_of = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64, device=device)  # session
+        self._owners: list[str] = []
+        self._owner_ids: dict[str, int] = {}
+        self.arena, self.poison = arena, poison
+        self.stats = PoolStats()
+        self.reset()
+
+    @property
+    def row_bytes(self) -> int:
+        return self.kv[0].numel() * self.kv.element_size()
+
+    @property
+    def free_rows(self) -> int:
+        return self._n_free
+
+    def rows_used(self) -> list[int]:
+        """Device rows held per layer."""
+        return (self.row_of >= 0).sum(dim=1).tolist()
+
+    def report(self, slots: torch.Tensor, session: str) -> dict[str, Any]:
+        """What a request's layer map carries: its device tokens per layer, its session's host bytes, and the
+        pool's and host tier's totals."""
+        return {
+            "device_tokens": (self.row_of[:, slots] >= 0).sum(dim=1).tolist(),
+            "session_host_bytes": self.arena.session_bytes(session),
+            "free_rows": self._n_free, "rows": self.num_rows, "row_bytes": self.row_bytes,
+            "host_budget": self.arena.budget_bytes,
+            **asdict(self.stats), **{f"host_{k}": v for k, v in asdict(self.arena.stats).items()},
+        }
+
+    def reset(self) -> None:
+        """Everything free (SGLang cleared its allocator: no slot is live)."""
+        self._free = torch.arange(self.num_rows - 1, -1, -1, dtype=torch.int64, device=self.kv.device)
+        self._n_free = self.num_rows
+        self.row_of.fill_(-1)
+        self.on_host.fill_(False)
+        self.owner_of.fill_(-1)
+        for owner in self._owners:
+            self.arena.drop(owner)
+        self._owners.clear()
+        self._owner_ids.clear()
+
+    # ---- rows -------------------------------------------------------------------------------------------
+    def _take(self, n: int) -> torch.Tensor:
+        if n > self._n_free:
+            raise PoolExhausted(f"slkv: {n} KV rows needed, {self._n_free} free of {self.num_rows}")
+        self._n_free -= n
+        return self._free[self._n_free : self._n_free + n].clone()
+
+    def _give(self, rows: torch.Tensor) -> None:
+        if rows.numel() == 0:
+            return
+        if self.poison:  # a read of a freed row turns into NaN logits, which the tests catch
+            self.kv[rows] = float("nan")
+        end = self._n_free + rows.numel()
+        self._free[self._n_free : end] = rows
+        self._n_free = end
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """KV of new tokens: ``k``/``v`` ``[n, heads, dim]`` at ``slots``, taking rows where needed."""
+        rows = self.row_of[layer, slots]
+        missing = rows < 0
+        if bool(missing.any()):
+            rows[missing] = self._take(int(missing.sum()))
+            self.row_of[layer, slots] = rows
+        self.kv[rows, 0] = k.view(-1, *self.kv.shape[2:]).to(self.kv.dtype)
+        self.kv[rows, 1] = v.view(-1, *self.kv.shape[2:]).to(self.kv.dtype)
+
+    def rows(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        rows = self.row_of[layer, slots]
+        if bool((rows < 0).any()):
+            bad = slots[rows < 0][:4].tolist()
+            raise RuntimeError(f"slkv: layer {layer} reads slots {bad}... whose KV is not on the device")
+        return rows
+
+    # ---- lazy layers --------------------------------------------------------------------------------------
+    def release(self, session: str, layer: int, slots: torch.Tensor, start: int) -> None:
+        """A lazy layer's middle tokens (``slots`` at positions ``start..``): host copy, then free the rows.
+
+        Tokens whose host copy exists are not copied again. If the host budget refuses the copy, the rows
+        stay on the device (counted in ``kept_rows``): correct, only less memory saved.
+        """
+        rows = self.row_of[layer, slots]
+        live = rows >= 0
+        if not bool(live.any()):
+            return
+        fresh = live & ~self.on_host[layer, slots]
+        if bool(fresh.any()):
+            first = int(fresh.nonzero()[0])
+            # Host copies of a layer are kept as one range per session: the new tokens must follow the copied
+            # ones. Anything else (a gap left by a prefix shared with another session) keeps its rows.
+            if not bool(fresh[first:].all()) or not bool(self.on_host[layer, slots[:first]].all()):
+                self.stats.kept_rows += int(live.sum())
+                return
+            try:
+                self.arena.offload(session, layer, start + first, self.kv[rows[first:]])
+            except (OffloadRefused, ValueError):  # budget full, or the range would leave a gap
+                self.stats.kept_rows += int(live.sum())
+                return
+            if session not in self._owner_ids:
+                self.arena.begin_turn(session)  # its host copies are the only copies: never evicted
+            owner = self._owner_id(session)
+            tail = slots[first:]
+            self.on_host[layer, tail] = True
+            self.pos_of[tail] = torch.arange(start + first, start + len(slots), device=slots.device)
+            self.owner_of[layer, tail] = owner
+        self._give(rows[live])
+        self.row_of[layer, slots[live]] = -1
+        self.stats.released_rows += int(live.sum())
+
+    def restore(self, layer: int, slots: torch.Tensor) -> None:
+        """Bring back from the host every row of ``slots`` this layer gave away (before a prefill reads them)."""
+        missing = slots[self.row_of[layer, slots] < 0]
+        if missing.numel() == 0:
+            return
+        if not bool(self.on_host[layer, missing].all()):
+            raise RuntimeError(f"slkv: layer {layer} lost KV of {int((~self.on_host[layer, missing]).sum())} slots")
+        rows = self._take(missing.numel())
+        owners = self.owner_of[layer, missing]
+        for owner in owners.unique().tolist():
+            mine = owners == owner
+            pos = self.pos_of[missing[mine]]
+            order = torch.argsort(pos)
+            pos, mine_rows = pos[order], rows[mine][order]
+            out = torch.empty((pos.numel(), *self.kv.shape[1:]), dtype=self.kv.dtype, device=self.kv.device)
+            if not bool((pos[1:] - pos[:-1] == 1).all()) or not self.arena.reload(self._owners[owner], layer,
+                                                                                  int(pos[0]), out):
+                raise RuntimeError(f"slkv: host copy of layer {layer} for {self._owners[owner]} is incomplete")
+            self.arena.wait()
+            self.kv[mine_rows] = out
+        self.row_of[layer, missing] = rows
+        self.stats.restored_rows += missing.numel()
+
+    def free_slots(self, slots: torch.Tensor) -> None:
+        """SGLang freed these slots: free their rows in every layer and forget their host copies."""
+        if slots.numel() == 0:
+            return
+        rows = self.row_of[:, slots]
+        self._give(rows[rows >= 0])
+        self.row_of[:, slots] = -1
+        for layer in range(self.num_layers):
+            owners = self.owner_of[layer, slots]
+            hosted = owners >= 0
+            for owner in owners[hosted].unique().tolist():
+                # a session's host range is a prefix of its middle: drop it from the first freed position on
+                cut = int(self.pos_of[slots[hosted & (owners == owner)]].min())
+                self.arena.truncate(self._owners[owner], layer, cut)
+                if not self.arena.session_bytes(self._owners[owner]):
+                    self.arena.drop(self._owners[owner])
+                    self._owner_ids.pop(self._owners[owner], None)
+                dropped = (self.owner_of[layer] == owner) & (self.pos_of >= cut)
+                self.on_host[layer, dropped] = False
+                self.owner_of[layer, dropped] = -1
+        self.on_host[:, slots] = False
+        self.owner_of[:, slots] = -1
+
+    def _owner_id(self, session: str) -> int:
+        if session not in self._owner_ids:
+            self._owner_ids[session] = len(self._owners)
+            self._owners.append(session)
+        return self._owner_ids[session]
+
