@@ -351,7 +351,6 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
             "turn": session.turns, "prompt_tokens": meta["prompt_tokens"], "completion_tokens": meta["completion_tokens"],
             "cached_tokens": meta.get("cached_tokens", 0), "worker": worker, "worker_switched": switched,
             "layer_map": layer_map,
-            # Offload (issue 3) is not built yet: every layer's KV stays on the device.
             "kv_location": _kv_location(layer_map, num_layers),
             "host_bytes": (layer_map or {}).get("kv", {}).get("session_host_bytes", 0),
             "device_kv_bytes": Metrics.device_bytes(layer_map, len(ids) + len(output_ids), settings.kv_bytes_per_token_layer),

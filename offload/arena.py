@@ -71,7 +71,8 @@ class HostArena:
     # ---- queries ---------------------------------------------------------------------------------------
     def held(self, session: str, layer: int) -> tuple[int, int] | None:
         """The token range ``[start, end)`` the host holds for (session, layer), or None."""
-        chunks = self._sessions.get(session, _Session()).layers.get(layer)
+        s = self._sessions.get(session)
+        chunks = s.layers.get(layer) if s else None
         return (chunks[0].start, chunks[-1].end) if chunks else None
 
     def session_bytes(self, session: str) -> int:

@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from dataclasses import replace
 from typing import Any
 
+from .bench import QUESTION, _greedy, _timed
 from .config import SlkvConfig
 from .corpus import prompt_ids
 
-QUESTION = "Summarise the code above in one sentence."
 FOLLOW_UP = "<|im_end|>\n<|im_start|>user\nAnd which function is the longest?<|im_end|>\n<|im_start|>assistant\n"
 
 
 def _generate(engine: Any, ids: list[int], n: int, **slkv: Any) -> tuple[float, dict[str, Any]]:
-    params = {"temperature": 0.0, "max_new_tokens": n, "ignore_eos": True, "custom_params": {"slkv": slkv}}
-    t0 = time.perf_counter()
-    out = engine.generate(input_ids=ids, sampling_params=params)
-    return time.perf_counter() - t0, out
+    return _timed(engine, ids, _greedy(n, **slkv))
 
 
 def main(argv: list[str]) -> int:

@@ -79,8 +79,7 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         table = torch.zeros((len(rows), int(seq_lens.max())), dtype=torch.int64)  # rows of each request's KV
         for i, (row, n) in enumerate(zip(rows, seq_lens.tolist())):
             table[i, :n] = pool.rows(lid, req_to_token[row, :n])
-        o = torch.empty_like(q) if layer.qk_head_dim == layer.v_head_dim else q.new_empty(
-            (q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
+        o = _new_output(q, layer)
         self._run_sdpa_forward_extend(
             q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             pool.kv[:, 0], pool.kv[:, 1], table, torch.arange(len(rows)), seq_lens,
@@ -100,12 +99,11 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         return o
 
     def _decode_with_windows(self, q, k, v, layer, forward_batch, save_kv_cache, restricted: set[int]):
-        """The parent's decode loop, with sink + recent slot ids for the restricted requests."""
+        """The parent's decode loop, with sink + recent slot ids for the restricted requests, reading through
+        the row pool when offload is on."""
         _refuse_unsupported(layer)
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
-        o = torch.empty_like(q) if layer.qk_head_dim == layer.v_head_dim else q.new_empty(
-            (q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
-        )
+        o = _new_output(q, layer)
         self._write(layer, forward_batch, k, v, save_kv_cache)
         query = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim).movedim(0, 1)  # [H, bs, D]
         out = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
@@ -162,6 +160,13 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         middle = req_to_token[row, start : seq_len - cfg.recent]
         for layer in lazy.nonzero().flatten().tolist():
             pool.release(session, layer, middle, start)
+
+
+def _new_output(q: torch.Tensor, layer: Any) -> torch.Tensor:
+    """Attention output ``[tokens, heads x v_head_dim]`` for queries ``q`` ``[tokens, heads x qk_head_dim]``."""
+    if layer.qk_head_dim == layer.v_head_dim:
+        return torch.empty_like(q)
+    return q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
 
 
 def _refuse_unsupported(layer: Any) -> None:
