@@ -6,10 +6,11 @@ KV of a token never changes, so offload is incremental: a later turn extends a s
 tokens not already on the host are copied. Chunks of one (session, layer) are kept in order; a reload copies
 them back into a device tensor with one transfer per chunk.
 
-Budget: the arena never holds more than ``budget_bytes``. When an offload would exceed it, whole idle
-sessions are evicted, least recently used first (a session in use by a running turn is never evicted). What
-is evicted is gone from the host: the caller recomputes it from the token history (slower, never wrong).
-If the budget cannot fit the new bytes even after evicting every idle session, the offload is refused.
+Budget: the arena never holds more than ``budget_bytes``. When an offload would exceed it, whole sessions
+other than the offloading one are evicted, least recently used first (an offload or reload makes a session
+recent). What is evicted is gone from the host: ``on_evict`` tells the owner, which recomputes it from the
+token history when it is needed (slower, never wrong). If the session's bytes and the new ones exceed the
+whole budget, the offload is refused: nothing is copied and nothing is evicted.
 
 On CUDA the host tensors are pinned and copies run on a side stream; ``wait()`` joins them (events).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -41,7 +43,6 @@ class _Chunk:
 class _Session:
     layers: dict[int, list[_Chunk]] = field(default_factory=dict)
     nbytes: int = 0
-    busy: int = 0  # running turns; a busy session is never evicted
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ArenaStats:
     evictions: int = 0  # sessions evicted to make room
     evicted_bytes: int = 0
     refused: int = 0  # offloads that did not fit at all
+    refused_bytes: int = 0
 
 
 class HostArena:
@@ -67,6 +69,7 @@ class HostArena:
         self._pending: list[torch.cuda.Event] = []
         self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
         self.stats = ArenaStats()
+        self.on_evict: Callable[[str], None] | None = None  # the owner forgets where an evicted session's KV was
 
     # ---- queries ---------------------------------------------------------------------------------------
     def held(self, session: str, layer: int) -> tuple[int, int] | None:
@@ -80,18 +83,6 @@ class HostArena:
         return s.nbytes if s else 0
 
     # ---- lifecycle -------------------------------------------------------------------------------------
-    def begin_turn(self, session: str) -> None:
-        """Mark ``session`` in use (not evictable) and most recently used."""
-        s = self._sessions.setdefault(session, _Session())
-        s.busy += 1
-        self._sessions.move_to_end(session)
-
-    def end_turn(self, session: str) -> None:
-        s = self._sessions.get(session)
-        if s is not None and s.busy:
-            s.busy -= 1
-            self._make_room(0)  # a shrink may have left the arena over budget while this session was busy
-
     def drop(self, session: str) -> None:
         """The session is closed or expired: free its host memory."""
         s = self._sessions.pop(session, None)
@@ -117,7 +108,7 @@ class HostArena:
         self.stats.host_bytes -= freed
 
     def set_budget(self, budget_bytes: int) -> None:
-        """Change the budget at run time; shrinking evicts idle sessions (LRU) until the arena fits."""
+        """Change the budget at run time; shrinking evicts sessions (LRU) until the arena fits."""
         if budget_bytes < 0:
             raise ValueError(f"offload budget must be >= 0 bytes, got {budget_bytes}")
         self.budget_bytes = budget_bytes
@@ -139,11 +130,12 @@ class HostArena:
         if kv.shape[0] == 0:
             return 0
         nbytes = kv.numel() * kv.element_size()
-        self._make_room(nbytes, keep=session)
-        if self.stats.host_bytes + nbytes > self.budget_bytes:
+        if self.session_bytes(session) + nbytes > self.budget_bytes:  # would not fit even alone: evict nothing
             self.stats.refused += 1
+            self.stats.refused_bytes += nbytes
             raise OffloadRefused(f"host offload budget {self.budget_bytes} B cannot hold {nbytes} B more "
-                                 f"({self.stats.host_bytes} B held by sessions in use)")
+                                 f"({self.session_bytes(session)} B held by {session})")
+        self._make_room(nbytes, keep=session)
         t0 = time.perf_counter()
         host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=self._pin)
         self._copy(host, kv)
@@ -196,13 +188,15 @@ class HostArena:
         self._pending.append(event)
 
     def _make_room(self, nbytes: int, keep: str | None = None) -> None:
-        """Evict idle sessions, least recently used first, until ``nbytes`` more fit the budget."""
+        """Evict sessions other than ``keep``, least recently used first, until ``nbytes`` more fit."""
         for sid in list(self._sessions):
             if self.stats.host_bytes + nbytes <= self.budget_bytes:
                 return
             s = self._sessions[sid]
-            if s.busy or sid == keep or not s.nbytes:
+            if sid == keep or not s.nbytes:
                 continue
             self.drop(sid)
             self.stats.evictions += 1
             self.stats.evicted_bytes += s.nbytes
+            if self.on_evict is not None:
+                self.on_evict(sid)

@@ -29,21 +29,12 @@ def _median_seconds(fn: Callable[[], None], repeats: int, sync: Callable[[], Non
     return statistics.median(times)
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="slkv bench-offload", description=__doc__)
-    p.add_argument("--tokens", type=int, default=4096, help="session length (default 4096)")
-    p.add_argument("--window", type=int, default=1024, help="sink + recent tokens a lazy layer keeps (default 1024)")
-    p.add_argument("--layers", type=int, default=10, help="lazy layers offloaded (default 10)")
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-
-    device = torch.device(args.device)
+def bandwidth(tokens: int, window: int, layers: int, kv_heads: int, head_dim: int, repeats: int,
+              device: torch.device) -> tuple[int, dict[str, float]]:
+    """Bytes per transfer and median seconds of: plain copy down, offload, plain copy up, reload."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    middle = args.tokens - args.window
-    kv = [torch.randn(middle, 2, args.kv_heads, args.head_dim, device=device) for _ in range(args.layers)]
+    middle = tokens - window
+    kv = [torch.randn(middle, 2, kv_heads, head_dim, device=device) for _ in range(layers)]
     nbytes = sum(t.numel() * t.element_size() for t in kv)
     host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=device.type == "cuda") for t in kv]
     back = [torch.empty_like(t) for t in kv]
@@ -66,8 +57,7 @@ def main(argv: list[str]) -> int:
         arena.wait()
         arena.drop(sid)
 
-    arena.offload("resident", 0, 4, kv[0])  # the session reloaded below (every layer)
-    for layer, t in enumerate(kv[1:], start=1):
+    for layer, t in enumerate(kv):  # the session reloaded below (every layer)
         arena.offload("resident", layer, 4, t)
 
     def reload() -> None:
@@ -75,16 +65,36 @@ def main(argv: list[str]) -> int:
             assert arena.reload("resident", layer, 4, out)
         arena.wait()
 
-    figures = {
-        "plain device->host": _median_seconds(plain_down, args.repeats, sync),
-        "offload": _median_seconds(offload, args.repeats, sync),
-        "plain host->device": _median_seconds(plain_up, args.repeats, sync),
-        "reload": _median_seconds(reload, args.repeats, sync),
+    return nbytes, {
+        "plain device->host": _median_seconds(plain_down, repeats, sync),
+        "offload": _median_seconds(offload, repeats, sync),
+        "plain host->device": _median_seconds(plain_up, repeats, sync),
+        "reload": _median_seconds(reload, repeats, sync),
     }
-    print(f"{args.layers} layers x {middle} tokens x {args.kv_heads} kv heads x {args.head_dim} dims, float32: "
-          f"{nbytes / 2**20:.1f} MiB per transfer, device {device}")
+
+
+def report(nbytes: int, figures: dict[str, float]) -> None:
     for name, secs in figures.items():
         print(f"  {name:<20} {secs * 1e3:8.2f} ms  {nbytes / secs / 2**30:6.2f} GiB/s")
     print(f"  offload / plain copy: {figures['plain device->host'] / figures['offload']:.2f}")
     print(f"  reload / plain copy:  {figures['plain host->device'] / figures['reload']:.2f}")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="slkv bench-offload", description=__doc__)
+    p.add_argument("--tokens", type=int, default=4096, help="session length (default 4096)")
+    p.add_argument("--window", type=int, default=1024, help="sink + recent tokens a lazy layer keeps (default 1024)")
+    p.add_argument("--layers", type=int, default=10, help="lazy layers offloaded (default 10)")
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    nbytes, figures = bandwidth(args.tokens, args.window, args.layers, args.kv_heads, args.head_dim, args.repeats,
+                                device)
+    print(f"{args.layers} layers x {args.tokens - args.window} tokens x {args.kv_heads} kv heads x {args.head_dim} "
+          f"dims, float32: {nbytes / 2**20:.1f} MiB per transfer, device {device}")
+    report(nbytes, figures)
     return 0

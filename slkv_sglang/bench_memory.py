@@ -6,7 +6,9 @@ Prints figures, no pass/fail:
   pool holds for each session after its first turn, and the number of such sessions a fixed device pool
   holds (the pool's rows / rows per session);
 * time to first token of turn 2 three ways: lazy layers' KV reloaded from the host (offload), the whole
-  history recomputed (radix cache flushed between the turns), and everything resident (SimLayerKV off).
+  history recomputed (radix cache flushed between the turns), and everything resident (SimLayerKV off);
+* the host tier's bandwidth: what the engine measured for its offloads and reloads over the run, and the
+  arena against a plain tensor copy of the same bytes (``offload.bench``) at this run's KV shapes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import argparse
 import statistics
 from dataclasses import replace
 from typing import Any
+
+import torch
+
+from offload.bench import bandwidth, report
 
 from .bench import QUESTION, _greedy, _timed
 from .config import SlkvConfig
@@ -34,7 +40,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threshold", type=float, default=None, help="SimLayerKV threshold (default: config)")
     args = p.parse_args(argv)
 
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from .model import ensure_bundled_model
     from .runtime import make_engine, shutdown_engine
@@ -43,17 +49,22 @@ def main(argv: list[str]) -> int:
     config = replace(config, enabled=True, offload=True, threshold=args.threshold or config.threshold)
     path = ensure_bundled_model()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoConfig.from_pretrained(path)
+    kv_shape = (model.num_key_value_heads, model.hidden_size // model.num_attention_heads)
     follow = tokenizer(FOLLOW_UP, add_special_tokens=False)["input_ids"]
     engine = make_engine(path, slkv=config, chunked_prefill_size=1024)
     try:
-        rows, ttft = [], {"reload": [], "recompute": [], "resident": []}
+        rows, lazy, ttft = [], [], {"reload": [], "recompute": [], "resident": []}
         for n in range(args.sessions):
             ids = prompt_ids(tokenizer, args.tokens, seed=300 + n, question=QUESTION)
             _, first = _generate(engine, ids, 8, session=f"s{n}")
             kv = first["meta_info"]["slkv"]["kv"]
             rows.append(sum(kv["device_tokens"]))
+            lazy.append(len(first["meta_info"]["slkv"]["lazy_layers"]))
             turn2 = ids + first["output_ids"] + follow
-            ttft["reload"].append(_generate(engine, turn2, 1, session=f"s{n}")[0])
+            seconds, second = _generate(engine, turn2, 1, session=f"s{n}")
+            ttft["reload"].append(seconds)
+            transfers = second["meta_info"]["slkv"]["kv"]
             engine.flush_cache()
             ttft["recompute"].append(_generate(engine, turn2, 1, session=f"r{n}")[0])
             engine.flush_cache()
@@ -76,4 +87,14 @@ def main(argv: list[str]) -> int:
     for name, values in ttft.items():
         print(f"  {name:<10} {statistics.median(values):6.2f} s")
     print(f"  reload / recompute: {statistics.median(ttft['reload']) / statistics.median(ttft['recompute']):.2f}")
+    print("host tier, as the engine measured it over the run:")
+    for way in ("offload", "reload"):
+        moved, secs = transfers[f"host_{way}ed_bytes"], transfers[f"host_{way}_seconds"]
+        print(f"  {way:<8} {moved / 2**20:8.1f} MiB in {secs:6.3f} s  {moved / max(secs, 1e-9) / 2**30:6.2f} GiB/s")
+    heads, dim = kv_shape
+    layers_lazy = max(1, round(statistics.mean(lazy)))
+    nbytes, figures = bandwidth(args.tokens, config.sink + config.recent, layers_lazy, heads, dim, repeats=5,
+                                device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"host tier vs a plain copy of one session's offload ({layers_lazy} lazy layers, {nbytes / 2**20:.1f} MiB):")
+    report(nbytes, figures)
     return 0

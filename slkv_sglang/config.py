@@ -45,7 +45,7 @@ class SlkvConfig:
     protect: tuple[int, ...] = ()  # layers never made lazy (e.g. a calibrated retrieval layer)
     offload: bool = False  # lazy layers give their middle tokens' device rows back (host copy first)
     offload_budget: int = DEFAULT_OFFLOAD_BUDGET  # host bytes for those copies
-    poison: bool = False  # debug: freed device rows are filled with NaN, so any read of one shows
+    poison: bool = False  # debug: freed device KV (slots, or rows with offload) is NaN-filled; any read shows
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold:

@@ -91,9 +91,11 @@ def _add_cli_args(_result: Any, parser: argparse.ArgumentParser) -> None:
     _add_flag(parser_, "--slkv-offload", "SLKV_OFFLOAD", nargs="?", const=True, default=None,
               help="Lazy layers give their middle tokens' device KV back, keeping a host copy (torch_native).")
     _add_flag(parser_, "--slkv-offload-budget", "SLKV_OFFLOAD_BUDGET", type=int, default=None,
-              help="Host bytes for offloaded KV (default 4 GiB); when full, lazy layers keep their KV.")
+              help="Host bytes for offloaded KV (default 4 GiB); when full, the least recently used sessions "
+                   "are evicted, and what does not fit is recomputed when a later turn needs it.")
     _add_flag(parser_, "--slkv-poison-freed", "SLKV_POISON", nargs="?", const=True, default=None,
-              help="Debug: fill freed device KV with NaN so that any read of it shows in the outputs.")
+              help="Debug: fill freed device KV (SGLang's freed slots, or freed rows with offload) with NaN so "
+                   "that any read of it shows in the outputs.")
 
 
 # ---- engine side -----------------------------------------------------------------------------------------
@@ -149,6 +151,11 @@ def _attach_params(result: Any, _cls: Any, batch: Any, *args: Any, **kwargs: Any
             raise RuntimeError(f"slkv: invalid overrides reached the scheduler for {req.rid}: {exc}") from exc
     for tracker in _trackers:
         tracker.stage(params)
+    for pool in _pools:
+        for req in batch.reqs:
+            if req.rid in pool.heal_pending:
+                heal = pool.heal_at[int(_pool_row(req))] = pool.heal_pending.pop(req.rid)
+                pool.stats.recomputed_tokens += len(heal[1])
     return None
 
 
@@ -157,6 +164,26 @@ def _cap_prefix(result: int, req: Any, input_len: int) -> int | None:
     if not config().enabled or config().mode != "prefill":
         return None
     return max(0, min(result, input_len - config().last))
+
+
+def _cut_lost_prefix(_result: Any, req: Any, tree_cache: Any = None, *args: Any, **kwargs: Any) -> None:
+    """Req.init_next_round_input: with --slkv-offload, a cached prefix some lazy layer gave away without a
+    host copy (host budget full, or evicted from the host since) cannot be restored. The match stops where
+    that starts; the prefill recomputes the rest from the tokens (slower, never wrong), and its KV fills the
+    cached slots' missing rows, which the radix tree keeps pointing at."""
+    if not _pools or tree_cache is None or not req.prefix_len:
+        return None
+    cached = tree_cache.prefix_device_indices(req)
+    for pool in _pools:
+        keep = pool.restorable(cached)
+        keep -= keep % tree_cache.page_size
+        if keep < req.prefix_len:
+            pool.heal_pending[req.rid] = (keep, cached[keep:].clone())
+            logger.debug("slkv: %s recomputes %d cached tokens whose KV was lost", req.rid, req.prefix_len - keep)
+            req.prefix_len = keep
+            req.num_matched_prefix_tokens = min(req.num_matched_prefix_tokens, keep)
+            req.kv.cache_protected_len = min(req.kv.cache_protected_len, keep)
+    return None
 
 
 def _pool_row(req: Any) -> int | None:
@@ -169,6 +196,10 @@ def _release_row(req: Any, *args: Any, **kwargs: Any) -> None:
     if row is not None:
         for tracker in _trackers:
             tracker.release_row(int(row))
+        for pool in _pools:
+            pool.heal_at.pop(int(row), None)
+    for pool in _pools:
+        pool.heal_pending.pop(req.rid, None)
     return None
 
 
@@ -190,12 +221,19 @@ def _report_decision(_result: Any, _self: Any, i: int, req: Any, logits_output: 
 
 
 def _free_rows(allocator: Any, free_index: Any, *args: Any, **kwargs: Any) -> None:
-    """TokenToKVPoolAllocator.free: SGLang frees slots (radix eviction, aborts), so do their rows.
+    """TokenToKVPoolAllocator.free: SGLang frees slots (radix eviction, aborts), so do their rows. Without
+    offload, ``--slkv-poison-freed`` fills the freed slots of SGLang's own per-layer buffers with NaN.
 
     Inside a free group the slots arrive again, concatenated, at the group's end."""
-    if _pools and allocator.free_group is None and free_index.numel():
-        for pool in _pools:
-            pool.free_slots(free_index)
+    if allocator.free_group is not None or not free_index.numel():
+        return None
+    for pool in _pools:
+        pool.free_slots(free_index)
+    if not _pools and config().enabled and config().poison:
+        kv = allocator._kvcache
+        for layer in range(kv.layer_num):
+            kv.get_key_buffer(layer)[free_index] = float("nan")
+            kv.get_value_buffer(layer)[free_index] = float("nan")
     return None
 
 
@@ -244,6 +282,7 @@ def register() -> None:
     reg("sglang.srt.entrypoints.engine.Engine._launch_subprocesses", _validate_startup, HookType.BEFORE)
     reg("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _attach_params, HookType.AFTER)
     reg("sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len", _cap_prefix, HookType.AFTER)
+    reg("sglang.srt.managers.schedule_batch.Req.init_next_round_input", _cut_lost_prefix, HookType.AFTER)
     reg("sglang.srt.mem_cache.common.release_kv_cache", _release_row, HookType.BEFORE)
     reg("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", _free_rows, HookType.BEFORE)
     reg("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.clear", _reset_rows, HookType.AFTER)

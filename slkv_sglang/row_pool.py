@@ -6,9 +6,12 @@ untouched) while each (layer, slot) that holds KV owns a row of one store ``kv [
 
 * writes take rows for new slots (``write``); reads translate slots to rows (``rows``, one gather);
 * at a lazy decision, the middle tokens' rows of a lazy layer are copied to the host tier and given back
-  (``release``), so any layer of any request can use them;
+  (``release``), so any layer of any request can use them; what the host budget cannot take is given back
+  all the same (``lost_rows``): device memory follows the layer map whatever the host holds;
 * a later prefill that needs them (the session's next turn, or another request sharing the prefix through
-  the radix cache) brings them back first (``restore``);
+  the radix cache) brings them back first (``restore``); a prefix whose KV is on neither tier (never hosted,
+  or evicted from the host) is cut where it stops being restorable (``restorable``), the rest is recomputed
+  by the prefill, and the recomputed KV fills the cached slots' missing rows (``heal``);
 * when SGLang frees a slot, every layer's row of it is freed and host copies of it are dropped (``free_slots``).
 
 A read of a row that is neither on the device nor restorable raises: never silently wrong KV.
@@ -33,7 +36,9 @@ class PoolExhausted(RuntimeError):
 class PoolStats:
     released_rows: int = 0  # rows given back by lazy layers
     restored_rows: int = 0  # rows brought back from the host
-    kept_rows: int = 0  # rows a lazy layer kept because the host budget refused them
+    lost_rows: int = 0  # rows given back without a host copy (budget full): recomputed when needed
+    recomputed_tokens: int = 0  # cached prefix tokens recomputed because their KV was on neither tier
+    healed_rows: int = 0  # missing rows of cached slots filled from recomputed KV
 
 
 class LayerRowPool:
@@ -45,10 +50,16 @@ class LayerRowPool:
         self.on_host = torch.zeros((num_layers, num_slots + 1), dtype=torch.bool, device=device)
         self.pos_of = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=device)  # position of a host copy
         self.owner_of = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64, device=device)  # session
-        self._owners: list[str] = []
+        self._owners: dict[int, str] = {}  # owner id (in owner_of) -> session, while it has host copies
         self._owner_ids: dict[str, int] = {}
+        self._next_owner = 0
         self.arena, self.poison = arena, poison
+        arena.on_evict = self._forget
         self.stats = PoolStats()
+        # prefixes cut by ``restorable``: rid -> (first recomputed position, cached slots from there), then
+        # keyed by the request's req_to_token row once its batch is built
+        self.heal_pending: dict[str, tuple[int, torch.Tensor]] = {}
+        self.heal_at: dict[int, tuple[int, torch.Tensor]] = {}
         self.reset()
 
     @property
@@ -81,7 +92,9 @@ class LayerRowPool:
         self.row_of.fill_(-1)
         self.on_host.fill_(False)
         self.owner_of.fill_(-1)
-        for owner in self._owners:
+        self.heal_pending.clear()
+        self.heal_at.clear()
+        for owner in self._owners.values():
             self.arena.drop(owner)
         self._owners.clear()
         self._owner_ids.clear()
@@ -123,8 +136,9 @@ class LayerRowPool:
     def release(self, session: str, layer: int, slots: torch.Tensor, start: int) -> None:
         """A lazy layer's middle tokens (``slots`` at positions ``start..``): host copy, then free the rows.
 
-        Tokens whose host copy exists are not copied again. If the host budget refuses the copy, the rows
-        stay on the device (counted in ``kept_rows``): correct, only less memory saved.
+        Tokens whose host copy exists are not copied again. Rows the host cannot take (budget full, or new
+        tokens that do not continue the session's host range) are freed all the same and counted in
+        ``lost_rows``: a later prefix match stops before them and the prefill recomputes them.
         """
         rows = self.row_of[layer, slots]
         live = rows >= 0
@@ -133,26 +147,39 @@ class LayerRowPool:
         fresh = live & ~self.on_host[layer, slots]
         if bool(fresh.any()):
             first = int(fresh.nonzero()[0])
-            # Host copies of a layer are kept as one range per session: the new tokens must follow the copied
-            # ones. Anything else (a gap left by a prefix shared with another session) keeps its rows.
-            if not bool(fresh[first:].all()) or not bool(self.on_host[layer, slots[:first]].all()):
-                self.stats.kept_rows += int(live.sum())
-                return
-            try:
-                self.arena.offload(session, layer, start + first, self.kv[rows[first:]])
-            except (OffloadRefused, ValueError):  # budget full, or the range would leave a gap
-                self.stats.kept_rows += int(live.sum())
-                return
-            if session not in self._owner_ids:
-                self.arena.begin_turn(session)  # its host copies are the only copies: never evicted
-            owner = self._owner_id(session)
             tail = slots[first:]
-            self.on_host[layer, tail] = True
-            self.pos_of[tail] = torch.arange(start + first, start + len(slots), device=slots.device)
-            self.owner_of[layer, tail] = owner
+            hosted = bool(fresh[first:].all()) and bool(self.on_host[layer, slots[:first]].all())
+            if hosted:
+                try:
+                    self.arena.offload(session, layer, start + first, self.kv[rows[first:]])
+                except (OffloadRefused, ValueError):  # budget full, or the range would leave a gap
+                    hosted = False
+            if hosted:
+                self.on_host[layer, tail] = True
+                self.pos_of[tail] = torch.arange(start + first, start + len(slots), device=slots.device)
+                self.owner_of[layer, tail] = self._owner_id(session)
+            else:
+                self.stats.lost_rows += int(fresh.sum())
         self._give(rows[live])
         self.row_of[layer, slots[live]] = -1
         self.stats.released_rows += int(live.sum())
+
+    def restorable(self, slots: torch.Tensor) -> int:
+        """How many leading ``slots`` (a cached prefix) have their KV in every layer, on the device or host."""
+        ok = ((self.row_of[:, slots] >= 0) | self.on_host[:, slots]).all(dim=0)
+        bad = (~ok).nonzero()
+        return int(bad[0]) if bad.numel() else slots.numel()
+
+    def heal(self, layer: int, cached: torch.Tensor, fresh: torch.Tensor) -> None:
+        """A prefill recomputed the KV of ``cached`` slots (the radix tree still points at them) into its own
+        ``fresh`` slots: copy it into the cached slots' missing rows, so the next turn finds them whole."""
+        missing = self.row_of[layer, cached] < 0
+        if not bool(missing.any()):
+            return
+        rows = self._take(int(missing.sum()))
+        self.kv[rows] = self.kv[self.rows(layer, fresh[missing])]
+        self.row_of[layer, cached[missing]] = rows
+        self.stats.healed_rows += rows.numel()
 
     def restore(self, layer: int, slots: torch.Tensor) -> None:
         """Bring back from the host every row of ``slots`` this layer gave away (before a prefill reads them)."""
@@ -190,19 +217,31 @@ class LayerRowPool:
             for owner in owners[hosted].unique().tolist():
                 # a session's host range is a prefix of its middle: drop it from the first freed position on
                 cut = int(self.pos_of[slots[hosted & (owners == owner)]].min())
-                self.arena.truncate(self._owners[owner], layer, cut)
-                if not self.arena.session_bytes(self._owners[owner]):
-                    self.arena.drop(self._owners[owner])
-                    self._owner_ids.pop(self._owners[owner], None)
+                session = self._owners[owner]
+                self.arena.truncate(session, layer, cut)
+                if not self.arena.session_bytes(session):
+                    self.arena.drop(session)
+                    self._forget(session)
+                    continue
                 dropped = (self.owner_of[layer] == owner) & (self.pos_of >= cut)
                 self.on_host[layer, dropped] = False
                 self.owner_of[layer, dropped] = -1
         self.on_host[:, slots] = False
         self.owner_of[:, slots] = -1
 
+    def _forget(self, session: str) -> None:
+        """The host tier no longer holds ``session``: its KV that is not on the device is on neither tier."""
+        owner = self._owner_ids.get(session)
+        if owner is None:
+            return
+        gone = self.owner_of == owner
+        self.on_host[gone] = False
+        self.owner_of[gone] = -1
+        del self._owners[owner], self._owner_ids[session]
+
     def _owner_id(self, session: str) -> int:
         if session not in self._owner_ids:
-            self._owner_ids[session] = len(self._owners)
-            self._owners.append(session)
+            self._owner_ids[session], self._owners[self._next_owner] = self._next_owner, session
+            self._next_owner += 1
         return self._owner_ids[session]
 

@@ -12,7 +12,9 @@ from slkv_sglang.runtime import shutdown_engine
 
 # The engines under test. recent=256 (not the paper's 1020) so 1-4K prompts really lose most of their KV in
 # lazy layers and a wrong window shows in the tokens; chunked prefill at 1024 so long prompts are chunked.
-TEST_SLKV = SlkvConfig(enabled=True, threshold=0.9, sink=4, recent=256, last=32, mode="prefill", score="kvmin")
+# poison: every SimLayerKV engine of the suite NaN-fills the KV it frees, so a read of freed KV fails a test.
+TEST_SLKV = SlkvConfig(enabled=True, threshold=0.9, sink=4, recent=256, last=32, mode="prefill", score="kvmin",
+                       poison=True)
 CHUNK = 1024
 
 

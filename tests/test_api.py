@@ -60,6 +60,7 @@ def redis_server(tmp_path_factory):
 def api(redis_server, model_path):
     port, prefix = free_port(), f"slkv-test-{uuid.uuid4().hex[:8]}:"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLKV_")}
+    env["SLKV_POISON"] = "1"  # freed KV is NaN: a read of it would show in the tokens
     cmd = [sys.executable, "-m", "slkv_sglang.cli", "serve", "--port", str(port), "--model-path", model_path,
            "--redis-url", f"redis://127.0.0.1:{redis_server.port}/0", "--redis-prefix", prefix,
            "--api-keys", f"{KEY_A},{KEY_B}", "--slkv-recent", "64"]

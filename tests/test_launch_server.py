@@ -23,6 +23,7 @@ def _worker_cmd(model_path: str, port: int) -> list[str]:
         "--dtype", "float32", "--mem-fraction-static", "0.2", "--max-total-tokens", "16384", "--watchdog-timeout", "3600",
         "--skip-server-warmup", "--sleep-on-idle", "--log-level", "warning",
         "--enable-simlayerkv", "--slkv-recent", "256", "--slkv-threshold", "0.85", "--slkv-score", "mean",
+        "--slkv-poison-freed",
     ]
 
 

@@ -19,11 +19,13 @@ QUESTIONS = [
     "Which of them is the largest?",
     "Name one function of that class.",
     "What does that function return?",
+    "Is any of it tested?",
 ]
 NEW_TOKENS = 10
-# Host budget: one ~3K-token conversation fits (its lazy layers' middle KV is ~40-60 MB in float32), a second
-# one does not, so the second is served by the refusal path (its lazy layers keep their device KV).
+# Host budgets: one ~3K-token conversation fits BUDGET (its lazy layers' middle KV is ~40-60 MB in float32);
+# TINY is less than one lazy layer's middle (~4 MB), so with it every offload is refused.
 BUDGET = 80 << 20
+TINY = 2 << 20
 
 
 def _turn_suffix(tokenizer, question: str) -> list[int]:
@@ -31,17 +33,22 @@ def _turn_suffix(tokenizer, question: str) -> list[int]:
                      add_special_tokens=False)["input_ids"]
 
 
-def _conversation(engine, tokenizer, seed: int, session: str) -> list[dict]:
-    """Four greedy turns over one ~3K-token document; each turn resends the whole history (radix reuse)."""
+def _conversation(engine, tokenizer, seed: int, session: str, turns: range, budget: int | None = None,
+                  history: list[dict] | None = None) -> list[dict]:
+    """Greedy turns over one ~3K-token document; each turn resends the whole history (radix reuse).
+    ``history`` holds earlier turns' outputs when the conversation resumes at ``turns.start``."""
     ids = prompt_ids(tokenizer, 3000, seed=seed, question=QUESTIONS[0])
-    outs = []
-    for turn, question in enumerate(QUESTIONS):
+    outs = list(history or [])
+    for turn in range(1, turns.start):
+        ids = ids + outs[turn - 1]["output_ids"] + _turn_suffix(tokenizer, QUESTIONS[turn])
+    for turn in turns:
         if turn:
-            ids = ids + outs[-1]["output_ids"] + _turn_suffix(tokenizer, question)
+            ids = ids + outs[-1]["output_ids"] + _turn_suffix(tokenizer, QUESTIONS[turn])
+        slkv = {"session": session} if budget is None else {"session": session, "offload_budget": budget}
         params = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True,
-                  "custom_params": {"slkv": {"session": session}}}
+                  "custom_params": {"slkv": slkv}}
         outs.append(engine.generate(input_ids=ids, sampling_params=params))
-    return outs
+    return outs[turns.start :]
 
 
 @pytest.fixture(scope="module")
@@ -55,49 +62,63 @@ def offload_engine(model_path):
 def baseline(slkv_engine, tokenizer) -> list[list[dict]]:
     """The same conversations on the session's engine: same SimLayerKV settings, offload off."""
     slkv_engine.flush_cache()
-    return [_conversation(slkv_engine, tokenizer, seed, f"base-{seed}") for seed in (11, 12)]
+    return [_conversation(slkv_engine, tokenizer, 11, "base-a", range(5)),
+            _conversation(slkv_engine, tokenizer, 12, "base-b", range(2))]
+
+
+def _assert_same(got: list[dict], want: list[dict], first_turn: int = 0) -> None:
+    for turn, (g, w) in enumerate(zip(got, want), start=first_turn + 1):
+        assert LayerMap.from_dict(g["meta_info"]["slkv"]).lazy == LayerMap.from_dict(w["meta_info"]["slkv"]).lazy, turn
+        assert g["output_ids"] == w["output_ids"], f"turn {turn}"
+
+
+def _assert_device_follows_layer_map(out: dict) -> None:
+    lm, kv = LayerMap.from_dict(out["meta_info"]["slkv"]), out["meta_info"]["slkv"]["kv"]
+    assert lm.lazy_layers, "the test needs lazy layers"
+    for layer in range(lm.num_layers):
+        want = TEST_SLKV.sink + TEST_SLKV.recent if lm.lazy[layer] else lm.decided_at
+        assert kv["device_tokens"][layer] == want, layer
 
 
 def test_four_turns_with_offload_match_without(offload_engine, baseline, tokenizer):
-    first = _conversation(offload_engine, tokenizer, 11, "conv-a")
+    first = _conversation(offload_engine, tokenizer, 11, "conv-a", range(4))
+    _assert_same(first, baseline[0])
     released_before = 0
-    for turn, (got, want) in enumerate(zip(first, baseline[0])):
-        lm = LayerMap.from_dict(got["meta_info"]["slkv"])
-        assert lm.lazy == LayerMap.from_dict(want["meta_info"]["slkv"]).lazy, f"turn {turn + 1}"
-        assert got["output_ids"] == want["output_ids"], f"turn {turn + 1}"
+    for turn, got in enumerate(first):
+        _assert_device_follows_layer_map(got)
         kv = got["meta_info"]["slkv"]["kv"]
-        seq = lm.decided_at
-        assert lm.lazy_layers, "the test needs lazy layers"
-        for layer in range(lm.num_layers):  # device KV follows the layer map
-            if lm.lazy[layer]:
-                assert kv["device_tokens"][layer] == TEST_SLKV.sink + TEST_SLKV.recent
-            else:
-                assert kv["device_tokens"][layer] == seq
         assert kv["released_rows"] > released_before
         released_before = kv["released_rows"]
         if turn:  # the prefix's offloaded KV came back for the prefill, and only new tokens were copied out
             assert kv["restored_rows"] > 0
             assert kv["host_offloaded_bytes"] < (turn + 1) * kv["host_host_bytes"]
-    assert kv["host_evictions"] == 0 and kv["host_host_bytes"] <= BUDGET
-
-
-def test_budget_too_small_keeps_kv_on_device(offload_engine, baseline, tokenizer):
-    """The second conversation does not fit the host budget: its lazy layers keep their device KV (counted),
-    and its tokens are unchanged."""
-    second = _conversation(offload_engine, tokenizer, 12, "conv-b")
-    for turn, (got, want) in enumerate(zip(second, baseline[1])):
-        assert got["output_ids"] == want["output_ids"], f"turn {turn + 1}"
-    kv = second[-1]["meta_info"]["slkv"]["kv"]
-    assert kv["kept_rows"] > 0 and kv["host_refused"] > 0
+    assert kv["host_evictions"] == 0 and kv["lost_rows"] == 0 and kv["recomputed_tokens"] == 0
     assert kv["host_host_bytes"] <= BUDGET
 
 
-def test_budget_changes_at_run_time(offload_engine, tokenizer):
-    """The chat API's PUT /admin/offload reaches the engine as a request override: a larger budget takes the
-    offload the full budget refused above."""
-    ids = prompt_ids(tokenizer, 2000, seed=13, question=QUESTIONS[0])
-    params = {"temperature": 0.0, "max_new_tokens": 2, "ignore_eos": True,
-              "custom_params": {"slkv": {"session": "conv-c", "offload_budget": 4 * BUDGET}}}
-    kv = offload_engine.generate(input_ids=ids, sampling_params=params)["meta_info"]["slkv"]["kv"]
-    assert kv["host_budget"] == 4 * BUDGET
-    assert kv["session_host_bytes"] > 0 and BUDGET < kv["host_host_bytes"] <= 4 * BUDGET
+def test_budget_too_small_for_one_session_recomputes(offload_engine, baseline, tokenizer):
+    """A host budget shrunk at run time (the chat API's PUT /admin/offload) below one lazy layer's middle:
+    conv-a's host copies are evicted, conv-b's lazy layers free their device KV without a host copy, and its
+    next turn recomputes the history. Tokens stay those of the engine without offload."""
+    second = _conversation(offload_engine, tokenizer, 12, "conv-b", range(2), budget=TINY)
+    _assert_same(second, baseline[1])
+    turn1, turn2 = (out["meta_info"]["slkv"]["kv"] for out in second)
+    assert turn1["host_budget"] == TINY and turn1["host_evictions"] >= 1  # conv-a went
+    assert turn1["lost_rows"] > 0 and turn1["host_refused"] > 0 and turn1["session_host_bytes"] == 0
+    assert turn2["recomputed_tokens"] > 2500 and turn2["healed_rows"] > 0  # nearly the whole history
+    assert turn2["restored_rows"] == turn1["restored_rows"]  # nothing came from the host
+    for out in second:
+        _assert_device_follows_layer_map(out)
+    assert turn2["host_host_bytes"] <= TINY
+
+
+def test_evicted_session_recomputes_its_next_turn(offload_engine, baseline, tokenizer):
+    """conv-a's host copies were evicted above, so its fifth turn cannot reload them: it recomputes, gives
+    the tokens it would have given, and with the budget raised again its KV goes back to the host."""
+    history = baseline[0][:4]  # same tokens as conv-a's first four turns (checked above)
+    fifth = _conversation(offload_engine, tokenizer, 11, "conv-a", range(4, 5), budget=BUDGET, history=history)
+    _assert_same(fifth, baseline[0][4:], first_turn=4)
+    kv = fifth[0]["meta_info"]["slkv"]["kv"]
+    assert kv["host_budget"] == BUDGET and kv["recomputed_tokens"] > 2 * 2500  # conv-b's and conv-a's
+    assert kv["session_host_bytes"] > 0 and kv["host_host_bytes"] <= BUDGET
+    _assert_device_follows_layer_map(fifth[0])

@@ -69,23 +69,27 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
         _refuse_unsupported(layer)
         pool, lid = self.row_pool, layer.layer_id
-        self._write(layer, forward_batch, k, v, save_kv_cache)
         req_to_token = self.req_to_token_pool.req_to_token
-        rows = forward_batch.req_pool_indices.tolist()
-        for row, prefix in zip(rows, forward_batch.extend_prefix_lens_cpu):
+        reqs = list(zip(forward_batch.req_pool_indices.tolist(), forward_batch.extend_prefix_lens_cpu,
+                        forward_batch.extend_seq_lens_cpu))
+        for row, prefix, _ in reqs:
             if prefix:  # the prefill attends to the whole prefix: bring back what lazy layers gave away
                 pool.restore(lid, req_to_token[row, :prefix])
-        seq_lens = forward_batch.seq_lens
-        table = torch.zeros((len(rows), int(seq_lens.max())), dtype=torch.int64)  # rows of each request's KV
-        for i, (row, n) in enumerate(zip(rows, seq_lens.tolist())):
-            table[i, :n] = pool.rows(lid, req_to_token[row, :n])
+        self._write(layer, forward_batch, k, v, save_kv_cache)
+        for row, prefix, ext in reqs:
+            if row in pool.heal_at:  # this prefill recomputes cached slots whose KV was lost
+                first, cached = pool.heal_at[row]
+                lo, hi = max(prefix, first), min(prefix + ext, first + len(cached))
+                if lo < hi:
+                    pool.heal(lid, cached[lo - first : hi - first], req_to_token[row, lo:hi])
         o = _new_output(q, layer)
-        self._run_sdpa_forward_extend(
-            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
-            pool.kv[:, 0], pool.kv[:, 1], table, torch.arange(len(rows)), seq_lens,
-            forward_batch.extend_prefix_lens, forward_batch.extend_seq_lens,
-            scaling=layer.scaling, enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num, causal=True,
-        )
+        out = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+        start = 0
+        for row, prefix, ext in reqs:
+            rows = pool.rows(lid, req_to_token[row, : prefix + ext])
+            out[start : start + ext] = _attend_new_tokens(q[start : start + ext], pool.kv[rows, 0], pool.kv[rows, 1],
+                                                          prefix, layer)
+            start += ext
         self._score(q, layer)
         return o
 
@@ -141,23 +145,33 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         assert pool is not None
         if params.offload_budget is not None and params.offload_budget != pool.arena.budget_bytes:
             pool.arena.set_budget(params.offload_budget)  # the chat API's PUT /admin/offload
-        req_to_token = self.req_to_token_pool.req_to_token
         if bool(lazy.any()) and seq_len > cfg.sink + cfg.recent:
             self._release_middles(row, lazy, seq_len, params.session)
-        return {"kv": pool.report(req_to_token[row, :seq_len], params.session)}
+        return {"kv": pool.report(self._slots(row, seq_len), params.session)}
+
+    def _slots(self, row: int, seq_len: int) -> torch.Tensor:
+        """The request's KV slots as the radix tree will keep them: where its prefill recomputed lost KV, the
+        cached slots it healed (SGLang frees the recomputed duplicates when it caches the request)."""
+        slots = self.req_to_token_pool.req_to_token[row, :seq_len].to(torch.int64)
+        heal = self.row_pool.heal_at.get(row) if self.row_pool is not None else None
+        if heal is not None:
+            first, cached = heal
+            n = max(0, min(len(cached), seq_len - first))
+            slots[first : first + n] = cached[:n]
+        return slots
 
     def _release_middles(self, row: int, lazy: torch.Tensor, seq_len: int, session: str) -> None:
         cfg, pool = self.config, self.row_pool
         assert pool is not None
         req_to_token = self.req_to_token_pool.req_to_token
-        middle = req_to_token[row, cfg.sink : seq_len - cfg.recent]
+        middle = self._slots(row, seq_len)[cfg.sink : seq_len - cfg.recent]
         shared = torch.zeros(pool.row_of.shape[1], dtype=torch.bool)
         for other, n in self.tracker.running.items():
             if other != row:
                 shared[req_to_token[other, :n]] = True
         hits = shared[middle].nonzero()
-        start = cfg.sink + (int(hits[-1]) + 1 if hits.numel() else 0)
-        middle = req_to_token[row, start : seq_len - cfg.recent]
+        skip = int(hits[-1]) + 1 if hits.numel() else 0
+        start, middle = cfg.sink + skip, middle[skip:]
         for layer in lazy.nonzero().flatten().tolist():
             pool.release(session, layer, middle, start)
 
@@ -167,6 +181,24 @@ def _new_output(q: torch.Tensor, layer: Any) -> torch.Tensor:
     if layer.qk_head_dim == layer.v_head_dim:
         return torch.empty_like(q)
     return q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
+
+
+def _attend_new_tokens(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: int, layer: Any) -> torch.Tensor:
+    """Causal attention of one request's new tokens (``q`` ``[ext, heads x dim]``, positions ``prefix..``) over
+    its whole KV (``[prefix + ext, kv_heads, dim]``). Only the new queries are computed: SGLang's
+    torch_native extend pads the query to the whole sequence, which makes a turn over a long history cost
+    as much attention as recomputing it."""
+    ext = q.shape[0]
+    query = q.view(ext, layer.tp_q_head_num, layer.qk_head_dim).movedim(0, 1).unsqueeze(0)
+    mask = None
+    if prefix:  # query i sits at position prefix + i and sees keys 0..prefix + i
+        n = keys.shape[0]
+        mask = torch.arange(n, device=q.device) <= torch.arange(prefix, prefix + ext, device=q.device)[:, None]
+    out = scaled_dot_product_attention(
+        query, keys.movedim(0, 1).unsqueeze(0), values.movedim(0, 1).unsqueeze(0), attn_mask=mask,
+        is_causal=not prefix, scale=layer.scaling, enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
+    )
+    return out.squeeze(0).movedim(1, 0).reshape(ext, layer.tp_q_head_num, layer.v_head_dim)
 
 
 def _refuse_unsupported(layer: Any) -> None:
