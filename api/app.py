@@ -351,7 +351,7 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
             "turn": session.turns, "prompt_tokens": meta["prompt_tokens"], "completion_tokens": meta["completion_tokens"],
             "cached_tokens": meta.get("cached_tokens", 0), "worker": worker, "worker_switched": switched,
             "layer_map": layer_map,
-            "kv_location": _kv_location(layer_map, num_layers),
+            "kv_location": kv_location(layer_map, num_layers),
             "host_bytes": (layer_map or {}).get("kv", {}).get("session_host_bytes", 0),
             "device_kv_bytes": Metrics.device_bytes(layer_map, len(ids) + len(output_ids), settings.kv_bytes_per_token_layer),
         }
@@ -360,12 +360,14 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
     return app
 
 
-def _kv_location(layer_map: dict[str, Any] | None, num_layers: int) -> list[str]:
-    """Per layer: "host" where the engine offloaded the middle tokens' KV (--slkv-offload), else "device"."""
+def kv_location(layer_map: dict[str, Any] | None, num_layers: int) -> list[str]:
+    """Per layer, where the middle tokens' KV is (--slkv-offload): "device" (all of it), "host" (offloaded),
+    or "recompute" (freed without a host copy: the next turn recomputes it)."""
     kv = (layer_map or {}).get("kv")
     if kv is None:
         return ["device"] * num_layers
-    return ["host" if n < layer_map["decided_at"] else "device" for n in kv["device_tokens"]]
+    return ["device" if n >= layer_map["decided_at"] else "host" if held else "recompute"
+            for n, held in zip(kv["device_tokens"], kv["host_tokens"])]
 
 
 def _sse(obj: dict[str, Any]) -> bytes:

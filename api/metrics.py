@@ -26,13 +26,16 @@ class Metrics:
         # The engine's offload counters as of the last turn it reported (--slkv-offload; cumulative there).
         self.engine_kv = {
             key: Gauge(f"slkv:{name}", help_, registry=r) for key, name, help_ in (
-                ("host_host_bytes", "host_kv_bytes", "Host bytes of offloaded KV (engine, last report)"),
+                ("host_held_bytes", "host_kv_bytes", "Host bytes of offloaded KV (engine, last report)"),
                 ("host_offloaded_bytes", "offloaded_bytes", "KV bytes copied to the host so far (engine)"),
                 ("host_reloaded_bytes", "reloaded_bytes", "KV bytes copied back from the host so far (engine)"),
                 ("host_offload_seconds", "offload_seconds", "Seconds spent copying KV to the host (engine)"),
                 ("host_reload_seconds", "reload_seconds", "Seconds spent copying KV back (engine)"),
                 ("host_evictions", "host_evictions", "Idle sessions evicted from the host tier (engine)"),
-                ("host_refused", "host_refusals", "Offloads refused by the host budget; KV stayed on the device"),
+                ("host_refused", "host_refusals", "Offloads the host budget refused; that KV is recomputed when needed"),
+                ("lost_rows", "lost_kv_rows", "(layer, token) KV rows freed without a host copy (engine)"),
+                ("recomputed_tokens", "recomputed_tokens", "Cached tokens recomputed because their KV was on "
+                 "neither tier (engine)"),
                 ("free_rows", "device_free_kv_rows", "Free (layer, token) KV rows of the device pool (engine)"),
             )
         }

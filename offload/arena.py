@@ -47,7 +47,7 @@ class _Session:
 
 @dataclass
 class ArenaStats:
-    host_bytes: int = 0
+    held_bytes: int = 0  # bytes the host tier holds now
     offloaded_bytes: int = 0
     reloaded_bytes: int = 0
     offload_seconds: float = 0.0
@@ -87,7 +87,7 @@ class HostArena:
         """The session is closed or expired: free its host memory."""
         s = self._sessions.pop(session, None)
         if s is not None:
-            self.stats.host_bytes -= s.nbytes
+            self.stats.held_bytes -= s.nbytes
 
     def truncate(self, session: str, layer: int, end: int) -> None:
         """Forget tokens from position ``end`` on for (session, layer) (their slots were freed)."""
@@ -105,7 +105,7 @@ class HostArena:
             c.kv.numel() * c.kv.element_size() for c in kept)
         s.layers[layer] = kept
         s.nbytes -= freed
-        self.stats.host_bytes -= freed
+        self.stats.held_bytes -= freed
 
     def set_budget(self, budget_bytes: int) -> None:
         """Change the budget at run time; shrinking evicts sessions (LRU) until the arena fits."""
@@ -143,7 +143,7 @@ class HostArena:
         self._sessions.move_to_end(session)
         s.layers.setdefault(layer, []).append(_Chunk(start, host))
         s.nbytes += nbytes
-        self.stats.host_bytes += nbytes
+        self.stats.held_bytes += nbytes
         self.stats.offloaded_bytes += nbytes
         self.stats.offload_seconds += time.perf_counter() - t0
         return nbytes
@@ -190,7 +190,7 @@ class HostArena:
     def _make_room(self, nbytes: int, keep: str | None = None) -> None:
         """Evict sessions other than ``keep``, least recently used first, until ``nbytes`` more fit."""
         for sid in list(self._sessions):
-            if self.stats.host_bytes + nbytes <= self.budget_bytes:
+            if self.stats.held_bytes + nbytes <= self.budget_bytes:
                 return
             s = self._sessions[sid]
             if sid == keep or not s.nbytes:

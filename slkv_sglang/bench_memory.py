@@ -26,7 +26,7 @@ from .bench import QUESTION, _greedy, _timed
 from .config import SlkvConfig
 from .corpus import prompt_ids
 
-FOLLOW_UP = "<|im_end|>\n<|im_start|>user\nAnd which function is the longest?<|im_end|>\n<|im_start|>assistant\n"
+FOLLOW_UP = "And which function is the longest?"
 
 
 def _generate(engine: Any, ids: list[int], n: int, **slkv: Any) -> tuple[float, dict[str, Any]]:
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from .model import ensure_bundled_model
+    from .model import ensure_bundled_model, follow_up_ids
     from .runtime import make_engine, shutdown_engine
 
     config = SlkvConfig.from_env()
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoConfig.from_pretrained(path)
     kv_shape = (model.num_key_value_heads, model.hidden_size // model.num_attention_heads)
-    follow = tokenizer(FOLLOW_UP, add_special_tokens=False)["input_ids"]
+    follow = follow_up_ids(tokenizer, FOLLOW_UP)
     engine = make_engine(path, slkv=config, chunked_prefill_size=1024)
     try:
         rows, lazy, ttft = [], [], {"reload": [], "recompute": [], "resident": []}

@@ -75,10 +75,12 @@ class LayerRowPool:
         return (self.row_of >= 0).sum(dim=1).tolist()
 
     def report(self, slots: torch.Tensor, session: str) -> dict[str, Any]:
-        """What a request's layer map carries: its device tokens per layer, its session's host bytes, and the
-        pool's and host tier's totals."""
+        """What a request's layer map carries: its device tokens and its session's host tokens per layer, its
+        session's host bytes, and the pool's and host tier's totals."""
         return {
             "device_tokens": (self.row_of[:, slots] >= 0).sum(dim=1).tolist(),
+            "host_tokens": [0 if r is None else r[1] - r[0] for r in map(lambda l: self.arena.held(session, l),
+                                                                         range(self.num_layers))],
             "session_host_bytes": self.arena.session_bytes(session),
             "free_rows": self._n_free, "rows": self.num_rows, "row_bytes": self.row_bytes,
             "host_budget": self.arena.budget_bytes,

@@ -40,7 +40,7 @@ def test_offload_then_reload_is_bit_exact(model_kv):
         assert torch.equal(out, kv[SINK : seq - RECENT])
     part = torch.empty_like(model_kv[7][100:300])
     assert arena.reload("s", 7, 100, part) and torch.equal(part, model_kv[7][100:300])
-    assert arena.stats.host_bytes == sum(_bytes(kv[SINK : seq - RECENT]) for kv in model_kv)
+    assert arena.stats.held_bytes == sum(_bytes(kv[SINK : seq - RECENT]) for kv in model_kv)
 
 
 def test_offload_is_incremental(model_kv):
@@ -77,7 +77,7 @@ def test_lru_eviction_tells_the_owner():
         arena.offload("e", 0, 4, torch.randn(200, 2, 3, 64))  # larger than the whole budget
     assert arena.stats.refused == 1 and arena.held("e", 0) is None and arena.held("d", 0) is not None
     arena.offload("e", 0, 4, seg)  # evicts d, never the session being offloaded
-    assert evicted[-1] == "d" and arena.stats.host_bytes == _bytes(seg)
+    assert evicted[-1] == "d" and arena.stats.held_bytes == _bytes(seg)
 
 
 def test_budget_is_never_exceeded():
@@ -102,7 +102,7 @@ def test_budget_is_never_exceeded():
         if arena.held(sid, layer) is None:
             lengths.pop((sid, layer), None)
         held = sum(arena.session_bytes(f"s{i}") for i in range(6))
-        assert arena.stats.host_bytes == held
+        assert arena.stats.held_bytes == held
         assert held <= arena.budget_bytes
     assert arena.stats.evictions > 0 and arena.stats.refused > 0
 

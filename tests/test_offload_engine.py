@@ -8,8 +8,10 @@ from dataclasses import replace
 
 import pytest
 
+from api.app import kv_location
 from slkv_sglang.corpus import prompt_ids
 from slkv_sglang.layer_map import LayerMap
+from slkv_sglang.model import follow_up_ids
 from slkv_sglang.runtime import shutdown_engine
 
 from .conftest import TEST_SLKV, start_engine
@@ -28,27 +30,20 @@ BUDGET = 80 << 20
 TINY = 2 << 20
 
 
-def _turn_suffix(tokenizer, question: str) -> list[int]:
-    return tokenizer(f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
-                     add_special_tokens=False)["input_ids"]
-
-
-def _conversation(engine, tokenizer, seed: int, session: str, turns: range, budget: int | None = None,
-                  history: list[dict] | None = None) -> list[dict]:
-    """Greedy turns over one ~3K-token document; each turn resends the whole history (radix reuse).
-    ``history`` holds earlier turns' outputs when the conversation resumes at ``turns.start``."""
+def _conversation(engine, tokenizer, seed: int, session: str, turns: int, budget: int | None = None,
+                  history: tuple[dict, ...] = ()) -> list[dict]:
+    """Greedy turns over one ~3K-token document; each turn resends the whole history (radix reuse). With
+    ``history`` (earlier turns' outputs) the conversation resumes after them; returns the new turns."""
     ids = prompt_ids(tokenizer, 3000, seed=seed, question=QUESTIONS[0])
-    outs = list(history or [])
-    for turn in range(1, turns.start):
-        ids = ids + outs[turn - 1]["output_ids"] + _turn_suffix(tokenizer, QUESTIONS[turn])
-    for turn in turns:
+    outs = list(history)
+    slkv = {"session": session} if budget is None else {"session": session, "offload_budget": budget}
+    params = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True, "custom_params": {"slkv": slkv}}
+    for turn in range(turns):
         if turn:
-            ids = ids + outs[-1]["output_ids"] + _turn_suffix(tokenizer, QUESTIONS[turn])
-        slkv = {"session": session} if budget is None else {"session": session, "offload_budget": budget}
-        params = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True,
-                  "custom_params": {"slkv": slkv}}
-        outs.append(engine.generate(input_ids=ids, sampling_params=params))
-    return outs[turns.start :]
+            ids = ids + outs[turn - 1]["output_ids"] + follow_up_ids(tokenizer, QUESTIONS[turn])
+        if turn >= len(history):
+            outs.append(engine.generate(input_ids=ids, sampling_params=params))
+    return outs[len(history) :]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +57,8 @@ def offload_engine(model_path):
 def baseline(slkv_engine, tokenizer) -> list[list[dict]]:
     """The same conversations on the session's engine: same SimLayerKV settings, offload off."""
     slkv_engine.flush_cache()
-    return [_conversation(slkv_engine, tokenizer, 11, "base-a", range(5)),
-            _conversation(slkv_engine, tokenizer, 12, "base-b", range(2))]
+    return [_conversation(slkv_engine, tokenizer, 11, "base-a", 5),
+            _conversation(slkv_engine, tokenizer, 12, "base-b", 2)]
 
 
 def _assert_same(got: list[dict], want: list[dict], first_turn: int = 0) -> None:
@@ -72,35 +67,43 @@ def _assert_same(got: list[dict], want: list[dict], first_turn: int = 0) -> None
         assert g["output_ids"] == w["output_ids"], f"turn {turn}"
 
 
-def _assert_device_follows_layer_map(out: dict) -> None:
-    lm, kv = LayerMap.from_dict(out["meta_info"]["slkv"]), out["meta_info"]["slkv"]["kv"]
+def _assert_device_follows_layer_map(out: dict, hosted: bool) -> None:
+    """Lazy layers keep sink + recent on the device; their middle is on the host (``hosted``) or nowhere
+    (freed for recompute), and the chat API's per-layer location says which."""
+    record = out["meta_info"]["slkv"]
+    lm, kv = LayerMap.from_dict(record), record["kv"]
+    window = TEST_SLKV.sink + TEST_SLKV.recent
     assert lm.lazy_layers, "the test needs lazy layers"
     for layer in range(lm.num_layers):
-        want = TEST_SLKV.sink + TEST_SLKV.recent if lm.lazy[layer] else lm.decided_at
-        assert kv["device_tokens"][layer] == want, layer
+        assert kv["device_tokens"][layer] == (window if lm.lazy[layer] else lm.decided_at), layer
+        if lm.lazy[layer]:
+            assert kv["host_tokens"][layer] == (lm.decided_at - window if hosted else 0), layer
+    where = kv_location(record, lm.num_layers)
+    assert {where[layer] for layer in lm.lazy_layers} == {"host" if hosted else "recompute"}
+    assert {where[layer] for layer in range(lm.num_layers) if not lm.lazy[layer]} == {"device"}
 
 
 def test_four_turns_with_offload_match_without(offload_engine, baseline, tokenizer):
-    first = _conversation(offload_engine, tokenizer, 11, "conv-a", range(4))
+    first = _conversation(offload_engine, tokenizer, 11, "conv-a", 4)
     _assert_same(first, baseline[0])
     released_before = 0
     for turn, got in enumerate(first):
-        _assert_device_follows_layer_map(got)
+        _assert_device_follows_layer_map(got, hosted=True)
         kv = got["meta_info"]["slkv"]["kv"]
         assert kv["released_rows"] > released_before
         released_before = kv["released_rows"]
         if turn:  # the prefix's offloaded KV came back for the prefill, and only new tokens were copied out
             assert kv["restored_rows"] > 0
-            assert kv["host_offloaded_bytes"] < (turn + 1) * kv["host_host_bytes"]
+            assert kv["host_offloaded_bytes"] < (turn + 1) * kv["host_held_bytes"]
     assert kv["host_evictions"] == 0 and kv["lost_rows"] == 0 and kv["recomputed_tokens"] == 0
-    assert kv["host_host_bytes"] <= BUDGET
+    assert kv["host_held_bytes"] <= BUDGET
 
 
 def test_budget_too_small_for_one_session_recomputes(offload_engine, baseline, tokenizer):
     """A host budget shrunk at run time (the chat API's PUT /admin/offload) below one lazy layer's middle:
     conv-a's host copies are evicted, conv-b's lazy layers free their device KV without a host copy, and its
     next turn recomputes the history. Tokens stay those of the engine without offload."""
-    second = _conversation(offload_engine, tokenizer, 12, "conv-b", range(2), budget=TINY)
+    second = _conversation(offload_engine, tokenizer, 12, "conv-b", 2, budget=TINY)
     _assert_same(second, baseline[1])
     turn1, turn2 = (out["meta_info"]["slkv"]["kv"] for out in second)
     assert turn1["host_budget"] == TINY and turn1["host_evictions"] >= 1  # conv-a went
@@ -108,17 +111,17 @@ def test_budget_too_small_for_one_session_recomputes(offload_engine, baseline, t
     assert turn2["recomputed_tokens"] > 2500 and turn2["healed_rows"] > 0  # nearly the whole history
     assert turn2["restored_rows"] == turn1["restored_rows"]  # nothing came from the host
     for out in second:
-        _assert_device_follows_layer_map(out)
-    assert turn2["host_host_bytes"] <= TINY
+        _assert_device_follows_layer_map(out, hosted=False)
+    assert turn2["host_held_bytes"] <= TINY
 
 
 def test_evicted_session_recomputes_its_next_turn(offload_engine, baseline, tokenizer):
     """conv-a's host copies were evicted above, so its fifth turn cannot reload them: it recomputes, gives
     the tokens it would have given, and with the budget raised again its KV goes back to the host."""
-    history = baseline[0][:4]  # same tokens as conv-a's first four turns (checked above)
-    fifth = _conversation(offload_engine, tokenizer, 11, "conv-a", range(4, 5), budget=BUDGET, history=history)
+    history = tuple(baseline[0][:4])  # the tokens of conv-a's first four turns (checked above)
+    fifth = _conversation(offload_engine, tokenizer, 11, "conv-a", 5, budget=BUDGET, history=history)
     _assert_same(fifth, baseline[0][4:], first_turn=4)
     kv = fifth[0]["meta_info"]["slkv"]["kv"]
     assert kv["host_budget"] == BUDGET and kv["recomputed_tokens"] > 2 * 2500  # conv-b's and conv-a's
-    assert kv["session_host_bytes"] > 0 and kv["host_host_bytes"] <= BUDGET
-    _assert_device_follows_layer_map(fifth[0])
+    assert kv["session_host_bytes"] > 0 and kv["host_held_bytes"] <= BUDGET
+    _assert_device_follows_layer_map(fifth[0], hosted=True)
