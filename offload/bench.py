@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--layers", type=int, default=10, help="lazy layers offloaded (default 10)")
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 

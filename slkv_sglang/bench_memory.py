@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
         print(f"  {way:<8} {moved / 2**20:8.1f} MiB in {secs:6.3f} s  {moved / max(secs, 1e-9) / 2**30:6.2f} GiB/s")
     heads, dim = kv_shape
     layers_lazy = max(1, round(statistics.mean(lazy)))
-    nbytes, figures = bandwidth(args.tokens, config.sink + config.recent, layers_lazy, heads, dim, repeats=5,
+    nbytes, figures = bandwidth(args.tokens, config.sink + config.recent, layers_lazy, heads, dim, repeats=21,
                                 device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"host tier vs a plain copy of one session's offload ({layers_lazy} lazy layers, {nbytes / 2**20:.1f} MiB):")
     report(nbytes, figures)
