@@ -46,6 +46,9 @@ class SlkvConfig:
     offload: bool = False  # lazy layers give their middle tokens' device rows back (host copy first)
     offload_budget: int = DEFAULT_OFFLOAD_BUDGET  # host bytes for those copies
     poison: bool = False  # debug: freed device KV (slots, or rows with offload) is NaN-filled; any read shows
+    # with offload: SGLang gets this many times more token slots than its KV bytes hold in full-KV tokens;
+    # admission then counts device rows, so the rows lazy layers free admit more tokens (docs/memory.md)
+    overcommit: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold:
@@ -62,6 +65,10 @@ class SlkvConfig:
             raise SlkvConfigError(f"slkv protected layers must be >= 0, got {self.protect}")
         if self.offload_budget < 0:
             raise SlkvConfigError(f"slkv offload budget must be >= 0 bytes, got {self.offload_budget}")
+        if not self.overcommit >= 1.0:
+            raise SlkvConfigError(f"slkv overcommit must be >= 1, got {self.overcommit}")
+        if self.overcommit > 1.0 and not self.offload:
+            raise SlkvConfigError("slkv overcommit > 1 needs offload (--slkv-offload): only then do lazy layers free rows")
         if self.score not in SCORE_MODES:
             raise SlkvConfigError(f"slkv score must be one of {SCORE_MODES}, got {self.score!r}")
 

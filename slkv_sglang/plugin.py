@@ -17,6 +17,7 @@ import os
 import socket
 from typing import Any
 
+import torch
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from .config import DECIDE_MODES, SCORE_MODES, SlkvConfig, SlkvConfigError
@@ -96,6 +97,9 @@ def _add_cli_args(_result: Any, parser: argparse.ArgumentParser) -> None:
     _add_flag(parser_, "--slkv-poison-freed", "SLKV_POISON", nargs="?", const=True, default=None,
               help="Debug: fill freed device KV (SGLang's freed slots, or freed rows with offload) with NaN so "
                    "that any read of it shows in the outputs.")
+    _add_flag(parser_, "--slkv-overcommit", "SLKV_OVERCOMMIT", type=float, default=None,
+              help="With --slkv-offload: give SGLang this many times the token slots its KV memory holds in "
+                   "full KV (default 1); admission counts device rows, so rows lazy layers free admit more.")
 
 
 # ---- engine side -----------------------------------------------------------------------------------------
@@ -198,6 +202,7 @@ def _release_row(req: Any, *args: Any, **kwargs: Any) -> None:
             tracker.release_row(int(row))
         for pool in _pools:
             pool.heal_at.pop(int(row), None)
+            pool.release_promise(int(row))
     for pool in _pools:
         pool.heal_pending.pop(req.rid, None)
     return None
@@ -235,6 +240,138 @@ def _free_rows(allocator: Any, free_index: Any, *args: Any, **kwargs: Any) -> No
             kv.get_key_buffer(layer)[free_index] = float("nan")
             kv.get_value_buffer(layer)[free_index] = float("nan")
     return None
+
+
+# ---- admission with --slkv-offload: SGLang counts token slots, the device holds (layer, token) rows ------
+def _overcommit_pool(result: Any, *args: Any, **kwargs: Any) -> Any:
+    """KVCacheConfigurator.config_from_budget: with ``--slkv-overcommit F`` SGLang gets F times the token
+    slots its KV bytes hold; the row pool keeps those bytes (``_take_over_kv_pool``)."""
+    cfg = config()
+    if not (cfg.enabled and cfg.offload and cfg.overcommit > 1.0):
+        return None
+    if result.swa_max_total_num_tokens:
+        raise SlkvConfigError("--slkv-overcommit does not support sliding-window KV pools")
+    from sglang.srt.runtime_context import get_schedule
+
+    page = get_schedule().page_size
+    result.max_total_num_tokens = int(result.max_total_num_tokens * cfg.overcommit) // page * page
+    return result
+
+
+def _no_kv_buffers(original: Any, kv_pool: Any, *args: Any, **kwargs: Any) -> Any:
+    """MHATokenToKVPool._create_buffers: with offload the row pool holds the KV, so SGLang's per-layer
+    buffers are created one page long instead of at the (possibly overcommitted) pool size."""
+    if not (config().enabled and config().offload):
+        return original(kv_pool, *args, **kwargs)
+    size, kv_pool.size = kv_pool.size, 0
+    try:
+        return original(kv_pool, *args, **kwargs)
+    finally:
+        kv_pool.size = size
+
+
+def _alloc_with_rows(original: Any, allocator: Any, need_size: int, *args: Any, **kwargs: Any) -> Any:
+    """TokenToKVPoolAllocator.alloc: refuse (None, as for no free slots) without L rows per slot; on success
+    the slots are owed their rows until written."""
+    if any(need_size * pool.num_layers > pool.spare_rows for pool in _pools):
+        return None
+    slots = original(allocator, need_size, *args, **kwargs)
+    if slots is not None:
+        for pool in _pools:
+            pool.reserve_slots(slots)
+    return slots
+
+
+def _evict_for_rows(tree_cache: Any, rows_needed: int) -> None:
+    """Evict the radix tree (LRU) until ``rows_needed`` rows are spare or nothing is left to evict: an
+    evicted token frees only the rows it still holds, fewer than L where lazy layers released it."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    for pool in _pools:
+        while pool.spare_rows < rows_needed:
+            short = -(-(rows_needed - pool.spare_rows) // pool.num_layers)
+            if tree_cache.evict(EvictParams(num_tokens=short)).num_tokens_evicted == 0:
+                break
+
+
+def _evict_more(_result: Any, allocator: Any, tree_cache: Any, num_tokens: int) -> None:
+    """evict_to_free_tokens: SGLang evicts ``num_tokens`` tokens; keep going until their rows are there."""
+    if _pools and tree_cache is not None and tree_cache.supports_prefix_sharing():
+        _evict_for_rows(tree_cache, num_tokens * _pools[0].num_layers)
+    return None
+
+
+def _decode_fits_rows(result: bool, allocator: Any, *args: Any, num_tokens: int = 0, **kwargs: Any) -> bool | None:
+    """check_decode_capacity: the next decode step also needs L spare rows per token, or SGLang retracts."""
+    if not _pools or not result:
+        return None
+    return all(pool.spare_rows >= num_tokens * pool.num_layers for pool in _pools)
+
+
+def _evictable_by_rows(result: int, budget: Any) -> int | None:
+    """PrefillBudget._available_and_evictable: SGLang adds free slots and the tree's evictable *tokens*;
+    admission needs rows: spare rows plus the rows evictable slots hold (allocated and not read by a
+    running request; fewer than L each where lazy layers released them), L rows to a token."""
+    if not _pools:
+        return None
+    allocator = budget.allocator
+    pool, tracker = _pools[0], _trackers[0]
+    allocated = torch.ones(pool.row_of.shape[1], dtype=torch.bool)
+    allocated[0] = False
+    for free in (allocator.free_pages, allocator.release_pages):
+        allocated[free] = False
+    req_to_token = tracker.req_to_token
+    for row, n in tracker.running.items():
+        allocated[req_to_token[row, :n]] = False
+    evictable = pool.held_rows(allocated.nonzero().flatten())
+    return min(result, (pool.spare_rows + evictable) // pool.num_layers)
+
+
+def _prefix_rows(pool: LayerRowPool, tree_cache: Any, req: Any) -> int:
+    """Rows a new request's prefill takes before it runs: its matched prefix's restores from the host, and
+    the heals of the cached slots its prefill recomputes (``_cut_lost_prefix``)."""
+    rows = 0
+    if req.prefix_len and not req.kv.holds_kv:  # a later chunk restored its prefix in the first one
+        rows += pool.prefix_needs(tree_cache.prefix_device_indices(req))
+    if req.rid in pool.heal_pending:
+        rows += pool.prefix_needs(pool.heal_pending[req.rid][1])
+    return rows
+
+
+def _promise_prefix_rows(original: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    """alloc_for_extend: evict for, and promise, the rows the batch's prefixes take before they are read,
+    so that the forward's restores and heals always find them."""
+    if not _pools:
+        return original(batch, *args, **kwargs)
+    pool, tree_cache = _pools[0], batch.tree_cache
+    needs = [_prefix_rows(pool, tree_cache, req) for req in batch.reqs]
+    total = sum(needs)
+    if total:
+        _evict_for_rows(tree_cache, total + batch.extend_num_tokens * pool.num_layers)
+        if pool.spare_rows < total:
+            raise RuntimeError(f"slkv: {total} KV rows needed to restore cached prefixes, {pool.spare_rows} spare")
+        pool.reserved += total  # held for the batch while its slots are allocated
+    try:
+        result = original(batch, *args, **kwargs)
+    finally:
+        pool.reserved -= total
+    for req, n in zip(batch.reqs, needs):
+        if n:
+            pool.promise(int(_pool_row(req)), n)
+    return result
+
+
+def _charge_prefix_rows(original: Any, adder: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    """PrefillAdder.add_one_req: admission charges a request the rows its prefix takes (as tokens of L rows)
+    on top of its new tokens, through SGLang's per-request overhead."""
+    extra = 0
+    if _pools:
+        extra = -(-_prefix_rows(_pools[0], adder.tree_cache, req) // _pools[0].num_layers)
+    adder.per_req_token_overhead += extra
+    try:
+        return original(adder, req, *args, **kwargs)
+    finally:
+        adder.per_req_token_overhead -= extra
 
 
 def _reset_rows(_result: Any, _allocator: Any, *args: Any, **kwargs: Any) -> None:
@@ -286,6 +423,19 @@ def register() -> None:
     reg("sglang.srt.mem_cache.common.release_kv_cache", _release_row, HookType.BEFORE)
     reg("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", _free_rows, HookType.BEFORE)
     reg("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.clear", _reset_rows, HookType.AFTER)
+    reg("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.alloc", _alloc_with_rows, HookType.AROUND)
+    reg("sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.evict_to_free_tokens", _evict_more,
+        HookType.AFTER)
+    reg("sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.check_decode_capacity", _decode_fits_rows,
+        HookType.AFTER)
+    reg("sglang.srt.mem_cache.prefill_budget.PrefillBudget._available_and_evictable", _evictable_by_rows,
+        HookType.AFTER)
+    reg("sglang.srt.mem_cache.allocation.alloc_for_extend", _promise_prefix_rows, HookType.AROUND)
+    reg("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", _charge_prefix_rows, HookType.AROUND)
+    reg("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget", _overcommit_pool,
+        HookType.AFTER)
+    reg("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers", _no_kv_buffers,
+        HookType.AROUND)
     reg(
         "sglang.srt.managers.scheduler_components.batch_result_processor."
         "SchedulerBatchResultProcessor._maybe_collect_customized_info",

@@ -60,6 +60,12 @@ class LayerRowPool:
         # keyed by the request's req_to_token row once its batch is built
         self.heal_pending: dict[str, tuple[int, torch.Tensor]] = {}
         self.heal_at: dict[int, tuple[int, torch.Tensor]] = {}
+        # Admission: rows promised but not taken yet. A slot SGLang allocates is owed L rows until each layer
+        # writes it (``unwritten``); a prefill that restores or heals its prefix is owed those rows until it
+        # takes them (``promised``, per req_to_token row).
+        self.unwritten = torch.zeros((num_layers, num_slots + 1), dtype=torch.bool, device=device)
+        self.promised: dict[int, int] = {}
+        self.reserved = 0
         self.reset()
 
     @property
@@ -69,6 +75,39 @@ class LayerRowPool:
     @property
     def free_rows(self) -> int:
         return self._n_free
+
+    @property
+    def spare_rows(self) -> int:
+        """Free rows nobody was promised: what admission may hand out."""
+        return self._n_free - self.reserved
+
+    # ---- admission ----------------------------------------------------------------------------------------
+    def reserve_slots(self, slots: torch.Tensor) -> None:
+        """SGLang allocated these slots: each is owed a row in every layer until that layer writes it."""
+        self.unwritten[:, slots] = True
+        self.reserved += self.num_layers * slots.numel()
+
+    def prefix_needs(self, cached: torch.Tensor) -> int:
+        """Rows a prefill over the cached prefix ``cached`` (as matched, before any cut) takes besides its
+        new tokens': restores of what lazy layers gave to the host, heals of what was lost."""
+        return int((self.row_of[:, cached] < 0).sum())
+
+    def promise(self, row: int, n: int) -> None:
+        self.promised[row] = self.promised.get(row, 0) + n
+        self.reserved += n
+
+    def release_promise(self, row: int) -> None:
+        """The request left (or its prefill is done): what it did not take goes back."""
+        self.reserved -= self.promised.pop(row, 0)
+
+    def _consume(self, row: int | None, n: int) -> None:
+        if row is not None and row in self.promised:
+            used = min(n, self.promised[row])
+            self.promised[row] -= used
+            self.reserved -= used
+
+    def held_rows(self, slots: torch.Tensor) -> int:
+        return int((self.row_of[:, slots] >= 0).sum())
 
     def rows_used(self) -> list[int]:
         """Device rows held per layer."""
@@ -96,6 +135,9 @@ class LayerRowPool:
         self.owner_of.fill_(-1)
         self.heal_pending.clear()
         self.heal_at.clear()
+        self.unwritten.fill_(False)
+        self.promised.clear()
+        self.reserved = 0
         for owner in self._owners.values():
             self.arena.drop(owner)
         self._owners.clear()
@@ -122,6 +164,9 @@ class LayerRowPool:
         rows = self.row_of[layer, slots]
         missing = rows < 0
         if bool(missing.any()):
+            owed = int(self.unwritten[layer, slots].sum())
+            self.reserved -= owed  # these rows were promised to the slots at allocation
+            self.unwritten[layer, slots] = False
             rows[missing] = self._take(int(missing.sum()))
             self.row_of[layer, slots] = rows
         self.kv[rows, 0] = k.view(-1, *self.kv.shape[2:]).to(self.kv.dtype)
@@ -172,25 +217,28 @@ class LayerRowPool:
         bad = (~ok).nonzero()
         return int(bad[0]) if bad.numel() else slots.numel()
 
-    def heal(self, layer: int, cached: torch.Tensor, fresh: torch.Tensor) -> None:
+    def heal(self, layer: int, cached: torch.Tensor, fresh: torch.Tensor, row: int | None = None) -> None:
         """A prefill recomputed the KV of ``cached`` slots (the radix tree still points at them) into its own
         ``fresh`` slots: copy it into the cached slots' missing rows, so the next turn finds them whole."""
         missing = self.row_of[layer, cached] < 0
         if not bool(missing.any()):
             return
         rows = self._take(int(missing.sum()))
+        self._consume(row, rows.numel())
         self.kv[rows] = self.kv[self.rows(layer, fresh[missing])]
         self.row_of[layer, cached[missing]] = rows
         self.stats.healed_rows += rows.numel()
 
-    def restore(self, layer: int, slots: torch.Tensor) -> None:
-        """Bring back from the host every row of ``slots`` this layer gave away (before a prefill reads them)."""
+    def restore(self, layer: int, slots: torch.Tensor, row: int | None = None) -> None:
+        """Bring back from the host every row of ``slots`` this layer gave away (before a prefill reads them);
+        ``row`` is the request whose promised rows they are."""
         missing = slots[self.row_of[layer, slots] < 0]
         if missing.numel() == 0:
             return
         if not bool(self.on_host[layer, missing].all()):
             raise RuntimeError(f"slkv: layer {layer} lost KV of {int((~self.on_host[layer, missing]).sum())} slots")
         rows = self._take(missing.numel())
+        self._consume(row, rows.numel())
         owners = self.owner_of[layer, missing]
         for owner in owners.unique().tolist():
             mine = owners == owner
@@ -213,6 +261,8 @@ class LayerRowPool:
         rows = self.row_of[:, slots]
         self._give(rows[rows >= 0])
         self.row_of[:, slots] = -1
+        self.reserved -= int(self.unwritten[:, slots].sum())
+        self.unwritten[:, slots] = False
         for layer in range(self.num_layers):
             owners = self.owner_of[layer, slots]
             hosted = owners >= 0

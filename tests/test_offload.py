@@ -156,3 +156,31 @@ def test_row_pool_loses_what_the_host_cannot_take_and_heals_it():
         pool.heal(layer, slots[4:30], fresh[4:30])
     assert pool.restorable(slots) == 40 and pool.stats.healed_rows == 6 + 26
     assert torch.equal(pool.kv[pool.rows(1, slots)], kv)
+
+
+def test_row_pool_counts_promised_rows():
+    """Admission's ledger: allocated slots are owed a row per layer until written, restores are promised
+    before the forward takes them, and whatever is freed or taken leaves the ledger."""
+    from slkv_sglang.row_pool import LayerRowPool
+
+    pool = LayerRowPool(2, 10, num_rows=2 * 11, heads=1, dim=2, dtype=torch.float32, device="cpu",
+                        arena=HostArena(1 << 20))
+    slots = torch.arange(1, 9)
+    pool.reserve_slots(slots)
+    assert (pool.free_rows, pool.spare_rows) == (22, 6)
+    for layer in range(2):
+        pool.write(layer, slots, torch.randn(8, 1, 2), torch.randn(8, 1, 2))
+    assert (pool.free_rows, pool.spare_rows) == (6, 6)
+    pool.release("s", 1, slots[2:6], start=2)  # a lazy layer gives 4 rows back
+    assert pool.spare_rows == 10 and pool.prefix_needs(slots) == 4
+    pool.promise(row=3, n=pool.prefix_needs(slots))  # the next turn's prefill will restore them
+    assert pool.spare_rows == 6
+    pool.restore(1, slots, row=3)
+    assert (pool.free_rows, pool.spare_rows, pool.promised[3]) == (6, 6, 0)
+    pool.release_promise(3)
+    more = torch.tensor([9, 10])
+    pool.reserve_slots(more)
+    pool.write(0, more, torch.randn(2, 1, 2), torch.randn(2, 1, 2))  # layer 1 never writes: an aborted prefill
+    assert pool.spare_rows == 2
+    pool.free_slots(more)
+    assert pool.reserved == 0 and pool.spare_rows == pool.free_rows == 6

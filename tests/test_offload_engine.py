@@ -125,3 +125,42 @@ def test_evicted_session_recomputes_its_next_turn(offload_engine, baseline, toke
     assert kv["host_budget"] == BUDGET and kv["recomputed_tokens"] > 2 * 2500  # conv-b's and conv-a's
     assert kv["session_host_bytes"] > 0 and kv["host_held_bytes"] <= BUDGET
     _assert_device_follows_layer_map(fifth[0], hosted=True)
+
+
+# ---- admission counts rows: --slkv-overcommit ------------------------------------------------------------
+POOL_TOKENS = 5000  # KV bytes of 5000 full-KV tokens (150,030 rows); with overcommit 2, 10,000 token slots
+FORCED = list(range(20))  # 20 of 30 layers lazy: a session keeps 10 x 2K + 20 x 260 rows, not 30 x 2K
+
+
+@pytest.fixture(scope="module")
+def overcommit_engine(model_path):
+    from slkv_sglang.runtime import make_engine
+
+    config = replace(TEST_SLKV, offload=True, overcommit=2.0, poison=True)
+    engine = make_engine(model_path, slkv=config, chunked_prefill_size=1024, max_total_tokens=POOL_TOKENS)
+    yield engine
+    shutdown_engine(engine)
+
+
+def test_freed_rows_admit_more_sessions(overcommit_engine, slkv_engine, tokenizer):
+    """Three 2K-token sessions need more KV than the pool's bytes hold in full KV. With lazy layers' rows
+    freed, admission (which counts rows) keeps all three histories cached: every second turn is a radix hit
+    over the whole history, restored from the host, and every token is the engine-without-offload's."""
+    sessions = []
+    for i in range(3):
+        ids = prompt_ids(tokenizer, 2000, seed=21 + i, question=QUESTIONS[0])
+        params = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True,
+                  "custom_params": {"slkv": {"session": f"oc-{i}", "force_lazy": FORCED}}}
+        first = overcommit_engine.generate(input_ids=ids, sampling_params=params)
+        sessions.append((ids, first, ids + first["output_ids"] + follow_up_ids(tokenizer, QUESTIONS[1]), params))
+    kv = sessions[-1][1]["meta_info"]["slkv"]["kv"]
+    layers = len(kv["device_tokens"])
+    assert kv["rows"] == layers * (POOL_TOKENS + 1) < sum(len(s[0]) for s in sessions) * layers  # full KV: no
+    seconds = [overcommit_engine.generate(input_ids=s[2], sampling_params=s[3]) for s in sessions[::-1]][::-1]
+    for (ids, _, _, _), second in zip(sessions, seconds):
+        assert second["meta_info"]["cached_tokens"] >= len(ids) - TEST_SLKV.last  # the whole history was there
+    assert seconds[0]["meta_info"]["slkv"]["kv"]["restored_rows"] > kv["restored_rows"]
+    slkv_engine.flush_cache()
+    for (ids, first, ids2, params), second in zip(sessions, seconds):
+        assert first["output_ids"] == slkv_engine.generate(input_ids=ids, sampling_params=params)["output_ids"]
+        assert second["output_ids"] == slkv_engine.generate(input_ids=ids2, sampling_params=params)["output_ids"]

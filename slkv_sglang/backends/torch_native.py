@@ -74,14 +74,14 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
                         forward_batch.extend_seq_lens_cpu))
         for row, prefix, _ in reqs:
             if prefix:  # the prefill attends to the whole prefix: bring back what lazy layers gave away
-                pool.restore(lid, req_to_token[row, :prefix])
+                pool.restore(lid, req_to_token[row, :prefix], row)
         self._write(layer, forward_batch, k, v, save_kv_cache)
         for row, prefix, ext in reqs:
             if row in pool.heal_at:  # this prefill recomputes cached slots whose KV was lost
                 first, cached = pool.heal_at[row]
                 lo, hi = max(prefix, first), min(prefix + ext, first + len(cached))
                 if lo < hi:
-                    pool.heal(lid, cached[lo - first : hi - first], req_to_token[row, lo:hi])
+                    pool.heal(lid, cached[lo - first : hi - first], req_to_token[row, lo:hi], row)
         o = _new_output(q, layer)
         out = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
         start = 0
@@ -207,11 +207,14 @@ def _refuse_unsupported(layer: Any) -> None:
 
 
 def _take_over_kv_pool(kv_pool: Any, config: SlkvConfig) -> LayerRowPool:
-    """Replace SGLang's per-layer KV buffers by a row pool of the same bytes, and release theirs."""
+    """Replace SGLang's per-layer KV buffers (created one page long, ``plugin._no_kv_buffers``) by a row pool
+    of the bytes SGLang sized them for: with ``--slkv-overcommit F`` the pool has F times more slots than
+    those bytes hold in full-KV tokens."""
     k0 = kv_pool.get_key_buffer(0)
     layers, slots = kv_pool.layer_num, kv_pool.size
     arena = HostArena(config.offload_budget, device=k0.device)
-    pool = LayerRowPool(layers, slots, num_rows=layers * (slots + 1), heads=k0.shape[1], dim=k0.shape[2],
+    rows = layers * (int(slots / config.overcommit) + 1)  # the bytes SGLang sized its pool for
+    pool = LayerRowPool(layers, slots, num_rows=rows, heads=k0.shape[1], dim=k0.shape[2],
                         dtype=k0.dtype, device=k0.device, arena=arena, poison=config.poison)
     empty = k0.new_empty((0, *k0.shape[1:]))
     kv_pool.k_buffer = [empty] * layers  # nothing else reads them on this backend; their memory goes back
