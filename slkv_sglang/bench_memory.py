@@ -4,7 +4,8 @@ Prints figures, no pass/fail:
 
 * device KV per 4K-token session, SimLayerKV with offload vs full KV, measured from the rows the engine's
   pool holds for each session after its first turn, and the number of such sessions a fixed device pool
-  holds (the pool's rows / rows per session);
+  holds: as arithmetic (the pool's rows / rows per session), and as measured through SGLang's admission and
+  radix cache (sessions run back to back, then how many still find their whole history cached);
 * time to first token of turn 2 three ways: lazy layers' KV reloaded from the host (offload), the whole
   history recomputed (radix cache flushed between the turns), and everything resident (SimLayerKV off);
 * the host tier's bandwidth: what the engine measured for its offloads and reloads over the run, and the
@@ -33,11 +34,34 @@ def _generate(engine: Any, ids: list[int], n: int, **slkv: Any) -> tuple[float, 
     return _timed(engine, ids, _greedy(n, **slkv))
 
 
+def cached_sessions(engine: Any, tokenizer: Any, n: int, tokens: int, follow: list[int], last: int,
+                    **slkv: Any) -> int:
+    """First turns of ``n`` sessions back to back, then their second turns newest first: how many found
+    their whole history still cached (counting stops at the first that did not)."""
+    engine.flush_cache()
+    histories = []
+    for i in range(n):
+        ids = prompt_ids(tokenizer, tokens, seed=400 + i, question=QUESTION)
+        _, first = _generate(engine, ids, 8, session=f"fit{i}", **slkv)
+        histories.append((i, len(ids), ids + first["output_ids"] + follow))
+    kept = 0
+    for i, prompt_len, turn2 in reversed(histories):
+        _, out = _generate(engine, turn2, 1, session=f"fit{i}", **slkv)
+        if out["meta_info"]["cached_tokens"] < prompt_len - last:
+            break
+        kept += 1
+    return kept
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="slkv bench-memory", description=__doc__)
     p.add_argument("--tokens", type=int, default=4096, help="session length (default 4096)")
     p.add_argument("--sessions", type=int, default=3, help="sessions measured (default 3)")
     p.add_argument("--threshold", type=float, default=None, help="SimLayerKV threshold (default: config)")
+    p.add_argument("--pool-tokens", type=int, default=16384,
+                   help="device KV bytes, in full-KV tokens (SGLang's --max-total-tokens; default 16384)")
+    p.add_argument("--overcommit", type=float, default=2.0, help="--slkv-overcommit (default 2)")
+    p.add_argument("--fit-sessions", type=int, default=6, help="sessions run back to back (default 6; 0 skips)")
     args = p.parse_args(argv)
 
     from transformers import AutoConfig, AutoTokenizer
@@ -46,13 +70,14 @@ def main(argv: list[str]) -> int:
     from .runtime import make_engine, shutdown_engine
 
     config = SlkvConfig.from_env()
-    config = replace(config, enabled=True, offload=True, threshold=args.threshold or config.threshold)
+    config = replace(config, enabled=True, offload=True, threshold=args.threshold or config.threshold,
+                     overcommit=args.overcommit)
     path = ensure_bundled_model()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoConfig.from_pretrained(path)
     kv_shape = (model.num_key_value_heads, model.hidden_size // model.num_attention_heads)
     follow = follow_up_ids(tokenizer, FOLLOW_UP)
-    engine = make_engine(path, slkv=config, chunked_prefill_size=1024)
+    engine = make_engine(path, slkv=config, chunked_prefill_size=1024, max_total_tokens=args.pool_tokens)
     try:
         rows, lazy, ttft = [], [], {"reload": [], "recompute": [], "resident": []}
         for n in range(args.sessions):
@@ -72,6 +97,8 @@ def main(argv: list[str]) -> int:
             ttft["resident"].append(_generate(engine, turn2, 1, enabled=False)[0])
             engine.flush_cache()
         pool_rows, layers = kv["rows"], len(kv["device_tokens"])
+        fit = {name: cached_sessions(engine, tokenizer, args.fit_sessions, args.tokens, follow, config.last, **slkv)
+               for name, slkv in (("full", {"enabled": False}), ("simlayerkv", {}))} if args.fit_sessions else {}
     finally:
         shutdown_engine(engine)
     full = args.tokens * layers
@@ -82,7 +109,10 @@ def main(argv: list[str]) -> int:
     print(f"  full KV     {full:>8} rows  {full * row_bytes / 2**20:7.1f} MiB")
     print(f"  SimLayerKV  {slkv:>8.0f} rows  {slkv * row_bytes / 2**20:7.1f} MiB   ({full / slkv:.2f}x less)")
     print(f"sessions a pool of {pool_rows} rows ({pool_rows * row_bytes / 2**30:.2f} GiB) holds: "
-          f"full {pool_rows // full}, SimLayerKV {int(pool_rows // slkv)}")
+          f"full {pool_rows // full}, SimLayerKV {int(pool_rows // slkv)} (rows / rows per session)")
+    if fit:
+        print(f"  measured, {args.fit_sessions} sessions back to back, overcommit {args.overcommit}: whole history "
+              f"still cached at turn 2 for full {fit['full']}, SimLayerKV {fit['simlayerkv']}")
     print("time to first token of turn 2 (median):")
     for name, values in ttft.items():
         print(f"  {name:<10} {statistics.median(values):6.2f} s")

@@ -124,8 +124,6 @@ def _wrap_backend_factories() -> None:
     def flashinfer(runner: Any) -> Any:
         if not config().enabled or runner.use_mla_backend:
             return plain_flashinfer(runner)
-        if config().offload:
-            raise SlkvConfigError("--slkv-offload is built for the torch_native backend only (docs/memory.md)")
         from .backends.flashinfer import SlkvFlashInferBackend
 
         backend = SlkvFlashInferBackend(runner, config())
@@ -263,6 +261,11 @@ def _no_kv_buffers(original: Any, kv_pool: Any, *args: Any, **kwargs: Any) -> An
     buffers are created one page long instead of at the (possibly overcommitted) pool size."""
     if not (config().enabled and config().offload):
         return original(kv_pool, *args, **kwargs)
+    from sglang.srt.runtime_context import attention_backends
+
+    if set(attention_backends()) != {"torch_native"}:
+        raise SlkvConfigError("--slkv-offload is built for --attention-backend torch_native only (docs/memory.md), "
+                              f"not {attention_backends()}")
     size, kv_pool.size = kv_pool.size, 0
     try:
         return original(kv_pool, *args, **kwargs)
@@ -413,42 +416,37 @@ def _validate_startup(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def register() -> None:
-    reg = HookRegistry.register
-    reg("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AFTER)
-    reg("sglang.srt.entrypoints.engine.Engine._launch_subprocesses", _validate_startup, HookType.BEFORE)
-    reg("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _attach_params, HookType.AFTER)
-    reg("sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len", _cap_prefix, HookType.AFTER)
-    reg("sglang.srt.managers.schedule_batch.Req.init_next_round_input", _cut_lost_prefix, HookType.AFTER)
-    reg("sglang.srt.mem_cache.common.release_kv_cache", _release_row, HookType.BEFORE)
-    reg("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", _free_rows, HookType.BEFORE)
-    reg("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.clear", _reset_rows, HookType.AFTER)
-    reg("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.alloc", _alloc_with_rows, HookType.AROUND)
-    reg("sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.evict_to_free_tokens", _evict_more,
-        HookType.AFTER)
-    reg("sglang.srt.mem_cache.allocator.base.BaseTokenToKVPoolAllocator.check_decode_capacity", _decode_fits_rows,
-        HookType.AFTER)
-    reg("sglang.srt.mem_cache.prefill_budget.PrefillBudget._available_and_evictable", _evictable_by_rows,
-        HookType.AFTER)
-    reg("sglang.srt.mem_cache.allocation.alloc_for_extend", _promise_prefix_rows, HookType.AROUND)
-    reg("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", _charge_prefix_rows, HookType.AROUND)
-    reg("sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget", _overcommit_pool,
-        HookType.AFTER)
-    reg("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers", _no_kv_buffers,
-        HookType.AROUND)
-    reg(
-        "sglang.srt.managers.scheduler_components.batch_result_processor."
-        "SchedulerBatchResultProcessor._maybe_collect_customized_info",
-        _report_decision,
-        HookType.AFTER,
-    )
-    reg(
-        "sglang.srt.managers.scheduler_components.output_streamer."
-        "SchedulerOutputStreamer.is_request_level_customized_info_key",
-        _request_level_key,
-        HookType.AFTER,
-    )
-    reg("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info", _unwrap_meta, HookType.AFTER)
-    reg("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request", _validate_request, HookType.BEFORE)
-    _wrap_backend_factories()
+_SRT = "sglang.srt."
+_ALLOCATOR = "mem_cache.allocator."
+_HOOKS: list[tuple[str, Any, HookType]] = [
+    # flags, start-up, per-request settings and layer maps
+    ("server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AFTER),
+    ("entrypoints.engine.Engine._launch_subprocesses", _validate_startup, HookType.BEFORE),
+    ("model_executor.forward_batch_info.ForwardBatch.init_new", _attach_params, HookType.AFTER),
+    ("managers.schedule_batch.Req._compute_max_prefix_len", _cap_prefix, HookType.AFTER),
+    ("mem_cache.common.release_kv_cache", _release_row, HookType.BEFORE),
+    ("managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor."
+     "_maybe_collect_customized_info", _report_decision, HookType.AFTER),
+    ("managers.scheduler_components.output_streamer.SchedulerOutputStreamer.is_request_level_customized_info_key",
+     _request_level_key, HookType.AFTER),
+    ("managers.tokenizer_manager.TokenizerManager.update_request_meta_info", _unwrap_meta, HookType.AFTER),
+    ("managers.tokenizer_manager.TokenizerManager.generate_request", _validate_request, HookType.BEFORE),
+    # --slkv-offload: the row pool follows SGLang's slots, prefixes and admission
+    ("managers.schedule_batch.Req.init_next_round_input", _cut_lost_prefix, HookType.AFTER),
+    (_ALLOCATOR + "token.TokenToKVPoolAllocator.free", _free_rows, HookType.BEFORE),
+    (_ALLOCATOR + "token.TokenToKVPoolAllocator.clear", _reset_rows, HookType.AFTER),
+    (_ALLOCATOR + "token.TokenToKVPoolAllocator.alloc", _alloc_with_rows, HookType.AROUND),
+    (_ALLOCATOR + "base.BaseTokenToKVPoolAllocator.evict_to_free_tokens", _evict_more, HookType.AFTER),
+    (_ALLOCATOR + "base.BaseTokenToKVPoolAllocator.check_decode_capacity", _decode_fits_rows, HookType.AFTER),
+    ("mem_cache.prefill_budget.PrefillBudget._available_and_evictable", _evictable_by_rows, HookType.AFTER),
+    ("mem_cache.allocation.alloc_for_extend", _promise_prefix_rows, HookType.AROUND),
+    ("managers.schedule_policy.PrefillAdder.add_one_req", _charge_prefix_rows, HookType.AROUND),
+    ("mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget", _overcommit_pool, HookType.AFTER),
+    ("mem_cache.memory_pool.MHATokenToKVPool._create_buffers", _no_kv_buffers, HookType.AROUND),
+]
 
+
+def register() -> None:
+    for target, fn, kind in _HOOKS:
+        HookRegistry.register(_SRT + target, fn, kind)
+    _wrap_backend_factories()

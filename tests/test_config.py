@@ -27,6 +27,8 @@ def test_env_round_trip():
         ({"SLKV_MODE": "later"}, "mode must be one of"),
         ({"SLKV_ENABLE": "maybe"}, "SLKV_ENABLE='maybe' is not a valid bool"),
         ({"SLKV_PROTECT": "x"}, "SLKV_PROTECT='x' is not a valid"),
+        ({"SLKV_OFFLOAD": "1", "SLKV_OVERCOMMIT": "0.5"}, "overcommit must be >= 1"),
+        ({"SLKV_OVERCOMMIT": "2"}, "overcommit > 1 needs offload"),
     ],
 )
 def test_bad_env_is_rejected(env, message):
