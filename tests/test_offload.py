@@ -184,3 +184,24 @@ def test_row_pool_counts_promised_rows():
     assert pool.spare_rows == 2
     pool.free_slots(more)
     assert pool.reserved == 0 and pool.spare_rows == pool.free_rows == 6
+
+
+def test_host_blocks_are_recycled_within_the_budget(model_kv):
+    """Freed host memory is reused for the next offload (no fresh allocation to fault in), and free blocks
+    count against the budget like held KV."""
+    from offload.arena import BLOCK_BYTES
+
+    kv = torch.cat(model_kv[:4])  # 4800 tokens x 1536 B: whole blocks and a tail
+    arena = HostArena(budget_bytes=3 * _bytes(kv))
+    arena.offload("a", 0, 0, kv)
+    blocks = {c.block.data_ptr() for c in arena._sessions["a"].layers[0] if c.block is not None}
+    assert len(blocks) == _bytes(kv) // BLOCK_BYTES
+    arena.drop("a")
+    assert len(arena._spare) == len(blocks)
+    arena.offload("b", 0, 0, kv)
+    assert {c.block.data_ptr() for c in arena._sessions["b"].layers[0] if c.block is not None} == blocks
+    out = torch.empty_like(kv)
+    assert arena.reload("b", 0, 0, out) and torch.equal(out, kv)
+    arena.drop("b")
+    arena.set_budget(_bytes(kv) // 2)  # free blocks shrink with the budget
+    assert len(arena._spare) * BLOCK_BYTES + arena.stats.held_bytes <= arena.budget_bytes
