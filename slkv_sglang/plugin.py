@@ -17,7 +17,6 @@ import os
 import socket
 from typing import Any
 
-import torch
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from .config import DECIDE_MODES, SCORE_MODES, SlkvConfig, SlkvConfigError
@@ -317,16 +316,12 @@ def _evictable_by_rows(result: int, budget: Any) -> int | None:
     running request; fewer than L each where lazy layers released them), L rows to a token."""
     if not _pools:
         return None
-    allocator = budget.allocator
-    pool, tracker = _pools[0], _trackers[0]
-    allocated = torch.ones(pool.row_of.shape[1], dtype=torch.bool)
-    allocated[0] = False
+    allocator, pool = budget.allocator, _pools[0]
+    idle = ~_trackers[0].running_slots(pool.num_slots)  # allocated slots no running request reads
+    idle[0] = False
     for free in (allocator.free_pages, allocator.release_pages):
-        allocated[free] = False
-    req_to_token = tracker.req_to_token
-    for row, n in tracker.running.items():
-        allocated[req_to_token[row, :n]] = False
-    evictable = pool.held_rows(allocated.nonzero().flatten())
+        idle[free] = False
+    evictable = pool.held_rows(idle.nonzero().flatten())
     return min(result, (pool.spare_rows + evictable) // pool.num_layers)
 
 

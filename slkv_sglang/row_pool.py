@@ -44,12 +44,12 @@ class PoolStats:
 class LayerRowPool:
     def __init__(self, num_layers: int, num_slots: int, num_rows: int, heads: int, dim: int, dtype: torch.dtype,
                  device: torch.device | str, arena: HostArena, poison: bool = False):
-        self.num_layers, self.num_rows = num_layers, num_rows
+        self.num_layers, self.num_slots, self.num_rows = num_layers, num_slots, num_rows
         self.kv = torch.zeros(num_rows, 2, heads, dim, dtype=dtype, device=device)
         self.row_of = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64, device=device)
-        self.on_host = torch.zeros((num_layers, num_slots + 1), dtype=torch.bool, device=device)
         self.pos_of = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=device)  # position of a host copy
-        self.owner_of = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64, device=device)  # session
+        # the session whose host copy holds (layer, slot), -1 if none: the host tier's index into the arena
+        self.owner_of = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64, device=device)
         self._owners: dict[int, str] = {}  # owner id (in owner_of) -> session, while it has host copies
         self._owner_ids: dict[str, int] = {}
         self._next_owner = 0
@@ -118,8 +118,8 @@ class LayerRowPool:
         session's host bytes, and the pool's and host tier's totals."""
         return {
             "device_tokens": (self.row_of[:, slots] >= 0).sum(dim=1).tolist(),
-            "host_tokens": [0 if r is None else r[1] - r[0] for r in map(lambda l: self.arena.held(session, l),
-                                                                         range(self.num_layers))],
+            "host_tokens": [0 if r is None else r[1] - r[0]
+                            for r in (self.arena.held(session, layer) for layer in range(self.num_layers))],
             "session_host_bytes": self.arena.session_bytes(session),
             "free_rows": self._n_free, "rows": self.num_rows, "row_bytes": self.row_bytes,
             "host_budget": self.arena.budget_bytes,
@@ -131,7 +131,6 @@ class LayerRowPool:
         self._free = torch.arange(self.num_rows - 1, -1, -1, dtype=torch.int64, device=self.kv.device)
         self._n_free = self.num_rows
         self.row_of.fill_(-1)
-        self.on_host.fill_(False)
         self.owner_of.fill_(-1)
         self.heal_pending.clear()
         self.heal_at.clear()
@@ -191,18 +190,17 @@ class LayerRowPool:
         live = rows >= 0
         if not bool(live.any()):
             return
-        fresh = live & ~self.on_host[layer, slots]
+        fresh = live & (self.owner_of[layer, slots] < 0)
         if bool(fresh.any()):
             first = int(fresh.nonzero()[0])
             tail = slots[first:]
-            hosted = bool(fresh[first:].all()) and bool(self.on_host[layer, slots[:first]].all())
+            hosted = bool(fresh[first:].all()) and bool((self.owner_of[layer, slots[:first]] >= 0).all())
             if hosted:
                 try:
                     self.arena.offload(session, layer, start + first, self.kv[rows[first:]])
                 except (OffloadRefused, ValueError):  # budget full, or the range would leave a gap
                     hosted = False
             if hosted:
-                self.on_host[layer, tail] = True
                 self.pos_of[tail] = torch.arange(start + first, start + len(slots), device=slots.device)
                 self.owner_of[layer, tail] = self._owner_id(session)
             else:
@@ -213,7 +211,7 @@ class LayerRowPool:
 
     def restorable(self, slots: torch.Tensor) -> int:
         """How many leading ``slots`` (a cached prefix) have their KV in every layer, on the device or host."""
-        ok = ((self.row_of[:, slots] >= 0) | self.on_host[:, slots]).all(dim=0)
+        ok = ((self.row_of[:, slots] >= 0) | (self.owner_of[:, slots] >= 0)).all(dim=0)
         bad = (~ok).nonzero()
         return int(bad[0]) if bad.numel() else slots.numel()
 
@@ -235,11 +233,11 @@ class LayerRowPool:
         missing = slots[self.row_of[layer, slots] < 0]
         if missing.numel() == 0:
             return
-        if not bool(self.on_host[layer, missing].all()):
-            raise RuntimeError(f"slkv: layer {layer} lost KV of {int((~self.on_host[layer, missing]).sum())} slots")
+        owners = self.owner_of[layer, missing]
+        if bool((owners < 0).any()):
+            raise RuntimeError(f"slkv: layer {layer} lost KV of {int((owners < 0).sum())} slots")
         rows = self._take(missing.numel())
         self._consume(row, rows.numel())
-        owners = self.owner_of[layer, missing]
         for owner in owners.unique().tolist():
             mine = owners == owner
             pos = self.pos_of[missing[mine]]
@@ -276,9 +274,7 @@ class LayerRowPool:
                     self._forget(session)
                     continue
                 dropped = (self.owner_of[layer] == owner) & (self.pos_of >= cut)
-                self.on_host[layer, dropped] = False
                 self.owner_of[layer, dropped] = -1
-        self.on_host[:, slots] = False
         self.owner_of[:, slots] = -1
 
     def _forget(self, session: str) -> None:
@@ -287,7 +283,6 @@ class LayerRowPool:
         if owner is None:
             return
         gone = self.owner_of == owner
-        self.on_host[gone] = False
         self.owner_of[gone] = -1
         del self._owners[owner], self._owner_ids[session]
 

@@ -228,6 +228,14 @@ class LazyTracker:
             return None
         return lm, self._timings.pop(rid, (0.0, 0.0)), self._extras.pop(rid, {})
 
+    def running_slots(self, num_slots: int, exclude: int | None = None) -> torch.Tensor:
+        """Mask over KV slots ``[num_slots + 1]``: those a running request (other than row ``exclude``) reads."""
+        mask = torch.zeros(num_slots + 1, dtype=torch.bool)
+        for row, n in self.running.items():
+            if row != exclude:
+                mask[self.req_to_token[row, :n]] = True
+        return mask
+
     def release_row(self, row: int) -> None:
         """The request holding ``row`` is done: drop its carried queries and pending decode decision."""
         self._tails.pop(row, None)

@@ -150,7 +150,7 @@ def test_row_pool_loses_what_the_host_cannot_take_and_heals_it():
     assert pool.stats.lost_rows == 26 and pool.rows_used() == [34, 14]
     assert pool.restorable(slots) == 4  # layer 1 lost positions 4..29: a prefix match stops at 4
     pool.arena.set_budget(0)  # the host evicts s: layer 0's copy is gone too
-    assert pool.restorable(slots[:10]) == 4 and not pool.on_host.any()
+    assert pool.restorable(slots[:10]) == 4 and not (pool.owner_of >= 0).any()
     for layer in range(layers):  # the recomputing prefill writes its own slots, then heals the cached ones
         pool.write(layer, fresh[4:30], kv[4:30, 0], kv[4:30, 1])
         pool.heal(layer, slots[4:30], fresh[4:30])

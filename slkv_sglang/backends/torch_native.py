@@ -163,12 +163,8 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
     def _release_middles(self, row: int, lazy: torch.Tensor, seq_len: int, session: str) -> None:
         cfg, pool = self.config, self.row_pool
         assert pool is not None
-        req_to_token = self.req_to_token_pool.req_to_token
         middle = self._slots(row, seq_len)[cfg.sink : seq_len - cfg.recent]
-        shared = torch.zeros(pool.row_of.shape[1], dtype=torch.bool)
-        for other, n in self.tracker.running.items():
-            if other != row:
-                shared[req_to_token[other, :n]] = True
+        shared = self.tracker.running_slots(pool.num_slots, exclude=row)
         hits = shared[middle].nonzero()
         skip = int(hits[-1]) + 1 if hits.numel() else 0
         start, middle = cfg.sink + skip, middle[skip:]
