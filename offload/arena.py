@@ -107,7 +107,9 @@ class HostArena:
         kept = [c for c in chunks if c.end <= end]
         cut = [c for c in chunks if c.end > end]
         if cut[0].start < end:
-            kept.append(_Chunk(cut[0].start, cut[0].kv[: end - cut[0].start].clone()))
+            self.wait()  # the chunk may still be filling on the side stream
+            part = cut[0].kv[: end - cut[0].start]
+            kept.append(_Chunk(cut[0].start, torch.empty(part.shape, dtype=part.dtype, pin_memory=self._pin).copy_(part)))
         freed = sum(c.kv.numel() * c.kv.element_size() for c in chunks) - sum(
             c.kv.numel() * c.kv.element_size() for c in kept)
         s.layers[layer] = kept

@@ -30,11 +30,11 @@ def _median_seconds(fn: Callable[[], None], repeats: int, sync: Callable[[], Non
 
 
 def bandwidth(tokens: int, window: int, layers: int, kv_heads: int, head_dim: int, repeats: int,
-              device: torch.device) -> tuple[int, dict[str, float]]:
+              device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[int, dict[str, float]]:
     """Bytes per transfer and median seconds of: plain copy down, offload, plain copy up, reload."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     middle = tokens - window
-    kv = [torch.randn(middle, 2, kv_heads, head_dim, device=device) for _ in range(layers)]
+    kv = [torch.randn(middle, 2, kv_heads, head_dim, device=device).to(dtype) for _ in range(layers)]
     nbytes = sum(t.numel() * t.element_size() for t in kv)
     host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=device.type == "cuda") for t in kv]
     back = [torch.empty_like(t) for t in kv]

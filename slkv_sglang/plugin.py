@@ -19,6 +19,7 @@ from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from . import startup
 from .config import DECIDE_MODES, SCORE_MODES, SlkvConfig, SlkvConfigError
 from .request_params import OVERRIDE_KEY, parse_overrides, request_params
 from .row_pool import LayerRowPool
@@ -260,11 +261,6 @@ def _no_kv_buffers(original: Any, kv_pool: Any, *args: Any, **kwargs: Any) -> An
     buffers are created one page long instead of at the (possibly overcommitted) pool size."""
     if not (config().enabled and config().offload):
         return original(kv_pool, *args, **kwargs)
-    from sglang.srt.runtime_context import attention_backends
-
-    if set(attention_backends()) != {"torch_native"}:
-        raise SlkvConfigError("--slkv-offload is built for --attention-backend torch_native only (docs/memory.md), "
-                              f"not {attention_backends()}")
     size, kv_pool.size = kv_pool.size, 0
     try:
         return original(kv_pool, *args, **kwargs)
@@ -411,12 +407,49 @@ def _validate_startup(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _uses_cuda(server_args: Any) -> bool:
+    import torch
+
+    return (getattr(server_args, "device", None) != "cpu" and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1"
+            and torch.cuda.is_available())
+
+
+def _plan_server_args(server_args: Any, *args: Any, **kwargs: Any) -> None:
+    """ServerArgs.resolve_once (before): name the covered backend, CUDA graphs off, refuse what is not served."""
+    cfg = SlkvConfig.from_env()
+    if not cfg.enabled or getattr(server_args, "_resolution_finished", False):
+        return None
+    from sglang.srt.arg_groups.overrides import declare_resolution
+
+    requested = {name: getattr(server_args, name, None) for name in
+                 (*startup.BACKEND_FIELDS, "device", "disable_cuda_graph", "enable_mixed_chunk", "speculative_algorithm")}
+    plan = startup.plan_server_args(requested, _uses_cuda(server_args), cfg)
+    if plan.declarations:
+        declare_resolution(server_args, "slkv_sglang", **plan.declarations)
+    for note in plan.notes:
+        logger.warning(note)
+    return None
+
+
+def _check_resolved(_result: Any, server_args: Any, *args: Any, **kwargs: Any) -> None:
+    """ServerArgs.resolve_once (after): what SGLang resolved runs on a backend the plugin covers."""
+    cfg = SlkvConfig.from_env()
+    if cfg.enabled:
+        from sglang.srt.arg_groups.model_override_base import resolved_view
+
+        view = resolved_view(server_args)
+        startup.check_resolved({name: getattr(view, name, None) for name in startup.BACKEND_FIELDS}, cfg)
+    return None
+
+
 _SRT = "sglang.srt."
 _ALLOCATOR = "mem_cache.allocator."
 _HOOKS: list[tuple[str, Any, HookType]] = [
     # flags, start-up, per-request settings and layer maps
     ("server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AFTER),
     ("entrypoints.engine.Engine._launch_subprocesses", _validate_startup, HookType.BEFORE),
+    ("server_args.ServerArgs.resolve_once", _plan_server_args, HookType.BEFORE),
+    ("server_args.ServerArgs.resolve_once", _check_resolved, HookType.AFTER),
     ("model_executor.forward_batch_info.ForwardBatch.init_new", _attach_params, HookType.AFTER),
     ("managers.schedule_batch.Req._compute_max_prefix_len", _cap_prefix, HookType.AFTER),
     ("mem_cache.common.release_kv_cache", _release_row, HookType.BEFORE),

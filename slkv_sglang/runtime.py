@@ -1,7 +1,8 @@
 """How to start SGLang here: device detection and the engine arguments for the bundled model.
 
-On a CUDA machine SGLang's defaults apply (FlashInfer). Without CUDA the CPU engine needs the torch_native
-backend, no CUDA graphs, float32 (bf16 is 5-10x slower on this CPU, facts file) and one OMP thread.
+On a CUDA machine: FlashInfer without CUDA graphs (what the plugin serves; ``startup.py``). Without CUDA the CPU
+engine needs the torch_native backend, no CUDA graphs, float32 (bf16 measured 5-10x slower on the 2-core CI
+machine) and one OMP thread.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ def prepare_cpu_environment() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def engine_kwargs(model_path: str | Path, **overrides: Any) -> dict[str, Any]:
-    """``sglang.Engine`` keyword arguments for this machine (CPU or CUDA)."""
+def engine_kwargs(model_path: str | Path, cuda: bool | None = None, **overrides: Any) -> dict[str, Any]:
+    """``sglang.Engine`` keyword arguments for this machine (CPU or CUDA; ``cuda`` None: detect)."""
     kwargs: dict[str, Any] = {"model_path": str(model_path), "log_level": "warning"}
-    if has_cuda():
-        kwargs.update(attention_backend="flashinfer")
+    if has_cuda() if cuda is None else cuda:
+        # The backend the plugin wraps, and no CUDA graphs (SimLayerKV plans decode windows per step): named
+        # here too so that a plain engine (SimLayerKV off) runs the same way and comparisons are like for like.
+        kwargs.update(attention_backend="flashinfer", disable_cuda_graph=True)
     else:
         prepare_cpu_environment()
         kwargs.update(

@@ -11,36 +11,55 @@ import torch
 from .config import ScoreMode
 
 
-def subset_mask(seq_len: int, sink: int, recent: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bool [seq_len]: True for the first ``sink`` and the last ``recent`` key positions."""
-    pos = torch.arange(seq_len, device=device)
-    return (pos < sink) | (pos >= seq_len - recent)
+# Keys scored per step: transient memory is ``chunk x Hkv x D`` keys plus ``H x last x chunk`` fp32 logits,
+# whatever the context (at 128K tokens the unchunked logits alone would be 0.5 GB for an 8B model's 32 heads).
+SCORE_CHUNK = 2048
+
+
+def gather_keys(k_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``k_cache[slots]``; fp8 caches are indexed through their bytes (not every device indexes float8)."""
+    if isinstance(k_cache, torch.Tensor) and k_cache.dtype.itemsize == 1:
+        return k_cache.view(torch.uint8)[slots].view(k_cache.dtype)
+    return k_cache[slots]
 
 
 def head_mass(
     q: torch.Tensor,
-    k: torch.Tensor,
-    q_pos: torch.Tensor,
+    k_cache: torch.Tensor,
+    key_slots: torch.Tensor,
     sink: int,
     recent: int,
     scaling: float,
+    k_scale: float | None = None,
+    chunk: int = SCORE_CHUNK,
 ) -> torch.Tensor:
     """Per query head, the mean over queries of the attention mass on sink + recent keys.
 
-    q: [n, H, D] post-RoPE queries at absolute positions ``q_pos`` [n]; k: [L, Hkv, D] post-RoPE keys of
-    positions 0..L-1. Attention is causal (a query sees keys at positions <= its own), self included, as in
-    the paper's formula. Returns float32 [H].
+    q: [n, H, D] post-RoPE queries of the last n positions of the sequence; keys of positions 0..L-1 are
+    ``k_cache[key_slots]`` ([L] slot ids; ``k_cache`` gives [n, Hkv, D] per slot tensor, any dtype, keys scaled
+    by ``k_scale`` if set, as an fp8 KV cache stores them).
+    Attention is causal (a query sees keys at positions <= its own, self included, as in the paper's formula).
+    Keys are read ``chunk`` at a time into two running log-sum-exps (all keys, sink + recent keys), so memory
+    does not grow with L. Returns float32 [H].
     """
-    seq_len, num_kv_heads = k.shape[0], k.shape[1]
+    seq_len = key_slots.shape[0]
     n, num_heads, dim = q.shape
-    qg = q.float().view(n, num_kv_heads, num_heads // num_kv_heads, dim)  # GQA without repeating keys
-    logits = torch.einsum("nkgd,lkd->kgnl", qg, k.float()).reshape(num_heads, n, seq_len) * scaling
-    key_pos = torch.arange(seq_len, device=k.device)
-    hidden = key_pos[None, :] > q_pos[:, None].to(k.device)  # [n, L]: causal mask
-    logits.masked_fill_(hidden[None], float("-inf"))
-    lse_all = torch.logsumexp(logits, dim=-1)
-    keep = subset_mask(seq_len, sink, recent, k.device)
-    lse_sub = torch.logsumexp(logits[:, :, keep], dim=-1)
+    qs = q.float() * (scaling * (k_scale if k_scale is not None else 1.0))
+    q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
+    lse_all = torch.full((num_heads, n), float("-inf"), device=q.device)
+    lse_sub = lse_all.clone()
+    for lo in range(0, seq_len, chunk):
+        hi = min(seq_len, lo + chunk)
+        k = gather_keys(k_cache, key_slots[lo:hi]).to(device=q.device, dtype=torch.float32)
+        qg = qs.view(n, k.shape[1], num_heads // k.shape[1], dim)  # GQA without repeating keys
+        logits = torch.einsum("nkgd,lkd->kgnl", qg, k).reshape(num_heads, n, hi - lo)
+        key_pos = torch.arange(lo, hi, device=q.device)
+        logits.masked_fill_((key_pos[None, :] > q_pos[:, None])[None], float("-inf"))
+        lse_all = torch.logaddexp(lse_all, torch.logsumexp(logits, dim=-1))
+        # sink and recent positions in this chunk, decided on the host (no device sync)
+        for a, b in ((lo, min(hi, sink)), (max(lo, seq_len - recent, sink), hi)):
+            if a < b:
+                lse_sub = torch.logaddexp(lse_sub, torch.logsumexp(logits[:, :, a - lo : b - lo], dim=-1))
     return torch.exp(lse_sub - lse_all).mean(dim=1)
 
 
@@ -59,8 +78,3 @@ def reduce_heads_tensor(per_head: torch.Tensor, mode: ScoreMode, num_kv_heads: i
     if mode == "headmin":
         return per_head.min(dim=-1).values
     raise ValueError(f"unknown score mode {mode!r}")
-
-
-def reduce_heads(per_head: torch.Tensor, mode: ScoreMode, num_kv_heads: int) -> float:
-    """One layer's score from its per-query-head masses [H] (see ``reduce_heads_tensor``)."""
-    return float(reduce_heads_tensor(per_head, mode, num_kv_heads))

@@ -18,9 +18,12 @@ import torch
 from .config import SlkvConfig
 from .layer_map import LayerMap
 from .request_params import RequestParams
-from .scoring import head_mass, reduce_heads_tensor
+from .scoring import reduce_heads_tensor
 
 logger = logging.getLogger("slkv.tracker")
+
+# A backend's scoring: per deciding request, its last queries [n, H, D] and its key slots [L] -> masses [H].
+MassFn = Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
 
 
 @dataclass
@@ -161,13 +164,17 @@ class LazyTracker:
         assert self.plan_ is not None
         return self.plan_.window[pos]
 
-    def score(self, q: torch.Tensor, layer_id: int, k_cache: torch.Tensor, scaling: float) -> None:
-        """After a layer's attention (its KV is written): score the requests deciding in this forward."""
+    def score(self, q: torch.Tensor, layer_id: int, mass: MassFn) -> None:
+        """After a layer's attention (its KV is written): score the requests deciding in this forward.
+
+        ``mass(queries, key_slots)`` is the backend's per-head mass for each deciding request.
+        """
         plan = self.plan_
         if plan is None or not plan.scorers:
             return
         t0 = time.perf_counter()
         cfg = self.config
+        deciding: list[tuple[_Scorer, torch.Tensor]] = []
         for s in plan.scorers:
             q_rows = q[s.q_start : s.q_end]
             if s.carry is not None:
@@ -175,10 +182,11 @@ class LazyTracker:
             if s.keep_tail:
                 self._tails.setdefault(s.row, _Tail(s.seq_len, {})).q[layer_id] = q_rows[-cfg.last :].clone()
             if s.decide:
-                n = q_rows.shape[0]
-                q_pos = torch.arange(s.seq_len - n, s.seq_len)
-                keys = k_cache[s.key_slots]
-                s.per_head[layer_id] = head_mass(q_rows, keys, q_pos, cfg.sink, cfg.recent, scaling)
+                deciding.append((s, q_rows))
+        if deciding:
+            masses = mass([q_rows for _, q_rows in deciding], [s.key_slots for s, _ in deciding])
+            for (s, _), per_head in zip(deciding, masses):
+                s.per_head[layer_id] = per_head
         spent = time.perf_counter() - t0
         for s in plan.scorers:
             self._timing.setdefault(s.row, [0.0, 0.0])[0] += spent / len(plan.scorers)

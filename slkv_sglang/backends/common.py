@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from ..config import SlkvConfig
-from ..tracker import LazyTracker
+from ..scoring import head_mass
+from ..tracker import LazyTracker, MassFn
 
 def make_tracker(model_runner: Any, config: SlkvConfig) -> LazyTracker:
     hf = model_runner.model_config
@@ -36,6 +37,17 @@ class ScoringMixin:
         """The layer's keys, indexable by KV slot ids."""
         return self.token_to_kv_pool.get_key_buffer(layer_id)
 
+    def _mass(self, layer: Any) -> MassFn:
+        """Per-head masses of the deciding requests in this layer: chunked torch scoring over the key cache."""
+        k_cache = self._key_reader(layer.layer_id)
+        cfg = self.tracker.config
+
+        def mass(queries: list[torch.Tensor], key_slots: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [head_mass(q, k_cache, slots, cfg.sink, cfg.recent, layer.scaling, layer.k_scale_float)
+                    for q, slots in zip(queries, key_slots)]
+
+        return mass
+
     def _score(self, q: torch.Tensor, layer: Any) -> None:
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        self.tracker.score(q_, layer.layer_id, self._key_reader(layer.layer_id), layer.scaling)
+        self.tracker.score(q_, layer.layer_id, self._mass(layer))

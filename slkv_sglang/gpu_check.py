@@ -1,0 +1,386 @@
+"""``slkv gpu-check``: what the CUDA path can prove with PyTorch and FlashInfer alone, in one run.
+
+Runs on a bare CUDA machine (no SGLang: its 0.5.23 wheels pin another torch and are ~1.2 GB), against torch
+references, on Llama-3-8B's attention shapes (32 q / 8 kv heads, head dim 128, bf16) and the bundled model's
+(9 / 3 / 64):
+
+- ``decode``: the restricted decode the backend makes — one decode wrapper per lazy pattern, planned through
+  rewritten ``kv_indices`` (``flashinfer_ops.plan_decode``) — equals dense attention over the same slots;
+- ``scoring``: the backend's scoring (``flashinfer_ops.LseScorer``, prefill with ``return_lse``) equals the
+  chunked torch scoring (``scoring.head_mass``) on the same bf16 cache;
+- ``decode_time``: decode attention per layer at 4K / 16K / 32K context, lazy (sink + recent) vs full, and the
+  per-step attention time with half the layers lazy, plan included;
+- ``host_tier``: the host arena's offload / reload GB/s against a plain pinned ``copy_`` and the PCIe link the
+  card reports, and how much of an offload hides behind a matmul on the side stream;
+- ``scoring_memory``: peak transient memory of scoring at 32K and 128K keys, unchunked vs chunked vs lse;
+- the decode and scoring checks again with an fp8 (e4m3) KV cache and ``k_scale`` / ``v_scale``.
+
+``--dry`` (or no CUDA) runs the parts that need no GPU on the CPU at small sizes and marks the rest skipped.
+Writes ``gpu_check.json`` and prints a short table; exit status 1 if a correctness check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .backends.flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, plan_decode, window_slots
+from .scoring import SCORE_CHUNK, gather_keys, head_mass
+
+SHAPES = {  # name -> (q heads, kv heads, head dim)
+    "llama3-8b": (32, 8, 128),
+    "smollm2-135m": (9, 3, 64),  # needs FlashInfer to JIT-compile head dim 64 (minutes on first use)
+}
+SINK, RECENT, LAST = 4, 1020, 32  # the paper's windows (config.py)
+DECODE_TOL = 2e-2  # bf16 output vs fp32 reference: |diff| <= tol * (1 + |ref|)
+MASS_TOL = 5e-3  # absolute, on masses in [0, 1]: bf16 inputs, fp32 accumulation in both
+
+
+FP8_SCALE = 0.5  # k_scale = v_scale of the fp8 checks: the cache stores kv / scale, as SGLang's fp8 pool does
+
+
+def _rand_cache(slots: int, kv_heads: int, dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                hot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random K and V as stored (divided by the fp8 scale); keys at slots ``hot`` are 4x larger."""
+    scale = FP8_SCALE if dtype.itemsize == 1 else 1.0
+    k, v = (torch.randn(slots, kv_heads, dim, device=device) / scale for _ in range(2))
+    if hot is not None:
+        k[hot] *= 4
+    return k.to(dtype), v.to(dtype)
+
+
+def _scales(dtype: torch.dtype) -> dict[str, float | None]:
+    return {"k_scale": FP8_SCALE, "v_scale": FP8_SCALE} if dtype.itemsize == 1 else {"k_scale": None, "v_scale": None}
+
+
+def _dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kv_scale: float = 1.0) -> torch.Tensor:
+    """q [H, D], k/v [L, Hkv, D] (stored / kv_scale) -> [H, D], fp32."""
+    heads, kv_heads = q.shape[0], k.shape[1]
+    kk = k.float().repeat_interleave(heads // kv_heads, dim=1) * kv_scale  # [L, H, D]
+    vv = v.float().repeat_interleave(heads // kv_heads, dim=1) * kv_scale
+    p = torch.softmax(torch.einsum("hd,lhd->hl", q.float(), kk) * scale, dim=-1)
+    return torch.einsum("hl,lhd->hd", p, vv)
+
+
+def _workspace(device: torch.device) -> torch.Tensor:
+    return torch.empty(256 << 20, dtype=torch.uint8, device=device)
+
+
+def _decode_wrapper(device: torch.device, tensor_cores: bool) -> Any:
+    from flashinfer import BatchDecodeWithPagedKVCacheWrapper
+
+    return BatchDecodeWithPagedKVCacheWrapper(_workspace(device), "NHD", use_tensor_cores=tensor_cores,
+                                              backend=PREFILL_BACKEND if tensor_cores else "auto")
+
+
+def check_decode(name: str, device: torch.device, kv_dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, Any]:
+    """Restricted decode through rewritten kv_indices vs dense attention, for three lazy patterns."""
+    heads, kv_heads, dim = SHAPES[name]
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [300, 1100, 2000, 4100, 5000, 777]
+    slots_total = sum(seq_lens) + 64
+    k_cache, v_cache = _rand_cache(slots_total, kv_heads, dim, device, kv_dtype)
+    scales = _scales(kv_dtype)
+    perm = torch.randperm(slots_total, generator=gen).to(device)  # rows scattered over the pool, like SGLang's
+    rows, at = [], 0
+    for n in seq_lens:
+        rows.append(perm[at : at + n])
+        at += n
+    q = torch.randn(len(seq_lens), heads, dim, device=device, dtype=torch.bfloat16)
+    scale = 1 / math.sqrt(dim)
+    shape = AttnShape(heads, kv_heads, dim, torch.bfloat16, kv_dtype)
+    patterns = {"all full": set(), "all lazy": set(range(len(seq_lens))), "mixed": {1, 3, 4}}
+    out: dict[str, Any] = {}
+    for tensor_cores in (False, True) if kv_dtype == torch.bfloat16 else (True,):  # SGLang: fp8 KV -> tensor cores
+        wrapper = _decode_wrapper(device, tensor_cores)
+        for label, restricted in patterns.items():
+            kv_rows = [window_slots(r, n, SINK, RECENT) if i in restricted else r
+                       for i, (r, n) in enumerate(zip(rows, seq_lens))]
+            plan_decode(wrapper, kv_rows, shape)
+            got = wrapper.forward(q, (k_cache, v_cache), sm_scale=scale, **scales).float()  # the backend's call
+            err = 0.0
+            for i, slots in enumerate(kv_rows):
+                ref = _dense_decode(q[i], gather_keys(k_cache, slots), gather_keys(v_cache, slots), scale,
+                                    scales["k_scale"] or 1.0)
+                err = max(err, float(((got[i] - ref).abs() / (1 + ref.abs())).max()))
+            out[f"{'tensor cores' if tensor_cores else 'cuda cores'}, {label}"] = err
+    return {"max_rel_err": out, "tolerance": DECODE_TOL, "ok": all(e <= DECODE_TOL for e in out.values())}
+
+
+def check_scoring(name: str, device: torch.device, kv_dtype: torch.dtype = torch.bfloat16, seed: int = 1) -> dict[str, Any]:
+    """LseScorer (FlashInfer prefill, return_lse) vs chunked torch scoring, batched requests, scattered slots."""
+    from flashinfer import BatchPrefillWithPagedKVCacheWrapper
+
+    heads, kv_heads, dim = SHAPES[name]
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens, n_queries = [1500, 4096, 9000, 700], [32, 32, 20, 32]
+    slots_total = sum(seq_lens) + 64
+    # a few keys that draw most of the attention, so the masses spread over [0, 1] instead of ~ window / L
+    hot = torch.randint(0, slots_total, (64,), generator=gen).to(device)
+    k_cache, v_cache = _rand_cache(slots_total, kv_heads, dim, device, kv_dtype, hot)
+    scales = _scales(kv_dtype)
+    perm = torch.randperm(slots_total, generator=gen).to(device)
+    key_slots, at = [], 0
+    for n in seq_lens:
+        key_slots.append(perm[at : at + n])
+        at += n
+    queries = [torch.randn(n, heads, dim, device=device, dtype=torch.bfloat16) for n in n_queries]
+    scale = 1 / math.sqrt(dim)
+    scorer = LseScorer(BatchPrefillWithPagedKVCacheWrapper(_workspace(device), "NHD", backend=PREFILL_BACKEND),
+                       AttnShape(heads, kv_heads, dim, torch.bfloat16, kv_dtype), SINK, RECENT)
+    scorer.plan(n_queries, key_slots, sm_scale=scale)
+    got = scorer.mass(queries, (k_cache, v_cache), **scales)
+    ref = [head_mass(q, k_cache, s, SINK, RECENT, scale, scales["k_scale"]) for q, s in zip(queries, key_slots)]
+    errs = [float((g - r).abs().max()) for g, r in zip(got, ref)]
+    return {"max_abs_err": max(errs), "tolerance": MASS_TOL, "ok": max(errs) <= MASS_TOL,
+            "mass_range": [float(min(r.min() for r in ref)), float(max(r.max() for r in ref))]}
+
+
+def _cuda_ms(fn: Callable[[], Any], iters: int) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _host_ms(fn: Callable[[], Any], iters: int) -> float:
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e3
+
+
+def decode_time(device: torch.device, batch: int = 16, layers: int = 32, lazy_share: float = 0.5) -> dict[str, Any]:
+    """Per layer decode attention (Llama-3-8B shapes), full vs lazy, and per step with a share of lazy layers."""
+    heads, kv_heads, dim = SHAPES["llama3-8b"]
+    shape = AttnShape(heads, kv_heads, dim, torch.bfloat16, torch.bfloat16)
+    scale = 1 / math.sqrt(dim)
+    tensor_cores = heads // kv_heads >= 4  # SGLang's rule for bf16 KV
+    out: dict[str, Any] = {"batch": batch, "layers": layers, "lazy_share": lazy_share, "tensor_cores": tensor_cores}
+    for ctx in (4096, 16384, 32768):
+        k_cache, v_cache = _rand_cache(batch * ctx, kv_heads, dim, device)
+        rows = list(torch.arange(batch * ctx, device=device, dtype=torch.int32).view(batch, ctx))
+        q = torch.randn(batch, heads, dim, device=device, dtype=torch.bfloat16)
+        full, lazy = _decode_wrapper(device, tensor_cores), _decode_wrapper(device, tensor_cores)
+        windows = [window_slots(r, ctx, SINK, RECENT) for r in rows]
+        plan_decode(full, rows, shape)
+        plan_decode(lazy, windows, shape)
+        t_full = _cuda_ms(lambda: full.forward(q, (k_cache, v_cache), sm_scale=scale), 50)
+        t_lazy = _cuda_ms(lambda: lazy.forward(q, (k_cache, v_cache), sm_scale=scale), 50)
+        t_plan = _host_ms(lambda: plan_decode(lazy, windows, shape), 20)
+        n_lazy = round(layers * lazy_share)
+        step_full = layers * t_full + t_plan  # SGLang plans its one wrapper per step too
+        step_slkv = (layers - n_lazy) * t_full + n_lazy * t_lazy + 2 * t_plan  # + one wrapper per lazy pattern
+        out[str(ctx)] = {"layer_full_ms": t_full, "layer_lazy_ms": t_lazy, "plan_ms": t_plan,
+                         "step_full_ms": step_full, "step_slkv_ms": step_slkv, "step_speedup": step_full / step_slkv}
+        del k_cache, v_cache
+        torch.cuda.empty_cache()
+    return out
+
+
+def _pcie(device: torch.device) -> dict[str, Any]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        gen, width = pynvml.nvmlDeviceGetCurrPcieLinkGeneration(h), pynvml.nvmlDeviceGetCurrPcieLinkWidth(h)
+        max_gen, max_width = pynvml.nvmlDeviceGetMaxPcieLinkGeneration(h), pynvml.nvmlDeviceGetMaxPcieLinkWidth(h)
+    except Exception as exc:  # the figure is context only; the check goes on without it
+        return {"error": repr(exc)}
+    per_lane = {3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}  # GB/s per lane after line coding (PCI-SIG specs)
+    return {"gen": gen, "width": width, "max_gen": max_gen, "max_width": max_width,
+            "link_GBps": per_lane.get(max_gen, float("nan")) * max_width}
+
+
+def _roundtrip_exact(device: torch.device, dtype: torch.dtype, kv_heads: int, dim: int) -> bool:
+    """Offload in two turns, cut the tail, reload: the bytes that come back are the bytes that went out."""
+    from offload import HostArena
+
+    arena = HostArena(1 << 30, device)
+    kv = torch.randn(5000, 2, kv_heads, dim, device=device).to(dtype)
+    arena.offload("a", 0, 4, kv[4:3000])
+    arena.offload("a", 0, 4, kv[4:4800])  # the next turn: only [3000, 4800) is copied
+    arena.truncate("a", 0, 4000)  # while those copies may still be in flight
+    back = torch.empty_like(kv[4:4000])
+    ok = arena.reload("a", 0, 4, back)
+    arena.wait()
+    return ok and torch.equal(back, kv[4:4000]) and arena.held("a", 0) == (4, 4000)
+
+
+def host_tier(device: torch.device, tokens: int, layers: int) -> dict[str, Any]:
+    """The arena's offload / reload bandwidth vs plain pinned copies, and offload overlapped with a matmul."""
+    from offload import HostArena
+    from offload.bench import bandwidth
+
+    kv_heads, dim = SHAPES["llama3-8b"][1:]
+    dtype = torch.bfloat16
+    nbytes, secs = bandwidth(tokens, RECENT + SINK, layers, kv_heads, dim, 11, device, dtype)
+    out: dict[str, Any] = {"bytes": nbytes, "GBps": {k: nbytes / s / 1e9 for k, s in secs.items()},
+                           "roundtrip_exact": _roundtrip_exact(device, dtype, kv_heads, dim)}
+    out["ok"] = out["roundtrip_exact"]
+    if device.type != "cuda":
+        return out
+    out["pcie"] = _pcie(device)
+    kv = [torch.randn(tokens - RECENT - SINK, 2, kv_heads, dim, device=device).to(dtype) for _ in range(layers)]
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    arena = HostArena(4 * nbytes, device)
+    runs = iter(range(10**6))
+
+    def matmuls() -> None:
+        for _ in range(8):
+            a @ a
+
+    def offload() -> str:
+        sid = f"s{next(runs)}"
+        for layer, t in enumerate(kv):
+            arena.offload(sid, layer, SINK, t)
+        return sid
+
+    def finish(sid: str) -> None:
+        arena.wait()
+        arena.drop(sid)
+
+    def both() -> None:
+        sid = offload()  # copies queue on the side stream first, then the matmuls on the compute stream
+        matmuls()
+        torch.cuda.synchronize()
+        finish(sid)
+
+    finish(offload())  # the arena's pinned blocks exist from here on, as in a running engine
+    t_mm = _host_ms(lambda: (matmuls(), torch.cuda.synchronize()), 5)
+    t_off = _host_ms(lambda: finish(offload()), 5)
+    t_both = _host_ms(both, 5)
+    out["overlap"] = {"matmul_ms": t_mm, "offload_ms": t_off, "both_ms": t_both,
+                      "hidden_share": (t_mm + t_off - t_both) / min(t_mm, t_off)}
+    return out
+
+
+def _peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated while ``fn`` runs, above what was allocated before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0  # net bytes each op allocated itself, in time order (frees outside ops are "[memory]" events)
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def scoring_memory(device: torch.device, lengths: tuple[int, ...]) -> dict[str, Any]:
+    """Scoring's transient memory per layer and request: all keys at once vs chunks vs FlashInfer's lse."""
+    heads, kv_heads, dim = SHAPES["llama3-8b"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    scale = 1 / math.sqrt(dim)
+    out: dict[str, Any] = {"chunk": SCORE_CHUNK}
+    for n in lengths:
+        k_cache = torch.randn(n, kv_heads, dim, device=device).to(dtype)
+        slots = torch.arange(n, device=device)
+        q = torch.randn(LAST, heads, dim, device=device).to(dtype)
+        row: dict[str, Any] = {
+            "unchunked_MiB": _peak_bytes(lambda: head_mass(q, k_cache, slots, SINK, RECENT, scale, chunk=n), device),
+            "chunked_MiB": _peak_bytes(lambda: head_mass(q, k_cache, slots, SINK, RECENT, scale), device),
+        }
+        same = head_mass(q, k_cache, slots, SINK, RECENT, scale, chunk=n) - head_mass(q, k_cache, slots, SINK, RECENT, scale)
+        row["chunked_vs_unchunked_max_abs"] = float(same.abs().max())
+        if device.type == "cuda":
+            from flashinfer import BatchPrefillWithPagedKVCacheWrapper
+
+            scorer = LseScorer(BatchPrefillWithPagedKVCacheWrapper(_workspace(device), "NHD", backend=PREFILL_BACKEND),
+                               AttnShape(heads, kv_heads, dim, dtype, dtype), SINK, RECENT)
+            v_cache = torch.randn_like(k_cache)
+            scorer.plan([LAST], [slots], sm_scale=scale)
+            row["lse_MiB"] = _peak_bytes(lambda: scorer.mass([q], (k_cache, v_cache)), device)
+        out[str(n)] = {k: (v / 2**20 if k.endswith("MiB") else v) for k, v in row.items()}
+    return out
+
+
+def run(dry: bool, out_dir: Path, jit_shapes: bool) -> dict[str, Any]:
+    cuda = torch.cuda.is_available() and not dry
+    device = torch.device("cuda" if cuda else "cpu")
+    report: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                              "device": torch.cuda.get_device_name() if cuda else "cpu (dry run)"}
+    if cuda:
+        import flashinfer
+
+        report["flashinfer"] = flashinfer.__version__
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "gpu_check.json"
+
+    def section(name: str, fn: Callable[[], Any], needs_cuda: bool = True) -> None:
+        if needs_cuda and not cuda:
+            report[name] = "skipped: needs CUDA and FlashInfer"
+        else:
+            t0 = time.perf_counter()
+            try:
+                report[name] = fn()
+            except Exception as exc:  # one broken part must not hide the others' figures
+                report[name] = {"error": f"{type(exc).__name__}: {exc}", "ok": False}
+            if isinstance(report[name], dict):
+                report[name]["seconds"] = time.perf_counter() - t0
+        print(f"== {name}: {json.dumps(report[name], default=str)[:600]}", flush=True)
+        path.write_text(json.dumps(report, indent=2, default=str))  # what ran survives a timeout later on
+
+    section("decode_llama3-8b", lambda: check_decode("llama3-8b", device))
+    section("scoring_llama3-8b", lambda: check_scoring("llama3-8b", device))
+    section("decode_time", lambda: decode_time(device))
+    section("host_tier", lambda: host_tier(device, 4096, 16) if cuda else host_tier(device, 2048, 2), needs_cuda=False)
+    section("scoring_memory", lambda: scoring_memory(device, (32768, 131072) if cuda else (8192,)), needs_cuda=False)
+    if jit_shapes:
+        section("decode_smollm2-135m", lambda: check_decode("smollm2-135m", device))
+        section("scoring_smollm2-135m", lambda: check_scoring("smollm2-135m", device))
+        fp8 = torch.float8_e4m3fn
+        section("scoring_llama3-8b_fp8", lambda: check_scoring("llama3-8b", device, fp8))
+        section("decode_llama3-8b_fp8", lambda: check_decode("llama3-8b", device, fp8))
+    return report
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="slkv gpu-check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry", action="store_true", help="run only what needs no GPU, on the CPU, at small sizes")
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for gpu_check.json (default: .)")
+    p.add_argument("--no-jit-shapes", dest="jit_shapes", action="store_false",
+                   help="skip the bundled model's head dim 64 and the fp8 KV checks, which FlashInfer compiles on "
+                        "first use (minutes)")
+    args = p.parse_args(argv)
+    report = run(args.dry, args.out, args.jit_shapes)
+    failed = [k for k, v in report.items() if isinstance(v, dict) and v.get("ok") is False]
+    print(f"device: {report['device']}  torch {report['torch']}  flashinfer {report.get('flashinfer', '-')}")
+    for key in [k for k, v in report.items() if isinstance(v, dict) and "ok" in v]:
+        print(f"  {key:<22} {'ok' if report[key]['ok'] else 'FAILED'}")
+    if isinstance(report.get("decode_time"), dict):
+        for ctx in ("4096", "16384", "32768"):
+            r = report["decode_time"].get(ctx)
+            if r:
+                print(f"  decode {ctx:>5}: layer full {r['layer_full_ms']:.3f} ms, lazy {r['layer_lazy_ms']:.3f} ms, "
+                      f"step x{r['step_speedup']:.2f}")
+    print("failed: " + (", ".join(failed) if failed else "none"))
+    return 1 if failed else 0

@@ -1,0 +1,82 @@
+"""Start-up decisions: which attention backend and CUDA-graph setting SimLayerKV asks SGLang for, and what it
+refuses — as pure functions (no CUDA needed) and through SGLang's own launcher."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from slkv_sglang.config import SlkvConfig, SlkvConfigError
+from slkv_sglang.runtime import engine_kwargs
+from slkv_sglang.startup import check_resolved, plan_server_args
+
+ON = SlkvConfig(enabled=True)
+OFFLOAD = SlkvConfig(enabled=True, offload=True)
+
+
+@pytest.mark.parametrize("cuda, cfg, requested, declared", [
+    # nothing named: the covered backend for the machine; CUDA graphs off on CUDA
+    (True, ON, {}, {"attention_backend": "flashinfer", "disable_cuda_graph": True}),
+    (False, ON, {}, {"attention_backend": "torch_native"}),
+    (True, OFFLOAD, {}, {"attention_backend": "torch_native", "disable_cuda_graph": True}),
+    # a covered backend named: kept as it is
+    (True, ON, {"attention_backend": "flashinfer"}, {"disable_cuda_graph": True}),
+    (True, ON, {"attention_backend": "flashinfer", "disable_cuda_graph": True}, {}),
+    (False, ON, {"attention_backend": "torch_native", "disable_cuda_graph": True}, {}),
+    (True, ON, {"decode_attention_backend": "flashinfer"}, {"disable_cuda_graph": True}),
+])
+def test_plan_names_a_covered_backend(cuda, cfg, requested, declared):
+    assert plan_server_args(requested, cuda, cfg).declarations == declared
+
+
+@pytest.mark.parametrize("requested, message", [
+    ({"attention_backend": "fa3"}, "not --attention-backend fa3: start with --attention-backend flashinfer"),
+    ({"attention_backend": "triton"}, "not --attention-backend triton"),
+    ({"prefill_attention_backend": "fa3", "attention_backend": "flashinfer"}, "not --prefill-attention-backend fa3"),
+    ({"decode_attention_backend": "trtllm_mha"}, "not --decode-attention-backend trtllm_mha"),
+    ({"attention_backend": "flashinfer", "enable_mixed_chunk": True}, "--enable-mixed-chunk is not supported"),
+    ({"speculative_algorithm": "EAGLE"}, "--speculative-algorithm EAGLE is not supported"),
+])
+def test_plan_refuses_what_it_does_not_serve(requested, message):
+    with pytest.raises(SlkvConfigError, match=message):
+        plan_server_args(requested, True, ON)
+
+
+def test_check_after_resolution():
+    check_resolved({"attention_backend": "flashinfer"}, ON)
+    check_resolved({"attention_backend": "torch_native"}, OFFLOAD)
+    with pytest.raises(SlkvConfigError, match="resolved --decode-attention-backend to fa3"):
+        check_resolved({"attention_backend": "flashinfer", "decode_attention_backend": "fa3"}, ON)
+    with pytest.raises(SlkvConfigError, match="--slkv-offload runs on --attention-backend torch_native only"):
+        check_resolved({"attention_backend": "flashinfer"}, OFFLOAD)
+
+
+def test_engine_kwargs_per_machine():
+    gpu = engine_kwargs("m", cuda=True)
+    assert gpu["attention_backend"] == "flashinfer" and gpu["disable_cuda_graph"] is True
+    assert "device" not in gpu and "dtype" not in gpu
+    cpu = engine_kwargs("m", cuda=False)
+    assert cpu["device"] == "cpu" and cpu["attention_backend"] == "torch_native" and cpu["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--attention-backend", "triton"], "covers the flashinfer and torch_native attention backends, not --attention-backend triton"),
+    (["--attention-backend", "flashinfer", "--slkv-offload"], "--slkv-offload runs on --attention-backend torch_native"),
+])
+def test_launch_server_refuses_at_startup(flags, message, model_path):
+    """Refused in the launcher, before a scheduler exists, with the flag to use."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--device", "cpu",
+         "--enable-simlayerkv", *flags],
+        capture_output=True, text=True, timeout=300, env={**_clean_env(), "SGLANG_USE_CPU_ENGINE": "1"},
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLKV_")}
