@@ -8,6 +8,7 @@ references, on Llama-3-8B's attention shapes (32 q / 8 kv heads, head dim 128, b
   rewritten ``kv_indices`` (``flashinfer_ops.plan_decode``) — equals dense attention over the same slots;
 - ``scoring``: the backend's scoring (``flashinfer_ops.LseScorer``, prefill with ``return_lse``) equals the
   chunked torch scoring (``scoring.head_mass``) on the same bf16 cache;
+- ``scoring_time``: identification per layer (lse and torch scoring) against the layer's prefill;
 - ``decode_time``: decode attention per layer at 4K / 16K / 32K context, lazy (sink + recent) vs full, and the
   per-step attention time with half the layers lazy, plan included;
 - ``host_tier``: the host arena's offload / reload GB/s against a plain pinned ``copy_`` and the PCIe link the
@@ -32,8 +33,8 @@ from typing import Any, Callable
 
 import torch
 
-from .backends.flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, plan_decode, window_slots
-from .scoring import SCORE_CHUNK, gather_keys, head_mass
+from .backends.flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, plan_decode
+from .scoring import SCORE_CHUNK, gather_keys, head_mass, window_slots
 
 SHAPES = {  # name -> (q heads, kv heads, head dim)
     "llama3-8b": (32, 8, 128),
@@ -168,14 +169,15 @@ def _host_ms(fn: Callable[[], Any], iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def decode_time(device: torch.device, batch: int = 16, layers: int = 32, lazy_share: float = 0.5) -> dict[str, Any]:
+def decode_time(device: torch.device, batches: tuple[int, ...] = (16, 64), layers: int = 32,
+                lazy_share: float = 0.5) -> dict[str, Any]:
     """Per layer decode attention (Llama-3-8B shapes), full vs lazy, and per step with a share of lazy layers."""
     heads, kv_heads, dim = SHAPES["llama3-8b"]
     shape = AttnShape(heads, kv_heads, dim, torch.bfloat16, torch.bfloat16)
     scale = 1 / math.sqrt(dim)
     tensor_cores = heads // kv_heads >= 4  # SGLang's rule for bf16 KV
-    out: dict[str, Any] = {"batch": batch, "layers": layers, "lazy_share": lazy_share, "tensor_cores": tensor_cores}
-    for ctx in (4096, 16384, 32768):
+    out: dict[str, Any] = {"layers": layers, "lazy_share": lazy_share, "tensor_cores": tensor_cores}
+    for batch, ctx in ((b, c) for b in batches for c in (4096, 16384, 32768)):
         k_cache, v_cache = _rand_cache(batch * ctx, kv_heads, dim, device)
         rows = list(torch.arange(batch * ctx, device=device, dtype=torch.int32).view(batch, ctx))
         q = torch.randn(batch, heads, dim, device=device, dtype=torch.bfloat16)
@@ -189,9 +191,56 @@ def decode_time(device: torch.device, batch: int = 16, layers: int = 32, lazy_sh
         n_lazy = round(layers * lazy_share)
         step_full = layers * t_full + t_plan  # SGLang plans its one wrapper per step too
         step_slkv = (layers - n_lazy) * t_full + n_lazy * t_lazy + 2 * t_plan  # + one wrapper per lazy pattern
-        out[str(ctx)] = {"layer_full_ms": t_full, "layer_lazy_ms": t_lazy, "plan_ms": t_plan,
+        out[f"{batch}x{ctx}"] = {"layer_full_ms": t_full, "layer_lazy_ms": t_lazy, "plan_ms": t_plan,
                          "step_full_ms": step_full, "step_slkv_ms": step_slkv, "step_speedup": step_full / step_slkv}
         del k_cache, v_cache
+        torch.cuda.empty_cache()
+    return out
+
+
+def scoring_time(device: torch.device) -> dict[str, Any]:
+    """Identification cost per layer (Llama-3-8B, one request, last 32 queries) against the layer's prefill:
+    its causal attention (FlashInfer, as SGLang's extend) plus its dense matmuls (q/k/v/o and the MLP)."""
+    from flashinfer import BatchPrefillWithPagedKVCacheWrapper
+
+    heads, kv_heads, dim = SHAPES["llama3-8b"]
+    hidden, mlp = 4096, 14336  # Llama-3-8B config
+    shape = AttnShape(heads, kv_heads, dim, torch.bfloat16, torch.bfloat16)
+    scale = 1 / math.sqrt(dim)
+    out: dict[str, Any] = {}
+    for ctx in (4096, 32768):
+        k_cache, v_cache = _rand_cache(ctx, kv_heads, dim, device)
+        slots = torch.arange(ctx, device=device, dtype=torch.int32)
+        q_all = torch.randn(ctx, heads, dim, device=device, dtype=torch.bfloat16)
+        prefill = BatchPrefillWithPagedKVCacheWrapper(_workspace(device), "NHD", backend=PREFILL_BACKEND)
+        prefill.plan(torch.tensor([0, ctx], dtype=torch.int32), torch.tensor([0, ctx], dtype=torch.int32), slots,
+                     torch.ones(1, dtype=torch.int32), heads, kv_heads, dim, 1, causal=True, sm_scale=scale,
+                     q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+        x = torch.randn(ctx, hidden, device=device, dtype=torch.bfloat16)
+        weights = [torch.randn(hidden, n, device=device, dtype=torch.bfloat16) / 64
+                   for n in ((heads + 2 * kv_heads) * dim, hidden, 2 * mlp)]
+        w_down = torch.randn(mlp, hidden, device=device, dtype=torch.bfloat16) / 64
+        h = torch.randn(ctx, mlp, device=device, dtype=torch.bfloat16)
+
+        def dense() -> None:
+            for w in weights:
+                x @ w
+            h @ w_down
+
+        scorer = LseScorer(BatchPrefillWithPagedKVCacheWrapper(_workspace(device), "NHD", backend=PREFILL_BACKEND),
+                           shape, SINK, RECENT)
+        scorer.plan([LAST], [slots], sm_scale=scale)
+        q_last = q_all[-LAST:]
+        t_attn = _cuda_ms(lambda: prefill.run(q_all, (k_cache, v_cache)), 10)
+        t_dense = _cuda_ms(dense, 10)
+        t_lse = _cuda_ms(lambda: scorer.mass([q_last], (k_cache, v_cache)), 50)
+        t_torch = _cuda_ms(lambda: head_mass(q_last, k_cache, slots, SINK, RECENT, scale), 20)
+        t_plan = _host_ms(lambda: scorer.plan([LAST], [slots], sm_scale=scale), 20)
+        layer = t_attn + t_dense
+        out[str(ctx)] = {"prefill_attention_ms": t_attn, "prefill_dense_ms": t_dense, "lse_scoring_ms": t_lse,
+                         "torch_scoring_ms": t_torch, "lse_plan_ms_per_forward": t_plan,
+                         "lse_share_of_layer_prefill": t_lse / layer, "torch_share_of_layer_prefill": t_torch / layer}
+        del k_cache, v_cache, q_all, x, h, weights, w_down
         torch.cuda.empty_cache()
     return out
 
@@ -351,6 +400,7 @@ def run(dry: bool, out_dir: Path, jit_shapes: bool) -> dict[str, Any]:
     section("decode_llama3-8b", lambda: check_decode("llama3-8b", device))
     section("scoring_llama3-8b", lambda: check_scoring("llama3-8b", device))
     section("decode_time", lambda: decode_time(device))
+    section("scoring_time", lambda: scoring_time(device))
     section("host_tier", lambda: host_tier(device, 4096, 16) if cuda else host_tier(device, 2048, 2), needs_cuda=False)
     section("scoring_memory", lambda: scoring_memory(device, (32768, 131072) if cuda else (8192,)), needs_cuda=False)
     if jit_shapes:
@@ -377,10 +427,9 @@ def main(argv: list[str]) -> int:
     for key in [k for k, v in report.items() if isinstance(v, dict) and "ok" in v]:
         print(f"  {key:<22} {'ok' if report[key]['ok'] else 'FAILED'}")
     if isinstance(report.get("decode_time"), dict):
-        for ctx in ("4096", "16384", "32768"):
-            r = report["decode_time"].get(ctx)
-            if r:
-                print(f"  decode {ctx:>5}: layer full {r['layer_full_ms']:.3f} ms, lazy {r['layer_lazy_ms']:.3f} ms, "
+        for key, r in report["decode_time"].items():
+            if isinstance(r, dict):
+                print(f"  decode {key:>8}: layer full {r['layer_full_ms']:.3f} ms, lazy {r['layer_lazy_ms']:.3f} ms, "
                       f"step x{r['step_speedup']:.2f}")
     print("failed: " + (", ".join(failed) if failed else "none"))
     return 1 if failed else 0

@@ -3,7 +3,8 @@
 Independent of the engine's code path on purpose: the score is the explicit softmax probability mass of
 the last queries (materialised ``[H, n, L]`` probabilities, summed over sink + recent keys), not the engine's
 log-sum-exp difference; decode restriction indexes the HF cache's keys. Batch size 1, greedy decoding.
-Shared with the engine: only the head reduction (``reduce_heads_tensor``), which *defines* a score mode.
+Shared with the engine: only the decision rule (``scoring.decide``: head reduction, threshold, protected and
+forced layers), which *defines* the algorithm; the masses it decides on are computed independently here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from .config import SlkvConfig
 from .layer_map import LayerMap
-from .scoring import reduce_heads_tensor
+from .scoring import decide
 
 _IMPL = "slkv_reference"
 
@@ -96,15 +97,10 @@ class ReferenceModel:
     def _decide(self, run: _Run, prompt_len: int, decided_at: int, force_lazy: Sequence[int] | None) -> LayerMap:
         cfg = run.config
         per_head = torch.stack([run.per_head[layer] for layer in range(self.num_layers)])
-        scores = reduce_heads_tensor(per_head, cfg.score, self.num_kv_heads)
-        if force_lazy is not None:
-            lazy = [layer in set(force_lazy) for layer in range(self.num_layers)]
-        else:
-            lazy = [bool(s > cfg.threshold) for s in scores]
-        long_enough = prompt_len >= cfg.min_trim_len
-        lazy = [v and long_enough and layer not in cfg.protect for layer, v in enumerate(lazy)]
+        lazy, scores = decide(per_head, cfg.score, cfg.threshold, self.num_kv_heads, prompt_len >= cfg.min_trim_len,
+                              force_lazy, cfg.protect)
         return LayerMap(
-            lazy=tuple(lazy), scores=tuple(float(s) for s in scores), threshold=cfg.threshold,
+            lazy=tuple(bool(x) for x in lazy), scores=tuple(float(s) for s in scores), threshold=cfg.threshold,
             score_mode=cfg.score, decide_mode=cfg.mode, sink=cfg.sink, recent=cfg.recent, decided_at=decided_at,
         )
 

@@ -6,6 +6,8 @@ gives), so only the last ``w_last`` rows of logits exist, never the full attenti
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .config import ScoreMode
@@ -14,6 +16,14 @@ from .config import ScoreMode
 # Keys scored per step: transient memory is ``chunk x Hkv x D`` keys plus ``H x last x chunk`` fp32 logits,
 # whatever the context (at 128K tokens the unchunked logits alone would be 0.5 GB for an 8B model's 32 heads).
 SCORE_CHUNK = 2048
+
+
+def window_slots(slots: torch.Tensor, seq_len: int, sink: int, recent: int) -> torch.Tensor:
+    """The KV slot ids of a sequence's sink + recent positions: what the score measures mass on, and all that a
+    lazy layer's decode reads. ``slots`` holds the sequence's slot ids by position."""
+    if seq_len <= sink + recent:
+        return slots[:seq_len]
+    return torch.cat([slots[:sink], slots[seq_len - recent : seq_len]])
 
 
 def gather_keys(k_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -78,3 +88,19 @@ def reduce_heads_tensor(per_head: torch.Tensor, mode: ScoreMode, num_kv_heads: i
     if mode == "headmin":
         return per_head.min(dim=-1).values
     raise ValueError(f"unknown score mode {mode!r}")
+
+
+def decide(per_head: torch.Tensor, mode: ScoreMode, threshold: float, num_kv_heads: int, long_enough: bool,
+           force_lazy: Sequence[int] | None = None, protect: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decision rule: per-head masses ``[L, H]`` (all of the model's query heads) to (lazy ``[L]`` bool,
+    scores ``[L]``). A layer is lazy when its score exceeds the threshold (or it is forced), the sequence is long
+    enough to trim, and it is not protected."""
+    scores = reduce_heads_tensor(per_head, mode, num_kv_heads)
+    if force_lazy is not None:
+        lazy = torch.zeros(scores.shape[0], dtype=torch.bool)
+        lazy[list(force_lazy)] = True
+    else:
+        lazy = scores > threshold
+    lazy &= long_enough
+    lazy[[layer for layer in protect if layer < len(lazy)]] = False
+    return lazy, scores

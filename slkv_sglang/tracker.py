@@ -18,7 +18,8 @@ import torch
 from .config import SlkvConfig
 from .layer_map import LayerMap
 from .request_params import RequestParams
-from .scoring import reduce_heads_tensor
+from .scoring import decide, window_slots
+from .tensor_parallel import HeadGather
 
 logger = logging.getLogger("slkv.tracker")
 
@@ -64,13 +65,40 @@ class BatchPlan:
     scorers: list[_Scorer]
     window: dict[int, torch.Tensor]  # decode: batch position -> KV slot ids of sink + recent
     started: float
+    clocks: list["_Clock"] = field(default_factory=list)  # scoring time per layer
+
+
+class _Clock:
+    """Scoring time of one layer: host time on CPU, CUDA events on a GPU (read after the decision's sync)."""
+
+    def __init__(self, device: torch.device):
+        self._events = None
+        if device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+        self._t0, self._t1 = time.perf_counter(), 0.0
+
+    def stop(self) -> "_Clock":
+        if self._events is not None:
+            self._events[1].record()
+        self._t1 = time.perf_counter()
+        return self
+
+    def seconds(self) -> float:
+        if self._events is not None:
+            return self._events[0].elapsed_time(self._events[1]) / 1e3
+        return self._t1 - self._t0
 
 
 class LazyTracker:
-    def __init__(self, config: SlkvConfig, num_layers: int, num_kv_heads: int, num_rows: int, req_to_token: torch.Tensor):
+    def __init__(self, config: SlkvConfig, num_layers: int, num_kv_heads: int, num_rows: int, req_to_token: torch.Tensor,
+                 gather_heads: HeadGather | None = None):
+        """``num_kv_heads``: the model's total; ``gather_heads``: under tensor parallel, this rank's per-head masses
+        to all of the model's heads (``tensor_parallel.all_gather_heads``), so every rank decides alike."""
         self.config = config
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
+        self.gather_heads = gather_heads
         self.req_to_token = req_to_token
         self.lazy = torch.zeros(num_rows, num_layers, dtype=torch.bool)  # host copy, read per layer
         self._tails: dict[int, _Tail] = {}
@@ -98,7 +126,8 @@ class LazyTracker:
         if params is None or not (mode.is_extend() or mode.is_decode()) or mode.is_mixed():
             self.plan_ = None
             return None
-        rows = fb.req_pool_indices.tolist()
+        # host copies where SGLang keeps them, so that planning does not wait for the device
+        rows = (fb.req_pool_indices_cpu if fb.req_pool_indices_cpu is not None else fb.req_pool_indices).tolist()
         if len(params) != len(rows):
             raise RuntimeError(f"slkv: staged settings for {len(params)} requests, batch has {len(rows)}")
         seq_lens = (fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens).tolist()
@@ -149,8 +178,7 @@ class LazyTracker:
                     )
                 )
             if seq_len > cfg.kept_tokens and bool(self.lazy[row].any()):
-                slots = self.req_to_token[row]
-                plan.window[pos] = torch.cat([slots[: cfg.sink], slots[seq_len - cfg.recent : seq_len]])
+                plan.window[pos] = window_slots(self.req_to_token[row], seq_len, cfg.sink, cfg.recent)
 
     # ---- per layer ---------------------------------------------------------------------------------
     def restricted_positions(self, layer_id: int) -> list[int]:
@@ -172,7 +200,7 @@ class LazyTracker:
         plan = self.plan_
         if plan is None or not plan.scorers:
             return
-        t0 = time.perf_counter()
+        clock = _Clock(q.device)
         cfg = self.config
         deciding: list[tuple[_Scorer, torch.Tensor]] = []
         for s in plan.scorers:
@@ -187,31 +215,31 @@ class LazyTracker:
             masses = mass([q_rows for _, q_rows in deciding], [s.key_slots for s, _ in deciding])
             for (s, _), per_head in zip(deciding, masses):
                 s.per_head[layer_id] = per_head
-        spent = time.perf_counter() - t0
-        for s in plan.scorers:
-            self._timing.setdefault(s.row, [0.0, 0.0])[0] += spent / len(plan.scorers)
+        plan.clocks.append(clock.stop())
         if layer_id == self.num_layers - 1:
             self._finish(plan)
 
     def _finish(self, plan: BatchPlan) -> None:
-        elapsed = time.perf_counter() - plan.started
+        deciding = [s for s in plan.scorers if s.decide]
+        masses: list[torch.Tensor] = []
+        if deciding:
+            for s in deciding:
+                if any(x is None for x in s.per_head):
+                    raise RuntimeError(f"slkv: request {s.params.rid} was not scored in every layer")
+            stacked = torch.stack([torch.stack(s.per_head) for s in deciding])  # type: ignore[misc]  # [R, L, H]
+            if self.gather_heads is not None:
+                stacked = self.gather_heads(stacked)
+            masses = list(stacked.cpu())  # the decision's one host sync
+        elapsed = time.perf_counter() - plan.started  # after the sync: the forward has run
+        spent = sum(clock.seconds() for clock in plan.clocks)
         for s in plan.scorers:
             timing = self._timing.setdefault(s.row, [0.0, 0.0])
+            timing[0] += spent / len(plan.scorers)
             timing[1] += elapsed
-            if not s.decide:
-                continue
-            if any(x is None for x in s.per_head):
-                raise RuntimeError(f"slkv: request {s.params.rid} was not scored in every layer")
-            per_head = torch.stack(s.per_head).cpu()  # type: ignore[arg-type]
-            scores = reduce_heads_tensor(per_head, s.params.score, self.num_kv_heads)
-            long_enough = s.prompt_len >= self.config.min_trim_len
-            if s.params.force_lazy is not None:
-                lazy = torch.zeros(self.num_layers, dtype=torch.bool)
-                lazy[list(s.params.force_lazy)] = True
-            else:
-                lazy = scores > s.params.threshold
-            lazy &= long_enough
-            lazy[[layer for layer in self.config.protect if layer < self.num_layers]] = False
+        for s, per_head in zip(deciding, masses):
+            timing = self._timing[s.row]
+            lazy, scores = decide(per_head, s.params.score, s.params.threshold, self.num_kv_heads,
+                                  s.prompt_len >= self.config.min_trim_len, s.params.force_lazy, self.config.protect)
             self.lazy[s.row] = lazy
             self._decisions[s.params.rid] = LayerMap(
                 lazy=tuple(bool(x) for x in lazy),

@@ -6,19 +6,30 @@ from typing import Any
 
 import torch
 
+from sglang.srt.runtime_context import get_parallel
+
 from ..config import SlkvConfig
 from ..scoring import head_mass
+from ..tensor_parallel import all_gather_heads
 from ..tracker import LazyTracker, MassFn
 
+
 def make_tracker(model_runner: Any, config: SlkvConfig) -> LazyTracker:
+    """The tracker of one backend; under tensor parallel it decides on all ranks' heads (``tensor_parallel``)."""
     hf = model_runner.model_config
     req_to_token = model_runner.req_to_token_pool.req_to_token
+    gather = None
+    if get_parallel().tp_size > 1:
+        from sglang.srt.distributed.parallel_state import get_tp_group
+
+        gather = all_gather_heads(get_tp_group().device_group, hf.num_attention_heads)
     return LazyTracker(
         config,
         num_layers=hf.num_hidden_layers,
-        num_kv_heads=hf.get_num_kv_heads(1),
+        num_kv_heads=hf.get_total_num_kv_heads(),
         num_rows=req_to_token.shape[0],
         req_to_token=req_to_token,
+        gather_heads=gather,
     )
 
 

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..scoring import window_slots
+
 # SGLang 0.5.23 builds its wrappers with FlashInfer's fa2 kernels; "auto" may pick fa3 on Hopper (which has
 # no fp8 KV path with these arguments), so the plugin names it too.
 PREFILL_BACKEND = "fa2"
@@ -33,13 +35,6 @@ class AttnShape:
     head_dim: int
     q_dtype: torch.dtype
     kv_dtype: torch.dtype
-
-
-def window_slots(slots: torch.Tensor, seq_len: int, sink: int, recent: int) -> torch.Tensor:
-    """The KV slot ids a restricted request reads: its first ``sink`` and last ``recent`` positions."""
-    if seq_len <= sink + recent:
-        return slots[:seq_len]
-    return torch.cat([slots[:sink], slots[seq_len - recent : seq_len]])
 
 
 def _indptr(lengths: Sequence[int]) -> torch.Tensor:
@@ -71,6 +66,10 @@ class LseScorer:
     def __init__(self, wrapper: Any, shape: AttnShape, sink: int, recent: int):
         self.wrapper, self.shape, self.sink, self.recent = wrapper, shape, sink, recent
         self._planned: tuple[tuple[int, int], ...] | None = None  # (queries, keys) per request, as planned
+
+    def reset(self) -> None:
+        """A new forward: its deciding requests are planned again at the first scored layer."""
+        self._planned = None
 
     def supports(self, num_queries: int) -> bool:
         """The causal alignment of the sink + recent entry holds only if the recent window covers the queries."""
