@@ -45,7 +45,8 @@ def identification(engine: Any, tokenizer: Any, lengths: list[int], repeats: int
             meta = out["meta_info"]["slkv"]
             fractions.append(meta["timing"]["identification_s"] / meta["timing"]["prefill_forward_s"])
             lazy.append(len(meta["lazy_layers"]))
-        rows.append({"tokens": n, "ident_fraction": statistics.mean(fractions), "lazy_layers": statistics.mean(lazy)})
+        rows.append({"tokens": n, "ident_fraction": statistics.mean(fractions), "lazy_layers": statistics.mean(lazy),
+                     "layers": len(meta["lazy"])})
     return rows
 
 
@@ -105,12 +106,13 @@ def main(argv: list[str]) -> int:
     print(f"SimLayerKV {config}")
     print("identification overhead (scoring time / prefill forward time)")
     for row in figures["identification"]:
-        print(f"  {row['tokens']:>5} tokens: {100 * row['ident_fraction']:.2f}%  (lazy layers {row['lazy_layers']:.1f}/30)")
+        print(f"  {row['tokens']:>5} tokens: {100 * row['ident_fraction']:.2f}%  (lazy layers {row['lazy_layers']:.1f}/{row['layers']})")
+    layers = figures["identification"][0]["layers"] if figures["identification"] else "?"
     print(f"decode step at {args.decode_prompt} prompt tokens ({args.decode_tokens} steps)")
     for d in figures["decode"]:
         print(
             f"  batch {d['batch']}: full {d['full']['step_ms']:.1f} ms, SimLayerKV {d['simlayerkv']['step_ms']:.1f} ms "
-            f"(x{d['speedup']:.2f}; lazy layers {d['lazy_layers']:.1f}/30)"
+            f"(x{d['speedup']:.2f}; lazy layers {d['lazy_layers']:.1f}/{layers})"
         )
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2))

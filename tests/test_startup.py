@@ -80,3 +80,12 @@ def _clean_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("SLKV_")}
+
+
+def test_engine_refuses_before_spawning(monkeypatch, model_path):
+    """The in-process API (sglang.Engine, what `slkv serve` uses) goes through the same check."""
+    import sglang
+
+    monkeypatch.setenv("SLKV_ENABLE", "1")
+    with pytest.raises(SlkvConfigError, match="not --attention-backend triton"):
+        sglang.Engine(**engine_kwargs(model_path, cuda=False, attention_backend="triton"))
