@@ -20,6 +20,10 @@ class Metrics:
         self.full_kv_bytes = Gauge("slkv:full_kv_bytes_last_turn", "KV bytes the last turn would read with full KV", registry=r)
         self.redis_errors = Counter("slkv:redis_errors", "Session store operations that failed", registry=r)
         self.engine_errors = Counter("slkv:engine_errors", "Turns failed by the remote worker or router", registry=r)
+        self.replays = Counter("slkv:idempotent_replays", "Turns answered from the stored result of an earlier "
+                               "request with the same Idempotency-Key", registry=r)
+        self.turn_failures = Counter("slkv:turn_failures", "Chat turns answered with an error, by error code",
+                                     ["code"], registry=r)
         self.worker_switches = Counter("slkv:worker_switches", "Turns served by another worker than the session's "
                                        "last one (history recomputed there)", registry=r)
 

@@ -23,6 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-ttl", type=int, default=3600, help="seconds an idle session is kept (default 3600)")
     p.add_argument("--api-keys", default=os.environ.get("SLKV_API_KEYS", ""),
                    help="comma-separated API keys (env SLKV_API_KEYS); unset: no authentication")
+    p.add_argument("--admin-keys", default=os.environ.get("SLKV_ADMIN_KEYS", ""),
+                   help="comma-separated admin keys for /admin/* (env SLKV_ADMIN_KEYS); user keys get 403 there")
+    p.add_argument("--metrics-need-admin", action="store_true", help="/metrics answers admin keys only")
+    p.add_argument("--max-turns-per-key", type=int, default=64,
+                   help="turns one API key may run at once; more answer 429 (default 64)")
+    p.add_argument("--schedule-policy", default="shortest-prefill-first",
+                   help="SGLang scheduling policy of the in-process engine (default shortest-prefill-first: short "
+                        "prompts are not queued behind long ones)")
     p.add_argument("--offload-budget", type=int, default=None,
                    help="host offload budget in bytes sent to the engine with every turn (default: the engine's "
                         "--slkv-offload-budget); changeable at run time with PUT /admin/offload")
@@ -35,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_turns_per_key < 1:
+        parser.error("--max-turns-per-key must be at least 1")
     import uvicorn
     from transformers import AutoConfig, AutoTokenizer
 
@@ -43,7 +54,10 @@ def main(argv: list[str]) -> int:
     from slkv_sglang.model import ensure_bundled_model
     from slkv_sglang.runtime import make_engine, shutdown_engine
 
-    from .app import EngineClient, RemoteEngineClient, Settings, create_app
+    from .app import create_app
+    from .auth import Keys
+    from .engine import EngineClient, RemoteEngineClient
+    from .settings import Settings
     from .store import MemoryStore, RedisStore
 
     slkv = SlkvConfig.from_env()
@@ -53,17 +67,19 @@ def main(argv: list[str]) -> int:
     hf = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     context_len = hf.max_position_embeddings
-    engine = None if args.sglang_url else make_engine(path, slkv=slkv)
+    engine = None if args.sglang_url else make_engine(path, slkv=slkv, schedule_policy=args.schedule_policy)
     client = RemoteEngineClient(args.sglang_url, tokenizer, context_len) if args.sglang_url else \
         EngineClient(engine, tokenizer, context_len)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     settings = Settings(
-        api_keys=frozenset(k for k in args.api_keys.split(",") if k),
+        keys=Keys(users=_keys(args.api_keys), admins=_keys(args.admin_keys)),
         model_name=os.path.basename(path.rstrip("/")),
         threshold=slkv.threshold,
         offload_budget_bytes=args.offload_budget,
         worker=args.worker_name,
         kv_bytes_per_token_layer=2 * hf.num_key_value_heads * head_dim * 4,  # K and V, float32
+        max_turns_per_key=args.max_turns_per_key,
+        metrics_need_admin=args.metrics_need_admin,
     )
     store = RedisStore(args.redis_url, args.redis_prefix, args.session_ttl) if args.redis_url else MemoryStore(args.session_ttl)
     if not args.redis_url:
@@ -75,3 +91,7 @@ def main(argv: list[str]) -> int:
         if engine is not None:
             shutdown_engine(engine)
     return 0
+
+
+def _keys(listed: str) -> frozenset[str]:
+    return frozenset(k for k in listed.split(",") if k)

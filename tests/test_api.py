@@ -1,24 +1,35 @@
-"""The chat API end to end: `slkv serve` (real engine) + a real redis-server that the tests can stop."""
+"""The chat API end to end: `slkv serve` (real engine) + a real redis-server that the tests can stop, pause
+and restart (its own, on a free port: the shared Redis on 6379 is never touched)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import httpx
+import psutil
 import pytest
 import redis
 
+from api.store import LOCK_TTL_MS
+
+from .test_api_hostile import hostile_requests
 from .servers import free_port, start_server, stop_server
 
-KEY_A, KEY_B = "key-alpha", "key-beta"
+KEY_A, KEY_B, KEY_C, ADMIN = "key-alpha", "key-beta", "key-gamma", "key-admin"
+MAX_TURNS_PER_KEY = 12
+LONG = "Count from 1 to 100, one number per line."  # a long greedy answer: a turn that is still running
 
 
 class RedisProcess:
@@ -31,7 +42,7 @@ class RedisProcess:
         self.proc = subprocess.Popen(
             ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
              "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
+        client = self.client()
         for _ in range(100):
             try:
                 if client.ping():
@@ -45,6 +56,9 @@ class RedisProcess:
         self.proc.terminate()  # SIGTERM: redis flushes the append-only file and exits
         self.proc.wait(timeout=30)
 
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True)
+
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
@@ -56,18 +70,28 @@ def redis_server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def api(redis_server, model_path):
-    port, prefix = free_port(), f"slkv-test-{uuid.uuid4().hex[:8]}:"
+def _start_api(api: dict[str, Any]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLKV_")}
     env["SLKV_POISON"] = "1"  # freed KV is NaN: a read of it would show in the tokens
-    cmd = [sys.executable, "-m", "slkv_sglang.cli", "serve", "--port", str(port), "--model-path", model_path,
-           "--redis-url", f"redis://127.0.0.1:{redis_server.port}/0", "--redis-prefix", prefix,
-           "--api-keys", f"{KEY_A},{KEY_B}", "--slkv-recent", "64"]
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(cmd, env, f"{url}/healthz")
-    yield {"url": url, "prefix": prefix}
-    stop_server(proc)
+    cmd = [sys.executable, "-m", "slkv_sglang.cli", "serve", "--port", str(api["port"]), "--model-path",
+           api["model_path"], "--redis-url", f"redis://127.0.0.1:{api['redis_port']}/0", "--redis-prefix",
+           api["prefix"], "--api-keys", f"{KEY_A},{KEY_B},{KEY_C}", "--admin-keys", ADMIN, "--slkv-recent", "64",
+           "--max-turns-per-key", str(MAX_TURNS_PER_KEY)]
+    api["proc"] = start_server(cmd, env, f"{api['url']}/healthz")
+
+
+@pytest.fixture(scope="module")
+def api(redis_server, model_path):
+    port = free_port()
+    server = {"port": port, "url": f"http://127.0.0.1:{port}", "prefix": f"slkv-test-{uuid.uuid4().hex[:8]}:",
+              "model_path": model_path, "redis_port": redis_server.port}
+    _start_api(server)
+    yield server
+    stop_server(server["proc"])
+
+
+def _h(key: str = KEY_A, idem: str | None = None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", **({"Idempotency-Key": idem} if idem else {})}
 
 
 def _client(api, key=KEY_A):
@@ -77,15 +101,72 @@ def _client(api, key=KEY_A):
 
 
 def _session(api, key=KEY_A) -> str:
-    r = httpx.post(f"{api['url']}/v1/sessions", headers={"Authorization": f"Bearer {key}"})
+    r = httpx.post(f"{api['url']}/v1/sessions", headers=_h(key))
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
 
-def _chat(api, sid, text, key=KEY_A, **kw):
-    return httpx.post(f"{api['url']}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                      json={"messages": [{"role": "user", "content": text}], "session_id": sid, "max_tokens": 8, **kw},
+def _body(sid: str | None, text: str, **kw: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": text}], "session_id": sid, "max_tokens": 8, **kw}
+
+
+def _chat(api, sid, text, key=KEY_A, idem=None, **kw):
+    return httpx.post(f"{api['url']}/v1/chat/completions", headers=_h(key, idem), json=_body(sid, text, **kw),
                       timeout=300)
+
+
+def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """The JSON events of a server-sent event stream, up to [DONE]."""
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
+@contextmanager
+def _running_turn(api, sid, idem=None, key=KEY_A, max_tokens=64) -> Iterator[Iterator[dict[str, Any]]]:
+    """A streaming turn, entered once its first chunk arrived: the turn runs and holds the session's lock.
+    Leaving the block early disconnects the client."""
+    with httpx.Client(timeout=300) as http:
+        with http.stream("POST", f"{api['url']}/v1/chat/completions", headers=_h(key, idem),
+                         json=_body(sid, LONG, max_tokens=max_tokens, stream=True)) as r:
+            assert r.status_code == 200, r.read()
+            events = _events(r)
+            assert next(events)["choices"][0]["delta"]["content"]
+            yield events
+
+
+def _stored(api, redis_server, sid) -> list[dict[str, Any]]:
+    """The turns Redis holds for a session, read directly."""
+    return [json.loads(t) for t in redis_server.client().lrange(f"{api['prefix']}session:{sid}:turns", 0, -1)]
+
+
+def _lock_gone(api, redis_server, sid) -> None:
+    """Wait for the session's lock to go: it may expire (TTL at most LOCK_TTL_MS) but never be left forever."""
+    raw, key = redis_server.client(), f"{api['prefix']}session:{sid}:lock"
+    deadline = time.monotonic() + 5 * LOCK_TTL_MS / 1000
+    while raw.exists(key):
+        assert raw.pttl(key) <= LOCK_TTL_MS, "a lock without a bounded TTL"
+        assert time.monotonic() < deadline, "the lock stayed"
+        time.sleep(0.1)
+
+
+def _retry_until_free(api, sid, idem, **kw) -> httpx.Response:
+    """A client's retry after a failure: 409 while the old turn's lock has not gone yet, then the answer."""
+    deadline = time.monotonic() + 5 * LOCK_TTL_MS / 1000
+    while (r := _chat(api, sid, LONG, idem=idem, **kw)).status_code == 409 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return r
+
+
+def _exactly_once(api, redis_server, sid, idem, before: int, **kw) -> None:
+    """Retrying ``idem`` (twice) leaves exactly one turn for it after the ``before`` turns the session had."""
+    first = _retry_until_free(api, sid, idem, **kw)
+    assert first.status_code == 200, first.text
+    again = _chat(api, sid, LONG, idem=idem, **kw)
+    assert again.status_code == 200 and again.headers.get("idempotent-replayed") == "true", again.text
+    assert again.json()["id"] == first.json()["id"]
+    stored = _stored(api, redis_server, sid)
+    assert len(stored) == before + 1 and stored[-1]["id"] == first.json()["id"]
 
 
 TURNS = [
@@ -115,22 +196,63 @@ def test_four_turns_with_the_openai_client(api, redis_server):
             cached.append(chunks[-1].usage.prompt_tokens_details.cached_tokens)
     assert cached[0] == 0 and all(c > 0 for c in cached[1:]), cached
 
-    info = httpx.get(f"{api['url']}/v1/sessions/{sid}", headers={"Authorization": f"Bearer {KEY_A}"}).json()
+    info = httpx.get(f"{api['url']}/v1/sessions/{sid}", headers=_h()).json()
     assert [t["turn"] for t in info["turns"]] == [1, 2, 3, 4]
     assert all(len(t["layer_map"]["lazy"]) == 30 and t["kv_location"] == ["device"] * 30 for t in info["turns"])
-    raw = redis.Redis(port=redis_server.port, decode_responses=True)
-    stored = [json.loads(x) for x in raw.lrange(f"{api['prefix']}session:{sid}:turns", 0, -1)]
+    stored = _stored(api, redis_server, sid)
     assert [t["layer_map"]["scores"] for t in stored] == [t["layer_map"]["scores"] for t in info["turns"]]
-    assert raw.ttl(f"{api['prefix']}session:{sid}") > 0
-    png = httpx.get(f"{api['url']}/v1/sessions/{sid}/layers.png", headers={"Authorization": f"Bearer {KEY_A}"})
+    assert redis_server.client().ttl(f"{api['prefix']}session:{sid}") > 0
+    png = httpx.get(f"{api['url']}/v1/sessions/{sid}/layers.png", headers=_h())
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_openai_fields_with_the_openai_client(api):
+    """stop, max_completion_tokens, logprobs/top_logprobs, streaming with usage and JSON mode, as OpenAI answers
+    them; n > 1, tools and seeded sampling are refused with a 400 naming the parameter."""
+    import openai
+
+    client = _client(api)
+    count = [{"role": "user", "content": "Count from 1 to 20, one number per line."}]
+    free = client.chat.completions.create(model="default", messages=count, max_completion_tokens=40)
+    assert "5" in free.choices[0].message.content
+    stopped = client.chat.completions.create(model="default", messages=count, max_completion_tokens=40, stop=["5"])
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content
+    assert "5" not in stopped.choices[0].message.content
+
+    short = client.chat.completions.create(model="default", messages=count, max_completion_tokens=3, logprobs=True,
+                                           top_logprobs=2)
+    choice = short.choices[0]
+    assert short.usage.completion_tokens == 3 and choice.finish_reason == "length"
+    tokens = choice.logprobs.content
+    assert len(tokens) == 3 and "".join(t.token for t in tokens) == choice.message.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in tokens)  # greedy
+    assert all(t.logprob == t.top_logprobs[0].logprob <= 0 for t in tokens)
+
+    stream = client.chat.completions.create(model="default", messages=count, max_completion_tokens=5, stream=True,
+                                            logprobs=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "".join(t.token for t in streamed) == text and len(streamed) == 5
+
+    as_json = client.chat.completions.create(model="default", max_completion_tokens=16, seed=7,
+                                             response_format={"type": "json_object"},
+                                             messages=[{"role": "user", "content": "Describe a cat as JSON."}])
+    assert as_json.choices[0].message.content.lstrip().startswith("{")
+
+    for refused, kwargs in [("n", {"n": 3}), ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+                            ("seed", {"seed": 1, "temperature": 0.7})]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="default", messages=count, max_completion_tokens=3, **kwargs)
+        assert err.value.body["param"] == refused and err.value.body["code"] == "unsupported_parameter"
 
 
 def test_keys_cannot_see_each_others_sessions(api):
     sid = _session(api, KEY_A)
     assert _chat(api, sid, "hello", key=KEY_B).status_code == 404
-    assert httpx.get(f"{api['url']}/v1/sessions/{sid}", headers={"Authorization": f"Bearer {KEY_B}"}).status_code == 404
-    assert httpx.delete(f"{api['url']}/v1/sessions/{sid}", headers={"Authorization": f"Bearer {KEY_B}"}).status_code == 404
+    assert httpx.get(f"{api['url']}/v1/sessions/{sid}", headers=_h(KEY_B)).status_code == 404
+    assert httpx.delete(f"{api['url']}/v1/sessions/{sid}", headers=_h(KEY_B)).status_code == 404
     assert _chat(api, sid, "hello", key=KEY_A).status_code == 200
 
 
@@ -141,9 +263,11 @@ def test_keys_cannot_see_each_others_sessions(api):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, "invalid_request"),
     ({"messages": [{"role": "user", "content": "hi"}], "session_id": "sess_nope"}, 404, "session_not_found"),
     ({"messages": [{"role": "user", "content": "word " * 9000}]}, 400, "context_length_exceeded"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wizard"}}}}, 400, "invalid_request"),
 ])
 def test_bad_requests_get_clear_errors(api, body, status, code):
-    r = httpx.post(f"{api['url']}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY_A}"}, json=body, timeout=60)
+    r = httpx.post(f"{api['url']}/v1/chat/completions", headers=_h(), json=body, timeout=60)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code
 
@@ -151,37 +275,148 @@ def test_bad_requests_get_clear_errors(api, body, status, code):
 def test_auth_size_and_closed_sessions(api):
     assert httpx.post(f"{api['url']}/v1/sessions").status_code == 401
     assert httpx.post(f"{api['url']}/v1/sessions", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    big = httpx.post(f"{api['url']}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY_A}"},
-                     content=b"x" * (2 << 20))
+    big = httpx.post(f"{api['url']}/v1/chat/completions", headers=_h(), content=b"x" * (2 << 20))
     assert big.status_code == 413
     sid = _session(api)
-    assert httpx.delete(f"{api['url']}/v1/sessions/{sid}", headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 200
+    assert httpx.delete(f"{api['url']}/v1/sessions/{sid}", headers=_h()).status_code == 200
     closed = _chat(api, sid, "still there?")
     assert closed.status_code == 410 and closed.json()["error"]["code"] == "session_closed"
 
 
 def test_one_turn_at_a_time(api):
     sid = _session(api)
-    results: list[int] = []
-    slow = threading.Thread(target=lambda: results.append(_chat(api, sid, "Count to twenty.", max_tokens=64).status_code))
-    slow.start()
-    time.sleep(1.0)
-    second = _chat(api, sid, "And again?")
-    slow.join()
-    assert results == [200]
+    with _running_turn(api, sid) as events:
+        second = _chat(api, sid, "And again?")
+        assert list(events)[-1]["choices"][0]["finish_reason"]
     assert second.status_code == 409 and second.json()["error"]["code"] == "turn_in_progress"
 
 
-def test_admin_offload_settings(api):
-    h = {"Authorization": f"Bearer {KEY_A}"}
-    assert httpx.put(f"{api['url']}/admin/offload", headers=h, json={"threshold": -1}).status_code == 400
-    r = httpx.put(f"{api['url']}/admin/offload", headers=h, json={"threshold": 1.5, "budget_bytes": 1 << 30})
+def test_turns_per_key_are_limited(api):
+    """A key running MAX_TURNS_PER_KEY turns gets 429 for one more; other keys are not affected."""
+
+    async def limited() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=api["url"], timeout=300) as http, AsyncExitStack() as running:
+            async def start() -> None:  # a turn that runs until this test leaves
+                r = await running.enter_async_context(http.stream(
+                    "POST", "/v1/chat/completions", headers=_h(KEY_C), json=_body(None, LONG, max_tokens=32, stream=True)))
+                assert r.status_code == 200
+
+            await asyncio.gather(*(start() for _ in range(MAX_TURNS_PER_KEY)))
+            return (await http.post("/v1/chat/completions", headers=_h(KEY_C), json=_body(None, "hi")),
+                    await http.post("/v1/chat/completions", headers=_h(KEY_B), json=_body(None, "hi")))
+
+    over, other = asyncio.run(limited())
+    assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
+    assert other.status_code == 200
+
+
+def test_admin_keys_apart_from_user_keys(api):
+    url = f"{api['url']}/admin/offload"
+    assert httpx.put(url, headers=_h(KEY_A), json={"threshold": 0.5}).status_code == 403
+    assert httpx.get(url, headers=_h(KEY_A)).status_code == 403
+    assert httpx.get(url).status_code == 401
+    for bad in ({"threshold": -1}, {"threshold": 1e400}, {"threshold": True}, {"budget_bytes": True},
+                {"budget_bytes": 1.5}, {"budget_bytes": -1}, {"bogus": 1}):
+        r = httpx.put(url, headers=_h(ADMIN), content=json.dumps(bad).replace("Infinity", "1e400"))
+        assert r.status_code == 400 and r.json()["error"]["code"] in ("invalid_request", "invalid_json"), (bad, r.text)
+    r = httpx.put(url, headers=_h(ADMIN), json={"threshold": 1.5, "budget_bytes": 1 << 30})
     assert r.json() == {"threshold": 1.5, "budget_bytes": 1 << 30}
-    sid = _session(api)
-    assert _chat(api, sid, "Hello there").json()["slkv"]["threshold"] == 1.5
-    httpx.put(f"{api['url']}/admin/offload", headers=h, json={"threshold": 0.9})
+    assert _chat(api, _session(api), "Hello there").json()["slkv"]["threshold"] == 1.5
+    reset = httpx.put(url, headers=_h(ADMIN), json={"threshold": None, "budget_bytes": None})
+    assert reset.json() == {"threshold": 0.9, "budget_bytes": None}  # the start-up values
     metrics = httpx.get(f"{api['url']}/metrics").text
     assert "slkv:turns_total" in metrics and "slkv:lazy_layers_per_turn_bucket" in metrics
+
+
+def test_idempotency_key_replays_instead_of_running_twice(api, redis_server):
+    sid = _session(api)
+    first = _chat(api, sid, "Name a colour.", idem="colour-1")
+    assert first.status_code == 200 and "idempotent-replayed" not in first.headers
+    again = _chat(api, sid, "Name a colour.", idem="colour-1")
+    assert again.headers["idempotent-replayed"] == "true" and again.json() == first.json()
+    with httpx.stream("POST", f"{api['url']}/v1/chat/completions", headers=_h(idem="colour-1"), timeout=60,
+                      json=_body(sid, "Name a colour.", stream=True)) as r:
+        replayed = list(_events(r))
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in replayed if e["choices"]) == \
+        first.json()["choices"][0]["message"]["content"]
+    reused = _chat(api, sid, "Name a fruit.", idem="colour-1")
+    assert reused.status_code == 422 and reused.json()["error"]["code"] == "idempotency_key_reused"
+    assert _chat(api, sid, "Name a colour.").status_code == 200  # no key: a new turn
+    assert [t["id"] for t in _stored(api, redis_server, sid)][0] == first.json()["id"]
+    assert len(_stored(api, redis_server, sid)) == 2
+
+
+def test_close_during_a_turn_wins(api, redis_server):
+    sid = _session(api)
+    with _running_turn(api, sid) as events:
+        assert httpx.delete(f"{api['url']}/v1/sessions/{sid}", headers=_h()).status_code == 200
+        last = list(events)[-1]
+    assert last["error"]["code"] == "session_closed" and last["error"]["committed"] is False
+    info = httpx.get(f"{api['url']}/v1/sessions/{sid}", headers=_h()).json()
+    assert info["status"] == "closed" and info["turns"] == [] and _stored(api, redis_server, sid) == []
+    _lock_gone(api, redis_server, sid)
+    assert _chat(api, sid, "Anyone?").status_code == 410
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnected_client_turn_is_committed_and_retrievable(api, redis_server, stream):
+    """A client that goes away mid-turn (streaming or not) leaves the turn to finish and commit; its retry
+    with the same Idempotency-Key gets that turn back instead of running another."""
+    sid = _session(api)
+    if stream:
+        with _running_turn(api, sid, idem="gone"):
+            pass  # disconnects after the first chunk
+    else:
+        body = json.dumps(_body(sid, LONG, max_tokens=64)).encode()
+        with socket.create_connection(("127.0.0.1", api["port"])) as raw:
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+                        b"Authorization: Bearer %s\r\nIdempotency-Key: gone\r\nContent-Length: %d\r\n\r\n%s"
+                        % (KEY_A.encode(), len(body), body))
+            while not redis_server.client().exists(f"{api['prefix']}session:{sid}:lock"):
+                time.sleep(0.01)  # the turn runs: now the client goes
+    _lock_gone(api, redis_server, sid)  # the turn has ended
+    assert len(_stored(api, redis_server, sid)) == 1
+    replay = _chat(api, sid, LONG, idem="gone", max_tokens=64)
+    assert replay.headers.get("idempotent-replayed") == "true"
+    assert replay.json()["id"] == _stored(api, redis_server, sid)[0]["id"]
+
+
+@pytest.mark.parametrize("mode", ["WRITE", "ALL"])
+def test_store_stall_during_commit(api, redis_server, mode):
+    """CLIENT PAUSE while a turn generates: its commit stalls and times out. WRITE leaves reads working, so the
+    server finds out and says "not committed"; ALL stalls the look-up too ("unknown"). Either way the commit
+    queued behind the stall is refused when Redis resumes (it is past its deadline), and retries with the
+    key run the turn exactly once."""
+    sid = _session(api)
+    assert _chat(api, sid, "First turn.").status_code == 200
+    raw = redis_server.client()
+    with _running_turn(api, sid, idem=f"stall-{mode}") as events:
+        raw.execute_command("CLIENT", "PAUSE", 20000 if mode == "ALL" else 120000, mode)
+        try:
+            last = list(events)[-1]
+        finally:
+            if mode == "WRITE":  # in ALL mode UNPAUSE itself waits for the pause to end
+                raw.execute_command("CLIENT", "UNPAUSE")
+    error = last["error"]
+    assert error["code"] == "store_unavailable" and error["committed"] in (False, None), error
+    assert error["committed"] is False or mode == "ALL"
+    _lock_gone(api, redis_server, sid)
+    assert len(_stored(api, redis_server, sid)) == 1  # the stalled commit never landed
+    _exactly_once(api, redis_server, sid, f"stall-{mode}", before=1, max_tokens=64)
+
+
+def test_redis_restart_during_a_turn(api, redis_server):
+    sid = _session(api)
+    with _running_turn(api, sid, idem="restart") as events:
+        redis_server.stop()
+        try:
+            last = list(events)[-1]
+        finally:
+            redis_server.start()
+    assert last["error"]["code"] == "store_unavailable" and last["error"]["committed"] is False
+    _lock_gone(api, redis_server, sid)  # written to the append-only file with its TTL: it expires
+    assert _stored(api, redis_server, sid) == []
+    _exactly_once(api, redis_server, sid, "restart", before=0, max_tokens=64)
 
 
 def test_redis_stopped_and_restarted(api, redis_server):
@@ -194,12 +429,32 @@ def test_redis_stopped_and_restarted(api, redis_server):
         assert httpx.get(f"{api['url']}/readyz").status_code == 503
     finally:
         redis_server.start()
-    h = {"Authorization": f"Bearer {KEY_A}"}
     assert httpx.get(f"{api['url']}/readyz").status_code == 200
-    assert len(httpx.get(f"{api['url']}/v1/sessions/{sid}", headers=h).json()["turns"]) == 1  # nothing half-written
+    assert len(httpx.get(f"{api['url']}/v1/sessions/{sid}", headers=_h()).json()["turns"]) == 1  # nothing half-written
     again = _chat(api, sid, "Second turn.")
     assert again.status_code == 200
-    assert [t["turn"] for t in httpx.get(f"{api['url']}/v1/sessions/{sid}", headers=h).json()["turns"]] == [1, 2]
+    assert [t["turn"] for t in httpx.get(f"{api['url']}/v1/sessions/{sid}", headers=_h()).json()["turns"]] == [1, 2]
+
+
+def test_hostile_requests_get_json_4xx(api):
+    """Seeded hostile requests (invalid UTF-8, deep nesting, huge numbers, lone surrogates, session ids that
+    name other keys, wrong types, refused fields, admin abuse, unknown routes and methods, oversized bodies
+    with and without Content-Length, malformed JSON, bad headers): every answer is a JSON 4xx error with a
+    short message, and the server still runs a normal turn afterwards."""
+    sid = _session(api)
+    seen: dict[str, set[int]] = {}
+    with httpx.Client(base_url=api["url"], timeout=120) as http:
+        for req in hostile_requests(seed=13, sid=sid, count=320, user=KEY_A, admin=ADMIN):
+            r = http.request(req.method, req.path, content=req.content(), headers=req.headers)
+            what = f"{req.kind}: {req.method} {req.path[:80]} {(req.body or b'')[:120]!r} -> {r.status_code} {r.text[:300]}"
+            assert 400 <= r.status_code < 500, what
+            error = r.json()["error"]
+            assert isinstance(error["code"], str) and isinstance(error["message"], str), what
+            assert len(r.content) < 2000, what  # no echo of unbounded input
+            seen.setdefault(req.kind, set()).add(r.status_code)
+    assert len(seen) == 13, seen  # every category was generated
+    assert _chat(api, sid, "Hello after all that.").status_code == 200
+    assert httpx.get(f"{api['url']}/v1/sessions/{sid}", headers=_h()).json()["status"] == "open"
 
 
 def test_load_script_runs_clean(api):
@@ -208,3 +463,26 @@ def test_load_script_runs_clean(api):
                            "--turns", "2"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "20 turns, 0 failed" in proc.stdout and "p99" in proc.stdout
+
+
+def test_server_killed_mid_turn(api, redis_server):
+    """kill -9 of the server while a turn runs: its lock expires within LOCK_TTL_MS, nothing half-written, and
+    the client's retry with its key (on the restarted server) runs the turn once. Runs last: it restarts the
+    module's server."""
+    sid = _session(api)
+    proc = psutil.Process(api["proc"].pid)
+    with _running_turn(api, sid, idem="killed") as events:
+        engine = proc.children(recursive=True)
+        raw, lock = redis_server.client(), f"{api['prefix']}session:{sid}:lock"
+        assert 0 < raw.pttl(lock) <= LOCK_TTL_MS
+        os.kill(proc.pid, signal.SIGKILL)
+        with pytest.raises(httpx.HTTPError):
+            list(events)
+    api["proc"].wait(timeout=30)
+    psutil.wait_procs(engine, timeout=30)  # SGLang's processes follow their parent
+    for orphan in (p for p in engine if p.is_running()):
+        orphan.kill()
+    _lock_gone(api, redis_server, sid)
+    assert _stored(api, redis_server, sid) == []
+    _start_api(api)
+    _exactly_once(api, redis_server, sid, "killed", before=0, max_tokens=64)

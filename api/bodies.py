@@ -1,0 +1,101 @@
+"""Request bodies: a size limit enforced while reading, and JSON parsing that turns every hostile input into a 400.
+
+Python's ``json`` answers hostile bodies with exceptions a handler would report as 500 (invalid UTF-8 is a
+``UnicodeDecodeError``, deep nesting a ``RecursionError``, an integer over 4,300 digits a ``ValueError``) or
+accepts them into values that fail later (lone surrogates cannot be encoded when stored or answered; ``NaN``
+and ``Infinity`` are not JSON). Everything is checked here, before a value reaches the routes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ApiError, clip
+
+MAX_BODY_BYTES = 1 << 20
+MAX_DEPTH = 64  # request schemas nest a few levels; JSON schemas in response_format a few dozen at most
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def too_large() -> ApiError:
+    return ApiError(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over MAX_BODY_BYTES is refused by its Content-Length, or, when chunked or
+    mislabelled, as soon as the bytes read pass the limit (the route reading it gets a 413)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            error = too_large() if length.isdigit() else ApiError(400, "invalid_request", "bad Content-Length")
+            await error.response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:
+                raise too_large()
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "body is not valid UTF-8") from None
+    depth = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_DEPTH:
+            raise ApiError(400, "invalid_json", f"body nests deeper than {MAX_DEPTH} levels")
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"body is not JSON: {exc.msg} at offset {exc.pos}") from None
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        raise ApiError(400, "invalid_json", "a number in the body is too long") from None
+    if _SURROGATE_ESCAPE.search(text):  # paired escapes decode to one character; lone ones stay surrogates
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "invalid_json", "body has a lone UTF-16 surrogate escape") from None
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ApiError(400, "invalid_json", f"{name} is not JSON")
+
+
+def validate(model: type[M], value: Any) -> M:
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid_request", clip("; ".join(
+            f"{'.'.join(clip(str(p), 30) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()), 500)) from None
+
+
+async def read_model(request: Request, model: type[M]) -> M:
+    return validate(model, parse_json(await request.body() or b"{}"))
