@@ -4,7 +4,6 @@ fenced commits, closes that win, idempotency records, and a commit stalled behin
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from typing import Any
 
@@ -12,24 +11,14 @@ import pytest
 
 from api.store import COMMIT_WINDOW_MS, LOCK_TTL_MS, MemoryStore, RedisStore, Session, StoreUnavailable, TurnWrite
 
-from .test_api import RedisProcess
-
-
-@pytest.fixture(scope="module")
-def redis_process(tmp_path_factory):
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not installed")
-    server = RedisProcess(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+from .test_api import redis_server  # noqa: F401  (a module fixture: this module gets its own redis-server)
 
 
 @pytest.fixture(params=["redis", "memory"])
-def store(request, redis_process):
+def store(request, redis_server):
     if request.param == "memory":
         return MemoryStore()
-    return RedisStore(f"redis://127.0.0.1:{redis_process.port}/0", prefix=f"store-test-{time.monotonic_ns()}:")
+    return RedisStore(f"redis://127.0.0.1:{redis_server.port}/0", prefix=f"store-test-{time.monotonic_ns()}:")
 
 
 def run(coro: Any) -> Any:
@@ -94,9 +83,9 @@ def test_released_lock_frees_the_session_and_fences_the_holder(store):
     run(scenario())
 
 
-def test_redis_commit_refuses_after_its_deadline(redis_process):
+def test_redis_commit_refuses_after_its_deadline(redis_server):
     """The fence against a commit that waited in Redis: past its deadline (on Redis's clock) it writes nothing."""
-    store = RedisStore(f"redis://127.0.0.1:{redis_process.port}/0", prefix="deadline-test:")
+    store = RedisStore(f"redis://127.0.0.1:{redis_server.port}/0", prefix="deadline-test:")
 
     async def scenario() -> None:
         sid = await _open(store)
@@ -109,11 +98,11 @@ def test_redis_commit_refuses_after_its_deadline(redis_process):
     run(scenario())
 
 
-def test_redis_commit_stalled_by_client_pause(redis_process):
+def test_redis_commit_stalled_by_client_pause(redis_server):
     """A commit stuck behind CLIENT PAUSE WRITE times out; reads still work, so the store finds out that the
     turn was not written and says so. When Redis resumes, the queued script is past its deadline: nothing lands."""
-    store = RedisStore(f"redis://127.0.0.1:{redis_process.port}/0", prefix="pause-test:")
-    raw = redis_process.client()
+    store = RedisStore(f"redis://127.0.0.1:{redis_server.port}/0", prefix="pause-test:")
+    raw = redis_server.client()
 
     async def scenario() -> None:
         sid = await _open(store)
