@@ -21,8 +21,6 @@ from .errors import ApiError, clip
 MAX_BODY_BYTES = 1 << 20
 MAX_DEPTH = 64  # request schemas nest a few levels; JSON schemas in response_format a few dozen at most
 
-_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKETS = re.compile(r"[\[\]{}]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 M = TypeVar("M", bound=BaseModel)
@@ -66,23 +64,33 @@ def parse_json(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_json", "body is not valid UTF-8") from None
-    depth = 0
-    for bracket in _BRACKETS.findall(_STRINGS.sub("", text)):
-        depth += 1 if bracket in "[{" else -1
-        if depth > MAX_DEPTH:
-            raise ApiError(400, "invalid_json", f"body nests deeper than {MAX_DEPTH} levels")
+    too_deep = ApiError(400, "invalid_json", f"body nests deeper than {MAX_DEPTH} levels")
     try:
         value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise too_deep from None
     except json.JSONDecodeError as exc:
         raise ApiError(400, "invalid_json", f"body is not JSON: {exc.msg} at offset {exc.pos}") from None
     except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
         raise ApiError(400, "invalid_json", "a number in the body is too long") from None
+    if _depth(value) > MAX_DEPTH:
+        raise too_deep
     if _SURROGATE_ESCAPE.search(text):  # paired escapes decode to one character; lone ones stay surrogates
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise ApiError(400, "invalid_json", "body has a lone UTF-16 surrogate escape") from None
     return value
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in ``value``, level by level (no recursion: it may nest ~1000 deep)."""
+    depth, level = 0, [value] if isinstance(value, (dict, list)) else []
+    while level:
+        depth += 1
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+    return depth
 
 
 def _no_constant(name: str) -> Any:
