@@ -11,7 +11,7 @@ Every refusal is a ``SlkvConfigError`` naming the flag to use, raised before any
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .config import SlkvConfig, SlkvConfigError
 
@@ -43,6 +43,12 @@ def plan_server_args(requested: Mapping[str, Any], cuda: bool, cfg: SlkvConfig) 
     if all(requested.get(name) is None for name in BACKEND_FIELDS):
         plan.declarations["attention_backend"] = default
         plan.notes.append(f"SimLayerKV: --attention-backend {default} (no backend was named; the plugin wraps this one)")
+    if requested.get("enable_dp_attention"):
+        raise SlkvConfigError("--enable-dp-attention is not supported with --enable-simlayerkv: ranks of the TP group "
+                              "then run different batches, and a decision gathers heads across the group")
+    if (requested.get("pp_size") or 1) > 1:
+        raise SlkvConfigError("--pp-size > 1 is not supported with --enable-simlayerkv: a decision needs every layer's "
+                              "scores in one process")
     if requested.get("enable_mixed_chunk"):
         raise SlkvConfigError("--enable-mixed-chunk is not supported with --enable-simlayerkv: SGLang runs a mixed "
                               "batch as one extend, which would score running requests' decode tokens again")
@@ -55,13 +61,23 @@ def plan_server_args(requested: Mapping[str, Any], cuda: bool, cfg: SlkvConfig) 
     return plan
 
 
-def check_resolved(resolved: Mapping[str, Any], cfg: SlkvConfig) -> None:
-    """After SGLang's resolution: every attention phase runs on a covered backend (torch_native for offload)."""
+def check_resolved(resolved: Mapping[str, Any], cfg: SlkvConfig, cuda_graphs: Sequence[str] = ()) -> None:
+    """After SGLang's resolution: prefill and decode run on one covered backend (torch_native for offload), and
+    no CUDA graph phase is on (``cuda_graphs``: the phases whose graphs the resolution left on)."""
     chosen = {name: resolved.get(name) for name in BACKEND_FIELDS if resolved.get(name) is not None}
     for name, backend in chosen.items():
         if backend not in COVERED_BACKENDS:
             raise SlkvConfigError(f"SGLang resolved {_flag(name)} to {backend}, which --enable-simlayerkv does not "
                                   "cover: start with --attention-backend flashinfer (CUDA) or torch_native")
+    base = resolved.get("attention_backend")
+    prefill = resolved.get("prefill_attention_backend") or base
+    decode = resolved.get("decode_attention_backend") or base
+    if prefill != decode:  # SGLang would pair two backends, each with its own tracker: decode would never restrict
+        raise SlkvConfigError(f"--enable-simlayerkv needs one backend for prefill and decode, got prefill {prefill} and "
+                              f"decode {decode}: start with --attention-backend {decode or prefill} alone")
+    if cuda_graphs:
+        raise SlkvConfigError(f"CUDA graphs are on for {', '.join(cuda_graphs)} (a --cuda-graph-* flag overrides "
+                              "--disable-cuda-graph); SimLayerKV plans decode windows per step: drop those flags")
     if cfg.offload and set(chosen.values()) != {"torch_native"}:
         raise SlkvConfigError("--slkv-offload runs on --attention-backend torch_native only (docs/memory.md), not "
                               + ", ".join(f"{_flag(k)} {v}" for k, v in chosen.items()))

@@ -38,6 +38,8 @@ def test_plan_names_a_covered_backend(cuda, cfg, requested, declared):
     ({"decode_attention_backend": "trtllm_mha"}, "not --decode-attention-backend trtllm_mha"),
     ({"attention_backend": "flashinfer", "enable_mixed_chunk": True}, "--enable-mixed-chunk is not supported"),
     ({"speculative_algorithm": "EAGLE"}, "--speculative-algorithm EAGLE is not supported"),
+    ({"enable_dp_attention": True}, "--enable-dp-attention is not supported"),
+    ({"pp_size": 2}, "--pp-size > 1 is not supported"),
 ])
 def test_plan_refuses_what_it_does_not_serve(requested, message):
     with pytest.raises(SlkvConfigError, match=message):
@@ -51,6 +53,29 @@ def test_check_after_resolution():
         check_resolved({"attention_backend": "flashinfer", "decode_attention_backend": "fa3"}, ON)
     with pytest.raises(SlkvConfigError, match="--slkv-offload runs on --attention-backend torch_native only"):
         check_resolved({"attention_backend": "flashinfer"}, OFFLOAD)
+    with pytest.raises(SlkvConfigError, match="one backend for prefill and decode, got prefill torch_native and decode flashinfer"):
+        check_resolved({"prefill_attention_backend": "torch_native", "decode_attention_backend": "flashinfer"}, ON)
+    with pytest.raises(SlkvConfigError, match="CUDA graphs are on for prefill"):
+        check_resolved({"attention_backend": "flashinfer"}, ON, ["prefill"])
+
+
+def test_declarations_land_in_sglangs_resolution(monkeypatch, model_path):
+    """Through SGLang's own resolution: with nothing named, an x86 CPU would get intel_amx; the plugin names
+    torch_native, and a phase pair it cannot serve is refused."""
+    from sglang.srt.arg_groups.model_override_base import resolved_view
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs
+
+    monkeypatch.setenv("SLKV_ENABLE", "1")
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    load_plugins()
+    args = ServerArgs(model_path=model_path, device="cpu")
+    args.resolve_once()
+    assert resolved_view(args).attention_backend == "torch_native"
+    mixed = ServerArgs(model_path=model_path, device="cpu", prefill_attention_backend="torch_native",
+                       decode_attention_backend="flashinfer")
+    with pytest.raises(SlkvConfigError, match="one backend for prefill and decode"):
+        mixed.resolve_once()
 
 
 def test_engine_kwargs_per_machine():

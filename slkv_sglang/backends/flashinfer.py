@@ -29,9 +29,12 @@ from .flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, plan_decode
 class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
     def __init__(self, model_runner: Any, config: SlkvConfig):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
-        if self.decode_uses_dequant_workspace:
+        # SGLang runs this check only for its own class, not for subclasses
+        self._check_kv_attention_access("prefill", self.prefill_kv_access)
+        self._check_kv_attention_access("decode", self.decode_kv_access)
+        if self.prefill_uses_dequant_workspace or self.decode_uses_dequant_workspace:
             raise SlkvConfigError("SimLayerKV reads KV through slot indices; this KV cache dtype makes SGLang's "
-                                  "FlashInfer decode dequantise into a per-request workspace: use --kv-cache-dtype "
+                                  "FlashInfer dequantise into a per-request workspace: use --kv-cache-dtype "
                                   "auto, fp8_e4m3 or fp8_e5m2")
         self.tracker = make_tracker(model_runner, config)
         upd = self.indices_updater_decode
@@ -75,11 +78,10 @@ class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
     def _mass(self, layer: Any) -> MassFn:
         """FlashInfer scoring, planned at the forward's first scored layer; torch when the window is too short."""
         kv_cache = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        fallback = super()._mass(layer)
 
         def mass(queries: list[torch.Tensor], key_slots: list[torch.Tensor]) -> list[torch.Tensor]:
             if not all(self._scorer.supports(len(q)) for q in queries):
-                return fallback(queries, key_slots)
+                return super(SlkvFlashInferBackend, self)._mass(layer)(queries, key_slots)
             if not self._scorer.matches(queries, key_slots):
                 self._scorer.plan([len(q) for q in queries], key_slots, layer.scaling, layer.logit_cap or None)
             return self._scorer.mass(queries, kv_cache, layer.k_scale_float, layer.v_scale_float)
