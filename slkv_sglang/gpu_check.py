@@ -9,6 +9,7 @@ references, on Llama-3-8B's attention shapes (32 q / 8 kv heads, head dim 128, b
 - ``scoring``: the backend's scoring (``flashinfer_ops.LseScorer``, prefill with ``return_lse``) equals the
   chunked torch scoring (``scoring.head_mass``) on the same bf16 cache;
 - ``scoring_time``: identification per layer (lse and torch scoring) against the layer's prefill;
+- ``tracker``: the tracker's chunked-prefill decision on the device with that scoring, then decode windows;
 - ``decode_time``: decode attention per layer at 4K / 16K / 32K context, lazy (sink + recent) vs full, and the
   per-step attention time with half the layers lazy, plan included;
 - ``host_tier``: the host arena's offload / reload GB/s against a plain pinned ``copy_`` and the PCIe link the
@@ -143,6 +144,95 @@ def check_scoring(name: str, device: torch.device, kv_dtype: torch.dtype = torch
     errs = [float((g - r).abs().max()) for g, r in zip(got, ref)]
     return {"max_abs_err": max(errs), "tolerance": MASS_TOL, "ok": max(errs) <= MASS_TOL,
             "mass_range": [float(min(r.min() for r in ref)), float(max(r.max() for r in ref))]}
+
+
+class _Mode:
+    """The three questions the tracker asks of SGLang's ForwardMode."""
+
+    def __init__(self, decode: bool):
+        self._decode = decode
+
+    def is_decode(self) -> bool:
+        return self._decode
+
+    def is_extend(self) -> bool:
+        return not self._decode
+
+    def is_mixed(self) -> bool:
+        return False
+
+
+def check_tracker(device: torch.device, scorings: tuple[str, ...] = ("lse", "torch")) -> dict[str, Any]:
+    """The tracker's prefill decision on the device, as the FlashInfer backend drives it: a 2-chunk prompt
+    (the first chunk only keeps its last queries, the second decides), scored with ``LseScorer`` and with the
+    torch scoring; then a decode step's windows. The batch object carries what the tracker reads of SGLang's
+    ForwardBatch (SGLang itself cannot run on the check machine)."""
+    from types import SimpleNamespace
+
+    from .config import SlkvConfig
+    from .request_params import request_params
+    from .tracker import LazyTracker
+
+    heads, kv_heads, dim = SHAPES["llama3-8b"]
+    layers, prompt, chunk = 4, 6000, 4096
+    cfg = SlkvConfig(enabled=True, threshold=0.5)
+    scale = 1 / math.sqrt(dim)
+    gen = torch.Generator().manual_seed(3)
+    req_to_token = torch.zeros(2, 8192, dtype=torch.int32, device=device)
+    req_to_token[1, :prompt + 1] = torch.randperm(prompt + 1, generator=gen).to(device, torch.int32)
+    caches = [_rand_cache(prompt + 1, kv_heads, dim, device) for _ in range(layers)]
+    queries = [torch.randn(prompt, heads, dim, device=device, dtype=torch.bfloat16) for _ in range(layers)]
+    for layer in (0, 2):  # lazy layers: every query points at its group's sink keys
+        u = torch.randn(kv_heads, dim, device=device)
+        queries[layer][:] = u.repeat_interleave(heads // kv_heads, dim=0).to(torch.bfloat16)
+        caches[layer][0][req_to_token[1, : cfg.sink].long()] = (4 * u).to(torch.bfloat16)
+    if "lse" in scorings:
+        from flashinfer import BatchPrefillWithPagedKVCacheWrapper
+
+        scorer = LseScorer(BatchPrefillWithPagedKVCacheWrapper(_workspace(device), "NHD", backend=PREFILL_BACKEND),
+                           AttnShape(heads, kv_heads, dim, torch.bfloat16, torch.bfloat16), cfg.sink, cfg.recent)
+
+    def forward(tracker: LazyTracker, start: int, end: int, lse: bool) -> None:
+        last = end == prompt
+        tracker.stage([request_params(cfg, "r", None, last)])
+        tracker.plan(SimpleNamespace(
+            forward_mode=_Mode(False), req_pool_indices=torch.tensor([1], device=device),
+            req_pool_indices_cpu=torch.tensor([1]), seq_lens_cpu=torch.tensor([end]), seq_lens=None,
+            extend_prefix_lens_cpu=[start], extend_seq_lens_cpu=[end - start]))
+        if lse:
+            scorer.reset()
+        for layer in range(layers):
+            k_cache, v_cache = caches[layer]
+
+            def mass(qs: list[torch.Tensor], slots: list[torch.Tensor]) -> list[torch.Tensor]:
+                if not lse:
+                    return [head_mass(q, k_cache, s, cfg.sink, cfg.recent, scale) for q, s in zip(qs, slots)]
+                if not scorer.matches(qs, slots):
+                    scorer.plan([len(q) for q in qs], slots, scale)
+                return scorer.mass(qs, (k_cache, v_cache))
+
+            tracker.score(queries[layer][start:end], layer, mass)
+
+    maps = {}
+    for name in scorings:
+        tracker = LazyTracker(cfg, layers, kv_heads, 2, req_to_token)
+        forward(tracker, 0, chunk, name == "lse")  # nobody decides: the scoring events are read without a sync
+        forward(tracker, chunk, prompt, name == "lse")
+        layer_map, timing, _ = tracker.pop_decision("r")
+        maps[name] = layer_map
+    tracker.stage([request_params(cfg, "r", None, True)])
+    tracker.plan(SimpleNamespace(forward_mode=_Mode(True), req_pool_indices=torch.tensor([1], device=device),
+                                 req_pool_indices_cpu=torch.tensor([1]), seq_lens_cpu=torch.tensor([prompt + 1]),
+                                 seq_lens=None))
+    restricted = [layer for layer in range(layers) if tracker.restricted_positions(layer)]
+    window = tracker.window_indices(0) if restricted else None
+    expected_window = torch.cat([req_to_token[1, :cfg.sink], req_to_token[1, prompt + 1 - cfg.recent : prompt + 1]])
+    first, last = maps[scorings[0]], maps[scorings[-1]]
+    score_err = max(abs(a - b) for a, b in zip(first.scores, last.scores))
+    return {**{f"lazy_{name}": m.lazy_layers for name, m in maps.items()}, "scores": list(last.scores),
+            "score_max_abs_err": score_err, "identification_s": timing[0], "decode_restricted_layers": restricted,
+            "ok": (first.lazy == last.lazy and score_err <= MASS_TOL and restricted == last.lazy_layers == [0, 2]
+                   and (window is None or torch.equal(window, expected_window)))}
 
 
 def _cuda_ms(fn: Callable[[], Any], iters: int) -> float:
@@ -399,6 +489,7 @@ def run(dry: bool, out_dir: Path, jit_shapes: bool) -> dict[str, Any]:
 
     section("decode_llama3-8b", lambda: check_decode("llama3-8b", device))
     section("scoring_llama3-8b", lambda: check_scoring("llama3-8b", device))
+    section("tracker_llama3-8b", lambda: check_tracker(device))
     section("decode_time", lambda: decode_time(device))
     section("scoring_time", lambda: scoring_time(device))
     section("host_tier", lambda: host_tier(device, 4096, 16) if cuda else host_tier(device, 2048, 2), needs_cuda=False)
