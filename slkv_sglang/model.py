@@ -42,18 +42,31 @@ def default_model_path() -> Path:
 def ensure_bundled_model(target: Path | None = None) -> Path:
     """Convert the bundled GGUF to a float32 HF directory once; return its path."""
     target = target or default_model_path()
-    if (target / _DONE_MARKER).exists():
+    if is_converted(target):
         return target
+    return convert_gguf(bundled_gguf(), target)
+
+
+def is_converted(target: Path) -> bool:
+    return (target / _DONE_MARKER).exists()
+
+
+def convert_gguf(gguf: Path, target: Path, tokenizer_settings: dict[str, Any] | None = None) -> Path:
+    """Dequantise ``gguf`` into a float32 HF directory at ``target`` (written aside, then renamed into place).
+
+    ``tokenizer_settings``: tokenizer attributes the GGUF does not carry (a chat template, BOS handling),
+    saved with the tokenizer."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = bundled_gguf()
     logger.info("converting %s to %s (one-off)", gguf, target)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for name, value in (tokenizer_settings or {}).items():
+        setattr(tokenizer, name, value)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers marks a GGUF-loaded model as quantized and refuses save_pretrained; the weights are
     # already dequantized, so write them and a config without the quantization entry directly.
