@@ -13,7 +13,9 @@ from typing import Any
 @dataclass(frozen=True)
 class LayerMap:
     lazy: tuple[bool, ...]  # one flag per layer
-    scores: tuple[float, ...]  # the reduced lazy score per layer (NaN where the sequence was too short)
+    # the reduced lazy score per layer (NaN where the sequence was too short); None (JSON null) in a sliding-window
+    # layer, which SimLayerKV neither scores nor makes lazy (``model_layers``)
+    scores: tuple[float | None, ...]
     threshold: float
     score_mode: str  # mean | kvmin | headmin
     decide_mode: str  # prefill | decode
@@ -44,7 +46,7 @@ class LayerMap:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lazy"] = list(self.lazy)
-        d["scores"] = [round(s, 6) for s in self.scores]
+        d["scores"] = [None if s is None else round(s, 6) for s in self.scores]
         d["lazy_layers"] = self.lazy_layers
         return d
 
@@ -53,7 +55,7 @@ class LayerMap:
         keys = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in d.items() if k in keys}
         kw["lazy"] = tuple(bool(x) for x in kw["lazy"])
-        kw["scores"] = tuple(float(x) for x in kw["scores"])
+        kw["scores"] = tuple(None if x is None else float(x) for x in kw["scores"])
         return cls(**kw)
 
 

@@ -21,6 +21,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from . import startup
 from .config import DECIDE_MODES, SCORE_MODES, SlkvConfig, SlkvConfigError
+from .model_layers import ModelLayers, check_servable
 from .request_params import OVERRIDE_KEY, parse_overrides, request_params
 from .row_pool import LayerRowPool
 from .tracker import LazyTracker
@@ -390,13 +391,14 @@ def _unwrap_meta(_result: Any, _self: Any, meta_info: dict, *args: Any, **kwargs
     return None
 
 
-def _validate_request(_self: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
-    """Tokenizer side: reject bad ``custom_params.slkv`` before it reaches the scheduler."""
+def _validate_request(tokenizer_manager: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
+    """Tokenizer side: reject bad ``custom_params.slkv`` (for the served model's layers) before it reaches the
+    scheduler."""
     params = getattr(obj, "sampling_params", None)
     for sp in params if isinstance(params, list) else [params]:
         custom = (sp or {}).get("custom_params") if isinstance(sp, dict) else None
         if custom and OVERRIDE_KEY in custom:
-            parse_overrides(custom[OVERRIDE_KEY])
+            parse_overrides(custom[OVERRIDE_KEY], ModelLayers.from_model_config(tokenizer_manager.model_config))
     return None
 
 
@@ -432,13 +434,15 @@ def _plan_server_args(server_args: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def _check_resolved(_result: Any, server_args: Any, *args: Any, **kwargs: Any) -> None:
-    """ServerArgs.resolve_once (after): what SGLang resolved runs on a backend the plugin covers."""
+    """ServerArgs.resolve_once (after): what SGLang resolved runs on a backend the plugin covers, and the model
+    is one SimLayerKV serves (SGLang built and kept its ModelConfig while resolving)."""
     cfg = SlkvConfig.from_env()
     if cfg.enabled:
-        from sglang.srt.arg_groups.model_override_base import resolved_view
+        from sglang.srt.arg_groups.model_override_base import model_config_of, resolved_view
 
         view = resolved_view(server_args)
         startup.check_resolved({name: getattr(view, name, None) for name in startup.BACKEND_FIELDS}, cfg)
+        check_servable(ModelLayers.from_model_config(model_config_of(server_args)), cfg)
     return None
 
 

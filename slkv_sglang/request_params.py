@@ -9,9 +9,10 @@ threshold, the score mode, turn SimLayerKV off, or force a lazy set for one requ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .config import SCORE_MODES, ScoreMode, SlkvConfig, SlkvConfigError
+from .model_layers import ModelLayers
 
 OVERRIDE_KEY = "slkv"
 _ALLOWED = {"enabled", "threshold", "score", "force_lazy", "session", "offload_budget"}
@@ -29,8 +30,11 @@ class RequestParams:
     offload_budget: int | None  # a new host budget for the engine (the chat API's admin setting)
 
 
-def parse_overrides(raw: Any, num_layers: int | None = None) -> dict[str, Any]:
-    """Validate a ``custom_params["slkv"]`` value; raise ``SlkvConfigError`` with a clear message."""
+def parse_overrides(raw: Any, layers: ModelLayers | None = None) -> dict[str, Any]:
+    """Validate a ``custom_params["slkv"]`` value; raise ``SlkvConfigError`` with a clear message.
+
+    ``layers``: the served model's layers, where requests enter (the tokenizer process), so ``force_lazy``
+    names only layers SimLayerKV can make lazy; the scheduler parses what was validated there without them."""
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
@@ -53,12 +57,12 @@ def parse_overrides(raw: Any, num_layers: int | None = None) -> dict[str, Any]:
             raise SlkvConfigError(f"custom_params.slkv.score must be one of {SCORE_MODES}, got {raw['score']!r}")
         out["score"] = raw["score"]
     if "force_lazy" in raw and raw["force_lazy"] is not None:
-        layers = raw["force_lazy"]
-        if not isinstance(layers, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        forced = raw["force_lazy"]
+        if not isinstance(forced, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in forced):
             raise SlkvConfigError("custom_params.slkv.force_lazy must be a list of layer ids")
-        if num_layers is not None and any(not 0 <= x < num_layers for x in layers):
-            raise SlkvConfigError(f"custom_params.slkv.force_lazy layer ids must be in [0, {num_layers})")
-        out["force_lazy"] = tuple(sorted(set(layers)))
+        if layers is not None:
+            _check_lazy_layers(forced, layers)
+        out["force_lazy"] = tuple(sorted(set(forced)))
     if "session" in raw:
         if not isinstance(raw["session"], str) or not 0 < len(raw["session"]) <= 256:
             raise SlkvConfigError("custom_params.slkv.session must be a non-empty string of at most 256 characters")
@@ -69,6 +73,17 @@ def parse_overrides(raw: Any, num_layers: int | None = None) -> dict[str, Any]:
             raise SlkvConfigError(f"custom_params.slkv.offload_budget must be an integer >= 0 (bytes), got {b!r}")
         out["offload_budget"] = b
     return out
+
+
+def _check_lazy_layers(forced: Sequence[int], layers: ModelLayers) -> None:
+    outside = sorted({x for x in forced if not 0 <= x < layers.num_layers})
+    if outside:
+        raise SlkvConfigError(f"custom_params.slkv.force_lazy layer ids must be in [0, {layers.num_layers}), got {outside}")
+    sliding = sorted(set(forced) - set(layers.full))
+    if sliding:
+        raise SlkvConfigError(f"custom_params.slkv.force_lazy names sliding-window layers {sliding}: they already read "
+                              f"only their window and are never lazy; this model's full-attention layers are "
+                              f"{list(layers.full)}")
 
 
 def request_params(config: SlkvConfig, rid: str, custom_params: Mapping[str, Any] | None, last_chunk: bool) -> RequestParams:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -92,11 +92,16 @@ class _Clock:
 
 class LazyTracker:
     def __init__(self, config: SlkvConfig, num_layers: int, num_kv_heads: int, num_rows: int, req_to_token: torch.Tensor,
-                 gather_heads: HeadGather | None = None):
+                 gather_heads: HeadGather | None = None, full_layers: Sequence[int] | None = None):
         """``num_kv_heads``: the model's total; ``gather_heads``: under tensor parallel, this rank's per-head masses
-        to all of the model's heads (``tensor_parallel.all_gather_heads``), so every rank decides alike."""
+        to all of the model's heads (``tensor_parallel.all_gather_heads``), so every rank decides alike.
+        ``full_layers``: the layers scored and made lazy (``ModelLayers.full``; None: every layer); the others
+        (sliding windows) are never scored, never lazy, and their score in the layer map is None."""
         self.config = config
         self.num_layers = num_layers
+        self.full_layers = list(range(num_layers) if full_layers is None else full_layers)
+        self.is_full = torch.zeros(num_layers, dtype=torch.bool)
+        self.is_full[self.full_layers] = True
         self.num_kv_heads = num_kv_heads
         self.gather_heads = gather_heads
         self.req_to_token = req_to_token
@@ -184,7 +189,7 @@ class LazyTracker:
     def restricted_positions(self, layer_id: int) -> list[int]:
         """Batch positions that read only sink + recent KV in this layer (decode)."""
         plan = self.plan_
-        if plan is None or not plan.window:
+        if plan is None or not plan.window or not self.is_full[layer_id]:
             return []
         return [pos for pos in plan.window if bool(self.lazy[plan.rows[pos], layer_id])]
 
@@ -199,6 +204,10 @@ class LazyTracker:
         """
         plan = self.plan_
         if plan is None or not plan.scorers:
+            return
+        if not self.is_full[layer_id]:  # a sliding layer: nothing to score
+            if layer_id == self.num_layers - 1:
+                self._finish(plan)
             return
         clock = _Clock(q.device)
         cfg = self.config
@@ -224,12 +233,13 @@ class LazyTracker:
         masses: list[torch.Tensor] = []
         if deciding:
             for s in deciding:
-                if any(x is None for x in s.per_head):
-                    raise RuntimeError(f"slkv: request {s.params.rid} was not scored in every layer")
-            stacked = torch.stack([torch.stack(s.per_head) for s in deciding])  # type: ignore[misc]  # [R, L, H]
+                if any(s.per_head[layer] is None for layer in self.full_layers):
+                    raise RuntimeError(f"slkv: request {s.params.rid} was not scored in every full-attention layer")
+            stacked = torch.stack([torch.stack([s.per_head[layer] for layer in self.full_layers])  # type: ignore[misc]
+                                   for s in deciding])  # [R, full layers, H]
             if self.gather_heads is not None:
                 stacked = self.gather_heads(stacked)
-            masses = list(stacked.cpu())  # the decision's one host sync
+            masses = list(self._all_layers(stacked).cpu())  # the decision's one host sync
         elapsed = time.perf_counter() - plan.started  # after the sync: the forward has run
         spent = sum(clock.seconds() for clock in plan.clocks)
         for s in plan.scorers:
@@ -240,10 +250,11 @@ class LazyTracker:
             timing = self._timing[s.row]
             lazy, scores = decide(per_head, s.params.score, s.params.threshold, self.num_kv_heads,
                                   s.prompt_len >= self.config.min_trim_len, s.params.force_lazy, self.config.protect)
+            lazy &= self.is_full  # where requests enter, force_lazy naming a sliding layer is refused
             self.lazy[s.row] = lazy
             self._decisions[s.params.rid] = LayerMap(
                 lazy=tuple(bool(x) for x in lazy),
-                scores=tuple(float(x) for x in scores),
+                scores=tuple(float(x) if full else None for x, full in zip(scores, self.is_full)),
                 threshold=s.params.threshold,
                 score_mode=s.params.score,
                 decide_mode=self.config.mode,
@@ -255,6 +266,14 @@ class LazyTracker:
             if self.on_decide is not None:
                 self._extras[s.params.rid] = self.on_decide(s.row, lazy, s.seq_len, s.params)
             logger.debug("slkv decision rid=%s lazy=%s", s.params.rid, self._decisions[s.params.rid].lazy_layers)
+
+    def _all_layers(self, masses: torch.Tensor) -> torch.Tensor:
+        """Per-head masses ``[R, full layers, H]`` as ``[R, L, H]``, NaN in sliding layers (never above a threshold)."""
+        if len(self.full_layers) == self.num_layers:
+            return masses
+        out = masses.new_full((masses.shape[0], self.num_layers, masses.shape[2]), float("nan"))
+        out[:, self.full_layers] = masses
+        return out
 
     # ---- request lifecycle ---------------------------------------------------------------------------
     def pop_decision(self, rid: str) -> tuple[LayerMap, tuple[float, float], dict] | None:

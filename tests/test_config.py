@@ -9,6 +9,7 @@ import pytest
 
 from slkv_sglang.config import SlkvConfig, SlkvConfigError
 from slkv_sglang.layer_map import LayerMap
+from slkv_sglang.model_layers import ModelLayers, check_servable
 from slkv_sglang.request_params import parse_overrides
 
 
@@ -49,7 +50,28 @@ def test_bad_env_is_rejected(env, message):
 )
 def test_bad_overrides_are_rejected(raw, message):
     with pytest.raises(SlkvConfigError, match=message):
-        parse_overrides(raw, num_layers=30)
+        parse_overrides(raw, ModelLayers(30, tuple(range(30))))
+
+
+def test_force_lazy_names_only_full_attention_layers():
+    """A hybrid model (Gemma 3 270M's layout: layers 5, 11, 17 full, the rest sliding) takes full layers only."""
+    hybrid = ModelLayers(18, (5, 11, 17))
+    assert parse_overrides({"force_lazy": [17, 5]}, hybrid) == {"force_lazy": (5, 17)}
+    with pytest.raises(SlkvConfigError, match=r"force_lazy names sliding-window layers \[0, 4\].*are \[5, 11, 17\]"):
+        parse_overrides({"force_lazy": [0, 5, 4]}, hybrid)
+    with pytest.raises(SlkvConfigError, match=r"force_lazy layer ids must be in \[0, 18\), got \[18\]"):
+        parse_overrides({"force_lazy": [18]}, hybrid)
+
+
+@pytest.mark.parametrize("layers, cfg, message", [
+    (ModelLayers(4, ()), SlkvConfig(enabled=True), "no full-attention layer"),
+    (ModelLayers(18, (5, 11, 17)), SlkvConfig(enabled=True, offload=True), "--slkv-offload does not support models "
+                                                                             "with sliding-window layers"),
+])
+def test_models_refused_at_startup(layers, cfg, message):
+    with pytest.raises(SlkvConfigError, match=message):
+        check_servable(layers, cfg)
+    check_servable(ModelLayers(4, (0, 1, 2, 3)), cfg)  # the same settings serve a model of full layers
 
 
 def test_layer_map_compression():
@@ -58,6 +80,10 @@ def test_layer_map_compression():
     assert lm.lazy_layers == [0, 2]
     assert lm.compression(4096) == pytest.approx(4 * 4096 / (2 * 4096 + 2 * 1024))
     assert LayerMap.from_dict(lm.to_dict()) == lm
+    sliding = LayerMap(lazy=(False, True), scores=(None, 0.95), threshold=0.9, score_mode="kvmin",
+                       decide_mode="prefill", sink=4, recent=1020, decided_at=4096)
+    assert sliding.to_dict()["scores"] == [None, 0.95]  # a sliding layer is not scored: null in JSON
+    assert LayerMap.from_dict(sliding.to_dict()) == sliding
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -9,14 +9,19 @@ import torch
 from sglang.srt.runtime_context import get_parallel
 
 from ..config import SlkvConfig
+from ..model_layers import ModelLayers, check_attention_modules
 from ..scoring import head_mass
 from ..tensor_parallel import all_gather_heads
 from ..tracker import LazyTracker, MassFn
 
 
 def make_tracker(model_runner: Any, config: SlkvConfig) -> LazyTracker:
-    """The tracker of one backend; under tensor parallel it decides on all ranks' heads (``tensor_parallel``)."""
+    """The tracker of one backend; under tensor parallel it decides on all ranks' heads (``tensor_parallel``).
+    It scores the model's full-attention layers only, once the loaded model is checked to attend as its config
+    says (a refusal here stops start-up)."""
     hf = model_runner.model_config
+    layers = ModelLayers.from_model_config(hf)
+    check_attention_modules(layers, model_runner.model)
     req_to_token = model_runner.req_to_token_pool.req_to_token
     gather = None
     if get_parallel().tp_size > 1:
@@ -30,6 +35,7 @@ def make_tracker(model_runner: Any, config: SlkvConfig) -> LazyTracker:
         num_rows=req_to_token.shape[0],
         req_to_token=req_to_token,
         gather_heads=gather,
+        full_layers=layers.full,
     )
 
 

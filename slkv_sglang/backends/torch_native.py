@@ -67,7 +67,6 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[override]
         if self.row_pool is None:
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        _refuse_unsupported(layer)
         pool, lid = self.row_pool, layer.layer_id
         req_to_token = self.req_to_token_pool.req_to_token
         reqs = list(zip(forward_batch.req_pool_indices.tolist(), forward_batch.extend_prefix_lens_cpu,
@@ -104,8 +103,8 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
 
     def _decode_with_windows(self, q, k, v, layer, forward_batch, save_kv_cache, restricted: set[int]):
         """The parent's decode loop, with sink + recent slot ids for the restricted requests, reading through
-        the row pool when offload is on."""
-        _refuse_unsupported(layer)
+        the row pool when offload is on. Only full-attention layers are restricted, and offload is refused on
+        models with sliding-window layers (``model_layers``), so no sliding window is applied here."""
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         o = _new_output(q, layer)
         self._write(layer, forward_batch, k, v, save_kv_cache)
@@ -195,11 +194,6 @@ def _attend_new_tokens(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
         is_causal=not prefix, scale=layer.scaling, enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
     )
     return out.squeeze(0).movedim(1, 0).reshape(ext, layer.tp_q_head_num, layer.v_head_dim)
-
-
-def _refuse_unsupported(layer: Any) -> None:
-    if layer.is_cross_attention or (layer.sliding_window_size or -1) > -1:
-        raise NotImplementedError("slkv: lazy layers with cross attention or sliding windows")
 
 
 def _take_over_kv_pool(kv_pool: Any, config: SlkvConfig) -> LayerRowPool:
