@@ -424,7 +424,8 @@ def _plan_server_args(server_args: Any, *args: Any, **kwargs: Any) -> None:
     from sglang.srt.arg_groups.overrides import declare_resolution
 
     requested = {name: getattr(server_args, name, None) for name in
-                 (*startup.BACKEND_FIELDS, "device", "disable_cuda_graph", "enable_mixed_chunk", "speculative_algorithm")}
+                 (*startup.BACKEND_FIELDS, "device", "disable_cuda_graph", "enable_mixed_chunk", "speculative_algorithm",
+                  "enable_dp_attention", "pp_size")}
     plan = startup.plan_server_args(requested, _uses_cuda(server_args), cfg)
     if plan.declarations:
         declare_resolution(server_args, "slkv_sglang", **plan.declarations)
@@ -441,7 +442,13 @@ def _check_resolved(_result: Any, server_args: Any, *args: Any, **kwargs: Any) -
         from sglang.srt.arg_groups.model_override_base import model_config_of, resolved_view
 
         view = resolved_view(server_args)
-        startup.check_resolved({name: getattr(view, name, None) for name in startup.BACKEND_FIELDS}, cfg)
+        from sglang.srt.model_executor.cuda_graph_config import Backend
+
+        graphs = view.cuda_graph_config
+        graphs_on = [phase for phase in ("decode", "prefill") if getattr(graphs, phase).backend != Backend.DISABLED]
+        if not _uses_cuda(server_args):
+            graphs_on = []
+        startup.check_resolved({name: getattr(view, name, None) for name in startup.BACKEND_FIELDS}, cfg, graphs_on)
         check_servable(ModelLayers.from_model_config(model_config_of(server_args)), cfg)
     return None
 

@@ -86,6 +86,9 @@ class _Clock:
 
     def seconds(self) -> float:
         if self._events is not None:
+            # a no-op after the decision's sync; a forward where nobody decides (a prompt's earlier chunk) waits
+            # for its scoring here, once per forward
+            self._events[1].synchronize()
             return self._events[0].elapsed_time(self._events[1]) / 1e3
         return self._t1 - self._t0
 
