@@ -15,16 +15,25 @@ import random
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from .config import DEFAULT_SCORE, DEFAULT_THRESHOLD, SlkvConfig
 from .corpus import document
 from .layer_map import LayerMap
-from .model import chat_input_ids
+from .gemma3 import ensure_gemma3_model
+from .model import chat_input_ids, ensure_bundled_model
+from .model_layers import ModelLayers
 
 WORDS = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "krypton",
          "lagoon", "marble", "nectar", "onyx", "prairie", "quartz", "russet", "saffron", "tundra", "umber", "violet"]
 NEW_TOKENS = 24  # the model spells the 5 digits one token each after repeating the question
+# model -> (its HF directory, made once; the answer's primed start). Gemma 3 270M is a base model: asked in its
+# turn format it continues the haystack, but it completes "The secret passcode for the" with "<word> vault is
+# <digits>" (all 4 cases of a 1K/1.5K trial with full KV).
+MODELS: dict[str, tuple[Callable[[], Path], str]] = {
+    "smollm2": (ensure_bundled_model, ""),
+    "gemma3-270m": (ensure_gemma3_model, "The secret passcode for the"),
+}
 
 
 @dataclass
@@ -53,13 +62,16 @@ class Outcome:
     correct: bool
     text: str
     lazy_layers: list[int] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
+    scores: list[float | None] = field(default_factory=list)  # None in sliding-window layers
     compression: float = 1.0
     ident_fraction: float | None = None
 
 
-def needle_case(tokenizer: Any, length: int, depth: float, seed: int) -> Case:
-    """A prompt of exactly ``length`` tokens with the needle starting at ``depth`` of the haystack."""
+def needle_case(tokenizer: Any, length: int, depth: float, seed: int, answer_prefix: str = "") -> Case:
+    """A prompt of exactly ``length`` tokens with the needle starting at ``depth`` of the haystack.
+
+    ``answer_prefix``: the start of the answer, after the chat template's generation prompt, for base models that
+    do not answer a question in chat turns but complete a primed answer (passkey-retrieval style)."""
     rng = random.Random(seed * 1000 + int(depth * 100) + length)
     word, code = rng.choice(WORDS), f"{rng.randrange(10_000, 100_000)}"
     needle = tokenizer(f"\nThe secret passcode for the {word} vault is {code}.\n", add_special_tokens=False)["input_ids"]
@@ -68,7 +80,7 @@ def needle_case(tokenizer: Any, length: int, depth: float, seed: int) -> Case:
     frame = chat_input_ids(tokenizer, [{"role": "user", "content": f"{mark}\n\n{question}"}])
     mark_ids = tokenizer(mark, add_special_tokens=False)["input_ids"]
     at = next(i for i in range(len(frame)) if frame[i : i + len(mark_ids)] == mark_ids)
-    head, tail = frame[:at], frame[at + len(mark_ids) :]
+    head, tail = frame[:at], frame[at + len(mark_ids) :] + tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
     budget = length - len(head) - len(tail) - len(needle)
     hay = tokenizer(document(seed, min_chars=budget * 6), add_special_tokens=False)["input_ids"][:budget]
     cut = int(depth * budget)
@@ -76,10 +88,11 @@ def needle_case(tokenizer: Any, length: int, depth: float, seed: int) -> Case:
     return Case(f"needle-{length}-d{int(depth * 100)}-s{seed}", length, depth, ids, code, len(head) + cut)
 
 
-def settings(scores: list[str], thresholds: list[float], num_layers: int) -> list[Setting]:
+def settings(scores: list[str], thresholds: list[float], full_layers: Sequence[int]) -> list[Setting]:
+    """``full_layers``: the model's full-attention layers, all that SimLayerKV (and so StreamingLLM here) trims."""
     out = [Setting("full", "full", {"enabled": False})]
     out += [Setting(f"{s}@{t}", "simlayerkv", {"score": s, "threshold": t}, s, t) for s in scores for t in thresholds]
-    out.append(Setting("streaming", "streaming", {"force_lazy": list(range(num_layers))}))
+    out.append(Setting("streaming", "streaming", {"force_lazy": list(full_layers)}))
     return out
 
 
@@ -110,7 +123,8 @@ def run_case(engine: Any, case: Case, plan: list[Setting], anchor: str, seed: in
     outs = engine.generate(input_ids=[case.input_ids] * len(rest), sampling_params=[_params(s.overrides) for s in rest])
     results = [first] + [_outcome(case, s, o) for s, o in zip(rest, outs)]
     rng = random.Random(seed)
-    chosen = sorted(rng.sample(range(len(first.scores)), len(first.lazy_layers)))
+    scored = [layer for layer, score in enumerate(first.scores) if score is not None]  # sliding layers: None
+    chosen = sorted(rng.sample(scored, len(first.lazy_layers)))
     control = Setting("random", "random", {"force_lazy": chosen})
     results.append(_outcome(case, control, engine.generate(input_ids=case.input_ids, sampling_params=_params(control.overrides))))
     return results
@@ -177,7 +191,7 @@ def plot(outcomes: list[Outcome], rows: list[dict[str, Any]], plan: list[Setting
     for ax, mode in zip(axes[0], modes):
         name = next(s.name for s in plan if s.score == mode)
         mine = [o for o in outcomes if o.setting == name]
-        grid = np.array([o.scores for o in mine]).T
+        grid = np.array([[np.nan if s is None else s for s in o.scores] for o in mine], dtype=float).T
         im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
         ax.set_title(f"lazy score ({mode})")
         ax.set_xlabel("case")
@@ -217,23 +231,27 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--scores", nargs="+", default=["mean", "kvmin", "headmin"])
     parser.add_argument("--recent", type=int, default=None, help="recent window (default: the engine's)")
     parser.add_argument("--quick", action="store_true", help="2 short cases, 1 threshold: a smoke run")
+    parser.add_argument("--model", choices=MODELS, default="smollm2",
+                        help="the bundled model, or the hybrid Gemma 3 270M (sliding-window layers; a base model, "
+                             "so its answer is primed)")
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.depths, args.seeds, args.thresholds = [1536], [0.3, 0.7], 1, [DEFAULT_THRESHOLD]
 
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from .model import ensure_bundled_model
     from .runtime import make_engine, shutdown_engine
 
     base = SlkvConfig.from_env()
     config = SlkvConfig(enabled=True, recent=args.recent or base.recent, sink=base.sink, last=base.last)
-    path = ensure_bundled_model()
+    ensure_model, answer_prefix = MODELS[args.model]
+    path = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    cases = [needle_case(tokenizer, n, d, s) for n in args.lengths for d in args.depths for s in range(args.seeds)]
-    from transformers import AutoConfig
-
-    plan = settings(args.scores, args.thresholds, AutoConfig.from_pretrained(path).num_hidden_layers)
+    cases = [needle_case(tokenizer, n, d, s, answer_prefix) for n in args.lengths for d in args.depths
+             for s in range(args.seeds)]
+    text_config = AutoConfig.from_pretrained(path).get_text_config()
+    layers = ModelLayers.from_layer_types(text_config.num_hidden_layers, getattr(text_config, "layer_types", None))
+    plan = settings(args.scores, args.thresholds, layers.full)
     anchor_score = DEFAULT_SCORE if DEFAULT_SCORE in args.scores else args.scores[0]
     anchor_t = DEFAULT_THRESHOLD if DEFAULT_THRESHOLD in args.thresholds else args.thresholds[0]
     anchor = f"{anchor_score}@{anchor_t}"

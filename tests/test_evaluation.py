@@ -19,7 +19,7 @@ def test_needle_is_where_it_should_be(tokenizer):
 
 def test_small_evaluation_run(slkv_engine, tokenizer, tmp_path):
     cases = [needle_case(tokenizer, 1536, d, seed=0) for d in (0.3, 0.7)]
-    plan = settings(["mean", "kvmin"], [0.9], num_layers=30)
+    plan = settings(["mean", "kvmin"], [0.9], full_layers=range(30))
     outcomes = evaluate(slkv_engine, cases, plan, anchor="kvmin@0.9", progress=False)
     rows = write_report(tmp_path, SlkvConfig(enabled=True), "kvmin@0.9", cases, plan, outcomes)
     by = {r["setting"]: r for r in rows}
