@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule-policy", default="shortest-prefill-first",
                    help="SGLang scheduling policy of the in-process engine (default shortest-prefill-first: short "
                         "prompts are not queued behind long ones)")
+    p.add_argument("--chunked-prefill-size", type=int, default=None,
+                   help="SGLang's prefill chunk of the in-process engine (default: SGLang's, from the memory size); "
+                        "a short turn waits at most about one chunk's forward behind long prompts")
     p.add_argument("--offload-budget", type=int, default=None,
                    help="host offload budget in bytes sent to the engine with every turn (default: the engine's "
                         "--slkv-offload-budget); changeable at run time with PUT /admin/offload")
@@ -67,7 +70,10 @@ def main(argv: list[str]) -> int:
     hf = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     context_len = hf.max_position_embeddings
-    engine = None if args.sglang_url else make_engine(path, slkv=slkv, schedule_policy=args.schedule_policy)
+    scheduling = {"schedule_policy": args.schedule_policy}
+    if args.chunked_prefill_size is not None:
+        scheduling["chunked_prefill_size"] = args.chunked_prefill_size
+    engine = None if args.sglang_url else make_engine(path, slkv=slkv, **scheduling)
     client = RemoteEngineClient(args.sglang_url, tokenizer, context_len) if args.sglang_url else \
         EngineClient(engine, tokenizer, context_len)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads

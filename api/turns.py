@@ -4,7 +4,7 @@ A session turn claims the session (owner, status, Idempotency-Key and lock in on
 lock while it runs, and commits with a compare-and-set on the lock's token. The HTTP response only watches the
 task: a client that disconnects, streaming or not, leaves the turn to finish and commit as if it had stayed,
 and its retry with the same Idempotency-Key gets the stored result. Every path that does not commit releases
-the lock (or, if the store is down, leaves it to expire within LOCK_TTL_MS).
+the lock before it answers (or, if the store is down, leaves it to expire within LOCK_TTL_MS).
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ logger = logging.getLogger("slkv.api")
 
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
-_NOT_COMMITTED = {
+_REFUSED = {  # claims that do not get the session
+    "missing": (404, "session_not_found", "no such session"),
+    "closed": (410, "session_closed", "the session is closed"),
+    "busy": (409, "turn_in_progress", "this session is already running a turn; retry when it ends"),
+}
+_NOT_COMMITTED = {  # commits that did not write
     "missing": (404, "session_not_found", "the session expired during the turn; not saved"),
     "closed": (410, "session_closed", "the session was closed during the turn; not saved"),
     "lost": (503, "lock_lost", "the turn's session lock expired before the turn was saved (the store was "
@@ -112,11 +117,17 @@ class TurnContext:
 
 
 class Turn:
+    """One chat request's turn: started on construction, watched through ``next()`` / ``stream()``."""
+
     def __init__(self, ctx: TurnContext, who: str, req: ChatRequest, replay_key: str | None):
         self.ctx, self.who, self.req, self.replay_key = ctx, who, req, replay_key
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.head = fmt.head(req.model)
-        ctx.limiter.take(who)
+        try:
+            ctx.limiter.take(who)
+        except ApiError as exc:
+            self._fail(exc)
+            return
         ctx.spawn(self._run())
 
     async def next(self) -> Event:
@@ -157,10 +168,7 @@ class Turn:
             self._replay(claim.replay or {})
             return
         if claim.status != "ok":
-            raise {"missing": ApiError(404, "session_not_found", f"no session {sid}"),
-                   "closed": ApiError(410, "session_closed", f"session {sid} is closed"),
-                   "busy": ApiError(409, "turn_in_progress", "this session is already running a turn; retry when "
-                                                             "it ends")}[claim.status]
+            raise ApiError(*_REFUSED[claim.status])
         assert claim.session is not None and claim.lease is not None
         session, lease = claim.session, claim.lease
         keeper = asyncio.create_task(self._keep(sid, lease))
@@ -173,8 +181,8 @@ class Turn:
             outcome = await self.ctx.store.commit(lease, write)
         finally:
             keeper.cancel()
-            if outcome is None:  # the commit did not run (or its outcome is unknown): give the lock back
-                self.ctx.spawn(self._release(sid, lease))
+            if outcome is None:  # no commit ran (or its outcome is unknown): free the session before answering
+                await self._release(sid, lease)
         if outcome != "committed":
             raise ApiError(*_NOT_COMMITTED[outcome], committed=False)
         self._finish(out, done, write)
