@@ -1,5 +1,5 @@
 """Host memory tier for lazy layers' KV (SimLayerKV offload)."""
 
-from .arena import ArenaStats, HostArena, OffloadRefused
+from .arena import ArenaStats, HostArena
 
-__all__ = ["ArenaStats", "HostArena", "OffloadRefused"]
+__all__ = ["ArenaStats", "HostArena"]

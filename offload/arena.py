@@ -1,16 +1,18 @@
-"""The host KV tier: lazy layers' middle KV, kept in host memory under a byte budget.
+"""The host KV tier: lazy layers' middle KV kept in host memory under a byte budget.
 
-A *segment* is the KV of one (session, layer) over a contiguous token range ``[start, end)``, stored as host
-chunks ``[n, 2, heads, dim]`` (K and V interleaved per token, so a token range is one contiguous copy per
-chunk): whole ``BLOCK_BYTES`` blocks recycled through a free list, and a tail of its own. KV of a token never
-changes, so offload is incremental: a later turn extends a session's range and only the tokens not already
-on the host are copied. A reload copies the chunks back into a device tensor, one transfer per chunk.
+A host copy belongs to one (layer, slot). A slot is SGLang's KV slot of one token, and the radix cache maps token
+prefixes to slots, so a copy is addressed by content through the slot that owns it. It also carries the
+*fingerprint* of the token prefix it was computed for (``slkv_sglang.kv.fingerprint``): a reload compares it with
+the reader's own fingerprints and refuses on any difference, so a copy is only ever restored into a sequence whose
+tokens match it. No client string takes part. Two requests that share a prefix share its slots, hence its copies.
 
-Budget: the arena never holds more than ``budget_bytes`` (held KV plus free blocks). When an offload would exceed it, whole sessions
-other than the offloading one are evicted, least recently used first (an offload or reload makes a session
-recent). What is evicted is gone from the host: ``on_evict`` tells the owner, which recomputes it from the
-token history when it is needed (slower, never wrong). If the session's bytes and the new ones exceed the
-whole budget, the offload is refused: nothing is copied and nothing is evicted.
+Memory: each ``offload`` call (one layer's run of tokens) is stored as chunks ``[n, 2, heads, dim]`` that fill
+recycled ``BLOCK_BYTES`` blocks, the tail in an allocation of its own. Chunks belong to a *group* (the decision that
+offloaded them); eviction drops whole groups, least recently used first (an offload or a reload makes a group
+recent). A chunk whose slots SGLang freed (``forget``) is freed with its last slot.
+
+Budget: held bytes plus free blocks never exceed ``budget_bytes``. An offload that does not fit evicts other groups;
+one that would not fit even alone is refused (nothing copied, nothing evicted): the caller recomputes later.
 
 On CUDA the host tensors are pinned and copies run on a side stream; ``wait()`` joins them (events).
 """
@@ -20,14 +22,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
-
-
-class OffloadRefused(RuntimeError):
-    """The budget cannot hold these bytes, even after evicting every idle session."""
-
 
 # Host memory is recycled in blocks of this size: a fresh host allocation costs a page fault per 4 KiB on
 # first touch (on CUDA, a slow pinned registration), which measured as 0.3x a plain copy into memory already
@@ -37,19 +34,22 @@ BLOCK_BYTES = 1 << 21
 
 @dataclass
 class _Chunk:
-    start: int
+    group: int
+    layer: int
+    slots: torch.Tensor  # [n] the slots whose copies these are (host, int64)
     kv: torch.Tensor  # [n, 2, heads, dim] on the host
-    block: torch.Tensor | None = None  # the recycled block ``kv`` is a view of; None: its own allocation
+    block: torch.Tensor | None  # the recycled block ``kv`` is a view of; None: its own allocation
+    live: int  # slots of this chunk not forgotten yet
 
     @property
-    def end(self) -> int:
-        return self.start + self.kv.shape[0]
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
 
 
 @dataclass
-class _Session:
-    layers: dict[int, list[_Chunk]] = field(default_factory=dict)
-    nbytes: int = 0
+class _Group:
+    label: str  # who offloaded it, for reporting (a chat session id, else the request id)
+    chunks: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -57,16 +57,18 @@ class ArenaStats:
     held_bytes: int = 0  # bytes the host tier holds now
     offloaded_bytes: int = 0
     reloaded_bytes: int = 0
+    shared_tokens: int = 0  # (layer, token) copies reloaded by a request other than the one that offloaded them
     offload_seconds: float = 0.0
     reload_seconds: float = 0.0
-    evictions: int = 0  # sessions evicted to make room
+    evictions: int = 0  # groups evicted to make room
     evicted_bytes: int = 0
     refused: int = 0  # offloads that did not fit at all
     refused_bytes: int = 0
+    mismatches: int = 0  # reloads refused because a copy's fingerprint differs from the reader's
 
 
 class HostArena:
-    def __init__(self, budget_bytes: int, device: torch.device | str = "cpu"):
+    def __init__(self, budget_bytes: int, num_layers: int, num_slots: int, device: torch.device | str = "cpu"):
         if budget_bytes < 0:
             raise ValueError(f"offload budget must be >= 0 bytes, got {budget_bytes}")
         self.budget_bytes = budget_bytes
@@ -74,118 +76,147 @@ class HostArena:
         self._pin = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._pin else None
         self._pending: list[torch.cuda.Event] = []
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently used first
+        # the index, on the host: chunk id and offset of the copy of (layer, slot), -1 if none
+        self.chunk_of = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64)
+        self.offset_of = torch.zeros((num_layers, num_slots + 1), dtype=torch.int64)
+        self.fingerprint_of = torch.zeros(num_slots + 1, dtype=torch.int64)  # of the prefix a slot's copies hold
+        self._chunks: dict[int, _Chunk] = {}
+        self._groups: OrderedDict[int, _Group] = OrderedDict()  # least recently used first
+        self._next_chunk = 0
         self._spare: list[torch.Tensor] = []  # free blocks; with the held bytes, never more than the budget
         self.stats = ArenaStats()
-        self.on_evict: Callable[[str], None] | None = None  # the owner forgets where an evicted session's KV was
 
     # ---- queries ---------------------------------------------------------------------------------------
-    def held(self, session: str, layer: int) -> tuple[int, int] | None:
-        """The token range ``[start, end)`` the host holds for (session, layer), or None."""
-        s = self._sessions.get(session)
-        chunks = s.layers.get(layer) if s else None
-        return (chunks[0].start, chunks[-1].end) if chunks else None
+    def hosted(self, slots: torch.Tensor, fingerprints: torch.Tensor | None = None) -> torch.Tensor:
+        """``[layers, n]``: which layers hold a copy of each slot (whose prefix matches ``fingerprints``)."""
+        slots = slots.cpu()
+        held = self.chunk_of[:, slots] >= 0
+        if fingerprints is not None:
+            held &= (self.fingerprint_of[slots] == fingerprints.cpu())[None, :]
+        return held
 
-    def session_bytes(self, session: str) -> int:
-        s = self._sessions.get(session)
-        return s.nbytes if s else 0
+    def group_bytes(self, group: int) -> int:
+        g = self._groups.get(group)
+        return sum(self._chunks[c].nbytes for c in g.chunks) if g else 0
+
+    def __len__(self) -> int:
+        """Groups held (a per-request map that must not grow without bound)."""
+        return len(self._groups)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
-    def drop(self, session: str) -> None:
-        """The session is closed or expired: free its host memory."""
-        s = self._sessions.pop(session, None)
-        if s is not None:
-            self.stats.held_bytes -= s.nbytes
-            self._recycle(c for chunks in s.layers.values() for c in chunks)
+    def new_group(self) -> int:
+        """An id for the copies of one decision (the group exists once something is offloaded under it)."""
+        gid = self._next_chunk  # ids shared with chunks: never reused
+        self._next_chunk += 1
+        return gid
 
-    def truncate(self, session: str, layer: int, end: int) -> None:
-        """Forget tokens from position ``end`` on for (session, layer) (their slots were freed)."""
-        s = self._sessions.get(session)
-        chunks = s.layers.get(layer) if s else None
-        if not chunks or chunks[-1].end <= end:
+    def forget(self, slots: torch.Tensor) -> None:
+        """SGLang freed these slots: their copies go (a chunk's memory with its last slot)."""
+        slots = slots.cpu()
+        ids = self.chunk_of[:, slots]
+        held = ids >= 0
+        if not bool(held.any()):
             return
-        kept = [c for c in chunks if c.end <= end]
-        cut = [c for c in chunks if c.end > end]
-        if cut[0].start < end:
-            self.wait()  # the chunk may still be filling on the side stream
-            part = cut[0].kv[: end - cut[0].start]
-            kept.append(_Chunk(cut[0].start, torch.empty(part.shape, dtype=part.dtype, pin_memory=self._pin).copy_(part)))
-        freed = sum(c.kv.numel() * c.kv.element_size() for c in chunks) - sum(
-            c.kv.numel() * c.kv.element_size() for c in kept)
-        s.layers[layer] = kept
-        s.nbytes -= freed
-        self.stats.held_bytes -= freed
-        self._recycle(cut)
+        counts = torch.bincount(ids[held])
+        for cid in counts.nonzero().flatten().tolist():
+            chunk = self._chunks[cid]
+            chunk.live -= int(counts[cid])
+            if chunk.live <= 0:
+                self._drop_chunk(cid)
+        self.chunk_of[:, slots] = -1
+
+    def clear(self) -> None:
+        """Everything goes (SGLang cleared its allocator: no slot is live)."""
+        for gid in list(self._groups):
+            self._drop_group(gid)
+        self.chunk_of.fill_(-1)
 
     def set_budget(self, budget_bytes: int) -> None:
-        """Change the budget at run time; shrinking evicts sessions (LRU) until the arena fits."""
+        """Change the budget at run time; shrinking evicts groups (LRU) until the arena fits."""
         if budget_bytes < 0:
             raise ValueError(f"offload budget must be >= 0 bytes, got {budget_bytes}")
         self.budget_bytes = budget_bytes
-        self._make_room(0)
+        self._make_room(0, keep=None)
         self._recycle([])
 
     # ---- transfers -------------------------------------------------------------------------------------
-    def offload(self, session: str, layer: int, start: int, kv: torch.Tensor) -> int:
-        """Keep tokens ``[start, start + len(kv))`` of (session, layer) on the host; ``kv`` is ``[n, 2, H, D]``.
+    def offload(self, group: int, label: str, layer: int, slots: torch.Tensor, fingerprints: torch.Tensor,
+                kv: torch.Tensor) -> bool:
+        """Keep copies of ``kv`` (``[n, 2, H, D]``, the KV of ``slots`` in ``layer``) under ``group``.
 
-        Tokens already held are not copied again; the range must continue (or overlap) the held one. Returns
-        the bytes copied. Raises ``OffloadRefused`` (and copies nothing) if the budget cannot hold them.
-        """
-        held = self.held(session, layer)
-        end = start + kv.shape[0]
-        if held is not None:
-            if start > held[1] or start < held[0]:
-                raise ValueError(f"offload of {session}/{layer} [{start}, {end}) does not continue [{held[0]}, {held[1]})")
-            kv, start = kv[held[1] - start :], held[1]
-        if kv.shape[0] == 0:
-            return 0
+        Slots already held in this layer are not copied again. False (nothing copied, nothing evicted, counted in
+        ``refused``) if the group's bytes and these would exceed the whole budget."""
+        slots, fingerprints = slots.cpu(), fingerprints.cpu()
+        fresh = self.chunk_of[layer, slots] < 0
+        if not bool(fresh.all()):
+            keep = fresh.to(kv.device)
+            slots, fingerprints, kv = slots[fresh], fingerprints[fresh], kv[keep]
+        n = slots.numel()
+        if n == 0:
+            return True
         nbytes = kv.numel() * kv.element_size()
-        if self.session_bytes(session) + nbytes > self.budget_bytes:  # would not fit even alone: evict nothing
+        if self.group_bytes(group) + nbytes > self.budget_bytes:
             self.stats.refused += 1
             self.stats.refused_bytes += nbytes
-            raise OffloadRefused(f"host offload budget {self.budget_bytes} B cannot hold {nbytes} B more "
-                                 f"({self.session_bytes(session)} B held by {session})")
-        self._make_room(nbytes, keep=session)
+            return False
+        self._make_room(nbytes, keep=group)
         t0 = time.perf_counter()
-        s = self._sessions.setdefault(session, _Session())
-        self._sessions.move_to_end(session)
-        chunks = s.layers.setdefault(layer, [])
-        per_block = BLOCK_BYTES // (nbytes // kv.shape[0])  # tokens in a whole block (0: a token is larger)
-        step = per_block or kv.shape[0]
+        self._groups.setdefault(group, _Group(label))
+        per_block = BLOCK_BYTES // (nbytes // n)  # tokens in a whole block (0: a token is larger)
+        step = per_block or n
         copies = []
-        for at in range(0, kv.shape[0], step):
+        for at in range(0, n, step):
             piece = kv[at : at + step]
             block = self._block() if piece.shape[0] == per_block else None
             host = (block.view(kv.dtype)[: piece.numel()].view(piece.shape) if block is not None
                     else torch.empty(piece.shape, dtype=kv.dtype, pin_memory=self._pin))
             copies.append((host, piece))
-            chunks.append(_Chunk(start + at, host, block))
+            cid = self._next_chunk
+            self._next_chunk += 1
+            part = slots[at : at + step]
+            self._chunks[cid] = _Chunk(group, layer, part, host, block, live=part.numel())
+            self._groups[group].chunks.add(cid)
+            self.chunk_of[layer, part] = cid
+            self.offset_of[layer, part] = torch.arange(part.numel())
+        self.fingerprint_of[slots] = fingerprints
         self._copy(copies, kv)
-        s.nbytes += nbytes
+        self._groups.move_to_end(group)
         self.stats.held_bytes += nbytes
         self._trim_spare()
         self.stats.offloaded_bytes += nbytes
         self.stats.offload_seconds += time.perf_counter() - t0
-        return nbytes
+        return True
 
-    def reload(self, session: str, layer: int, start: int, out: torch.Tensor) -> bool:
-        """Copy tokens ``[start, start + len(out))`` of (session, layer) into ``out`` (``[n, 2, H, D]``).
+    def reload(self, layer: int, slots: torch.Tensor, fingerprints: torch.Tensor, out: torch.Tensor,
+               reader: str = "") -> bool:
+        """Copy the host copies of ``slots`` in ``layer`` into ``out`` (``[n, 2, H, D]``).
 
-        False when the host does not hold the whole range (evicted or never offloaded): recompute instead.
-        """
-        held = self.held(session, layer)
-        end = start + out.shape[0]
-        if held is None or start < held[0] or end > held[1]:
+        False, with ``out`` untouched, unless every slot has a copy whose prefix fingerprint equals the reader's
+        (``fingerprints``): the caller recomputes instead."""
+        slots, fingerprints = slots.cpu(), fingerprints.cpu()
+        ids = self.chunk_of[layer, slots]
+        if bool((ids < 0).any()):
+            return False
+        if not torch.equal(self.fingerprint_of[slots], fingerprints):
+            self.stats.mismatches += 1
             return False
         t0 = time.perf_counter()
+        offsets = self.offset_of[layer, slots]
         copies = []
-        for chunk in self._sessions[session].layers[layer]:
-            lo, hi = max(start, chunk.start), min(end, chunk.end)
-            if lo < hi:
-                copies.append((out[lo - start : hi - start], chunk.kv[lo - chunk.start : hi - chunk.start]))
+        for cid in ids.unique().tolist():
+            chunk = self._chunks[cid]
+            at = (ids == cid).nonzero().flatten()
+            off = offsets[at]
+            lo, hi = int(at[0]), int(at[-1]) + 1
+            if hi - lo == at.numel() and int(off[-1]) - int(off[0]) + 1 == at.numel() and bool((off[1:] > off[:-1]).all()):
+                copies.append((out[lo:hi], chunk.kv[int(off[0]) : int(off[0]) + at.numel()]))  # one contiguous run
+            else:
+                out[at.to(out.device)] = chunk.kv[off].to(out.device)
+            group = self._groups[chunk.group]
+            self._groups.move_to_end(chunk.group)
+            if group.label != reader:
+                self.stats.shared_tokens += at.numel()
         self._copy(copies, out)
-        self._sessions.move_to_end(session)
         self.stats.reloaded_bytes += out.numel() * out.element_size()
         self.stats.reload_seconds += time.perf_counter() - t0
         return True
@@ -214,6 +245,30 @@ class HostArena:
         device_tensor.record_stream(self._stream)  # its memory is not reused before the copies are done
         self._pending.append(event)
 
+    # ---- memory ----------------------------------------------------------------------------------------
+    def _drop_chunk(self, cid: int) -> None:
+        chunk = self._chunks.pop(cid)
+        group = self._groups.get(chunk.group)
+        if group is not None:
+            group.chunks.discard(cid)
+            if not group.chunks:
+                del self._groups[chunk.group]
+        mine = self.chunk_of[chunk.layer, chunk.slots] == cid
+        self.chunk_of[chunk.layer, chunk.slots[mine]] = -1
+        self.stats.held_bytes -= chunk.nbytes
+        self._recycle([chunk])
+
+    def _drop_group(self, gid: int) -> int:
+        group = self._groups.get(gid)
+        if group is None:
+            return 0
+        nbytes = 0
+        for cid in list(group.chunks):
+            nbytes += self._chunks[cid].nbytes
+            self._drop_chunk(cid)
+        self._groups.pop(gid, None)
+        return nbytes
+
     def _block(self) -> torch.Tensor:
         if self._spare:
             return self._spare.pop()
@@ -228,16 +283,12 @@ class HostArena:
     def _trim_spare(self) -> None:
         del self._spare[max(0, (self.budget_bytes - self.stats.held_bytes) // BLOCK_BYTES) :]
 
-    def _make_room(self, nbytes: int, keep: str | None = None) -> None:
-        """Evict sessions other than ``keep``, least recently used first, until ``nbytes`` more fit."""
-        for sid in list(self._sessions):
+    def _make_room(self, nbytes: int, keep: int | None) -> None:
+        """Evict groups other than ``keep``, least recently used first, until ``nbytes`` more fit."""
+        for gid in list(self._groups):
             if self.stats.held_bytes + nbytes <= self.budget_bytes:
                 return
-            s = self._sessions[sid]
-            if sid == keep or not s.nbytes:
+            if gid == keep:
                 continue
-            self.drop(sid)
+            self.stats.evicted_bytes += self._drop_group(gid)
             self.stats.evictions += 1
-            self.stats.evicted_bytes += s.nbytes
-            if self.on_evict is not None:
-                self.on_evict(sid)

@@ -47,22 +47,24 @@ def bandwidth(tokens: int, window: int, layers: int, kv_heads: int, head_dim: in
         for d, s in zip(back, host):
             d.copy_(s, non_blocking=True)
 
-    arena = HostArena(budget_bytes=4 * nbytes, device=device)
-    runs = iter(range(10**9))
+    arena = HostArena(budget_bytes=4 * nbytes, num_layers=layers, num_slots=2 * middle, device=device)
+    resident, passing = torch.arange(1, middle + 1), torch.arange(middle + 1, 2 * middle + 1)  # slot ids
+    fingerprints = torch.arange(middle)  # any: the reload below passes the same
 
     def offload() -> None:
-        sid = f"s{next(runs)}"
+        group = arena.new_group()
         for layer, t in enumerate(kv):
-            arena.offload(sid, layer, 4, t)
+            arena.offload(group, "bench", layer, passing, fingerprints, t)
         arena.wait()
-        arena.drop(sid)
+        arena.forget(passing)
 
+    group = arena.new_group()
     for layer, t in enumerate(kv):  # the session reloaded below (every layer)
-        arena.offload("resident", layer, 4, t)
+        arena.offload(group, "bench", layer, resident, fingerprints, t)
 
     def reload() -> None:
         for layer, out in enumerate(back):
-            assert arena.reload("resident", layer, 4, out)
+            assert arena.reload(layer, resident, fingerprints, out, reader="bench")
         arena.wait()
 
     return nbytes, {

@@ -171,7 +171,7 @@ def check_tracker(device: torch.device, scorings: tuple[str, ...] = ("lse", "tor
 
     from .config import SlkvConfig
     from .request_params import request_params
-    from .tracker import LazyTracker
+    from .tracker import Decision, LazyTracker
 
     heads, kv_heads, dim = SHAPES["llama3-8b"]
     layers, prompt, chunk = 4, 6000, 4096
@@ -192,7 +192,7 @@ def check_tracker(device: torch.device, scorings: tuple[str, ...] = ("lse", "tor
         scorer = LseScorer(BatchPrefillWithPagedKVCacheWrapper(_workspace(device), "NHD", backend=PREFILL_BACKEND),
                            AttnShape(heads, kv_heads, dim, torch.bfloat16, torch.bfloat16), cfg.sink, cfg.recent)
 
-    def forward(tracker: LazyTracker, start: int, end: int, lse: bool) -> None:
+    def forward(tracker: LazyTracker, start: int, end: int, lse: bool) -> list[Decision]:
         last = end == prompt
         tracker.stage([request_params(cfg, "r", None, last)])
         tracker.plan(SimpleNamespace(
@@ -211,15 +211,15 @@ def check_tracker(device: torch.device, scorings: tuple[str, ...] = ("lse", "tor
                     scorer.plan([len(q) for q in qs], slots, scale)
                 return scorer.mass(qs, (k_cache, v_cache))
 
-            tracker.score(queries[layer][start:end], layer, mass)
+            decisions = tracker.score(queries[layer][start:end], layer, mass)
+        return decisions
 
     maps = {}
     for name in scorings:
         tracker = LazyTracker(cfg, layers, kv_heads, 2, req_to_token)
         forward(tracker, 0, chunk, name == "lse")  # nobody decides: the scoring events are read without a sync
-        forward(tracker, chunk, prompt, name == "lse")
-        layer_map, timing, _ = tracker.pop_decision("r")
-        maps[name] = layer_map
+        (decision,) = forward(tracker, chunk, prompt, name == "lse")
+        maps[name] = decision.layer_map
     tracker.stage([request_params(cfg, "r", None, True)])
     tracker.plan(SimpleNamespace(forward_mode=_Mode(True), req_pool_indices=torch.tensor([1], device=device),
                                  req_pool_indices_cpu=torch.tensor([1]), seq_lens_cpu=torch.tensor([prompt + 1]),
@@ -230,7 +230,7 @@ def check_tracker(device: torch.device, scorings: tuple[str, ...] = ("lse", "tor
     first, last = maps[scorings[0]], maps[scorings[-1]]
     score_err = max(abs(a - b) for a, b in zip(first.scores, last.scores))
     return {**{f"lazy_{name}": m.lazy_layers for name, m in maps.items()}, "scores": list(last.scores),
-            "score_max_abs_err": score_err, "identification_s": timing[0], "decode_restricted_layers": restricted,
+            "score_max_abs_err": score_err, "identification_s": decision.identification_s, "decode_restricted_layers": restricted,
             "ok": (first.lazy == last.lazy and score_err <= MASS_TOL and restricted == last.lazy_layers == [0, 2]
                    and (window is None or torch.equal(window, expected_window)))}
 
@@ -351,18 +351,19 @@ def _pcie(device: torch.device) -> dict[str, Any]:
 
 
 def _roundtrip_exact(device: torch.device, dtype: torch.dtype, kv_heads: int, dim: int) -> bool:
-    """Offload in two turns, cut the tail, reload: the bytes that come back are the bytes that went out."""
+    """Offload in two turns, forget the tail, reload: the bytes that come back are the bytes that went out."""
     from offload import HostArena
 
-    arena = HostArena(1 << 30, device)
+    arena = HostArena(1 << 30, num_layers=1, num_slots=5000, device=device)
     kv = torch.randn(5000, 2, kv_heads, dim, device=device).to(dtype)
-    arena.offload("a", 0, 4, kv[4:3000])
-    arena.offload("a", 0, 4, kv[4:4800])  # the next turn: only [3000, 4800) is copied
-    arena.truncate("a", 0, 4000)  # while those copies may still be in flight
+    slots, fps = torch.arange(5000), torch.arange(5000) * 7
+    arena.offload(arena.new_group(), "a", 0, slots[4:3000], fps[4:3000], kv[4:3000])
+    arena.offload(arena.new_group(), "a", 0, slots[4:4800], fps[4:4800], kv[4:4800])  # only [3000, 4800) copied
+    arena.forget(slots[4000:4800])  # while those copies may still be in flight
     back = torch.empty_like(kv[4:4000])
-    ok = arena.reload("a", 0, 4, back)
+    ok = arena.reload(0, slots[4:4000], fps[4:4000], back, reader="a")
     arena.wait()
-    return ok and torch.equal(back, kv[4:4000]) and arena.held("a", 0) == (4, 4000)
+    return ok and torch.equal(back, kv[4:4000]) and not bool(arena.hosted(slots[4000:4800]).any())
 
 
 def host_tier(device: torch.device, tokens: int, layers: int) -> dict[str, Any]:
@@ -381,22 +382,23 @@ def host_tier(device: torch.device, tokens: int, layers: int) -> dict[str, Any]:
     out["pcie"] = _pcie(device)
     kv = [torch.randn(tokens - RECENT - SINK, 2, kv_heads, dim, device=device).to(dtype) for _ in range(layers)]
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
-    arena = HostArena(4 * nbytes, device)
-    runs = iter(range(10**6))
+    middle = tokens - RECENT - SINK
+    arena = HostArena(4 * nbytes, num_layers=layers, num_slots=middle, device=device)
+    slots, fps = torch.arange(1, middle + 1), torch.arange(middle)
 
     def matmuls() -> None:
         for _ in range(8):
             a @ a
 
-    def offload() -> str:
-        sid = f"s{next(runs)}"
+    def offload() -> torch.Tensor:
+        group = arena.new_group()
         for layer, t in enumerate(kv):
-            arena.offload(sid, layer, SINK, t)
-        return sid
+            arena.offload(group, "bench", layer, slots, fps, t)
+        return slots
 
-    def finish(sid: str) -> None:
+    def finish(held: torch.Tensor) -> None:
         arena.wait()
-        arena.drop(sid)
+        arena.forget(held)
 
     def both() -> None:
         sid = offload()  # copies queue on the side stream first, then the matmuls on the compute stream

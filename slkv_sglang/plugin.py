@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
+from dataclasses import dataclass, field
 from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
@@ -22,24 +22,17 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from . import startup
 from .config import DECIDE_MODES, SCORE_MODES, SlkvConfig, SlkvConfigError
 from .model_layers import ModelLayers, check_servable
+from .kv.executor import KvExecutor
+from .kv.planner import KvPlanner
+from .kv.tier import KvTier
+from .report import Outbox
 from .request_params import OVERRIDE_KEY, parse_overrides, request_params
-from .row_pool import LayerRowPool
 from .tracker import LazyTracker
 
 logger = logging.getLogger("slkv.plugin")
 
 META_KEY = "slkv"
-_trackers: list[LazyTracker] = []
-_pools: list[LayerRowPool] = []  # with --slkv-offload: the KV row pools of this process's backends
 _config: SlkvConfig | None = None
-
-
-def worker_id() -> str:
-    """Which worker holds a request's KV: ``SLKV_WORKER_ID``, else the host name (a StatefulSet pod name).
-
-    Reported with every layer map so the chat API can record where a session's KV lives and count turns
-    that land on another worker (they recompute the history)."""
-    return os.environ.get("SLKV_WORKER_ID") or socket.gethostname()
 
 
 def config() -> SlkvConfig:
@@ -104,6 +97,21 @@ def _add_cli_args(_result: Any, parser: argparse.ArgumentParser) -> None:
 
 
 # ---- engine side -----------------------------------------------------------------------------------------
+@dataclass
+class _Process:
+    """This SGLang process's SimLayerKV parts, set when its attention backend is built (one per scheduler process).
+    Only the hooks below read them; the backend, planner and executor get what they need as arguments."""
+
+    outbox: Outbox = field(default_factory=Outbox)
+    tracker: LazyTracker | None = None
+    planner: KvPlanner | None = None  # with --slkv-offload
+    executor: KvExecutor | None = None
+    tree_cache: Any = None  # SGLang's radix cache, seen at the first prefix match (admission evicts through it)
+
+
+_proc = _Process()
+
+
 def _wrap_backend_factories() -> None:
     from sglang.srt.layers.attention import attention_registry as reg
 
@@ -115,10 +123,11 @@ def _wrap_backend_factories() -> None:
             return plain_torch(runner)
         from .backends.torch_native import SlkvTorchNativeBackend
 
-        backend = SlkvTorchNativeBackend(runner, config())
-        _trackers.append(backend.tracker)
-        if backend.row_pool is not None:
-            _pools.append(backend.row_pool)
+        backend = SlkvTorchNativeBackend(runner, config(), _proc.outbox)
+        _proc.tracker = backend.tracker
+        if backend.executor is not None:
+            _proc.executor = backend.executor
+            _proc.planner = KvPlanner(backend.executor.tier, strict=config().poison)
         logger.info("SimLayerKV on torch_native: %s", config())
         return backend
 
@@ -127,8 +136,8 @@ def _wrap_backend_factories() -> None:
             return plain_flashinfer(runner)
         from .backends.flashinfer import SlkvFlashInferBackend
 
-        backend = SlkvFlashInferBackend(runner, config())
-        _trackers.append(backend.tracker)
+        backend = SlkvFlashInferBackend(runner, config(), _proc.outbox)
+        _proc.tracker = backend.tracker
         logger.info("SimLayerKV on flashinfer: %s", config())
         return backend
 
@@ -136,13 +145,19 @@ def _wrap_backend_factories() -> None:
     reg.ATTENTION_BACKENDS["flashinfer"] = flashinfer
 
 
+def _tier() -> KvTier | None:
+    return _proc.executor.tier if _proc.executor is not None else None
+
+
 def _attach_params(result: Any, _cls: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
-    """ForwardBatch.init_new: stage each request's settings for the backend's next ``plan``.
+    """ForwardBatch.init_new: stage each request's settings for the backend's next ``plan``, and with offload
+    hand the executor this forward's ``KvStep``.
 
     The eager runner copies the ForwardBatch into static buffers before planning, dropping extra
     attributes, so the settings go to the tracker, which checks they match the batch it plans.
     """
-    if not config().enabled or not (batch.forward_mode.is_extend() or batch.forward_mode.is_decode()):
+    if not config().enabled or _proc.tracker is None or not (batch.forward_mode.is_extend()
+                                                             or batch.forward_mode.is_decode()):
         return None
     decode = batch.forward_mode.is_decode()
     params = []
@@ -152,13 +167,25 @@ def _attach_params(result: Any, _cls: Any, batch: Any, *args: Any, **kwargs: Any
             params.append(request_params(config(), req.rid, req.sampling_params.custom_params, last))
         except SlkvConfigError as exc:  # validated in the tokenizer process; never expected here
             raise RuntimeError(f"slkv: invalid overrides reached the scheduler for {req.rid}: {exc}") from exc
-    for tracker in _trackers:
-        tracker.stage(params)
-    for pool in _pools:
-        for req in batch.reqs:
-            if req.rid in pool.heal_pending:
-                heal = pool.heal_at[int(_pool_row(req))] = pool.heal_pending.pop(req.rid)
-                pool.stats.recomputed_tokens += len(heal[1])
+    _proc.outbox.tick()
+    _proc.tracker.stage(params)
+    if _proc.planner is not None and _proc.executor is not None:
+        prefixes = [0] * len(batch.reqs) if decode else list(batch.prefix_lens)
+        tokens = [_step_tokens(req, decode, prefix + ext) for req, prefix, ext in
+                  zip(batch.reqs, prefixes, [0] * len(batch.reqs) if decode else batch.extend_lens)]
+        step = _proc.planner.plan(batch.reqs, [int(_pool_row(r)) for r in batch.reqs], [p.session for p in params],
+                                  tokens, prefixes)
+        _proc.executor.begin(step)
+    return None
+
+
+def _step_tokens(req: Any, decode: bool, seq_len: int) -> list[int] | None:
+    """The token ids a forward's KV work needs fingerprints of: a prefill's positions 0..seq_len-1; in decode,
+    only a request deciding at its first decode step (``--slkv-mode decode``) needs its whole sequence."""
+    if not decode:
+        return list(req.full_untruncated_fill_ids[:seq_len])
+    if config().mode == "decode" and len(req.output_ids) == 1:
+        return list(req.origin_input_ids) + list(req.output_ids)
     return None
 
 
@@ -169,23 +196,21 @@ def _cap_prefix(result: int, req: Any, input_len: int) -> int | None:
     return max(0, min(result, input_len - config().last))
 
 
-def _cut_lost_prefix(_result: Any, req: Any, tree_cache: Any = None, *args: Any, **kwargs: Any) -> None:
-    """Req.init_next_round_input: with --slkv-offload, a cached prefix some lazy layer gave away without a
-    host copy (host budget full, or evicted from the host since) cannot be restored. The match stops where
-    that starts; the prefill recomputes the rest from the tokens (slower, never wrong), and its KV fills the
-    cached slots' missing rows, which the radix tree keeps pointing at."""
-    if not _pools or tree_cache is None or not req.prefix_len:
+def _match_prefix(_result: Any, req: Any, tree_cache: Any = None, *args: Any, **kwargs: Any) -> None:
+    """Req.init_next_round_input: with --slkv-offload, the matched prefix stops where some layer's KV is on neither
+    tier (``KvPlanner.match``); the prefill recomputes the rest from the tokens."""
+    if _proc.planner is None or tree_cache is None:
+        return None
+    _proc.tree_cache = tree_cache
+    if not req.prefix_len:
+        _proc.planner.retire(req, None)
         return None
     cached = tree_cache.prefix_device_indices(req)
-    for pool in _pools:
-        keep = pool.restorable(cached)
-        keep -= keep % tree_cache.page_size
-        if keep < req.prefix_len:
-            pool.heal_pending[req.rid] = (keep, cached[keep:].clone())
-            logger.debug("slkv: %s recomputes %d cached tokens whose KV was lost", req.rid, req.prefix_len - keep)
-            req.prefix_len = keep
-            req.num_matched_prefix_tokens = min(req.num_matched_prefix_tokens, keep)
-            req.kv.cache_protected_len = min(req.kv.cache_protected_len, keep)
+    keep = _proc.planner.match(req, cached, list(req.full_untruncated_fill_ids[: req.prefix_len]), tree_cache.page_size)
+    if keep < req.prefix_len:
+        req.prefix_len = keep
+        req.num_matched_prefix_tokens = min(req.num_matched_prefix_tokens, keep)
+        req.kv.cache_protected_len = min(req.kv.cache_protected_len, keep)
     return None
 
 
@@ -195,45 +220,36 @@ def _pool_row(req: Any) -> int | None:
 
 
 def _release_row(req: Any, *args: Any, **kwargs: Any) -> None:
+    """release_kv_cache: the request leaves (finished, aborted, retracted); its per-request state goes."""
     row = _pool_row(req)
-    if row is not None:
-        for tracker in _trackers:
-            tracker.release_row(int(row))
-        for pool in _pools:
-            pool.heal_at.pop(int(row), None)
-            pool.release_promise(int(row))
-    for pool in _pools:
-        pool.heal_pending.pop(req.rid, None)
+    if row is not None and _proc.tracker is not None:
+        _proc.tracker.release_row(int(row))
+    if _proc.planner is not None:
+        _proc.planner.retire(req, None if row is None else int(row))
     return None
 
 
 def _report_decision(_result: Any, _self: Any, i: int, req: Any, logits_output: Any) -> None:
     """Batch results: a decision taken in this forward becomes request-level ``customized_info``."""
-    for tracker in _trackers:
-        found = tracker.pop_decision(req.rid)
-        if found is None:
-            continue
-        layer_map, (ident_s, forward_s), extra = found
-        record = layer_map.to_dict()
-        record["timing"] = {"identification_s": ident_s, "prefill_forward_s": forward_s}
-        record["worker"] = worker_id()
-        record.update(extra)
+    rec = _proc.outbox.take(req.rid)
+    if rec is not None:
         if req.customized_info is None:
             req.customized_info = {}
-        req.customized_info[META_KEY] = [record]
+        req.customized_info[META_KEY] = [rec]
     return None
 
 
 def _free_rows(allocator: Any, free_index: Any, *args: Any, **kwargs: Any) -> None:
-    """TokenToKVPoolAllocator.free: SGLang frees slots (radix eviction, aborts), so do their rows. Without
-    offload, ``--slkv-poison-freed`` fills the freed slots of SGLang's own per-layer buffers with NaN.
+    """TokenToKVPoolAllocator.free: SGLang frees slots (radix eviction, aborts), so do their rows and host copies.
+    Without offload, ``--slkv-poison-freed`` fills the freed slots of SGLang's own per-layer buffers with NaN.
 
     Inside a free group the slots arrive again, concatenated, at the group's end."""
     if allocator.free_group is not None or not free_index.numel():
         return None
-    for pool in _pools:
-        pool.free_slots(free_index)
-    if not _pools and config().enabled and config().poison:
+    tier = _tier()
+    if tier is not None:
+        tier.free_slots(free_index)
+    elif config().enabled and config().poison:
         kv = allocator._kvcache
         for layer in range(kv.layer_num):
             kv.get_key_buffer(layer)[free_index] = float("nan")
@@ -244,7 +260,7 @@ def _free_rows(allocator: Any, free_index: Any, *args: Any, **kwargs: Any) -> No
 # ---- admission with --slkv-offload: SGLang counts token slots, the device holds (layer, token) rows ------
 def _overcommit_pool(result: Any, *args: Any, **kwargs: Any) -> Any:
     """KVCacheConfigurator.config_from_budget: with ``--slkv-overcommit F`` SGLang gets F times the token
-    slots its KV bytes hold; the row pool keeps those bytes (``_take_over_kv_pool``)."""
+    slots its KV bytes hold; the KV tier keeps those bytes (``_take_over_kv_pool``)."""
     cfg = config()
     if not (cfg.enabled and cfg.offload and cfg.overcommit > 1.0):
         return None
@@ -258,7 +274,7 @@ def _overcommit_pool(result: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _no_kv_buffers(original: Any, kv_pool: Any, *args: Any, **kwargs: Any) -> Any:
-    """MHATokenToKVPool._create_buffers: with offload the row pool holds the KV, so SGLang's per-layer
+    """MHATokenToKVPool._create_buffers: with offload the KV tier holds the KV, so SGLang's per-layer
     buffers are created one page long instead of at the (possibly overcommitted) pool size."""
     if not (config().enabled and config().offload):
         return original(kv_pool, *args, **kwargs)
@@ -272,12 +288,12 @@ def _no_kv_buffers(original: Any, kv_pool: Any, *args: Any, **kwargs: Any) -> An
 def _alloc_with_rows(original: Any, allocator: Any, need_size: int, *args: Any, **kwargs: Any) -> Any:
     """TokenToKVPoolAllocator.alloc: refuse (None, as for no free slots) without L rows per slot; on success
     the slots are owed their rows until written."""
-    if any(need_size * pool.num_layers > pool.spare_rows for pool in _pools):
+    tier = _tier()
+    if tier is not None and need_size * tier.num_layers > tier.spare_rows:
         return None
     slots = original(allocator, need_size, *args, **kwargs)
-    if slots is not None:
-        for pool in _pools:
-            pool.reserve_slots(slots)
+    if slots is not None and tier is not None:
+        tier.ledger.owe_slots(slots)
     return slots
 
 
@@ -286,82 +302,70 @@ def _evict_for_rows(tree_cache: Any, rows_needed: int) -> None:
     evicted token frees only the rows it still holds, fewer than L where lazy layers released it."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-    for pool in _pools:
-        while pool.spare_rows < rows_needed:
-            short = -(-(rows_needed - pool.spare_rows) // pool.num_layers)
-            if tree_cache.evict(EvictParams(num_tokens=short)).num_tokens_evicted == 0:
-                break
+    tier = _tier()
+    while tier is not None and tier.spare_rows < rows_needed:
+        short = -(-(rows_needed - tier.spare_rows) // tier.num_layers)
+        if tree_cache.evict(EvictParams(num_tokens=short)).num_tokens_evicted == 0:
+            break
 
 
 def _evict_more(_result: Any, allocator: Any, tree_cache: Any, num_tokens: int) -> None:
     """evict_to_free_tokens: SGLang evicts ``num_tokens`` tokens; keep going until their rows are there."""
-    if _pools and tree_cache is not None and tree_cache.supports_prefix_sharing():
-        _evict_for_rows(tree_cache, num_tokens * _pools[0].num_layers)
+    tier = _tier()
+    if tier is not None and tree_cache is not None and tree_cache.supports_prefix_sharing():
+        _evict_for_rows(tree_cache, num_tokens * tier.num_layers)
     return None
 
 
 def _decode_fits_rows(result: bool, allocator: Any, *args: Any, num_tokens: int = 0, **kwargs: Any) -> bool | None:
     """check_decode_capacity: the next decode step also needs L spare rows per token, or SGLang retracts."""
-    if not _pools or not result:
+    tier = _tier()
+    if tier is None or not result:
         return None
-    return all(pool.spare_rows >= num_tokens * pool.num_layers for pool in _pools)
+    return tier.spare_rows >= num_tokens * tier.num_layers
 
 
 def _evictable_by_rows(result: int, budget: Any) -> int | None:
     """PrefillBudget._available_and_evictable: SGLang adds free slots and the tree's evictable *tokens*;
     admission needs rows: spare rows plus the rows evictable slots hold (allocated and not read by a
     running request; fewer than L each where lazy layers released them), L rows to a token."""
-    if not _pools:
+    tier = _tier()
+    if tier is None or _proc.tracker is None:
         return None
-    allocator, pool = budget.allocator, _pools[0]
-    idle = ~_trackers[0].running_slots(pool.num_slots)  # allocated slots no running request reads
+    allocator = budget.allocator
+    idle = ~_proc.tracker.running_slots(tier.rows.num_slots)  # allocated slots no running request reads
     idle[0] = False
     for free in (allocator.free_pages, allocator.release_pages):
         idle[free] = False
-    evictable = pool.held_rows(idle.nonzero().flatten())
-    return min(result, (pool.spare_rows + evictable) // pool.num_layers)
+    evictable = int(tier.rows.held(idle.nonzero().flatten()).sum())
+    return min(result, (tier.spare_rows + evictable) // tier.num_layers)
 
 
-def _prefix_rows(pool: LayerRowPool, tree_cache: Any, req: Any) -> int:
-    """Rows a new request's prefill takes before it runs: its matched prefix's restores from the host, and
-    the heals of the cached slots its prefill recomputes (``_cut_lost_prefix``)."""
-    rows = 0
-    if req.prefix_len and not req.kv.holds_kv:  # a later chunk restored its prefix in the first one
-        rows += pool.prefix_needs(tree_cache.prefix_device_indices(req))
-    if req.rid in pool.heal_pending:
-        rows += pool.prefix_needs(pool.heal_pending[req.rid][1])
-    return rows
+def _prefix_rows(tree_cache: Any, req: Any) -> int:
+    """Rows a new request's prefill takes before it runs (``KvPlanner.prefix_rows``)."""
+    assert _proc.planner is not None
+    restores = req.prefix_len and not req.kv.holds_kv  # else an earlier chunk restored its prefix
+    return _proc.planner.prefix_rows(req, tree_cache.prefix_device_indices(req) if restores else None)
 
 
 def _promise_prefix_rows(original: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
-    """alloc_for_extend: evict for, and promise, the rows the batch's prefixes take before they are read,
-    so that the forward's restores and heals always find them."""
-    if not _pools:
+    """alloc_for_extend: evict for, and promise, the rows the batch's prefixes take before they are read."""
+    if _proc.planner is None:
         return original(batch, *args, **kwargs)
-    pool, tree_cache = _pools[0], batch.tree_cache
-    needs = [_prefix_rows(pool, tree_cache, req) for req in batch.reqs]
-    total = sum(needs)
-    if total:
-        _evict_for_rows(tree_cache, total + batch.extend_num_tokens * pool.num_layers)
-        if pool.spare_rows < total:
-            raise RuntimeError(f"slkv: {total} KV rows needed to restore cached prefixes, {pool.spare_rows} spare")
-        pool.reserved += total  # held for the batch while its slots are allocated
-    try:
-        result = original(batch, *args, **kwargs)
-    finally:
-        pool.reserved -= total
-    for req, n in zip(batch.reqs, needs):
-        if n:
-            pool.promise(int(_pool_row(req)), n)
-    return result
+    tree_cache = batch.tree_cache
+    return _proc.planner.allocate(
+        [_prefix_rows(tree_cache, req) for req in batch.reqs], lambda n: _evict_for_rows(tree_cache, n),
+        batch.extend_num_tokens, lambda: original(batch, *args, **kwargs),
+        lambda: [int(_pool_row(req)) for req in batch.reqs])
 
 
 def _charge_prefix_rows(original: Any, adder: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
     """PrefillAdder.add_one_req: admission charges a request the rows its prefix takes (as tokens of L rows)
     on top of its new tokens, through SGLang's per-request overhead."""
     extra = 0
-    if _pools:
-        extra = -(-_prefix_rows(_pools[0], adder.tree_cache, req) // _pools[0].num_layers)
+    tier = _tier()
+    if tier is not None:
+        extra = -(-_prefix_rows(adder.tree_cache, req) // tier.num_layers)
     adder.per_req_token_overhead += extra
     try:
         return original(adder, req, *args, **kwargs)
@@ -371,8 +375,9 @@ def _charge_prefix_rows(original: Any, adder: Any, req: Any, *args: Any, **kwarg
 
 def _reset_rows(_result: Any, _allocator: Any, *args: Any, **kwargs: Any) -> None:
     """TokenToKVPoolAllocator.clear (flush_cache): no slot is live any more."""
-    for pool in _pools:
-        pool.reset()
+    tier = _tier()
+    if tier is not None:
+        tier.clear()
     return None
 
 
@@ -470,8 +475,8 @@ _HOOKS: list[tuple[str, Any, HookType]] = [
      _request_level_key, HookType.AFTER),
     ("managers.tokenizer_manager.TokenizerManager.update_request_meta_info", _unwrap_meta, HookType.AFTER),
     ("managers.tokenizer_manager.TokenizerManager.generate_request", _validate_request, HookType.BEFORE),
-    # --slkv-offload: the row pool follows SGLang's slots, prefixes and admission
-    ("managers.schedule_batch.Req.init_next_round_input", _cut_lost_prefix, HookType.AFTER),
+    # --slkv-offload: the KV tier follows SGLang's slots, prefixes and admission
+    ("managers.schedule_batch.Req.init_next_round_input", _match_prefix, HookType.AFTER),
     (_ALLOCATOR + "token.TokenToKVPoolAllocator.free", _free_rows, HookType.BEFORE),
     (_ALLOCATOR + "token.TokenToKVPoolAllocator.clear", _reset_rows, HookType.AFTER),
     (_ALLOCATOR + "token.TokenToKVPoolAllocator.alloc", _alloc_with_rows, HookType.AROUND),

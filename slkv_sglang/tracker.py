@@ -3,7 +3,8 @@
 An attention backend owns one ``LazyTracker``. Per forward it calls ``plan(forward_batch)`` once (host-side
 metadata, FlashInfer-style), then per layer ``score(...)`` after attention and, in decode,
 ``restricted_positions(layer)`` / ``window_indices(i)`` to know which requests read only sink + recent KV.
-Decisions are keyed by request-pool row for the hot path and by request id for reporting.
+State is keyed by request row (``req_to_token`` row). A decision leaves the tracker once, as the ``Decision`` that
+``score`` returns after the last layer: the backend acts on it and reports it; nothing calls back into the tracker.
 """
 
 from __future__ import annotations
@@ -43,6 +44,19 @@ class _Scorer:
     keep_tail: bool  # not the prompt's last chunk: keep the last queries for the next one
     decide: bool
     per_head: list[torch.Tensor | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A request's lazy layers, decided in this forward."""
+
+    rid: str
+    req_row: int
+    lazy: torch.Tensor  # [layers] bool
+    seq_len: int
+    layer_map: LayerMap
+    identification_s: float  # scoring time over the request's prefill
+    forward_s: float  # the prefill's forward time
 
 
 @dataclass
@@ -111,16 +125,10 @@ class LazyTracker:
         self.lazy = torch.zeros(num_rows, num_layers, dtype=torch.bool)  # host copy, read per layer
         self._tails: dict[int, _Tail] = {}
         self._awaiting: dict[int, _AwaitingDecode] = {}
-        self._decisions: dict[str, LayerMap] = {}
-        self._timings: dict[str, tuple[float, float]] = {}  # rid -> (identification s, prefill forward s)
         self._timing: dict[int, list[float]] = {}  # row -> [identification s, forward s] over its prefill
         self.plan_: BatchPlan | None = None
         self._staged: list[RequestParams] | None = None
         self.running: dict[int, int] = {}  # row -> sequence length, every request seen and not yet released
-        # called after each decision with (row, lazy mask, sequence length, settings); what it returns joins
-        # the decision's record (the offload path reports the request's device and host KV)
-        self.on_decide: Callable[[int, torch.Tensor, int, RequestParams], dict] | None = None
-        self._extras: dict[str, dict] = {}
 
     # ---- per forward -------------------------------------------------------------------------------
     def stage(self, params: list[RequestParams]) -> None:
@@ -200,18 +208,17 @@ class LazyTracker:
         assert self.plan_ is not None
         return self.plan_.window[pos]
 
-    def score(self, q: torch.Tensor, layer_id: int, mass: MassFn) -> None:
-        """After a layer's attention (its KV is written): score the requests deciding in this forward.
+    def score(self, q: torch.Tensor, layer_id: int, mass: MassFn) -> list[Decision]:
+        """After a layer's attention (its KV is written): score the requests deciding in this forward; after the
+        last layer, their decisions.
 
         ``mass(queries, key_slots)`` is the backend's per-head mass for each deciding request.
         """
         plan = self.plan_
         if plan is None or not plan.scorers:
-            return
+            return []
         if not self.is_full[layer_id]:  # a sliding layer: nothing to score
-            if layer_id == self.num_layers - 1:
-                self._finish(plan)
-            return
+            return self._finish(plan) if layer_id == self.num_layers - 1 else []
         clock = _Clock(q.device)
         cfg = self.config
         deciding: list[tuple[_Scorer, torch.Tensor]] = []
@@ -228,10 +235,9 @@ class LazyTracker:
             for (s, _), per_head in zip(deciding, masses):
                 s.per_head[layer_id] = per_head
         plan.clocks.append(clock.stop())
-        if layer_id == self.num_layers - 1:
-            self._finish(plan)
+        return self._finish(plan) if layer_id == self.num_layers - 1 else []
 
-    def _finish(self, plan: BatchPlan) -> None:
+    def _finish(self, plan: BatchPlan) -> list[Decision]:
         deciding = [s for s in plan.scorers if s.decide]
         masses: list[torch.Tensor] = []
         if deciding:
@@ -249,13 +255,14 @@ class LazyTracker:
             timing = self._timing.setdefault(s.row, [0.0, 0.0])
             timing[0] += spent / len(plan.scorers)
             timing[1] += elapsed
+        decisions = []
         for s, per_head in zip(deciding, masses):
             timing = self._timing[s.row]
             lazy, scores = decide(per_head, s.params.score, s.params.threshold, self.num_kv_heads,
                                   s.prompt_len >= self.config.min_trim_len, s.params.force_lazy, self.config.protect)
             lazy &= self.is_full  # where requests enter, force_lazy naming a sliding layer is refused
             self.lazy[s.row] = lazy
-            self._decisions[s.params.rid] = LayerMap(
+            layer_map = LayerMap(
                 lazy=tuple(bool(x) for x in lazy),
                 scores=tuple(float(x) if full else None for x, full in zip(scores, self.is_full)),
                 threshold=s.params.threshold,
@@ -265,10 +272,9 @@ class LazyTracker:
                 recent=self.config.recent,
                 decided_at=s.seq_len,
             )
-            self._timings[s.params.rid] = (timing[0], timing[1])
-            if self.on_decide is not None:
-                self._extras[s.params.rid] = self.on_decide(s.row, lazy, s.seq_len, s.params)
-            logger.debug("slkv decision rid=%s lazy=%s", s.params.rid, self._decisions[s.params.rid].lazy_layers)
+            decisions.append(Decision(s.params.rid, s.row, lazy, s.seq_len, layer_map, timing[0], timing[1]))
+            logger.debug("slkv decision rid=%s lazy=%s", s.params.rid, layer_map.lazy_layers)
+        return decisions
 
     def _all_layers(self, masses: torch.Tensor) -> torch.Tensor:
         """Per-head masses ``[R, full layers, H]`` as ``[R, L, H]``, NaN in sliding layers (never above a threshold)."""
@@ -279,13 +285,6 @@ class LazyTracker:
         return out
 
     # ---- request lifecycle ---------------------------------------------------------------------------
-    def pop_decision(self, rid: str) -> tuple[LayerMap, tuple[float, float], dict] | None:
-        """A decision taken for ``rid``: its layer map, (identification s, prefill forward s), extra fields."""
-        lm = self._decisions.pop(rid, None)
-        if lm is None:
-            return None
-        return lm, self._timings.pop(rid, (0.0, 0.0)), self._extras.pop(rid, {})
-
     def running_slots(self, num_slots: int, exclude: int | None = None) -> torch.Tensor:
         """Mask over KV slots ``[num_slots + 1]``: those a running request (other than row ``exclude``) reads."""
         mask = torch.zeros(num_slots + 1, dtype=torch.bool)

@@ -1,14 +1,23 @@
-"""The host tier: bit-exact round trips of real model KV, incremental offload, the budget, LRU eviction."""
+"""The host tier and the KV tier's parts, without an engine: bit-exact round trips of real model KV, copies
+addressed by slot and checked by prefix fingerprint, the budget, LRU eviction of groups, restores, heals and the
+admission ledger. ``test_offload_engine.py`` runs the same paths inside SGLang."""
 
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from offload import HostArena, OffloadRefused
+from offload import HostArena
 from slkv_sglang.corpus import prompt_ids
+from slkv_sglang.kv.executor import KvExecutor
+from slkv_sglang.kv.fingerprint import prefix_fingerprints
+from slkv_sglang.kv.planner import KvPlanner
+from slkv_sglang.kv.rows import LostKv
+from slkv_sglang.kv.step import Heal, KvStep, RequestStep
+from slkv_sglang.kv.tier import KvTier
 
 SINK, RECENT = 4, 256
 
@@ -30,160 +39,92 @@ def _bytes(t: torch.Tensor) -> int:
 
 
 def test_offload_then_reload_is_bit_exact(model_kv):
-    arena = HostArena(budget_bytes=1 << 30)
     seq = model_kv[0].shape[0]
+    slots = torch.randperm(seq) + 1  # slots are not positions: any order
+    fps = prefix_fingerprints(list(range(seq)))
+    arena = HostArena(1 << 30, num_layers=len(model_kv), num_slots=seq)
+    group = arena.new_group()
     for layer, kv in enumerate(model_kv):
-        assert arena.offload("s", layer, SINK, kv[SINK : seq - RECENT]) == _bytes(kv[SINK : seq - RECENT])
+        assert arena.offload(group, "a", layer, slots[SINK : seq - RECENT], fps[SINK : seq - RECENT], kv[SINK : seq - RECENT])
     for layer, kv in enumerate(model_kv):
-        out = torch.full_like(kv[SINK : seq - RECENT], float("nan"))
-        assert arena.reload("s", layer, SINK, out)
+        out = torch.empty_like(kv[SINK : seq - RECENT])
+        assert arena.reload(layer, slots[SINK : seq - RECENT], fps[SINK : seq - RECENT], out, reader="b")
         assert torch.equal(out, kv[SINK : seq - RECENT])
-    part = torch.empty_like(model_kv[7][100:300])
-    assert arena.reload("s", 7, 100, part) and torch.equal(part, model_kv[7][100:300])
+    part = torch.empty_like(model_kv[7][100:300])  # any subset, in any order
+    assert arena.reload(7, slots[100:300].flip(0), fps[100:300].flip(0), part) and torch.equal(part, model_kv[7][100:300].flip(0))
     assert arena.stats.held_bytes == sum(_bytes(kv[SINK : seq - RECENT]) for kv in model_kv)
+    assert arena.stats.shared_tokens > 0  # read by another label than the one that offloaded
 
 
-def test_offload_is_incremental(model_kv):
-    """Turn 2 extends the offloaded range: only tokens the host lacks are copied, the rest is reused."""
+def test_a_copy_is_never_restored_into_another_prefix(model_kv):
+    """The slot-keyed copy carries its prefix's fingerprint: a reader whose tokens differ anywhere before a
+    position gets nothing (and recomputes), however its request is labelled."""
+    kv = model_kv[3][:100]
+    slots = torch.arange(1, 101)
+    ids = list(range(100))
+    arena = HostArena(1 << 30, num_layers=1, num_slots=200)
+    arena.offload(arena.new_group(), "session-1", 0, slots, prefix_fingerprints(ids), kv)
+    other = ids[:]
+    other[10] = 999  # a branch that differs at position 10: every position from 10 on has another prefix
+    out = torch.zeros_like(kv)
+    assert not arena.reload(0, slots, prefix_fingerprints(other), out, reader="session-1")
+    assert arena.stats.mismatches == 1 and not out.any()
+    assert arena.reload(0, slots[:10], prefix_fingerprints(other)[:10], out[:10])  # the shared part is shared
+    held = arena.hosted(slots, prefix_fingerprints(other))
+    assert held[0, :10].all() and not held[0, 10:].any()
+
+
+def test_offload_skips_what_is_held_and_forget_frees_chunks(model_kv):
     kv = model_kv[12]
-    arena = HostArena(budget_bytes=1 << 30)
-    arena.offload("s", 12, SINK, kv[SINK:600])
-    copied = arena.offload("s", 12, SINK, kv[SINK:900])  # the next turn's middle, overlapping turn 1's
-    assert copied == _bytes(kv[600:900])
-    assert arena.held("s", 12) == (SINK, 900)
-    out = torch.empty_like(kv[SINK:900])
-    assert arena.reload("s", 12, SINK, out) and torch.equal(out, kv[SINK:900])
-    assert arena.stats.offloaded_bytes == _bytes(kv[SINK:900])
-    with pytest.raises(ValueError, match="does not continue"):
-        arena.offload("s", 12, 950, kv[950:1000])  # a gap would leave tokens nowhere
+    slots, fps = torch.arange(1, 1201), prefix_fingerprints(list(range(1200)))
+    arena = HostArena(1 << 30, num_layers=30, num_slots=1200)
+    arena.offload(arena.new_group(), "s", 12, slots[SINK:600], fps[SINK:600], kv[SINK:600])
+    before = arena.stats.offloaded_bytes
+    arena.offload(arena.new_group(), "s", 12, slots[SINK:900], fps[SINK:900], kv[SINK:900])  # the next turn
+    assert arena.stats.offloaded_bytes - before == _bytes(kv[600:900])  # only the new tokens were copied
+    arena.forget(slots[500:])  # SGLang freed the tail's slots
+    assert int(arena.hosted(slots)[12].sum()) == 500 - SINK
+    assert arena.stats.held_bytes == _bytes(kv[SINK:600])  # the second turn's chunk died with its last slot
+    arena.forget(slots)
+    assert arena.stats.held_bytes == 0 and len(arena) == 0
 
 
-def test_lru_eviction_tells_the_owner():
+def test_lru_eviction_drops_whole_groups():
     seg = torch.randn(100, 2, 3, 64)
-    arena = HostArena(budget_bytes=3 * _bytes(seg))
-    evicted: list[str] = []
-    arena.on_evict = evicted.append
-    for sid in ("a", "b", "c"):
-        arena.offload(sid, 0, 4, seg)
-    assert arena.reload("a", 0, 4, torch.empty_like(seg))  # a reload makes a the most recently used
-    arena.offload("d", 0, 4, seg)  # evicts b, the least recently used
-    assert [arena.held(s, 0) is not None for s in "abcd"] == [True, False, True, True]
-    assert evicted == ["b"] and arena.stats.evictions == 1 and arena.stats.evicted_bytes == _bytes(seg)
-    assert not arena.reload("b", 0, 4, torch.empty_like(seg))  # evicted: the caller recomputes
+    arena = HostArena(budget_bytes=3 * _bytes(seg), num_layers=1, num_slots=500)
+    fps = torch.arange(100)
+    groups = {}
+    for i, name in enumerate("abc"):
+        groups[name] = arena.new_group()
+        assert arena.offload(groups[name], name, 0, torch.arange(1, 101) + 100 * i, fps, seg)
+    out = torch.empty_like(seg)
+    assert arena.reload(0, torch.arange(1, 101), fps, out)  # a reload makes a the most recently used
+    assert arena.offload(arena.new_group(), "d", 0, torch.arange(301, 401), fps, seg)  # evicts b
+    held = arena.hosted(torch.arange(1, 401)).view(4, 100).all(dim=1).tolist()
+    assert held == [True, False, True, True] and arena.stats.evictions == 1
     arena.set_budget(_bytes(seg))  # shrink: c then a go, d (the most recent) stays
-    assert [arena.held(s, 0) is not None for s in "abcd"] == [False, False, False, True]
-    assert evicted == ["b", "c", "a"]
-    with pytest.raises(OffloadRefused):
-        arena.offload("e", 0, 4, torch.randn(200, 2, 3, 64))  # larger than the whole budget
-    assert arena.stats.refused == 1 and arena.held("e", 0) is None and arena.held("d", 0) is not None
-    arena.offload("e", 0, 4, seg)  # evicts d, never the session being offloaded
-    assert evicted[-1] == "d" and arena.stats.held_bytes == _bytes(seg)
+    assert arena.hosted(torch.arange(1, 401)).view(4, 100).all(dim=1).tolist() == [False, False, False, True]
+    big = arena.new_group()
+    assert not arena.offload(big, "e", 0, torch.arange(401, 501), fps, torch.randn(100, 2, 3, 65))  # > the budget
+    assert arena.stats.refused == 1 and arena.hosted(torch.arange(301, 401)).all()  # nothing evicted for it
 
 
 def test_budget_is_never_exceeded():
-    rng = random.Random(0)
-    arena = HostArena(budget_bytes=40_000)
-    lengths: dict[tuple[str, int], int] = {}
-    for _ in range(2000):
-        sid, layer = f"s{rng.randrange(6)}", rng.randrange(3)
-        op = rng.random()
-        if op < 0.6:
-            start = 4 + lengths.get((sid, layer), 0) if arena.held(sid, layer) else 4
-            n = rng.randrange(1, 40)
-            try:
-                arena.offload(sid, layer, start, torch.randn(n, 2, 1, 16))
-                lengths[(sid, layer)] = start - 4 + n
-            except OffloadRefused:
-                pass
-        elif op < 0.8:
+    rng = random.Random(7)
+    arena = HostArena(budget_bytes=40_000, num_layers=3, num_slots=600)
+    for step in range(400):
+        layer, start = rng.randrange(3), rng.randrange(1, 500)
+        n = rng.randint(1, 300)  # up to 38 KB: some offloads exceed a shrunk budget alone
+        slots = torch.arange(start, min(start + n, 601))
+        arena.offload(arena.new_group(), "x", layer, slots, slots * 3, torch.randn(slots.numel(), 2, 1, 16))
+        if step % 37 == 0:
             arena.set_budget(rng.randrange(10_000, 60_000))
-        elif op < 0.85:
-            arena.drop(sid)
-        if arena.held(sid, layer) is None:
-            lengths.pop((sid, layer), None)
-        held = sum(arena.session_bytes(f"s{i}") for i in range(6))
-        assert arena.stats.held_bytes == held
-        assert held <= arena.budget_bytes
+        if step % 11 == 0:
+            arena.forget(torch.arange(rng.randrange(1, 600), 601))
+        held = sum(c.nbytes for c in arena._chunks.values())
+        assert arena.stats.held_bytes == held <= arena.budget_bytes
+        assert int((arena.chunk_of >= 0).sum()) == sum(c.live for c in arena._chunks.values())
     assert arena.stats.evictions > 0 and arena.stats.refused > 0
-
-
-def test_row_pool_frees_restores_and_forgets():
-    """The device side: a lazy layer's middle rows go to the host and back bit-exactly; freed slots free
-    every layer's rows and cut the host range; a read of freed KV raises instead of returning garbage."""
-    from slkv_sglang.row_pool import LayerRowPool
-
-    layers, slots = 3, torch.arange(1, 51)
-    pool = LayerRowPool(layers, 100, num_rows=layers * 101, heads=2, dim=4, dtype=torch.float32, device="cpu",
-                        arena=HostArena(1 << 20), poison=True)
-    for layer in range(layers):
-        pool.write(layer, slots, torch.randn(50, 2, 4), torch.randn(50, 2, 4))
-    kept = pool.kv[pool.rows(1, slots)].clone()
-    pool.release("s", 1, slots[4:40], start=4)
-    assert pool.rows_used() == [50, 14, 50] and pool.free_rows == layers * 101 - 114
-    assert torch.isnan(pool.kv[pool._free[pool.free_rows - 36 : pool.free_rows]]).all()  # poisoned
-    with pytest.raises(RuntimeError, match="not on the device"):
-        pool.rows(1, slots)
-    pool.restore(1, slots)
-    assert torch.equal(pool.kv[pool.rows(1, slots)], kept)
-    pool.release("s", 1, slots[4:45], start=4)  # the next turn's longer middle: only 5 new tokens copied
-    assert pool.arena.stats.offloaded_bytes == 41 * pool.row_bytes and pool.arena.held("s", 1) == (4, 45)
-    pool.free_slots(slots[30:])  # SGLang evicted the tail
-    assert pool.arena.held("s", 1) == (4, 30) and pool.rows_used() == [30, 4, 30]
-    pool.restore(1, slots[:30])
-    assert torch.equal(pool.kv[pool.rows(1, slots[:30])], kept[:30])
-
-
-def test_row_pool_loses_what_the_host_cannot_take_and_heals_it():
-    """A host budget too small for the middle: the rows are freed all the same (device memory follows the
-    layer map), the prefix is restorable only up to them, and recomputed KV fills the cached slots again."""
-    from slkv_sglang.row_pool import LayerRowPool
-
-    layers, slots, fresh = 2, torch.arange(1, 41), torch.arange(41, 81)
-    pool = LayerRowPool(layers, 100, num_rows=layers * 101, heads=2, dim=4, dtype=torch.float32, device="cpu",
-                        arena=HostArena(10 * 2 * 2 * 4 * 4), poison=True)  # room for 10 tokens of one layer
-    kv = torch.randn(40, 2, 2, 4)
-    for layer in range(layers):
-        pool.write(layer, slots, kv[:, 0], kv[:, 1])
-    pool.release("s", 0, slots[4:10], start=4)  # 6 tokens: fit the host
-    assert pool.restorable(slots) == 40
-    pool.release("s", 1, slots[4:30], start=4)  # 26 tokens: refused, freed without a copy
-    assert pool.stats.lost_rows == 26 and pool.rows_used() == [34, 14]
-    assert pool.restorable(slots) == 4  # layer 1 lost positions 4..29: a prefix match stops at 4
-    pool.arena.set_budget(0)  # the host evicts s: layer 0's copy is gone too
-    assert pool.restorable(slots[:10]) == 4 and not (pool.owner_of >= 0).any()
-    for layer in range(layers):  # the recomputing prefill writes its own slots, then heals the cached ones
-        pool.write(layer, fresh[4:30], kv[4:30, 0], kv[4:30, 1])
-        pool.heal(layer, slots[4:30], fresh[4:30])
-    assert pool.restorable(slots) == 40 and pool.stats.healed_rows == 6 + 26
-    assert torch.equal(pool.kv[pool.rows(1, slots)], kv)
-
-
-def test_row_pool_counts_promised_rows():
-    """Admission's ledger: allocated slots are owed a row per layer until written, restores are promised
-    before the forward takes them, and whatever is freed or taken leaves the ledger."""
-    from slkv_sglang.row_pool import LayerRowPool
-
-    pool = LayerRowPool(2, 10, num_rows=2 * 11, heads=1, dim=2, dtype=torch.float32, device="cpu",
-                        arena=HostArena(1 << 20))
-    slots = torch.arange(1, 9)
-    pool.reserve_slots(slots)
-    assert (pool.free_rows, pool.spare_rows) == (22, 6)
-    for layer in range(2):
-        pool.write(layer, slots, torch.randn(8, 1, 2), torch.randn(8, 1, 2))
-    assert (pool.free_rows, pool.spare_rows) == (6, 6)
-    pool.release("s", 1, slots[2:6], start=2)  # a lazy layer gives 4 rows back
-    assert pool.spare_rows == 10 and pool.prefix_needs(slots) == 4
-    pool.promise(row=3, n=pool.prefix_needs(slots))  # the next turn's prefill will restore them
-    assert pool.spare_rows == 6
-    pool.restore(1, slots, row=3)
-    assert (pool.free_rows, pool.spare_rows, pool.promised[3]) == (6, 6, 0)
-    pool.release_promise(3)
-    more = torch.tensor([9, 10])
-    pool.reserve_slots(more)
-    pool.write(0, more, torch.randn(2, 1, 2), torch.randn(2, 1, 2))  # layer 1 never writes: an aborted prefill
-    assert pool.spare_rows == 2
-    pool.free_slots(more)
-    assert pool.reserved == 0 and pool.spare_rows == pool.free_rows == 6
 
 
 def test_host_blocks_are_recycled_within_the_budget(model_kv):
@@ -192,16 +133,119 @@ def test_host_blocks_are_recycled_within_the_budget(model_kv):
     from offload.arena import BLOCK_BYTES
 
     kv = torch.cat(model_kv[:4])  # 4800 tokens x 1536 B: whole blocks and a tail
-    arena = HostArena(budget_bytes=3 * _bytes(kv))
-    arena.offload("a", 0, 0, kv)
-    blocks = {c.block.data_ptr() for c in arena._sessions["a"].layers[0] if c.block is not None}
+    n = kv.shape[0]
+    slots, fps = torch.arange(1, n + 1), torch.arange(n)
+    arena = HostArena(budget_bytes=3 * _bytes(kv), num_layers=1, num_slots=n)
+    arena.offload(arena.new_group(), "a", 0, slots, fps, kv)
+    blocks = {c.block.data_ptr() for c in arena._chunks.values() if c.block is not None}
     assert len(blocks) == _bytes(kv) // BLOCK_BYTES
-    arena.drop("a")
+    arena.forget(slots)
     assert len(arena._spare) == len(blocks)
-    arena.offload("b", 0, 0, kv)
-    assert {c.block.data_ptr() for c in arena._sessions["b"].layers[0] if c.block is not None} == blocks
+    arena.offload(arena.new_group(), "b", 0, slots, fps, kv)
+    assert {c.block.data_ptr() for c in arena._chunks.values() if c.block is not None} == blocks
     out = torch.empty_like(kv)
-    assert arena.reload("b", 0, 0, out) and torch.equal(out, kv)
-    arena.drop("b")
+    assert arena.reload(0, slots, fps, out) and torch.equal(out, kv)
+    arena.forget(slots)
     arena.set_budget(_bytes(kv) // 2)  # free blocks shrink with the budget
     assert len(arena._spare) * BLOCK_BYTES + arena.stats.held_bytes <= arena.budget_bytes
+
+
+# ---- the KV tier: planner and executor over real tensors -------------------------------------------------
+def _tier(layers: int = 2, host_budget: int = 1 << 20) -> KvTier:
+    return KvTier.build(layers, 100, num_rows=layers * 101, heads=2, dim=4, dtype=torch.float32, device="cpu",
+                        host_budget=host_budget, poison=True)
+
+
+def _step(row: int, ids: list[int], heal: Heal | None = None) -> KvStep:
+    req = SimpleNamespace(rid="r", discard_output_reason=None, skip_radix_cache_insert=False)
+    return KvStep([RequestStep(req, "r", "s", row, prefix_fingerprints(ids), heal)])
+
+
+def test_tier_offloads_restores_and_falls_back_to_recompute():
+    """A lazy layer's middle goes to the host and its rows are freed; the next prefill restores it exactly. A
+    budget too small frees the rows all the same, the planner cuts the prefix there, and the recomputing
+    prefill heals the cached slots."""
+    tier, ids = _tier(host_budget=10 * 2 * 2 * 4 * 4), list(range(40))  # the host holds 10 tokens of one layer
+    planner, ex = KvPlanner(tier, strict=True), KvExecutor(tier, sink=4, recent=10, strict=True)
+    req_to_token = torch.zeros(4, 100, dtype=torch.int64)
+    req_to_token[1, :40] = slots = torch.arange(1, 41)
+    kv = torch.randn(40, 2, 2, 4)
+    ex.begin(_step(1, ids))
+    for layer in range(2):
+        ex.write(layer, slots, kv[:, 0], kv[:, 1])
+    ex.offload(1, "r", torch.tensor([True, False]), 16, req_to_token, running={})  # middle 4..5: fits
+    assert tier.rows.held(slots).tolist() == [38, 40] and planner.restorable(slots, prefix_fingerprints(ids)) == 40
+    assert planner.restorable(slots, prefix_fingerprints([7] + ids[1:])) == 4  # another prefix: not restorable
+    ex.begin(_step(2, ids + [1]))
+    req_to_token[2, :40] = slots
+    ex.restore(0, req_to_token, [40])
+    assert torch.equal(tier.rows.kv[tier.rows.lookup(0, slots)], kv) and tier.stats.restored_rows == 2
+    ex.begin(_step(1, ids))
+    ex.offload(1, "r", torch.tensor([False, True]), 40, req_to_token, running={})  # 26 tokens: refused, lost
+    assert tier.stats.lost_rows == 26 and tier.rows.held(slots).tolist() == [40, 14]
+    assert planner.restorable(slots, prefix_fingerprints(ids)) == 4
+    fresh = torch.arange(41, 81)
+    req_to_token[3, :40] = fresh
+    ex.begin(_step(3, ids, Heal(4, slots[4:].clone())))  # the recomputing prefill writes its own slots, then heals
+    for layer in range(2):
+        ex.write(layer, fresh[4:], kv[4:, 0], kv[4:, 1])
+        ex.heal(layer, req_to_token, [4], [36])
+    assert planner.restorable(slots, prefix_fingerprints(ids)) == 40 and tier.stats.healed_rows == 26
+    assert torch.equal(tier.rows.kv[tier.rows.lookup(1, slots)], kv)
+
+
+def test_a_restore_that_cannot_complete_fails_the_request_not_the_engine():
+    """A restore the planner did not foresee (here: the host copy evicted after the match) never reads wrong
+    KV: strict mode raises, otherwise the request is finished with an error and nothing of it is cached."""
+    for strict in (True, False):
+        tier, ids = _tier(), list(range(40))
+        ex = KvExecutor(tier, sink=4, recent=10, strict=strict)
+        req_to_token = torch.zeros(4, 100, dtype=torch.int64)
+        req_to_token[1, :40] = slots = torch.arange(1, 41)
+        ex.begin(_step(1, ids))
+        for layer in range(2):
+            ex.write(layer, slots, torch.randn(40, 2, 4), torch.randn(40, 2, 4))
+        ex.offload(1, "r", torch.tensor([True, True]), 40, req_to_token, running={})
+        tier.host.set_budget(0)
+        step = _step(1, ids)
+        ex.begin(step)
+        if strict:
+            with pytest.raises(LostKv):
+                ex.restore(0, req_to_token, [40])
+            continue
+        ex.restore(0, req_to_token, [40])
+        req = step.requests[0].req
+        assert ex.failed(0) and tier.stats.failed_requests == 1
+        assert req.skip_radix_cache_insert and "could not be made whole" in req.discard_output_reason.message
+
+
+def test_ledger_counts_promised_rows():
+    """Admission's ledger: allocated slots are owed a row per layer until written, restores are promised
+    before the forward takes them, and whatever is freed or taken leaves the ledger."""
+    tier, ids = _tier(), list(range(8))
+    ex = KvExecutor(tier, sink=2, recent=2, strict=True)
+    req_to_token = torch.zeros(4, 100, dtype=torch.int64)
+    req_to_token[1, :8] = slots = torch.arange(1, 9)
+    tier.ledger.owe_slots(slots)
+    assert (tier.rows.free, tier.spare_rows) == (202, 186)
+    ex.begin(_step(1, ids))
+    for layer in range(2):
+        ex.write(layer, slots, torch.randn(8, 2, 4), torch.randn(8, 2, 4))
+    assert (tier.rows.free, tier.spare_rows) == (186, 186)
+    ex.offload(1, "r", torch.tensor([False, True]), 8, req_to_token, running={})  # a lazy layer gives 4 back
+    planner = KvPlanner(tier, strict=True)
+    need = planner.prefix_rows(SimpleNamespace(), slots)
+    assert tier.spare_rows == 190 and need == 4
+    tier.ledger.promise(3, need)  # the next turn's prefill will restore them
+    assert tier.spare_rows == 186
+    req_to_token[3, :8] = slots
+    ex.begin(_step(3, ids))
+    ex.restore(1, req_to_token, [8])
+    assert (tier.rows.free, tier.spare_rows, tier.ledger.promised[3]) == (186, 186, 0)
+    tier.ledger.retire(3)
+    more = torch.tensor([9, 10])
+    tier.ledger.owe_slots(more)
+    ex.write(0, more, torch.randn(2, 2, 4), torch.randn(2, 2, 4))  # layer 1 never writes: an aborted prefill
+    assert tier.spare_rows == 182
+    tier.free_slots(more)
+    assert tier.ledger.reserved == 0 and tier.spare_rows == tier.rows.free == 186

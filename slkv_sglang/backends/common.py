@@ -1,4 +1,5 @@
-"""What both backends share: the tracker built from a ModelRunner, and scoring after each extend layer."""
+"""What both backends share: the tracker built from a ModelRunner, scoring after each extend layer, and the
+records of the decisions it takes."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from sglang.srt.runtime_context import get_parallel
 
 from ..config import SlkvConfig
 from ..model_layers import ModelLayers, check_attention_modules
+from ..report import Outbox, record
 from ..scoring import head_mass
 from ..tensor_parallel import all_gather_heads
-from ..tracker import LazyTracker, MassFn
+from ..tracker import Decision, LazyTracker, MassFn
 
 
 def make_tracker(model_runner: Any, config: SlkvConfig) -> LazyTracker:
@@ -40,10 +42,12 @@ def make_tracker(model_runner: Any, config: SlkvConfig) -> LazyTracker:
 
 
 class ScoringMixin:
-    """Put before an SGLang backend class: after each extend layer wrote its KV, score the deciders."""
+    """Put before an SGLang backend class: after each extend layer wrote its KV, score the deciders; their
+    decisions' records go to the ``outbox`` the batch result ships them from."""
 
     tracker: LazyTracker
     token_to_kv_pool: Any
+    outbox: Outbox
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[no-untyped-def]
         o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)  # type: ignore[misc]
@@ -67,4 +71,9 @@ class ScoringMixin:
 
     def _score(self, q: torch.Tensor, layer: Any) -> None:
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        self.tracker.score(q_, layer.layer_id, self._mass(layer))
+        for decision in self.tracker.score(q_, layer.layer_id, self._mass(layer)):
+            self.outbox.put(decision.rid, record(decision, self._act_on(decision)))
+
+    def _act_on(self, decision: Decision) -> dict[str, Any]:
+        """What the backend does with a decision beyond restricting decode; returns fields for its record."""
+        return {}

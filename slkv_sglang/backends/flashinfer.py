@@ -21,14 +21,16 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ..config import SlkvConfig, SlkvConfigError
+from ..report import Outbox
 from ..tracker import MassFn
 from .common import ScoringMixin, make_tracker
 from .flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, plan_decode
 
 
 class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
-    def __init__(self, model_runner: Any, config: SlkvConfig):
+    def __init__(self, model_runner: Any, config: SlkvConfig, outbox: Outbox):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
+        self.outbox = outbox
         # SGLang runs this check only for its own class, not for subclasses
         self._check_kv_attention_access("prefill", self.prefill_kv_access)
         self._check_kv_attention_access("decode", self.decode_kv_access)

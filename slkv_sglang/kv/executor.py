@@ -1,0 +1,161 @@
+"""Worker side of the KV tier: moves KV between device rows and the host tier as the ``KvStep`` says.
+
+Called by the attention backend, per layer: ``restore`` before a prefill attends to its prefix, ``write`` for new
+tokens, ``heal`` after it, ``lookup`` for every read; after the forward's decisions, ``offload`` frees the middle
+tokens of lazy layers. A request whose KV cannot be made whole (a bug of ours: the planner found it restorable) is
+never served: in strict mode (``--slkv-poison-freed``) it raises, otherwise the request finishes with an error,
+its KV is not cached, and the engine goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from .rows import LostKv
+from .step import KvStep, RequestStep
+from .tier import KvTier
+
+logger = logging.getLogger("slkv.kv")
+
+
+class KvExecutor:
+    def __init__(self, tier: KvTier, sink: int, recent: int, strict: bool):
+        self.tier, self.sink, self.recent, self.strict = tier, sink, recent, strict
+        self.step = KvStep([])
+
+    def begin(self, step: KvStep) -> None:
+        self.step = step
+
+    def failed(self, pos: int) -> bool:
+        return pos in self.step.failed
+
+    # ---- prefill ------------------------------------------------------------------------------------
+    def restore(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int]) -> None:
+        """Bring back from the host every prefix row this layer gave away, before the prefill reads it."""
+        rows, host = self.tier.rows, self.tier.host
+        for pos, (r, prefix) in enumerate(zip(self.step.requests, prefix_lens)):
+            if not prefix or self.failed(pos):
+                continue
+            slots = req_to_token[r.req_row, :prefix].to(torch.int64)
+            missing = rows.missing(layer, slots)
+            if not bool(missing.any()):
+                continue
+            need = slots[missing]
+            taken = rows.take(need.numel())
+            out = torch.empty((need.numel(), *rows.kv.shape[1:]), dtype=rows.kv.dtype, device=rows.kv.device)
+            fps = None if r.fingerprints is None else r.fingerprints[:prefix][missing.cpu()]
+            if taken is None or fps is None or not host.reload(layer, need, fps, out, reader=r.label):
+                if taken is not None:
+                    rows.give(taken)
+                self._fail(pos, r, f"layer {layer}: {need.numel()} prefix rows could not be restored")
+                continue
+            host.wait()
+            rows.kv[taken] = out
+            rows.place(layer, need, taken)
+            self.tier.ledger.taken(r.req_row, taken.numel())
+            self.tier.stats.restored_rows += taken.numel()
+
+    def heal(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int], ext_lens: Sequence[int]) -> None:
+        """Copy KV this prefill recomputed into the cached slots' missing rows, so the next turn finds them whole."""
+        rows = self.tier.rows
+        for pos, (r, prefix, ext) in enumerate(zip(self.step.requests, prefix_lens, ext_lens)):
+            if r.heal is None or self.failed(pos):
+                continue
+            first, cached = r.heal.first, r.heal.cached.to(rows.kv.device)
+            lo, hi = max(prefix, first), min(prefix + ext, first + len(cached))
+            if lo >= hi:
+                continue
+            targets = cached[lo - first : hi - first]
+            missing = rows.missing(layer, targets)
+            if not bool(missing.any()):
+                continue
+            taken = rows.take(int(missing.sum()))
+            if taken is None:  # the next match cuts here again: recomputed, never wrong
+                self.tier.stats.row_shortfalls += 1
+                continue
+            fresh = req_to_token[r.req_row, lo:hi].to(torch.int64)[missing]
+            rows.kv[taken] = rows.kv[rows.lookup(layer, fresh)]
+            rows.place(layer, targets[missing], taken)
+            self.tier.ledger.taken(r.req_row, taken.numel())
+            self.tier.stats.healed_rows += taken.numel()
+
+    # ---- every forward ------------------------------------------------------------------------------
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """KV of new tokens (``k``/``v`` ``[n, heads, dim]`` at ``slots``), taking the rows owed to new slots."""
+        rows = self.tier.rows
+        at = rows.row_of[layer, slots]
+        missing = at < 0
+        if bool(missing.any()):
+            self.tier.ledger.written(layer, slots)
+            taken = rows.take(int(missing.sum()))
+            if taken is None:
+                for pos, r in enumerate(self.step.requests):
+                    self._fail(pos, r, f"layer {layer}: no rows for new tokens")
+                return
+            at[missing] = taken
+            rows.place(layer, slots, at)
+        shape = rows.kv.shape[2:]
+        rows.kv[at, 0] = k.view(-1, *shape).to(rows.kv.dtype)
+        rows.kv[at, 1] = v.view(-1, *shape).to(rows.kv.dtype)
+
+    def lookup(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        return self.tier.rows.lookup(layer, slots)
+
+    # ---- after a decision ---------------------------------------------------------------------------
+    def offload(self, req_row: int, rid: str, lazy: torch.Tensor, seq_len: int, req_to_token: torch.Tensor,
+                running: dict[int, int]) -> dict:
+        """Lazy layers give back the rows of their middle tokens ``[sink, seq_len - recent)`` (a host copy first,
+        where the budget allows). Slots another running request reads keep their rows. Returns the request's KV
+        report (``kv`` in its layer map)."""
+        pos, r = next(((i, x) for i, x in enumerate(self.step.requests) if x.req_row == req_row), (None, None))
+        slots = r.slots(req_to_token, seq_len) if r is not None else req_to_token[req_row, :seq_len].to(torch.int64)
+        if r is None or self.failed(pos) or r.fingerprints is None:
+            return {"kv": self.tier.report(slots)}
+        if bool(lazy.any()) and seq_len > self.sink + self.recent:
+            self._offload_middle(r, lazy, slots, seq_len, req_to_token, running)
+        return {"kv": self.tier.report(slots)}
+
+    def _offload_middle(self, r: RequestStep, lazy: torch.Tensor, slots: torch.Tensor, seq_len: int,
+                        req_to_token: torch.Tensor, running: dict[int, int]) -> None:
+        tier = self.tier
+        middle = slots[self.sink : seq_len - self.recent]
+        shared = torch.zeros(tier.rows.num_slots + 1, dtype=torch.bool, device=middle.device)
+        for row, n in running.items():
+            if row != r.req_row:
+                shared[req_to_token[row, :n].to(torch.int64)] = True
+        hits = shared[middle].nonzero()
+        skip = int(hits[-1]) + 1 if hits.numel() else 0
+        start, middle = self.sink + skip, middle[skip:]
+        if middle.numel() == 0:
+            return
+        assert r.fingerprints is not None
+        fps = r.fingerprints[start : start + middle.numel()]
+        group = tier.host.new_group()
+        for layer in lazy.nonzero().flatten().tolist():
+            at = tier.rows.row_of[layer, middle]
+            fresh = (at >= 0).cpu() & (tier.host.chunk_of[layer, middle.cpu()] < 0)
+            if bool(fresh.any()):
+                keep = fresh.to(at.device)
+                if not tier.host.offload(group, r.label, layer, middle[keep], fps[fresh], tier.rows.kv[at[keep]]):
+                    tier.stats.lost_rows += int(fresh.sum())
+            tier.stats.released_rows += tier.rows.release(layer, middle)
+
+    # ---- failures -----------------------------------------------------------------------------------
+    def _fail(self, pos: int, r: RequestStep, why: str) -> None:
+        if pos in self.step.failed:
+            return
+        message = f"slkv: KV of request {r.rid} could not be made whole ({why})"
+        if self.strict:
+            raise LostKv(message)
+        from http import HTTPStatus
+
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        logger.error("%s: finished with an error, nothing served from it", message)
+        self.step.failed.add(pos)
+        self.tier.stats.failed_requests += 1
+        r.req.skip_radix_cache_insert = True
+        r.req.discard_output_reason = FINISH_ABORT(f"{message}; retry the request", HTTPStatus.SERVICE_UNAVAILABLE)

@@ -1,0 +1,57 @@
+"""Admission in rows: what SGLang admitted but the device has not taken yet.
+
+SGLang admits requests by token slots; the device holds (layer, slot) rows. A slot SGLang allocates is owed one row
+per layer until that layer writes it (``unwritten``); a prefill that restores or heals its prefix is owed those rows
+until it takes them (``promised``, per request row). ``reserved`` sums both, so ``free - reserved`` rows (``spare``)
+are what admission may hand out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Ledger:
+    def __init__(self, num_layers: int, num_slots: int, device: torch.device | str):
+        self.num_layers = num_layers
+        self.unwritten = torch.zeros((num_layers, num_slots + 1), dtype=torch.bool, device=device)
+        self.promised: dict[int, int] = {}  # request row -> rows promised and not taken
+        self.reserved = 0
+
+    def clear(self) -> None:
+        self.unwritten.fill_(False)
+        self.promised.clear()
+        self.reserved = 0
+
+    def owe_slots(self, slots: torch.Tensor) -> None:
+        """SGLang allocated these slots: each is owed a row in every layer until that layer writes it."""
+        self.unwritten[:, slots] = True
+        self.reserved += self.num_layers * slots.numel()
+
+    def written(self, layer: int, slots: torch.Tensor) -> None:
+        owed = self.unwritten[layer, slots]
+        self.reserved -= int(owed.sum())
+        self.unwritten[layer, slots] = False
+
+    def slots_freed(self, slots: torch.Tensor) -> None:
+        self.reserved -= int(self.unwritten[:, slots].sum())
+        self.unwritten[:, slots] = False
+
+    def hold(self, n: int) -> None:
+        """Set rows aside while a batch's slots are allocated (``promise`` hands them to its requests after)."""
+        self.reserved += n
+
+    def promise(self, req_row: int, n: int) -> None:
+        self.promised[req_row] = self.promised.get(req_row, 0) + n
+        self.reserved += n
+
+    def taken(self, req_row: int | None, n: int) -> None:
+        """A request took ``n`` of the rows promised to it."""
+        if req_row is not None and req_row in self.promised:
+            used = min(n, self.promised[req_row])
+            self.promised[req_row] -= used
+            self.reserved -= used
+
+    def retire(self, req_row: int) -> None:
+        """The request left (or its prefill is done): what it did not take goes back."""
+        self.reserved -= self.promised.pop(req_row, 0)

@@ -1,0 +1,84 @@
+"""Device KV rows: one row of a shared store per (layer, slot) that holds KV.
+
+SGLang's pool gives a token slot one entry in *every* layer, so a lazy layer could not give back its middle
+tokens. Here SGLang keeps allocating slots (radix cache, ``req_to_token`` and admission are untouched) while each
+(layer, slot) with KV on the device owns one row of ``kv [rows, 2, heads, dim]`` (``row_of``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LostKv(RuntimeError):
+    """A read of (layer, slot) KV that is on neither tier: a bug of ours, never served."""
+
+
+class DeviceRows:
+    def __init__(self, num_layers: int, num_slots: int, num_rows: int, heads: int, dim: int, dtype: torch.dtype,
+                 device: torch.device | str, poison: bool = False):
+        self.num_layers, self.num_slots, self.num_rows = num_layers, num_slots, num_rows
+        self.kv = torch.zeros(num_rows, 2, heads, dim, dtype=dtype, device=device)
+        self.row_of = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64, device=device)
+        self.poison = poison  # freed rows are filled with NaN: a read of one shows in the outputs
+        self.clear()
+
+    @property
+    def row_bytes(self) -> int:
+        return self.kv[0].numel() * self.kv.element_size()
+
+    @property
+    def free(self) -> int:
+        return self._n_free
+
+    def clear(self) -> None:
+        self._stack = torch.arange(self.num_rows - 1, -1, -1, dtype=torch.int64, device=self.kv.device)
+        self._n_free = self.num_rows
+        self.row_of.fill_(-1)
+
+    def take(self, n: int) -> torch.Tensor | None:
+        """``n`` free rows, or None (nothing taken) if fewer are free."""
+        if n > self._n_free:
+            return None
+        self._n_free -= n
+        return self._stack[self._n_free : self._n_free + n].clone()
+
+    def give(self, rows: torch.Tensor) -> None:
+        if rows.numel() == 0:
+            return
+        if self.poison:
+            self.kv[rows] = float("nan")
+        end = self._n_free + rows.numel()
+        self._stack[self._n_free : end] = rows
+        self._n_free = end
+
+    def missing(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        return self.row_of[layer, slots] < 0
+
+    def held(self, slots: torch.Tensor) -> torch.Tensor:
+        """``[layers]``: how many of ``slots`` each layer holds on the device."""
+        return (self.row_of[:, slots] >= 0).sum(dim=1)
+
+    def lookup(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        rows = self.row_of[layer, slots]
+        if bool((rows < 0).any()):
+            bad = slots[rows < 0][:4].tolist()
+            raise LostKv(f"slkv: layer {layer} reads slots {bad}... whose KV is not on the device")
+        return rows
+
+    def place(self, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        self.row_of[layer, slots] = rows
+
+    def release(self, layer: int, slots: torch.Tensor) -> int:
+        """Give back the rows ``slots`` hold in ``layer``; returns how many there were."""
+        rows = self.row_of[layer, slots]
+        live = rows >= 0
+        self.give(rows[live])
+        self.row_of[layer, slots[live]] = -1
+        return int(live.sum())
+
+    def release_slots(self, slots: torch.Tensor) -> None:
+        """Every layer's rows of ``slots`` go back (SGLang freed the slots)."""
+        rows = self.row_of[:, slots]
+        self.give(rows[rows >= 0])
+        self.row_of[:, slots] = -1

@@ -1,0 +1,80 @@
+"""The KV tier of one attention backend with ``--slkv-offload``: its parts, its counters, its report.
+
+Who owns what (``docs/memory.md``): ``DeviceRows`` the device store and ``row_of``; ``Ledger`` the rows admission
+promised; ``offload.HostArena`` the host copies and their index; ``TierStats`` the counters. ``KvPlanner``
+(scheduler side) decides, ``KvExecutor`` (worker side, inside the attention backend) moves KV; both act on the parts
+of one ``KvTier``, and nothing else does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from offload import HostArena
+
+from .ledger import Ledger
+from .rows import DeviceRows
+
+
+@dataclass
+class TierStats:
+    released_rows: int = 0  # rows given back by lazy layers
+    restored_rows: int = 0  # rows brought back from the host
+    lost_rows: int = 0  # rows given back without a host copy (budget full): recomputed when needed
+    recomputed_tokens: int = 0  # cached prefix tokens recomputed because their KV was on neither tier
+    healed_rows: int = 0  # missing rows of cached slots filled from recomputed KV
+    row_shortfalls: int = 0  # batches whose prefix restores found fewer spare rows than admission promised
+    failed_requests: int = 0  # requests finished with an error because their KV could not be made whole
+
+
+@dataclass
+class KvTier:
+    rows: DeviceRows
+    ledger: Ledger
+    host: HostArena
+    stats: TierStats
+
+    @classmethod
+    def build(cls, num_layers: int, num_slots: int, num_rows: int, heads: int, dim: int, dtype: torch.dtype,
+              device: torch.device | str, host_budget: int, poison: bool = False) -> "KvTier":
+        return cls(DeviceRows(num_layers, num_slots, num_rows, heads, dim, dtype, device, poison),
+                   Ledger(num_layers, num_slots, device), HostArena(host_budget, num_layers, num_slots, device),
+                   TierStats())
+
+    @property
+    def num_layers(self) -> int:
+        return self.rows.num_layers
+
+    @property
+    def spare_rows(self) -> int:
+        """Free rows nobody was promised: what admission may hand out."""
+        return self.rows.free - self.ledger.reserved
+
+    def free_slots(self, slots: torch.Tensor) -> None:
+        """SGLang freed these slots: their rows in every layer and their host copies go."""
+        if slots.numel() == 0:
+            return
+        self.rows.release_slots(slots)
+        self.ledger.slots_freed(slots)
+        self.host.forget(slots)
+
+    def clear(self) -> None:
+        """SGLang cleared its allocator (flush_cache): no slot is live."""
+        self.rows.clear()
+        self.ledger.clear()
+        self.host.clear()
+
+    def report(self, slots: torch.Tensor) -> dict[str, Any]:
+        """A request's KV in its layer map: its device and host tokens per layer, its host bytes, the totals."""
+        host_tokens = self.host.hosted(slots).sum(dim=1)
+        return {
+            "device_tokens": self.rows.held(slots).tolist(),
+            "host_tokens": host_tokens.tolist(),
+            "host_bytes": int(host_tokens.sum()) * self.rows.row_bytes,
+            "free_rows": self.rows.free, "rows": self.rows.num_rows, "row_bytes": self.rows.row_bytes,
+            "host_budget": self.host.budget_bytes,
+            **asdict(self.stats), **{f"host_{k}": v for k, v in asdict(self.host.stats).items()},
+        }
