@@ -1,4 +1,4 @@
-"""PNG of a session's layer maps: layer x turn, lazy / not lazy (and, once offload exists, offloaded)."""
+"""PNG of a session's layer maps: layer x turn, full KV / lazy / lazy with its middle KV on the host (--slkv-offload)."""
 
 from __future__ import annotations
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from dataclasses import replace
+from typing import Any
 
 logger = logging.getLogger("slkv.serve")
+
+# Bits per element of SGLang 0.5.23's ``--kv-cache-dtype`` values other than ``auto``
+# (``sglang.srt.mem_cache.kv_cache_dtype``); the scales of the fp4 formats are not counted.
+KV_CACHE_BITS = {"fp8_e4m3": 8, "fp8_e5m2": 8, "mxfp8": 8, "bf16": 16, "bfloat16": 16, "nvfp4": 4,
+                 "fp4_mx_block16": 4}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,14 +83,15 @@ def main(argv: list[str]) -> int:
     engine = None if args.sglang_url else make_engine(path, slkv=slkv, **scheduling)
     client = RemoteEngineClient(args.sglang_url, tokenizer, context_len) if args.sglang_url else \
         EngineClient(engine, tokenizer, context_len)
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    dtype, kv_cache_dtype = ((engine.server_args.dtype, engine.server_args.kv_cache_dtype) if engine is not None
+                             else remote_dtypes(args.sglang_url))
     settings = Settings(
         keys=Keys(users=_keys(args.api_keys), admins=_keys(args.admin_keys)),
         model_name=os.path.basename(path.rstrip("/")),
         threshold=slkv.threshold,
         offload_budget_bytes=args.offload_budget,
         worker=args.worker_name,
-        kv_bytes_per_token_layer=2 * hf.num_key_value_heads * head_dim * 4,  # K and V, float32
+        kv_bytes_per_token_layer=kv_bytes_per_token_layer(hf, dtype, kv_cache_dtype),
         max_turns_per_key=args.max_turns_per_key,
         metrics_need_admin=args.metrics_need_admin,
     )
@@ -97,6 +105,46 @@ def main(argv: list[str]) -> int:
         if engine is not None:
             shutdown_engine(engine)
     return 0
+
+
+def kv_bytes_per_token_layer(hf: Any, dtype: str, kv_cache_dtype: str) -> int:
+    """Bytes of K and V of one token in one layer of the engine's KV pool, as SGLang types the pool: by
+    ``--kv-cache-dtype``, or under ``auto`` by the checkpoint's FP8 KV quantization if it asks for one, else by
+    the model's dtype (``--dtype``, ``auto`` resolved from the checkpoint by SGLang's own rule)."""
+    text = hf.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    elements = 2 * text.num_key_value_heads * head_dim
+    if kv_cache_dtype != "auto":
+        if kv_cache_dtype not in KV_CACHE_BITS:
+            raise ValueError(f"unknown --kv-cache-dtype {kv_cache_dtype!r}")
+        return elements * KV_CACHE_BITS[kv_cache_dtype] // 8
+    quant = getattr(hf, "quantization_config", None)
+    if isinstance(quant, dict) and str(quant.get("kv_cache_quant_algo", "")).upper() == "FP8":
+        return elements
+    from sglang.srt.configs.model_config import _get_and_verify_dtype
+
+    return elements * _get_and_verify_dtype(hf, dtype).itemsize
+
+
+def remote_dtypes(url: str, wait_s: float = 60) -> tuple[str, str]:
+    """``(dtype, kv_cache_dtype)`` of the SGLang server (or router) at ``url``, from its server info. Waits up to
+    ``wait_s`` for an answer: a router answers only once a worker has registered."""
+    import httpx
+
+    deadline, last = time.monotonic() + wait_s, "no answer"
+    while True:
+        for path in ("/server_info", "/get_server_info"):  # the current path, then the deprecated one
+            try:
+                r = httpx.get(url.rstrip("/") + path, timeout=10)
+                info = r.json() if r.status_code == 200 else {}
+                if isinstance(info, dict) and "dtype" in info and "kv_cache_dtype" in info:
+                    return info["dtype"], info["kv_cache_dtype"]
+                last = f"{path}: HTTP {r.status_code}"
+            except (httpx.HTTPError, ValueError) as exc:
+                last = f"{path}: {exc!r}"
+        if time.monotonic() > deadline:
+            raise SystemExit(f"slkv serve: cannot read the KV dtype of {url} ({last})")
+        time.sleep(1)
 
 
 def _keys(listed: str) -> frozenset[str]:

@@ -22,7 +22,6 @@ class LayerMap:
     sink: int
     recent: int
     decided_at: int  # sequence length (tokens) when the decision was taken
-    turn: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -52,6 +51,8 @@ class LayerMap:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerMap":
+        """Fields this record does not have are dropped: session stores hold older records (e.g. with ``turn``)
+        and the engine adds its own (``lazy_layers``, ``kv``, ``timing``)."""
         keys = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in d.items() if k in keys}
         kw["lazy"] = tuple(bool(x) for x in kw["lazy"])

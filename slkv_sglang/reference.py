@@ -26,6 +26,7 @@ _IMPL = "slkv_reference"
 @dataclass
 class ReferenceResult:
     output_ids: list[int]
+    logprobs: list[float]  # log-probability of each output token where it was chosen
     layer_map: LayerMap | None  # None when SimLayerKV is off
     per_head: list[list[float]]  # per layer, per query head mass at the decision point
 
@@ -105,9 +106,11 @@ class ReferenceModel:
         )
 
     @torch.no_grad()
-    def _forward(self, ids: list[int], cache: Any) -> tuple[int, Any]:
+    def _forward(self, ids: list[int], cache: Any) -> tuple[int, float, Any]:
         out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache, use_cache=True)
-        return int(out.logits[0, -1].argmax()), out.past_key_values
+        logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        token = int(logprobs.argmax())
+        return token, float(logprobs[token]), out.past_key_values
 
     def generate(
         self,
@@ -124,25 +127,26 @@ class ReferenceModel:
         _run = run
         layer_map: LayerMap | None = None
         try:
-            token, cache = self._forward(list(input_ids), None)
+            token, logprob, cache = self._forward(list(input_ids), None)
             if run.score_now:
                 layer_map = self._decide(run, len(input_ids), len(input_ids), force_lazy)
                 run.lazy = frozenset(layer_map.lazy_layers)
                 run.score_now = False
-            output = [token]
+            output, logprobs = [token], [logprob]
             while len(output) < max_new_tokens and token not in stops:
                 decide_here = config.enabled and config.mode == "decode" and layer_map is None
                 run.score_now = decide_here
-                token, cache = self._forward([token], cache)
+                token, logprob, cache = self._forward([token], cache)
                 if decide_here:
                     layer_map = self._decide(run, len(input_ids), len(input_ids) + 1, force_lazy)
                     run.lazy = frozenset(layer_map.lazy_layers)
                     run.score_now = False
                 output.append(token)
+                logprobs.append(logprob)
         finally:
             _run = None
         per_head = [run.per_head[layer].tolist() for layer in sorted(run.per_head)]
-        return ReferenceResult(output, layer_map, per_head)
+        return ReferenceResult(output, logprobs, layer_map, per_head)
 
     def lazy_scores(self, input_ids: list[int], config: SlkvConfig) -> LayerMap:
         """The prefill-time decision alone (one forward, no generation)."""

@@ -80,6 +80,8 @@ def test_layer_map_compression():
     assert lm.lazy_layers == [0, 2]
     assert lm.compression(4096) == pytest.approx(4 * 4096 / (2 * 4096 + 2 * 1024))
     assert LayerMap.from_dict(lm.to_dict()) == lm
+    assert "turn" not in lm.to_dict()
+    assert LayerMap.from_dict({**lm.to_dict(), "turn": 3}) == lm  # a record stored before `turn` was dropped
     sliding = LayerMap(lazy=(False, True), scores=(None, 0.95), threshold=0.9, score_mode="kvmin",
                        decide_mode="prefill", sink=4, recent=1020, decided_at=4096)
     assert sliding.to_dict()["scores"] == [None, 0.95]  # a sliding layer is not scored: null in JSON

@@ -1,20 +1,52 @@
-"""The evaluator: deterministic needle cases, and a small run through the real engine."""
+"""The evaluator: needle cases read back from their text, and a small run through the real engine."""
 
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from slkv_sglang.config import SlkvConfig
 from slkv_sglang.evaluate import evaluate, needle_case, settings, write_report
 
 
-def test_needle_is_where_it_should_be(tokenizer):
-    a = needle_case(tokenizer, 2048, 0.6, seed=2)
-    assert a.input_ids == needle_case(tokenizer, 2048, 0.6, seed=2).input_ids
-    assert len(a.input_ids) == 2048
-    assert a.answer in tokenizer.decode(a.input_ids[a.needle_at : a.needle_at + 20])
-    shallow = needle_case(tokenizer, 2048, 0.1, seed=2)
-    assert shallow.needle_at < a.needle_at < 2048
+def _covering_end(tokenizer, ids: list[int], start: int, text: str) -> int:
+    """The smallest ``end`` such that ``ids[start:end]`` decodes to a text containing ``text``."""
+    lo, hi = start, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if text in tokenizer.decode(ids[start:mid]) else (mid + 1, hi)
+    return lo
+
+
+def _covering_start(tokenizer, ids: list[int], text: str) -> int:
+    """The largest ``start`` such that ``ids[start:]`` decodes to a text containing ``text``."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if text in tokenizer.decode(ids[mid:]) else (lo, mid - 1)
+    return lo
+
+
+@pytest.mark.parametrize("length, depth, seed", [(2048, 0.6, 2), (1536, 0.1, 0), (4096, 0.85, 1)])
+def test_needle_sits_at_its_depth(tokenizer, length, depth, seed):
+    """Read back from the prompt's text: one needle, whose code is the answer and whose vault the question
+    names, starting at ``needle_at`` with ``depth`` of the haystack's tokens before it."""
+    case = needle_case(tokenizer, length, depth, seed=seed)
+    ids, text = case.input_ids, tokenizer.decode(case.input_ids)
+    assert len(ids) == length
+    needles = re.findall(r"\nThe secret passcode for the (\w+) vault is (\d{5})\.\n", text)
+    assert len(needles) == 1 and needles[0][1] == case.answer
+    question = f"\n\nWhat is the secret passcode for the {needles[0][0]} vault? Answer with the number only."
+    assert question in text
+
+    header_end = _covering_end(tokenizer, ids, 0, "<|im_start|>user\n")  # the haystack starts here
+    assert _covering_start(tokenizer, ids, "\nThe secret passcode") == case.needle_at
+    needle_end = _covering_end(tokenizer, ids, case.needle_at, f" vault is {case.answer}.\n")
+    question_start = _covering_start(tokenizer, ids, question)
+    before, after = case.needle_at - header_end, question_start - needle_end
+    assert abs(before / (before + after) - depth) <= 1 / (before + after)
 
 
 def test_small_evaluation_run(slkv_engine, tokenizer, tmp_path):

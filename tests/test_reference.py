@@ -25,10 +25,15 @@ def prompt(tokenizer) -> list[int]:
     return prompt_ids(tokenizer, 1100, seed=0, question=QUESTION)
 
 
-def test_off_is_plain_transformers(reference, prompt, model_path):
+@pytest.fixture(scope="module")
+def plain(model_path):
+    """The bundled model in plain transformers (its own attention), for expectations the reference does not make."""
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+
+def test_off_is_plain_transformers(reference, prompt, plain):
     expected = plain.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
     got = reference.generate(prompt, SlkvConfig(enabled=False), max_new_tokens=10, ignore_eos=True)
     assert got.layer_map is None
@@ -50,11 +55,34 @@ def test_explicit_mass_equals_engine_formula(chunk):
     assert torch.allclose(explicit, lse, atol=1e-6)
 
 
-def test_window_covering_everything_is_full_kv(reference, prompt):
-    full = reference.generate(prompt, SlkvConfig(enabled=False), max_new_tokens=8, ignore_eos=True)
-    wide = SlkvConfig(enabled=True, recent=len(prompt) + 16)
-    forced = reference.generate(prompt, wide, max_new_tokens=8, ignore_eos=True, force_lazy=range(30))
-    assert forced.output_ids == full.output_ids
+@torch.no_grad()
+def test_lazy_decode_is_masked_attention(reference, prompt, plain):
+    """Every layer lazy: each decode step reads exactly sink + recent keys. Plain transformers decoding with an
+    attention mask that hides every other key (the window sliding with each new token) gives the same tokens."""
+    sink, recent, steps = 4, 64, 12
+    config = SlkvConfig(enabled=True, sink=sink, recent=recent, last=8)
+    lazy = reference.generate(prompt, config, max_new_tokens=steps, ignore_eos=True, force_lazy=range(30))
+    assert all(lazy.layer_map.lazy)
+
+    def choose(out) -> None:
+        logprobs = torch.log_softmax(out.logits[0, -1], dim=-1)
+        tokens.append(int(logprobs.argmax()))
+        chosen.append(float(logprobs[tokens[-1]]))
+
+    tokens: list[int] = []
+    chosen: list[float] = []
+    out = plain(input_ids=torch.tensor([prompt]), use_cache=True)  # prefill: full attention
+    choose(out)
+    while len(tokens) < steps:
+        seen = len(prompt) + len(tokens)  # keys once this step's token is cached
+        mask = torch.zeros(1, seen, dtype=torch.long)
+        mask[0, :sink] = mask[0, seen - recent:] = 1
+        out = plain(input_ids=torch.tensor([[tokens[-1]]]), attention_mask=mask, past_key_values=out.past_key_values,
+                    use_cache=True)
+        choose(out)
+    assert lazy.output_ids == tokens
+    # log-probabilities too: a window one token off changes them by far more (tokens alone would not show it)
+    assert lazy.logprobs == pytest.approx(chosen, abs=1e-4)
 
 
 def test_small_window_changes_output(reference, prompt):
