@@ -19,7 +19,7 @@ from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from . import startup
+from . import admin, startup
 from .config import DECIDE_MODES, SCORE_MODES, SlkvConfig, SlkvConfigError
 from .model_layers import ModelLayers, check_servable
 from .kv.executor import KvExecutor
@@ -415,6 +415,12 @@ def _validate_before_streaming(tokenizer_manager: Any, obj: Any, *args: Any, **k
     return None
 
 
+def _admin_handlers(handlers: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """SchedulerInternalStateController._update_handlers: the engine-wide settings an admin changes."""
+    tier = _tier()
+    return admin.add_handlers(handlers, [tier.host] if tier is not None else [])
+
+
 def _validate_startup(*args: Any, **kwargs: Any) -> None:
     cfg = SlkvConfig.from_env()  # raises SlkvConfigError with the offending variable
     if cfg.enabled:
@@ -484,6 +490,8 @@ _HOOKS: list[tuple[str, Any, HookType]] = [
     ("managers.tokenizer_manager.TokenizerManager.update_request_meta_info", _unwrap_meta, HookType.AFTER),
     ("managers.tokenizer_manager.TokenizerManager.generate_request", _validate_request, HookType.BEFORE),
     ("managers.tokenizer_manager.TokenizerManager.create_abort_task", _validate_before_streaming, HookType.BEFORE),
+    ("managers.scheduler_components.internal_state.SchedulerInternalStateController._update_handlers",
+     _admin_handlers, HookType.AFTER),
     # --slkv-offload: the KV tier follows SGLang's slots, prefixes and admission
     ("managers.schedule_batch.Req.init_next_round_input", _match_prefix, HookType.AFTER),
     (_ALLOCATOR + "token.TokenToKVPoolAllocator.free", _free_rows, HookType.BEFORE),
