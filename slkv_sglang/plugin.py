@@ -19,14 +19,14 @@ from typing import Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from . import startup
+from . import admin, startup
 from .config import DECIDE_MODES, SCORE_MODES, SlkvConfig, SlkvConfigError
 from .model_layers import ModelLayers, check_servable
 from .kv.executor import KvExecutor
 from .kv.planner import KvPlanner
 from .kv.tier import KvTier
 from .report import Outbox
-from .request_params import OVERRIDE_KEY, parse_overrides, request_params
+from .request_params import RequestParamsError, check_generate, request_params
 from .tracker import LazyTracker
 
 logger = logging.getLogger("slkv.plugin")
@@ -397,14 +397,28 @@ def _unwrap_meta(_result: Any, _self: Any, meta_info: dict, *args: Any, **kwargs
 
 
 def _validate_request(tokenizer_manager: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
-    """Tokenizer side: reject bad ``custom_params.slkv`` (for the served model's layers) before it reaches the
-    scheduler."""
-    params = getattr(obj, "sampling_params", None)
-    for sp in params if isinstance(params, list) else [params]:
-        custom = (sp or {}).get("custom_params") if isinstance(sp, dict) else None
-        if custom and OVERRIDE_KEY in custom:
-            parse_overrides(custom[OVERRIDE_KEY], ModelLayers.from_model_config(tokenizer_manager.model_config))
+    """Tokenizer side: refuse bad ``custom_params.slkv`` (for the served model's layers) before it reaches the
+    scheduler. SGLang answers the ValueError with a 400 naming the field; ``Engine.generate`` raises it."""
+    check_generate(getattr(obj, "sampling_params", None), ModelLayers.from_model_config(tokenizer_manager.model_config))
     return None
+
+
+def _validate_before_streaming(tokenizer_manager: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
+    """TokenizerManager.create_abort_task: a streaming ``/generate`` sends its 200 before ``generate_request``
+    runs (its errors become an event in the stream); this is called first, so bad settings get their 400."""
+    try:
+        _validate_request(tokenizer_manager, obj)
+    except RequestParamsError as exc:
+        from fastapi import HTTPException
+
+        raise HTTPException(status_code=400, detail=str(exc)) from exc
+    return None
+
+
+def _admin_handlers(handlers: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """SchedulerInternalStateController._update_handlers: the engine-wide settings an admin changes."""
+    tier = _tier()
+    return admin.add_handlers(handlers, [tier.host] if tier is not None else [])
 
 
 def _validate_startup(*args: Any, **kwargs: Any) -> None:
@@ -475,6 +489,9 @@ _HOOKS: list[tuple[str, Any, HookType]] = [
      _request_level_key, HookType.AFTER),
     ("managers.tokenizer_manager.TokenizerManager.update_request_meta_info", _unwrap_meta, HookType.AFTER),
     ("managers.tokenizer_manager.TokenizerManager.generate_request", _validate_request, HookType.BEFORE),
+    ("managers.tokenizer_manager.TokenizerManager.create_abort_task", _validate_before_streaming, HookType.BEFORE),
+    ("managers.scheduler_components.internal_state.SchedulerInternalStateController._update_handlers",
+     _admin_handlers, HookType.AFTER),
     # --slkv-offload: the KV tier follows SGLang's slots, prefixes and admission
     ("managers.schedule_batch.Req.init_next_round_input", _match_prefix, HookType.AFTER),
     (_ALLOCATOR + "token.TokenToKVPoolAllocator.free", _free_rows, HookType.BEFORE),

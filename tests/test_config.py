@@ -10,7 +10,7 @@ import pytest
 from slkv_sglang.config import SlkvConfig, SlkvConfigError
 from slkv_sglang.layer_map import LayerMap
 from slkv_sglang.model_layers import ModelLayers, check_servable
-from slkv_sglang.request_params import parse_overrides
+from slkv_sglang.request_params import check_generate, parse_overrides
 
 
 def test_env_round_trip():
@@ -40,12 +40,24 @@ def test_bad_env_is_rejected(env, message):
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"threshold": -1}, "threshold must be a number > 0"),
-        ({"threshold": True}, "threshold must be a number > 0"),
-        ({"score": "max"}, "score must be one of"),
-        ({"force_lazy": [0, "a"]}, "force_lazy must be a list of layer ids"),
-        ({"windows": 3}, "unknown custom_params.slkv keys"),
-        ("fast", "must be an object"),
+        ({"threshold": -1}, "custom_params.slkv.threshold must be a finite number > 0"),
+        ({"threshold": True}, "custom_params.slkv.threshold must be a finite number > 0"),
+        ({"threshold": float("nan")}, "custom_params.slkv.threshold must be a finite number > 0"),
+        ({"threshold": 10**400}, "custom_params.slkv.threshold must be a finite number > 0"),
+        ({"enabled": 1}, "custom_params.slkv.enabled must be true or false"),
+        ({"score": "max"}, "custom_params.slkv.score must be one of"),
+        ({"force_lazy": [0, "a"]}, r"custom_params.slkv.force_lazy\[1\] must be a layer id \(an integer\)"),
+        ({"force_lazy": [3, -1]}, r"custom_params.slkv.force_lazy\[1\] must be a layer id in \[0, 30\), got -1"),
+        ({"force_lazy": [3, 10**5000]}, r"force_lazy\[1\] must be a layer id in \[0, 30\), got an integer too long"),
+        ({"force_lazy": [3, 4, 3]}, r"custom_params.slkv.force_lazy\[2\] names layer 3 a second time"),
+        ({"force_lazy": list(range(31))}, r"custom_params.slkv.force_lazy names 31 layers; this model has 30"),
+        ({"session": ""}, "custom_params.slkv.session must be a label of 1 to 256 printable characters"),
+        ({"session": "a\nb"}, "custom_params.slkv.session must be a label"),
+        ({"session": "x" * 257}, r"custom_params.slkv.session must be a label.*got 'xxxxxxxxxxxx\.\.\.xxxxxxxxxxxxx'"),
+        ({"windows": 3}, r"custom_params.slkv.windows is not a SimLayerKV setting"),
+        ({"offload_budget": 1 << 30}, "custom_params.slkv.offload_budget is not a per-request setting: the host "
+                                      "budget is engine-wide"),
+        ("fast", "custom_params.slkv must be an object, got a string"),
     ],
 )
 def test_bad_overrides_are_rejected(raw, message):
@@ -53,13 +65,24 @@ def test_bad_overrides_are_rejected(raw, message):
         parse_overrides(raw, ModelLayers(30, tuple(range(30))))
 
 
+def test_what_passes_where_requests_enter_passes_in_the_scheduler():
+    """The scheduler parses without the model's layers: everything the entry check passed, unchanged."""
+    layers = ModelLayers(30, tuple(range(30)))
+    for raw in ({"enabled": False}, {"threshold": 2, "score": "headmin"}, {"force_lazy": [29, 0]},
+                {"force_lazy": None, "session": "chat 42"}, {"force_lazy": []}, None):
+        assert parse_overrides(raw) == parse_overrides(raw, layers)
+    check_generate([{"custom_params": "not ours"}, {"custom_params": {"other": 1}}, 7], layers)
+    with pytest.raises(SlkvConfigError, match=r"^sampling_params\[1\].custom_params.slkv.threshold must be"):
+        check_generate([{}, {"custom_params": {"slkv": {"threshold": "x"}}}], layers)
+
+
 def test_force_lazy_names_only_full_attention_layers():
     """A hybrid model (Gemma 3 270M's layout: layers 5, 11, 17 full, the rest sliding) takes full layers only."""
     hybrid = ModelLayers(18, (5, 11, 17))
     assert parse_overrides({"force_lazy": [17, 5]}, hybrid) == {"force_lazy": (5, 17)}
-    with pytest.raises(SlkvConfigError, match=r"force_lazy names sliding-window layers \[0, 4\].*are \[5, 11, 17\]"):
+    with pytest.raises(SlkvConfigError, match=r"force_lazy\[0\] names sliding-window layer 0.*are \[5, 11, 17\]"):
         parse_overrides({"force_lazy": [0, 5, 4]}, hybrid)
-    with pytest.raises(SlkvConfigError, match=r"force_lazy layer ids must be in \[0, 18\), got \[18\]"):
+    with pytest.raises(SlkvConfigError, match=r"force_lazy\[0\] must be a layer id in \[0, 18\), got 18"):
         parse_overrides({"force_lazy": [18]}, hybrid)
 
 

@@ -12,6 +12,7 @@ from slkv_sglang.layer_map import LayerMap
 from slkv_sglang.runtime import shutdown_engine
 
 from .conftest import CHUNK, TEST_SLKV, start_engine
+from .slkv_payloads import SEED, malformed
 
 NEW_TOKENS = 12
 QUESTION = "Which classes and functions are defined in the code above? Answer briefly."
@@ -158,3 +159,24 @@ def test_chunked_and_radix_hit_decide_like_one_prefill(slkv_engine, prompts, ref
     assert got.scores == pytest.approx(ref.scores, abs=2e-4)
     for layer, (a, b) in enumerate(zip(got.lazy, ref.lazy)):
         assert a == b or abs(ref.scores[layer] - config.threshold) < 1e-3
+
+
+def test_malformed_settings_raise_naming_the_field(slkv_engine, prompts):
+    """``sglang.Engine.generate``: every malformed ``custom_params.slkv`` value (``slkv_payloads``; NaN and the
+    infinities included, which JSON cannot carry to the HTTP server) raises a ValueError naming its field
+    before the request reaches the scheduler, alone and as a batch item; the engine serves on."""
+    payloads = malformed(SEED, 200, num_layers=30)
+    print(f"malformed custom_params.slkv: seed {SEED} (SLKV_HOSTILE_SEED), {len(payloads)} values")
+    assert any(not bad.json_ok for bad in payloads)
+    for i, bad in enumerate(payloads):
+        params = {"max_new_tokens": 2, "custom_params": {"slkv": bad.value}}
+        where = "custom_params.slkv"
+        with pytest.raises(ValueError) as err:
+            if i % 3:
+                slkv_engine.generate(input_ids=[1, 2, 3], sampling_params=params)
+            else:
+                where = "sampling_params[1].custom_params.slkv"
+                slkv_engine.generate(input_ids=[[1, 2, 3], [4, 5, 6]], sampling_params=[{"max_new_tokens": 2}, params])
+        assert bad.names_field(str(err.value), where), (i, bad.kind, repr(bad.value)[:200], str(err.value)[:300])
+    out = slkv_engine.generate(input_ids=prompts[0], sampling_params=_greedy(2, force_lazy=[7]))
+    assert _layer_map(out).lazy_layers == [7]

@@ -91,9 +91,9 @@ def test_nothing_lazy_equals_simlayerkv_off(gemma_engine, prompts):
 
 def test_force_lazy_on_a_sliding_layer_is_refused(gemma_engine, prompts):
     """Refused in the tokenizer process with the field and the layers named; the engine keeps serving."""
-    with pytest.raises(SlkvConfigError, match=r"custom_params.slkv.force_lazy names sliding-window layers \[0\]"):
+    with pytest.raises(SlkvConfigError, match=r"custom_params.slkv.force_lazy\[0\] names sliding-window layer 0"):
         gemma_engine.generate(input_ids=prompts[0], sampling_params=_greedy(force_lazy=[0, 5]))
-    with pytest.raises(SlkvConfigError, match=r"force_lazy layer ids must be in \[0, 18\)"):
+    with pytest.raises(SlkvConfigError, match=r"custom_params.slkv.force_lazy\[0\] must be a layer id in \[0, 18\)"):
         gemma_engine.generate(input_ids=prompts[0], sampling_params=_greedy(force_lazy=[18]))
     out = gemma_engine.generate(input_ids=prompts[0], sampling_params=_greedy(force_lazy=[11]))
     assert LayerMap.from_dict(out["meta_info"]["slkv"]).lazy_layers == [11]

@@ -14,6 +14,7 @@ import pytest
 from slkv_sglang.corpus import prompt_ids
 
 from .servers import free_port, spawn, start_server, stop_server, wait_healthy
+from .slkv_payloads import KINDS, SEED, malformed
 
 
 def _worker_cmd(model_path: str, port: int) -> list[str]:
@@ -62,14 +63,48 @@ def test_generate_reports_layer_map(server, tokenizer):
     assert meta["lazy_layers"] == [i for i, s in enumerate(meta["scores"]) if s > 0.85]
 
 
-def test_bad_override_is_a_client_error(server):
-    r = httpx.post(
-        f"{server}/generate",
-        json={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2, "custom_params": {"slkv": {"threshold": "high"}}}},
-        timeout=60,
-    )
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    assert "threshold must be a number > 0" in r.text
+def test_malformed_settings_are_refused_naming_the_field(server, workers, tokenizer):
+    """Seeded malformed ``custom_params.slkv`` values (``slkv_payloads``), sent alone, as a batch's second item
+    and as streams: each is a 400 whose message starts with the field, and no forward runs. NaN and the
+    infinities are not JSON: SGLang's body parser refuses them before any field is read (``Engine.generate``
+    names their field: ``test_engine``). A ``custom_params`` that is not an object is SGLang's own business:
+    served without SimLayerKV settings (it used to stop the scheduler). The server then answers normally."""
+    payloads = malformed(SEED, 200, num_layers=30)
+    print(f"malformed custom_params.slkv: seed {SEED} (SLKV_HOSTILE_SEED), {len(payloads)} values")
+    seen: dict[str, int] = {}
+    with httpx.Client(base_url=server, timeout=120) as http:
+        for i, bad in enumerate(payloads):
+            custom = {"max_new_tokens": 2, "custom_params": {"slkv": bad.value}}
+            body: dict = {"input_ids": [1, 2, 3], "sampling_params": custom}
+            how, where = "alone", "custom_params.slkv"
+            if i % 5 == 1:
+                how, body["stream"] = "stream", True
+            elif i % 5 == 2:
+                how, where = "batch", "sampling_params[1].custom_params.slkv"
+                body = {"input_ids": [[1, 2, 3], [4, 5, 6]], "sampling_params": [{"max_new_tokens": 2}, custom]}
+            r = http.post("/generate", content=json.dumps(body), headers={"Content-Type": "application/json"})
+            what = f"#{i} {bad.kind} {how}: {json.dumps(bad.value)[:200]} -> {r.status_code} {r.text[:300]}"
+            assert r.status_code == 400, what
+            if not bad.json_ok:
+                assert "json_invalid" in r.text, what
+                continue
+            error = r.json()
+            message = error["message"] if how == "stream" else error["error"]["message"]
+            assert bad.names_field(message, where), what
+            assert len(message) < 600, what  # no echo of unbounded input
+            seen[bad.kind] = seen.get(bad.kind, 0) + 1
+    assert set(seen) == set(KINDS), seen
+    for custom in ("slkv", [1], 5):
+        r = httpx.post(f"{server}/generate", timeout=120,
+                       json={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2, "custom_params": custom}})
+        assert r.status_code == 200 and "slkv" in r.json()["meta_info"], r.text
+    ids = prompt_ids(tokenizer, 1200, seed=8, question="What does this code do?")
+    r = httpx.post(f"{server}/generate", timeout=300, json={"input_ids": ids, "sampling_params": {
+        "max_new_tokens": 2, "temperature": 0, "custom_params": {"slkv": {"force_lazy": [3, 0], "session": "after"}}}})
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta_info"]["slkv"]
+    assert len(meta["lazy"]) == 30 and meta["lazy_layers"] == [0, 3]
+    assert workers["w0"][1].poll() is None
 
 
 def test_chat_api_in_front_of_a_remote_server(server, model_path):
