@@ -36,6 +36,17 @@ def start_engine(slkv: SlkvConfig, model_path: str):
     return make_engine(model_path, slkv=slkv, chunked_prefill_size=CHUNK)
 
 
+def set_host_budget(engine, nbytes: int) -> list[bool]:
+    """The engine's host budget through the admin channel (``slkv_sglang.admin``), as PUT /admin/offload sets
+    it: one answer per scheduler, False where refused."""
+    from sglang.srt.managers.io_struct import SetInternalStateReq
+
+    from slkv_sglang.admin import HOST_BUDGET
+
+    return engine.loop.run_until_complete(
+        engine.tokenizer_manager.set_internal_state(SetInternalStateReq(server_args={HOST_BUDGET: nbytes})))
+
+
 @pytest.fixture(scope="session")
 def slkv_engine(model_path):
     engine = start_engine(TEST_SLKV, model_path)

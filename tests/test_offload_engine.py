@@ -14,7 +14,7 @@ from slkv_sglang.layer_map import LayerMap
 from slkv_sglang.model import follow_up_ids
 from slkv_sglang.runtime import shutdown_engine
 
-from .conftest import TEST_SLKV, start_engine
+from .conftest import TEST_SLKV, set_host_budget, start_engine
 
 QUESTIONS = [
     "Which classes are defined in the code above? Answer briefly.",
@@ -36,8 +36,10 @@ def _conversation(engine, tokenizer, seed: int, session: str, turns: int, budget
     ``history`` (earlier turns' outputs) the conversation resumes after them; returns the new turns."""
     ids = prompt_ids(tokenizer, 3000, seed=seed, question=QUESTIONS[0])
     outs = list(history)
-    slkv = {"session": session} if budget is None else {"session": session, "offload_budget": budget}
-    params = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True, "custom_params": {"slkv": slkv}}
+    if budget is not None:  # an admin's change (PUT /admin/offload), before the turns
+        assert set_host_budget(engine, budget) == [True]
+    params = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True,
+              "custom_params": {"slkv": {"session": session}}}
     for turn in range(turns):
         if turn:
             ids = ids + outs[turn - 1]["output_ids"] + follow_up_ids(tokenizer, QUESTIONS[turn])
@@ -125,6 +127,24 @@ def test_evicted_session_recomputes_its_next_turn(offload_engine, baseline, toke
     assert kv["host_budget"] == BUDGET and kv["recomputed_tokens"] > 2 * 2500  # conv-b's and conv-a's
     assert kv["session_host_bytes"] > 0 and kv["host_held_bytes"] <= BUDGET
     _assert_device_follows_layer_map(fifth[0], hosted=True)
+
+
+def test_host_budget_is_an_admin_setting(offload_engine, slkv_engine, tokenizer):
+    """The host budget changes through the admin channel only (``slkv_sglang.admin``): a request naming it is
+    refused, bad values leave the budget as it was, an engine without a host tier refuses it."""
+    ids = prompt_ids(tokenizer, 400, seed=5, question=QUESTIONS[0])
+    params = {"temperature": 0.0, "max_new_tokens": 1}
+
+    def budget() -> int:
+        return offload_engine.generate(input_ids=ids, sampling_params=params)["meta_info"]["slkv"]["kv"]["host_budget"]
+
+    before = budget()
+    with pytest.raises(ValueError, match="custom_params.slkv.offload_budget is not a per-request setting"):
+        offload_engine.generate(input_ids=ids, sampling_params={**params, "custom_params": {"slkv": {"offload_budget": 1}}})
+    for bad in (-1, True, 1.5, (1 << 50) + 1, 10**30):
+        assert set_host_budget(offload_engine, bad) == [False], bad
+    assert budget() == before
+    assert set_host_budget(slkv_engine, BUDGET) == [False]  # no --slkv-offload: no host tier
 
 
 # ---- admission counts rows: --slkv-overcommit ------------------------------------------------------------
