@@ -100,10 +100,17 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
 
     @app.put("/admin/offload")
     async def put_offload(request: Request) -> dict[str, Any]:
+        """The threshold is this server's; the host budget is the engine's, sent through its admin channel."""
         keys.admin(request)
         new = (await read_model(request, OffloadSettings)).model_dump(exclude_unset=True)
-        merged = {**settings.offload(), **{k: settings.initial[k] if v is None else v for k, v in new.items()}}
-        settings.threshold, settings.offload_budget_bytes = merged["threshold"], merged["budget_bytes"]
+        if "budget_bytes" in new:
+            if not await client.set_host_budget(new["budget_bytes"]):
+                raise ApiError(409, "offload_unavailable", "the engine refused the host budget: it has no host tier "
+                                                           "(an engine started without --slkv-offload)",
+                               param="budget_bytes")
+            settings.host_budget = new["budget_bytes"]
+        if "threshold" in new:
+            settings.threshold = settings.initial_threshold if new["threshold"] is None else new["threshold"]
         return settings.offload()
 
     @app.post("/v1/chat/completions")
@@ -113,7 +120,7 @@ def create_app(client: EngineClient, store: SessionStore, settings: Settings) ->
         refusal = req.refusal()
         if refusal is not None:
             raise refusal
-        turn = Turn(turns, who, req, idempotency_digest(request))
+        turn = Turn(turns, who, req, req.slkv_overrides(settings.layers), idempotency_digest(request))
         first = await turn.next()
         if first.error is not None:
             return first.error.response()

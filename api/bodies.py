@@ -65,8 +65,14 @@ def parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise ApiError(400, "invalid_json", "body is not valid UTF-8") from None
     too_deep = ApiError(400, "invalid_json", f"body nests deeper than {MAX_DEPTH} levels")
+    constants: list[str] = []
+
+    def constant(name: str) -> Any:  # NaN, Infinity, -Infinity: kept to name where they stood
+        constants.append(name)
+        return _NOT_JSON
+
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=constant)
     except RecursionError:
         raise too_deep from None
     except json.JSONDecodeError as exc:
@@ -75,6 +81,8 @@ def parse_json(raw: bytes) -> Any:
         raise ApiError(400, "invalid_json", "a number in the body is too long") from None
     if _depth(value) > MAX_DEPTH:
         raise too_deep
+    if constants:
+        raise ApiError(400, "invalid_json", f"{_path_to(value, _NOT_JSON)}: {constants[0]} is not JSON")
     if _SURROGATE_ESCAPE.search(text):  # paired escapes decode to one character; lone ones stay surrogates
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -93,8 +101,23 @@ def _depth(value: Any) -> int:
     return depth
 
 
-def _no_constant(name: str) -> Any:
-    raise ApiError(400, "invalid_json", f"{name} is not JSON")
+_NOT_JSON = object()
+
+
+def _path_to(value: Any, target: object) -> str:
+    """The field where ``target`` first stands in ``value`` (``slkv.threshold``, ``messages[0].content``),
+    level by level like ``_depth``."""
+    level: list[tuple[str, Any]] = [("", value)]
+    while level:
+        below = []
+        for path, node in level:
+            if node is target:
+                return path or "body"
+            items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+            below += [(f"{path}[{k}]" if isinstance(node, list) else f"{path}.{clip(k, 30)}" if path else clip(k, 30), v)
+                      for k, v in items]
+        level = below
+    return "body"
 
 
 def validate(model: type[M], value: Any) -> M:

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from slkv_sglang.admin import HOST_BUDGET
+
 from .errors import ApiError, EngineUnavailable, clip
 from .store import Session
 
@@ -70,13 +72,21 @@ class EngineClient:
         async for chunk in result:
             yield chunk
 
+    async def set_host_budget(self, nbytes: int) -> bool:
+        """The engine's host budget through SGLang's admin channel (``slkv_sglang.admin``); False: refused
+        (an engine without --slkv-offload has no host tier)."""
+        from sglang.srt.managers.io_struct import SetInternalStateReq
+
+        answers = await self.engine.tokenizer_manager.set_internal_state(SetInternalStateReq(server_args={HOST_BUDGET: nbytes}))
+        return bool(answers) and all(answers)
+
 
 class RemoteEngineClient(EngineClient):
     """A separate ``sglang.launch_server`` (with the plugin) reached over its native ``/generate`` API."""
 
-    def __init__(self, url: str, tokenizer: Any, context_len: int):
+    def __init__(self, url: str, tokenizer: Any, context_len: int, admin_key: str | None = None):
         super().__init__(None, tokenizer, context_len)
-        self.url = url.rstrip("/")
+        self.url, self.admin_key = url.rstrip("/"), admin_key
 
     async def generate(self, gen: Generation) -> AsyncIterator[dict[str, Any]]:
         import httpx
@@ -103,6 +113,31 @@ class RemoteEngineClient(EngineClient):
             if status in (400, 422):  # the worker's request validation, as in-process above
                 raise ApiError(400, "invalid_request", f"the engine refused the request (HTTP {status})") from exc
             raise EngineUnavailable(f"engine at {self.url} failed: {exc!r}") from exc
+
+    async def set_host_budget(self, nbytes: int) -> bool:
+        """``/set_internal_state`` of the worker, with its ``--admin-api-key`` when one is configured here."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+        try:
+            async with httpx.AsyncClient(timeout=60) as http:
+                r = await http.post(f"{self.url}/set_internal_state", headers=headers,
+                                    json={"server_args": {HOST_BUDGET: nbytes}})
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"engine at {self.url} failed: {exc!r}") from exc
+        if r.status_code in (401, 403):
+            raise EngineUnavailable(f"engine at {self.url} refused the admin key (HTTP {r.status_code}): set "
+                                    "--sglang-admin-key to the worker's --admin-api-key")
+        if r.status_code == 404:  # sglang-router forwards generate requests, not admin ones
+            raise EngineUnavailable(f"{self.url} has no /set_internal_state (a router?): set the budget on each "
+                                    "worker (docs/operations.md)")
+        if r.status_code != 200:
+            raise EngineUnavailable(f"engine at {self.url} answered HTTP {r.status_code} to /set_internal_state")
+        try:
+            answers = r.json()
+        except ValueError:
+            raise EngineUnavailable(f"engine at {self.url} answered /set_internal_state with no JSON") from None
+        return isinstance(answers, list) and bool(answers) and all(a is True for a in answers)
 
 
 def turn_ids(client: EngineClient, session: Session, new: list[dict[str, str]]) -> list[int]:

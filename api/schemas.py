@@ -12,7 +12,11 @@ import re
 import secrets
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from slkv_sglang.admin import MAX_HOST_BUDGET
+from slkv_sglang.model_layers import ModelLayers
+from slkv_sglang.request_params import RequestParamsError, parse_overrides
 
 from .errors import ApiError
 
@@ -118,6 +122,9 @@ class ChatRequest(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    # the turn's SimLayerKV settings (``enabled``, ``threshold``, ``score``, ``force_lazy``), as an SGLang
+    # request's ``custom_params.slkv``; the server sets the session label
+    slkv: Any = None
 
     def refusal(self) -> ApiError | None:
         """The first thing asked for that this server cannot do, as the 400 that says so."""
@@ -138,6 +145,18 @@ class ChatRequest(BaseModel):
         if len(stops) > MAX_STOP or not all(0 < len(s) <= 256 for s in stops):
             return _unsupported("stop", f"stop takes up to {MAX_STOP} non-empty sequences of up to 256 characters")
         return None
+
+    def slkv_overrides(self, layers: ModelLayers) -> dict[str, Any]:
+        """The turn's SimLayerKV settings, checked as the engine checks them (for the served model's layers);
+        a 400 naming the field otherwise."""
+        try:
+            overrides = parse_overrides(self.slkv, layers, where="slkv")
+        except RequestParamsError as exc:
+            raise ApiError(400, "invalid_request", str(exc), param=exc.field) from None
+        if "session" in overrides:
+            raise ApiError(400, "invalid_request", "slkv.session is set by the server (the session id)",
+                           param="slkv.session")
+        return overrides
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -169,8 +188,16 @@ def _unsupported(param: str, why: str) -> ApiError:
 
 
 class OffloadSettings(BaseModel):
-    """``PUT /admin/offload``: a field left out keeps its value, ``null`` restores the start-up value."""
+    """``PUT /admin/offload``: a field left out keeps its value; a ``null`` threshold restores the start-up
+    one. The budget goes to the engine, which keeps no start-up value to go back to: a number only."""
 
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
-    budget_bytes: int | None = Field(None, ge=0, le=1 << 50)
+    budget_bytes: int | None = Field(None, ge=0, le=MAX_HOST_BUDGET)
     threshold: float | None = Field(None, gt=0.0, le=2.0)
+
+    @field_validator("budget_bytes", mode="before")
+    @classmethod
+    def _a_number(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("the host budget is set by number only (bytes)")
+        return value

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", default=None, help="HF model directory (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--sglang-url", default=None,
                    help="use a running `python -m sglang.launch_server --enable-simlayerkv` instead of an in-process engine")
+    p.add_argument("--sglang-admin-key", default=os.environ.get("SLKV_SGLANG_ADMIN_KEY"),
+                   help="the --sglang-url worker's --admin-api-key (env SLKV_SGLANG_ADMIN_KEY), sent when PUT "
+                        "/admin/offload sets its host budget")
     p.add_argument("--redis-url", default=os.environ.get("SLKV_REDIS_URL"),
                    help="session store (env SLKV_REDIS_URL); unset: an in-process store (quick start only)")
     p.add_argument("--redis-prefix", default="slkv:", help="key prefix in Redis (default slkv:)")
@@ -41,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunked-prefill-size", type=int, default=None,
                    help="SGLang's prefill chunk of the in-process engine (default: SGLang's, from the memory size); "
                         "a short turn waits at most about one chunk's forward behind long prompts")
-    p.add_argument("--offload-budget", type=int, default=None,
-                   help="host offload budget in bytes sent to the engine with every turn (default: the engine's "
-                        "--slkv-offload-budget); changeable at run time with PUT /admin/offload")
+    p.add_argument("--slkv-offload", action="store_true",
+                   help="in-process engine: lazy layers free their device KV after a host copy (docs/memory.md)")
+    p.add_argument("--slkv-offload-budget", type=int, default=None,
+                   help="in-process engine: host bytes for offloaded KV (default 4 GiB); PUT /admin/offload changes it")
     p.add_argument("--slkv-threshold", type=float, default=None, help="lazy-layer threshold (default: SLKV_THRESHOLD or 0.9)")
     p.add_argument("--slkv-score", choices=["mean", "kvmin", "headmin"], default=None, help="score mode (default kvmin)")
     p.add_argument("--slkv-recent", type=int, default=None, help="recent window in lazy layers (default 1020)")
@@ -62,6 +66,7 @@ def main(argv: list[str]) -> int:
 
     from slkv_sglang.config import SlkvConfig
     from slkv_sglang.model import ensure_bundled_model
+    from slkv_sglang.model_layers import ModelLayers
     from slkv_sglang.runtime import make_engine, shutdown_engine
 
     from .app import create_app
@@ -72,7 +77,9 @@ def main(argv: list[str]) -> int:
 
     slkv = SlkvConfig.from_env()
     slkv = replace(slkv, enabled=not args.disable_simlayerkv, threshold=args.slkv_threshold or slkv.threshold,
-                   score=args.slkv_score or slkv.score, recent=args.slkv_recent or slkv.recent)
+                   score=args.slkv_score or slkv.score, recent=args.slkv_recent or slkv.recent,
+                   offload=args.slkv_offload or slkv.offload,
+                   offload_budget=slkv.offload_budget if args.slkv_offload_budget is None else args.slkv_offload_budget)
     path = args.model_path or str(ensure_bundled_model())
     hf = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -81,15 +88,16 @@ def main(argv: list[str]) -> int:
     if args.chunked_prefill_size is not None:
         scheduling["chunked_prefill_size"] = args.chunked_prefill_size
     engine = None if args.sglang_url else make_engine(path, slkv=slkv, **scheduling)
-    client = RemoteEngineClient(args.sglang_url, tokenizer, context_len) if args.sglang_url else \
-        EngineClient(engine, tokenizer, context_len)
+    client = RemoteEngineClient(args.sglang_url, tokenizer, context_len, args.sglang_admin_key) if args.sglang_url \
+        else EngineClient(engine, tokenizer, context_len)
     dtype, kv_cache_dtype = ((engine.server_args.dtype, engine.server_args.kv_cache_dtype) if engine is not None
                              else remote_dtypes(args.sglang_url))
     settings = Settings(
+        layers=ModelLayers.from_hf_config(hf),
         keys=Keys(users=_keys(args.api_keys), admins=_keys(args.admin_keys)),
         model_name=os.path.basename(path.rstrip("/")),
         threshold=slkv.threshold,
-        offload_budget_bytes=args.offload_budget,
+        host_budget=slkv.offload_budget if engine is not None and slkv.enabled and slkv.offload else None,
         worker=args.worker_name,
         kv_bytes_per_token_layer=kv_bytes_per_token_layer(hf, dtype, kv_cache_dtype),
         max_turns_per_key=args.max_turns_per_key,

@@ -119,8 +119,9 @@ class TurnContext:
 class Turn:
     """One chat request's turn: started on construction, watched through ``next()`` / ``stream()``."""
 
-    def __init__(self, ctx: TurnContext, who: str, req: ChatRequest, replay_key: str | None):
-        self.ctx, self.who, self.req, self.replay_key = ctx, who, req, replay_key
+    def __init__(self, ctx: TurnContext, who: str, req: ChatRequest, slkv: dict[str, Any], replay_key: str | None):
+        """``slkv``: the turn's own SimLayerKV settings (``ChatRequest.slkv_overrides``)."""
+        self.ctx, self.who, self.req, self.slkv, self.replay_key = ctx, who, req, slkv, replay_key
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.head = fmt.head(req.model)
         try:
@@ -197,16 +198,17 @@ class Turn:
             raise ApiError(400, "context_length_exceeded",
                            f"prompt ({len(ids)} tokens) + max_tokens ({req.new_tokens()}) exceeds the context "
                            f"length {client.context_len}")
-        slkv: dict[str, Any] = {"threshold": self.ctx.settings.threshold}
+        slkv: dict[str, Any] = {"threshold": self.ctx.settings.threshold, **self.slkv}
         if session is not None:
-            slkv["session"] = session.id  # the engine keys this session's offloaded KV by it
-        if self.ctx.settings.offload_budget_bytes is not None:
-            slkv["offload_budget"] = self.ctx.settings.offload_budget_bytes
+            slkv["session"] = session.id  # a label for the engine's reports
         params = {**req.sampling_params(), "custom_params": {"slkv": slkv}}
         top = (req.top_logprobs or 0) if req.logprobs else None
         gen = Generation(ids, params, stream=bool(req.stream), top_logprobs=top,
                          routing_key=session.id if session else None)
         out = await self._generate(gen)
+        host = (layer_map_record(out["meta_info"]) or {}).get("kv")
+        if host is not None:  # the engine's host tier says what its budget is
+            self.ctx.settings.host_budget = host["host_budget"]
         kept = fmt.content_tokens(client, out)
         logprobs = fmt.logprob_entries(client, out["meta_info"], 0, kept) if top is not None else None
         done = fmt.completion(self.head, out["text"], fmt.finish_reason(out), fmt.usage(out), logprobs,
@@ -262,7 +264,7 @@ class Turn:
             "completion_tokens": meta["completion_tokens"], "cached_tokens": meta.get("cached_tokens", 0),
             "worker": worker, "worker_switched": switched, "layer_map": layer_map,
             "kv_location": kv_location(layer_map, num_layers),
-            "host_bytes": (layer_map or {}).get("kv", {}).get("session_host_bytes", 0),
+            "host_bytes": (layer_map or {}).get("kv", {}).get("host_bytes", 0),
             "device_kv_bytes": Metrics.device_bytes(layer_map, len(ids) + len(output_ids),
                                                     self.ctx.settings.kv_bytes_per_token_layer),
         }

@@ -31,6 +31,13 @@ class ModelLayers:
                                     getattr(model_config.hf_text_config, "layer_types", None))
 
     @classmethod
+    def from_hf_config(cls, config: Any) -> "ModelLayers":
+        """From a transformers config (the chat API's, which loads no SGLang model config); a multimodal
+        config's text model, as SGLang reads it."""
+        text = getattr(config, "text_config", None) or config
+        return cls.from_layer_types(text.num_hidden_layers, getattr(text, "layer_types", None))
+
+    @classmethod
     def from_layer_types(cls, num_layers: int, layer_types: Sequence[str] | None) -> "ModelLayers":
         """A config without ``layer_types`` has full attention in every layer."""
         kinds = layer_types or [FULL_ATTENTION] * num_layers

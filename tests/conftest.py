@@ -30,6 +30,15 @@ def tokenizer(model_path):
     return AutoTokenizer.from_pretrained(model_path)
 
 
+@pytest.fixture(scope="module")
+def reference(model_path):
+    """The reference implementation (plain transformers, slkv_sglang/reference.py): the expectation the engine's
+    layer maps and tokens are checked against, loaded once per module that uses it."""
+    from slkv_sglang.reference import ReferenceModel
+
+    return ReferenceModel(model_path)
+
+
 def start_engine(slkv: SlkvConfig, model_path: str):
     from slkv_sglang.runtime import make_engine
 

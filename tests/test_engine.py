@@ -48,13 +48,6 @@ def prompts(tokenizer) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def reference(model_path):
-    from slkv_sglang.reference import ReferenceModel
-
-    return ReferenceModel(model_path)
-
-
-@pytest.fixture(scope="module")
 def solo_runs(slkv_engine, prompts) -> list[dict]:
     """Each prompt alone through the SimLayerKV engine (score mode alternating per prompt)."""
     slkv_engine.flush_cache()

@@ -11,6 +11,7 @@ import uuid
 import httpx
 import pytest
 
+from slkv_sglang.config import SlkvConfig
 from slkv_sglang.corpus import prompt_ids
 
 from .servers import free_port, spawn, start_server, stop_server, wait_healthy
@@ -53,14 +54,19 @@ def server(workers) -> str:
     return workers["w0"][0]
 
 
-def test_generate_reports_layer_map(server, tokenizer):
+def test_generate_reports_layer_map(server, tokenizer, reference):
+    """The layer map of the flags' settings, equal to the reference implementation's decision."""
     ids = prompt_ids(tokenizer, 1200, seed=7, question="What does this code do?")
     r = httpx.post(f"{server}/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}, timeout=300)
     assert r.status_code == 200, r.text
     meta = r.json()["meta_info"]["slkv"]
     assert meta["threshold"] == 0.85 and meta["score_mode"] == "mean" and meta["recent"] == 256
-    assert meta["decided_at"] == len(ids) and len(meta["lazy"]) == 30
-    assert meta["lazy_layers"] == [i for i, s in enumerate(meta["scores"]) if s > 0.85]
+    assert meta["decided_at"] == len(ids) and meta["lazy_layers"] == [i for i, lazy in enumerate(meta["lazy"]) if lazy]
+    ref = reference.lazy_scores(ids, SlkvConfig(enabled=True, threshold=0.85, score="mean", recent=256))
+    assert ref.lazy_layers and not all(ref.lazy), "the comparison needs lazy and non-lazy layers"
+    assert meta["scores"] == pytest.approx(list(ref.scores), abs=2e-4)
+    for layer, (got, want) in enumerate(zip(meta["lazy"], ref.lazy)):
+        assert got == want or abs(ref.scores[layer] - 0.85) < 1e-3, layer
 
 
 def test_malformed_settings_are_refused_naming_the_field(server, workers, tokenizer):
@@ -132,6 +138,11 @@ def test_chat_api_in_front_of_a_remote_server(server, model_path):
         assert usage[1]["prompt_tokens_details"]["cached_tokens"] > usage[0]["prompt_tokens_details"]["cached_tokens"]
         turns = httpx.get(f"{api}/v1/sessions/{sid}").json()["turns"]
         assert [t["layer_map"]["threshold"] for t in turns] == [0.9, 0.9]  # the API's threshold, per request
+        # Short turns: nothing trimmed, every layer reads every token, in the worker's float32 KV (read from its
+        # server info): 2 (K, V) x 3 KV heads x 64 dims x 4 bytes per token and layer, 30 layers.
+        for t in turns:
+            assert not any(t["layer_map"]["lazy"])
+            assert t["device_kv_bytes"] == (t["prompt_tokens"] + t["completion_tokens"]) * 30 * 1536
     finally:
         stop_server(proc)
 

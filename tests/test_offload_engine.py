@@ -109,7 +109,7 @@ def test_budget_too_small_for_one_session_recomputes(offload_engine, baseline, t
     _assert_same(second, baseline[1])
     turn1, turn2 = (out["meta_info"]["slkv"]["kv"] for out in second)
     assert turn1["host_budget"] == TINY and turn1["host_evictions"] >= 1  # conv-a went
-    assert turn1["lost_rows"] > 0 and turn1["host_refused"] > 0 and turn1["session_host_bytes"] == 0
+    assert turn1["lost_rows"] > 0 and turn1["host_refused"] > 0 and turn1["host_bytes"] == 0
     assert turn2["recomputed_tokens"] > 2500 and turn2["healed_rows"] > 0  # nearly the whole history
     assert turn2["restored_rows"] == turn1["restored_rows"]  # nothing came from the host
     for out in second:
@@ -125,7 +125,7 @@ def test_evicted_session_recomputes_its_next_turn(offload_engine, baseline, toke
     _assert_same(fifth, baseline[0][4:], first_turn=4)
     kv = fifth[0]["meta_info"]["slkv"]["kv"]
     assert kv["host_budget"] == BUDGET and kv["recomputed_tokens"] > 2 * 2500  # conv-b's and conv-a's
-    assert kv["session_host_bytes"] > 0 and kv["host_held_bytes"] <= BUDGET
+    assert kv["host_bytes"] > 0 and kv["host_held_bytes"] <= BUDGET
     _assert_device_follows_layer_map(fifth[0], hosted=True)
 
 

@@ -9,15 +9,10 @@ import torch
 
 from slkv_sglang.config import SlkvConfig
 from slkv_sglang.corpus import prompt_ids
-from slkv_sglang.reference import ReferenceModel, _mass
+from slkv_sglang.reference import _mass
 from slkv_sglang.scoring import head_mass
 
 QUESTION = "Which classes and functions are defined in the code above? Answer briefly."
-
-
-@pytest.fixture(scope="module")
-def reference(model_path) -> ReferenceModel:
-    return ReferenceModel(model_path)
 
 
 @pytest.fixture(scope="module")
