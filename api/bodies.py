@@ -109,13 +109,14 @@ def _path_to(value: Any, target: object) -> str:
     level by level like ``_depth``."""
     level: list[tuple[str, Any]] = [("", value)]
     while level:
-        below = []
+        below: list[tuple[str, Any]] = []
         for path, node in level:
             if node is target:
                 return path or "body"
-            items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-            below += [(f"{path}[{k}]" if isinstance(node, list) else f"{path}.{clip(k, 30)}" if path else clip(k, 30), v)
-                      for k, v in items]
+            if isinstance(node, dict):
+                below += [(f"{path}.{clip(k, 30)}" if path else clip(k, 30), v) for k, v in node.items()]
+            elif isinstance(node, list):
+                below += [(f"{path}[{i}]", v) for i, v in enumerate(node)]
         level = below
     return "body"
 

@@ -24,11 +24,13 @@ import redis
 
 from api.store import LOCK_TTL_MS
 
-from .test_api_hostile import hostile_requests
 from .servers import free_port, start_server, stop_server
+from .slkv_payloads import SEED, malformed
+from .test_api_hostile import hostile_requests
 
 KEY_A, KEY_B, KEY_C, ADMIN = "key-alpha", "key-beta", "key-gamma", "key-admin"
 MAX_TURNS_PER_KEY = 12
+OFFLOAD_BUDGET = 64 << 20
 LONG = "Count from 1 to 100, one number per line."  # a long greedy answer: a turn that is still running
 
 
@@ -76,18 +78,28 @@ def _start_api(api: dict[str, Any]) -> None:
     cmd = [sys.executable, "-m", "slkv_sglang.cli", "serve", "--port", str(api["port"]), "--model-path",
            api["model_path"], "--redis-url", f"redis://127.0.0.1:{api['redis_port']}/0", "--redis-prefix",
            api["prefix"], "--api-keys", f"{KEY_A},{KEY_B},{KEY_C}", "--admin-keys", ADMIN, "--slkv-recent", "64",
-           "--max-turns-per-key", str(MAX_TURNS_PER_KEY)]
+           "--max-turns-per-key", str(MAX_TURNS_PER_KEY), *api["flags"]]
     api["proc"] = start_server(cmd, env, f"{api['url']}/healthz")
+
+
+def _api_server(redis_server, model_path, *flags: str) -> Iterator[dict[str, Any]]:
+    port = free_port()
+    server = {"port": port, "url": f"http://127.0.0.1:{port}", "prefix": f"slkv-test-{uuid.uuid4().hex[:8]}:",
+              "model_path": model_path, "redis_port": redis_server.port, "flags": flags}
+    _start_api(server)
+    yield server
+    stop_server(server["proc"])
 
 
 @pytest.fixture(scope="module")
 def api(redis_server, model_path):
-    port = free_port()
-    server = {"port": port, "url": f"http://127.0.0.1:{port}", "prefix": f"slkv-test-{uuid.uuid4().hex[:8]}:",
-              "model_path": model_path, "redis_port": redis_server.port}
-    _start_api(server)
-    yield server
-    stop_server(server["proc"])
+    yield from _api_server(redis_server, model_path)
+
+
+@pytest.fixture(scope="module")
+def offload_api(redis_server, model_path):
+    """An API server whose in-process engine has a host tier (--slkv-offload)."""
+    yield from _api_server(redis_server, model_path, "--slkv-offload", "--slkv-offload-budget", str(OFFLOAD_BUDGET))
 
 
 def _h(key: str = KEY_A, idem: str | None = None) -> dict[str, str]:
@@ -316,16 +328,43 @@ def test_admin_keys_apart_from_user_keys(api):
     assert httpx.get(url, headers=_h(KEY_A)).status_code == 403
     assert httpx.get(url).status_code == 401
     for bad in ({"threshold": -1}, {"threshold": 1e400}, {"threshold": True}, {"budget_bytes": True},
-                {"budget_bytes": 1.5}, {"budget_bytes": -1}, {"bogus": 1}):
+                {"budget_bytes": 1.5}, {"budget_bytes": -1}, {"budget_bytes": None}, {"bogus": 1}):
         r = httpx.put(url, headers=_h(ADMIN), content=json.dumps(bad).replace("Infinity", "1e400"))
         assert r.status_code == 400 and r.json()["error"]["code"] in ("invalid_request", "invalid_json"), (bad, r.text)
-    r = httpx.put(url, headers=_h(ADMIN), json={"threshold": 1.5, "budget_bytes": 1 << 30})
-    assert r.json() == {"threshold": 1.5, "budget_bytes": 1 << 30}
+    r = httpx.put(url, headers=_h(ADMIN), json={"threshold": 1.5})
+    assert r.json() == {"threshold": 1.5, "budget_bytes": None}  # no host tier: the engine reported no budget
     assert _chat(api, _session(api), "Hello there").json()["slkv"]["threshold"] == 1.5
-    reset = httpx.put(url, headers=_h(ADMIN), json={"threshold": None, "budget_bytes": None})
-    assert reset.json() == {"threshold": 0.9, "budget_bytes": None}  # the start-up values
+    refused = httpx.put(url, headers=_h(ADMIN), json={"budget_bytes": 1 << 30, "threshold": 0.7})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "offload_unavailable", refused.text
+    reset = httpx.put(url, headers=_h(ADMIN), json={"threshold": None})
+    assert reset.json() == {"threshold": 0.9, "budget_bytes": None}  # the start-up threshold; 0.7 never applied
     metrics = httpx.get(f"{api['url']}/metrics").text
     assert "slkv:turns_total" in metrics and "slkv:lazy_layers_per_turn_bucket" in metrics
+
+
+def test_turn_settings_are_checked_like_the_engine_checks_them(api):
+    """A turn's own SimLayerKV settings (body field ``slkv``): seeded malformed values (``slkv_payloads``) are
+    each a 400 naming the field before any turn runs (NaN and the infinities are not JSON: refused by the
+    body parser, which names where they stood); valid ones reach the engine."""
+    payloads = malformed(SEED, 150, num_layers=30)
+    print(f"malformed slkv: seed {SEED} (SLKV_HOSTILE_SEED), {len(payloads)} values")
+    with httpx.Client(base_url=api["url"], timeout=120) as http:
+        for i, bad in enumerate(payloads):
+            r = http.post("/v1/chat/completions", content=json.dumps(_body(None, "hi", slkv=bad.value)), headers=_h())
+            what = f"#{i} {bad.kind}: {json.dumps(bad.value)[:200]} -> {r.status_code} {r.text[:300]}"
+            error = r.json()["error"]
+            assert r.status_code == 400 and bad.names_field(error["message"], "slkv"), what
+            assert error["code"] == ("invalid_request" if bad.json_ok else "invalid_json"), what
+            assert len(r.content) < 2000, what
+    refused = _chat(api, None, "hi", slkv={"session": "mine"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "slkv.session"
+    long_text = "Here is a list of fruits: " + ", ".join(["apple", "pear", "plum", "fig"] * 40) + ". Name one."
+    lazy = _chat(api, _session(api), long_text, slkv={"force_lazy": [4, 0], "threshold": 0.5, "score": "mean"})
+    assert lazy.status_code == 200, lazy.text
+    layer_map = lazy.json()["slkv"]
+    assert layer_map["lazy_layers"] == [0, 4] and layer_map["threshold"] == 0.5 and layer_map["score_mode"] == "mean"
+    off = _chat(api, _session(api), long_text, slkv={"enabled": False})
+    assert off.status_code == 200 and off.json().get("slkv") is None, off.text
 
 
 def test_idempotency_key_replays_instead_of_running_twice(api, redis_server):
@@ -463,6 +502,24 @@ def test_load_script_runs_clean(api):
                            "--turns", "2"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "20 turns, 0 failed" in proc.stdout and "p99" in proc.stdout
+
+
+def test_host_budget_through_the_admin_channel(offload_api):
+    """PUT /admin/offload sends the host budget to the engine (user keys get 403); the next turn's layer map
+    reports the engine's new budget, and GET /admin/offload reports what the engine reported."""
+    url = f"{offload_api['url']}/admin/offload"
+    assert httpx.put(url, headers=_h(KEY_A), json={"budget_bytes": 1 << 20}).status_code == 403
+    assert httpx.get(url, headers=_h(ADMIN)).json()["budget_bytes"] == OFFLOAD_BUDGET
+    sid = _session(offload_api)
+    first = _chat(offload_api, sid, "Name a colour.")
+    assert first.status_code == 200 and first.json()["slkv"]["kv"]["host_budget"] == OFFLOAD_BUDGET, first.text
+    changed = httpx.put(url, headers=_h(ADMIN), json={"budget_bytes": 3 << 20})
+    assert changed.status_code == 200 and changed.json()["budget_bytes"] == 3 << 20, changed.text
+    second = _chat(offload_api, sid, "And a number?")
+    assert second.status_code == 200 and second.json()["slkv"]["kv"]["host_budget"] == 3 << 20, second.text
+    turns = httpx.get(f"{offload_api['url']}/v1/sessions/{sid}", headers=_h()).json()["turns"]
+    assert [t["layer_map"]["kv"]["host_budget"] for t in turns] == [OFFLOAD_BUDGET, 3 << 20]
+    assert httpx.get(url, headers=_h(ADMIN)).json() == {"budget_bytes": 3 << 20, "threshold": 0.9}
 
 
 def test_server_killed_mid_turn(api, redis_server):

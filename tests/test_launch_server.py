@@ -143,6 +143,9 @@ def test_chat_api_in_front_of_a_remote_server(server, model_path):
         for t in turns:
             assert not any(t["layer_map"]["lazy"])
             assert t["device_kv_bytes"] == (t["prompt_tokens"] + t["completion_tokens"]) * 30 * 1536
+        # the host budget goes to the worker's /set_internal_state, which refuses it: no --slkv-offload there
+        refused = httpx.put(f"{api}/admin/offload", json={"budget_bytes": 1 << 20}, timeout=60)
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "offload_unavailable", refused.text
     finally:
         stop_server(proc)
 
