@@ -125,6 +125,23 @@ class HostArena:
                 self._drop_chunk(cid)
         self.chunk_of[:, slots] = -1
 
+    def adopt(self, own: torch.Tensor, tree: torch.Tensor) -> None:
+        """``tree[i]`` holds the same token (same prefix) as ``own[i]``, which SGLang is about to free: in every layer
+        where it has no copy and ``own[i]`` has one, that copy becomes ``tree[i]``'s."""
+        own, tree = own.cpu(), tree.cpu()
+        move = (self.chunk_of[:, tree] < 0) & (self.chunk_of[:, own] >= 0)
+        if not bool(move.any()):
+            return
+        layers, at = move.nonzero(as_tuple=True)
+        src, dst = own[at], tree[at]
+        ids, offsets = self.chunk_of[layers, src], self.offset_of[layers, src]
+        self.chunk_of[layers, dst], self.offset_of[layers, dst] = ids, offsets
+        self.chunk_of[layers, src] = -1
+        self.fingerprint_of[dst] = self.fingerprint_of[src]
+        for cid in ids.unique().tolist():
+            mine = ids == cid
+            self._chunks[cid].slots[offsets[mine]] = dst[mine]
+
     def clear(self) -> None:
         """Everything goes (SGLang cleared its allocator: no slot is live)."""
         for gid in list(self._groups):
@@ -173,7 +190,7 @@ class HostArena:
             copies.append((host, piece))
             cid = self._next_chunk
             self._next_chunk += 1
-            part = slots[at : at + step]
+            part = slots[at : at + step].clone()  # ``adopt`` rewrites it: never a view of the caller's tensor
             self._chunks[cid] = _Chunk(group, layer, part, host, block, live=part.numel())
             self._groups[group].chunks.add(cid)
             self.chunk_of[layer, part] = cid

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from . import admin, startup
@@ -110,6 +111,21 @@ class _Process:
 
 
 _proc = _Process()
+
+
+def _report_sizes(result: Any, *args: Any, **kwargs: Any) -> None:
+    """SchedulerInternalStateController.get_internal_state: the sizes of SimLayerKV's per-request maps and the
+    scheduler's RSS, under ``slkv`` (``get_internal_state`` / ``/server_info``)."""
+    if _proc.tracker is None:
+        return None
+    import psutil
+
+    sizes = {**_proc.tracker.sizes(), "outbox": len(_proc.outbox), "rss_bytes": psutil.Process().memory_info().rss}
+    tier = _tier()
+    if tier is not None:
+        sizes.update(tier.sizes())
+    result.internal_state["slkv"] = sizes
+    return None
 
 
 def _wrap_backend_factories() -> None:
@@ -373,6 +389,26 @@ def _charge_prefix_rows(original: Any, adder: Any, req: Any, *args: Any, **kwarg
         adder.per_req_token_overhead -= extra
 
 
+def _adopt_duplicates(original: Any, tree_cache: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+    """UnifiedRadixCache.insert: where the tree already holds the request's tokens in other slots, the insert frees
+    the request's own and SGLang points the request at the tree's; first those take over the rows and host copies
+    they lack (``KvTier.adopt``): a lazy layer may have released them, and the request's window reads them next."""
+    tier = _tier()
+    if tier is not None and params.key is not None and params.value is not None and len(params.key):
+        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+
+        probe = tree_cache.tree_core.match_prefix(MatchPrefixParams(key=params.key))  # a walk, as touch_prefix does
+        tree_cache._apply_cache_actions(probe.cache_actions)
+        n = min(probe.device_prefix_len, len(params.value))
+        if n:
+            tree = tree_cache.path_device_indices(probe.last_device_node)[:n].to(torch.int64)
+            own = params.value[:n].to(tree.device, torch.int64)
+            dup = tree != own
+            if bool(dup.any()):
+                tier.adopt(own[dup], tree[dup])
+    return original(tree_cache, params, *args, **kwargs)
+
+
 def _reset_rows(_result: Any, _allocator: Any, *args: Any, **kwargs: Any) -> None:
     """TokenToKVPoolAllocator.clear (flush_cache): no slot is live any more."""
     tier = _tier()
@@ -501,6 +537,9 @@ _HOOKS: list[tuple[str, Any, HookType]] = [
     (_ALLOCATOR + "base.BaseTokenToKVPoolAllocator.check_decode_capacity", _decode_fits_rows, HookType.AFTER),
     ("mem_cache.prefill_budget.PrefillBudget._available_and_evictable", _evictable_by_rows, HookType.AFTER),
     ("mem_cache.allocation.alloc_for_extend", _promise_prefix_rows, HookType.AROUND),
+    ("mem_cache.unified_radix_cache.UnifiedRadixCache.insert", _adopt_duplicates, HookType.AROUND),
+    ("managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
+     _report_sizes, HookType.AFTER),
     ("managers.schedule_policy.PrefillAdder.add_one_req", _charge_prefix_rows, HookType.AROUND),
     ("mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget", _overcommit_pool, HookType.AFTER),
     ("mem_cache.memory_pool.MHATokenToKVPool._create_buffers", _no_kv_buffers, HookType.AROUND),

@@ -285,6 +285,11 @@ class LazyTracker:
         return out
 
     # ---- request lifecycle ---------------------------------------------------------------------------
+    def sizes(self) -> dict[str, int]:
+        """Entries of each per-request map (a soak test checks none of them grows)."""
+        return {"tracker_tails": len(self._tails), "tracker_awaiting": len(self._awaiting),
+                "tracker_timing": len(self._timing), "tracker_running": len(self.running)}
+
     def running_slots(self, num_slots: int, exclude: int | None = None) -> torch.Tensor:
         """Mask over KV slots ``[num_slots + 1]``: those a running request (other than row ``exclude``) reads."""
         mask = torch.zeros(num_slots + 1, dtype=torch.bool)

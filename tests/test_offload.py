@@ -249,3 +249,29 @@ def test_ledger_counts_promised_rows():
     assert tier.spare_rows == 182
     tier.free_slots(more)
     assert tier.ledger.reserved == 0 and tier.spare_rows == tier.rows.free == 186
+
+
+def test_cached_slots_adopt_what_a_duplicate_holds():
+    """SGLang frees a request's own slots where the radix tree already holds its tokens and points the request at
+    the tree's: the tree's slots first take over the rows and host copies they lack (a lazy layer released them),
+    so the request's next reads are whole, and the freed duplicates take nothing with them."""
+    tier, ids = _tier(), list(range(40))
+    ex = KvExecutor(tier, sink=4, recent=10, strict=True)
+    req_to_token = torch.zeros(4, 100, dtype=torch.int64)
+    req_to_token[1, :40] = tree = torch.arange(1, 41)
+    kv = torch.randn(40, 2, 2, 4)
+    ex.begin(_step(1, ids))
+    for layer in range(2):
+        ex.write(layer, tree, kv[:, 0], kv[:, 1])
+    ex.offload(1, "r", torch.tensor([True, False]), 40, req_to_token, running={})  # layer 0: middle 4..29 to host
+    own = torch.arange(41, 81)  # a second request recomputed the same tokens into its own slots
+    for layer in range(2):
+        ex.write(layer, own, kv[:, 0], kv[:, 1])
+    tier.host.offload(tier.host.new_group(), "x", 1, own[:2], prefix_fingerprints(ids)[:2], kv[:2])
+    tier.adopt(own, tree)
+    tier.free_slots(own)
+    assert tier.rows.held(tree).tolist() == [40, 40] and tier.stats.adopted_rows == 26
+    assert torch.equal(tier.rows.kv[tier.rows.lookup(0, tree)], kv)
+    hosted = tier.host.hosted(tree, prefix_fingerprints(ids))
+    assert hosted[0, 4:30].all() and hosted[1, :2].all()  # layer 0's own copies stay; layer 1 took own's two
+    assert tier.rows.free == tier.rows.num_rows - 80 and not tier.host.hosted(own).any()

@@ -77,6 +77,17 @@ class DeviceRows:
         self.row_of[layer, slots[live]] = -1
         return int(live.sum())
 
+    def adopt(self, own: torch.Tensor, tree: torch.Tensor) -> int:
+        """``tree[i]`` holds the same token as ``own[i]`` (which SGLang is about to free): in every layer where it has
+        no row and ``own[i]`` has one, that row moves to it. Returns the rows moved."""
+        src, dst = self.row_of[:, own], self.row_of[:, tree]
+        move = (dst < 0) & (src >= 0)
+        if not bool(move.any()):
+            return 0
+        dst[move], src[move] = src[move], -1
+        self.row_of[:, tree], self.row_of[:, own] = dst, src
+        return int(move.sum())
+
     def release_slots(self, slots: torch.Tensor) -> None:
         """Every layer's rows of ``slots`` go back (SGLang freed the slots)."""
         rows = self.row_of[:, slots]

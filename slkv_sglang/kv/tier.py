@@ -26,6 +26,7 @@ class TierStats:
     lost_rows: int = 0  # rows given back without a host copy (budget full): recomputed when needed
     recomputed_tokens: int = 0  # cached prefix tokens recomputed because their KV was on neither tier
     healed_rows: int = 0  # missing rows of cached slots filled from recomputed KV
+    adopted_rows: int = 0  # rows a cached slot took over from a request's duplicate of it (``adopt``)
     row_shortfalls: int = 0  # batches whose prefix restores found fewer spare rows than admission promised
     failed_requests: int = 0  # requests finished with an error because their KV could not be made whole
 
@@ -61,11 +62,25 @@ class KvTier:
         self.ledger.slots_freed(slots)
         self.host.forget(slots)
 
+    def adopt(self, own: torch.Tensor, tree: torch.Tensor) -> None:
+        """SGLang caches a request whose tokens the radix tree already holds in other slots (it recomputed past a
+        capped or cut match, or another request computed them meanwhile): it frees the request's ``own`` slots and
+        points the request at the ``tree`` ones. Those take over the rows and host copies they lack, so that what
+        the request reads from now on is whole (same tokens, same KV)."""
+        self.stats.adopted_rows += self.rows.adopt(own, tree)
+        self.host.adopt(own, tree)
+
     def clear(self) -> None:
         """SGLang cleared its allocator (flush_cache): no slot is live."""
         self.rows.clear()
         self.ledger.clear()
         self.host.clear()
+
+    def sizes(self) -> dict[str, int]:
+        """Entries of each per-request map, and what the tier holds (a soak test checks none of them grows)."""
+        return {"ledger_promised": len(self.ledger.promised), "ledger_reserved": self.ledger.reserved,
+                "host_groups": len(self.host), "host_held_bytes": self.host.stats.held_bytes,
+                "device_rows_used": self.rows.num_rows - self.rows.free}
 
     def report(self, slots: torch.Tensor) -> dict[str, Any]:
         """A request's KV in its layer map: its device and host tokens per layer, its host bytes, the totals."""
