@@ -65,14 +65,26 @@ class RedisProcess:
         return redis.Redis(port=self.port, decode_responses=True)
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
+def _redis(tmp_path_factory) -> Iterator[RedisProcess]:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed")
     server = RedisProcess(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """The store of the server without offload, which the store-fault tests stop, pause and restart."""
+    yield from _redis(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def offload_redis(tmp_path_factory):
+    """The offload server's own store: it starts with the module's first test and idles through the store-fault
+    tests, whose restarts would leave its pooled connections stale (its next request: 503 store_unavailable)."""
+    yield from _redis(tmp_path_factory)
 
 
 def _start_api(api: dict[str, Any]) -> None:
@@ -87,10 +99,10 @@ def _start_api(api: dict[str, Any]) -> None:
     api["proc"] = start_server(cmd, env, f"{api['url']}/healthz")
 
 
-def _api_server(redis_server, model_path, *flags: str) -> Iterator[dict[str, Any]]:
+def _api_server(store: RedisProcess, model_path: str, *flags: str) -> Iterator[dict[str, Any]]:
     port = free_port()
     server = {"port": port, "url": f"http://127.0.0.1:{port}", "prefix": f"slkv-test-{uuid.uuid4().hex[:8]}:",
-              "model_path": model_path, "redis_port": redis_server.port, "flags": flags}
+              "model_path": model_path, "redis_port": store.port, "flags": flags}
     _start_api(server)
     yield server
     stop_server(server["proc"])
@@ -102,9 +114,9 @@ def api(redis_server, model_path):
 
 
 @pytest.fixture(scope="module")
-def offload_api(redis_server, model_path):
+def offload_api(offload_redis, model_path):
     """An API server whose in-process engine has a host tier (--slkv-offload)."""
-    yield from _api_server(redis_server, model_path, "--slkv-offload", "--slkv-offload-budget", str(OFFLOAD_BUDGET))
+    yield from _api_server(offload_redis, model_path, "--slkv-offload", "--slkv-offload-budget", str(OFFLOAD_BUDGET))
 
 
 def _h(key: str = KEY_A, idem: str | None = None) -> dict[str, str]:
@@ -197,7 +209,7 @@ TURNS = [
 ROW_BYTES = 2 * 3 * 64 * 4  # K and V of one token in one layer: 3 KV heads x 64 dims, float32 (the CPU engine)
 
 
-def test_four_turns_with_the_openai_client(offload_api, redis_server, slkv_engine):
+def test_four_turns_with_the_openai_client(offload_api, offload_redis, slkv_engine):
     """Four turns of one session through the OpenAI client (two streamed), on the offload server: each turn's lazy
     layers keep only sink + recent on the device and their middle on the host (the turn record says so, layer by
     layer); the next turn restores that middle and reuses the whole history from the radix cache. Every answer
@@ -224,7 +236,7 @@ def test_four_turns_with_the_openai_client(offload_api, redis_server, slkv_engin
     assert [t["turn"] for t in turns] == [1, 2, 3, 4]
     assert cached[0] < 100  # the document was new (only the system prompt may have been cached by another test)
     window = TEST_SLKV.sink + TEST_SLKV.recent
-    ids = json.loads(redis_server.client().hget(f"{offload_api['prefix']}session:{sid}", "history"))["ids"]
+    ids = json.loads(offload_redis.client().hget(f"{offload_api['prefix']}session:{sid}", "history"))["ids"]
     slkv_engine.flush_cache()
     for i, t in enumerate(turns):
         lm, kv = t["layer_map"], t["layer_map"]["kv"]
@@ -244,9 +256,9 @@ def test_four_turns_with_the_openai_client(offload_api, redis_server, slkv_engin
         want = slkv_engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 8, "temperature": 0.0})
         assert lm["lazy"] == want["meta_info"]["slkv"]["lazy"], t["turn"]
         assert answer == want["output_ids"], t["turn"]
-    stored = _stored(offload_api, redis_server, sid)
+    stored = _stored(offload_api, offload_redis, sid)
     assert [t["layer_map"]["scores"] for t in stored] == [t["layer_map"]["scores"] for t in turns]
-    assert redis_server.client().ttl(f"{offload_api['prefix']}session:{sid}") > 0
+    assert offload_redis.client().ttl(f"{offload_api['prefix']}session:{sid}") > 0
     png = httpx.get(f"{offload_api['url']}/v1/sessions/{sid}/layers.png", headers=_h())
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
