@@ -35,7 +35,8 @@ class Metrics:
                 ("host_reloaded_bytes", "reloaded_bytes", "KV bytes copied back from the host so far (engine)"),
                 ("host_offload_seconds", "offload_seconds", "Seconds spent copying KV to the host (engine)"),
                 ("host_reload_seconds", "reload_seconds", "Seconds spent copying KV back (engine)"),
-                ("host_evictions", "host_evictions", "Idle sessions evicted from the host tier (engine)"),
+                ("host_evictions", "host_evictions", "Groups of host copies (one decision's each) evicted, least "
+                 "recently used first (engine)"),
                 ("host_refused", "host_refusals", "Offloads the host budget refused; that KV is recomputed when needed"),
                 ("lost_rows", "lost_kv_rows", "(layer, token) KV rows freed without a host copy (engine)"),
                 ("recomputed_tokens", "recomputed_tokens", "Cached tokens recomputed because their KV was on "

@@ -135,23 +135,36 @@ def kv_bytes_per_token_layer(hf: Any, dtype: str, kv_cache_dtype: str) -> int:
 
 
 def remote_dtypes(url: str, wait_s: float = 60) -> tuple[str, str]:
-    """``(dtype, kv_cache_dtype)`` of the SGLang server (or router) at ``url``, from its server info. Waits up to
-    ``wait_s`` for an answer: a router answers only once a worker has registered."""
+    """``(dtype, kv_cache_dtype)`` of the SGLang server at ``url`` from its server info; behind sglang-router,
+    whose own server info has no dtype, from the first healthy worker it lists. Waits up to ``wait_s`` for an
+    answer: a router lists a worker only once it has registered it."""
     import httpx
 
-    deadline, last = time.monotonic() + wait_s, "no answer"
-    while True:
+    def info(base: str) -> dict[str, Any] | None:
         for path in ("/server_info", "/get_server_info"):  # the current path, then the deprecated one
             try:
-                r = httpx.get(url.rstrip("/") + path, timeout=10)
-                info = r.json() if r.status_code == 200 else {}
-                if isinstance(info, dict) and "dtype" in info and "kv_cache_dtype" in info:
-                    return info["dtype"], info["kv_cache_dtype"]
-                last = f"{path}: HTTP {r.status_code}"
-            except (httpx.HTTPError, ValueError) as exc:
-                last = f"{path}: {exc!r}"
+                r = httpx.get(base + path, timeout=10)
+                found = r.json() if r.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                continue
+            if isinstance(found, dict) and "dtype" in found and "kv_cache_dtype" in found:
+                return found
+        return None
+
+    def workers(base: str) -> list[str]:
+        try:
+            listed = httpx.get(base + "/workers", timeout=10).json()["workers"]
+            return [w["url"].rstrip("/") for w in listed if w.get("is_healthy") and isinstance(w.get("url"), str)]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+
+    base, deadline = url.rstrip("/"), time.monotonic() + wait_s
+    while True:
+        for server in (base, *workers(base)):
+            if (found := info(server)) is not None:
+                return found["dtype"], found["kv_cache_dtype"]
         if time.monotonic() > deadline:
-            raise SystemExit(f"slkv serve: cannot read the KV dtype of {url} ({last})")
+            raise SystemExit(f"slkv serve: no server info with the KV dtype at {url} (nor at a worker it lists)")
         time.sleep(1)
 
 

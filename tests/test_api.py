@@ -1,5 +1,6 @@
-"""The chat API end to end: `slkv serve` (real engine) + a real redis-server that the tests can stop, pause
-and restart (its own, on a free port: the shared Redis on 6379 is never touched)."""
+"""The chat API end to end: `slkv serve` (real engine; one server without and one with --slkv-offload) + a real
+redis-server that the tests can stop, pause and restart (its own, on a free port: the shared Redis on 6379 is
+never touched)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ import pytest
 import redis
 
 from api.store import LOCK_TTL_MS
+from slkv_sglang.corpus import document
 
+from .conftest import CHUNK, TEST_SLKV
 from .servers import free_port, start_server, stop_server
 from .slkv_payloads import SEED, malformed
 from .test_api_hostile import hostile_requests
@@ -62,8 +65,7 @@ class RedisProcess:
         return redis.Redis(port=self.port, decode_responses=True)
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
+def _redis(tmp_path_factory) -> Iterator[RedisProcess]:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed")
     server = RedisProcess(tmp_path_factory.mktemp("redis"))
@@ -72,20 +74,35 @@ def redis_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """The store of the server without offload, which the store-fault tests stop, pause and restart."""
+    yield from _redis(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def offload_redis(tmp_path_factory):
+    """The offload server's own store: it starts with the module's first test and idles through the store-fault
+    tests, whose restarts would leave its pooled connections stale (its next request: 503 store_unavailable)."""
+    yield from _redis(tmp_path_factory)
+
+
 def _start_api(api: dict[str, Any]) -> None:
+    """``slkv serve`` with the SimLayerKV settings of the session's engine (``slkv_engine``: the same window and
+    prefill chunk, freed KV poisoned with NaN), so that a turn's tokens can be compared with that engine's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLKV_")}
-    env["SLKV_POISON"] = "1"  # freed KV is NaN: a read of it would show in the tokens
+    env.update(TEST_SLKV.to_env())
     cmd = [sys.executable, "-m", "slkv_sglang.cli", "serve", "--port", str(api["port"]), "--model-path",
            api["model_path"], "--redis-url", f"redis://127.0.0.1:{api['redis_port']}/0", "--redis-prefix",
-           api["prefix"], "--api-keys", f"{KEY_A},{KEY_B},{KEY_C}", "--admin-keys", ADMIN, "--slkv-recent", "64",
-           "--max-turns-per-key", str(MAX_TURNS_PER_KEY), *api["flags"]]
+           api["prefix"], "--api-keys", f"{KEY_A},{KEY_B},{KEY_C}", "--admin-keys", ADMIN, "--chunked-prefill-size",
+           str(CHUNK), "--max-turns-per-key", str(MAX_TURNS_PER_KEY), *api["flags"]]
     api["proc"] = start_server(cmd, env, f"{api['url']}/healthz")
 
 
-def _api_server(redis_server, model_path, *flags: str) -> Iterator[dict[str, Any]]:
+def _api_server(store: RedisProcess, model_path: str, *flags: str) -> Iterator[dict[str, Any]]:
     port = free_port()
     server = {"port": port, "url": f"http://127.0.0.1:{port}", "prefix": f"slkv-test-{uuid.uuid4().hex[:8]}:",
-              "model_path": model_path, "redis_port": redis_server.port, "flags": flags}
+              "model_path": model_path, "redis_port": store.port, "flags": flags}
     _start_api(server)
     yield server
     stop_server(server["proc"])
@@ -97,9 +114,9 @@ def api(redis_server, model_path):
 
 
 @pytest.fixture(scope="module")
-def offload_api(redis_server, model_path):
+def offload_api(offload_redis, model_path):
     """An API server whose in-process engine has a host tier (--slkv-offload)."""
-    yield from _api_server(redis_server, model_path, "--slkv-offload", "--slkv-offload-budget", str(OFFLOAD_BUDGET))
+    yield from _api_server(offload_redis, model_path, "--slkv-offload", "--slkv-offload-budget", str(OFFLOAD_BUDGET))
 
 
 def _h(key: str = KEY_A, idem: str | None = None) -> dict[str, str]:
@@ -181,17 +198,24 @@ def _exactly_once(api, redis_server, sid, idem, before: int, **kw) -> None:
     assert len(stored) == before + 1 and stored[-1]["id"] == first.json()["id"]
 
 
+# Turn 1 carries a ~1K-token document, long enough for lazy layers to trim (sink + recent + last = 292 tokens)
 TURNS = [
-    "Here is a poem line: 'The quiet harbor keeps its lanterns lit.' Remember it.",
+    "Here is some code:\n\n" + document(3, min_chars=4000)[:4000] + "\n\nHere is a poem line: 'The quiet harbor "
+    "keeps its lanterns lit.' Remember it.",
     "Which word in the line names a place by the sea?",
     "What kept its lanterns lit?",
     "Repeat the poem line exactly.",
 ]
+ROW_BYTES = 2 * 3 * 64 * 4  # K and V of one token in one layer: 3 KV heads x 64 dims, float32 (the CPU engine)
 
 
-def test_four_turns_with_the_openai_client(api, redis_server):
-    client = _client(api)
-    sid = _session(api)
+def test_four_turns_with_the_openai_client(offload_api, offload_redis, slkv_engine):
+    """Four turns of one session through the OpenAI client (two streamed), on the offload server: each turn's lazy
+    layers keep only sink + recent on the device and their middle on the host (the turn record says so, layer by
+    layer); the next turn restores that middle and reuses the whole history from the radix cache. Every answer
+    equals the session engine's (offload off) for the same token ids."""
+    client = _client(offload_api)
+    sid = _session(offload_api)
     cached = []
     for turn, text in enumerate(TURNS, start=1):
         messages = [{"role": "user", "content": text}]
@@ -206,15 +230,36 @@ def test_four_turns_with_the_openai_client(api, redis_server):
             chunks = list(stream)
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             cached.append(chunks[-1].usage.prompt_tokens_details.cached_tokens)
-    assert cached[0] == 0 and all(c > 0 for c in cached[1:]), cached
 
-    info = httpx.get(f"{api['url']}/v1/sessions/{sid}", headers=_h()).json()
-    assert [t["turn"] for t in info["turns"]] == [1, 2, 3, 4]
-    assert all(len(t["layer_map"]["lazy"]) == 30 and t["kv_location"] == ["device"] * 30 for t in info["turns"])
-    stored = _stored(api, redis_server, sid)
-    assert [t["layer_map"]["scores"] for t in stored] == [t["layer_map"]["scores"] for t in info["turns"]]
-    assert redis_server.client().ttl(f"{api['prefix']}session:{sid}") > 0
-    png = httpx.get(f"{api['url']}/v1/sessions/{sid}/layers.png", headers=_h())
+    info = httpx.get(f"{offload_api['url']}/v1/sessions/{sid}", headers=_h()).json()
+    turns = info["turns"]
+    assert [t["turn"] for t in turns] == [1, 2, 3, 4]
+    assert cached[0] < 100  # the document was new (only the system prompt may have been cached by another test)
+    window = TEST_SLKV.sink + TEST_SLKV.recent
+    ids = json.loads(offload_redis.client().hget(f"{offload_api['prefix']}session:{sid}", "history"))["ids"]
+    slkv_engine.flush_cache()
+    for i, t in enumerate(turns):
+        lm, kv = t["layer_map"], t["layer_map"]["kv"]
+        assert lm["lazy_layers"], "every turn here is long enough to have lazy layers"
+        assert t["kv_location"] == ["host" if lazy else "device" for lazy in lm["lazy"]]
+        assert kv["host_tokens"] == [lm["decided_at"] - window if lazy else 0 for lazy in lm["lazy"]]
+        assert t["host_bytes"] == sum(kv["host_tokens"]) * ROW_BYTES
+        seq = t["prompt_tokens"] + t["completion_tokens"]  # what the turn read: sink + recent in lazy layers
+        assert t["device_kv_bytes"] == sum(min(seq, window) if lazy else seq for lazy in lm["lazy"]) * ROW_BYTES
+        if i:  # the whole history from the radix cache but the last `last` prompt tokens (re-run to score the
+            # layers), and what the previous turn offloaded back from the host
+            assert cached[i] == t["cached_tokens"] == t["prompt_tokens"] - TEST_SLKV.last
+            before = turns[i - 1]["layer_map"]["kv"]
+            assert kv["restored_rows"] - before["restored_rows"] == sum(before["host_tokens"])
+        # The session engine, offload off, given the turn's prompt ids after the earlier turns' (radix reuse)
+        prompt, answer = ids[: t["prompt_tokens"]], ids[t["prompt_tokens"] : seq]
+        want = slkv_engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 8, "temperature": 0.0})
+        assert lm["lazy"] == want["meta_info"]["slkv"]["lazy"], t["turn"]
+        assert answer == want["output_ids"], t["turn"]
+    stored = _stored(offload_api, offload_redis, sid)
+    assert [t["layer_map"]["scores"] for t in stored] == [t["layer_map"]["scores"] for t in turns]
+    assert offload_redis.client().ttl(f"{offload_api['prefix']}session:{sid}") > 0
+    png = httpx.get(f"{offload_api['url']}/v1/sessions/{sid}/layers.png", headers=_h())
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from api.app import kv_location
-from slkv_sglang.corpus import prompt_ids
+from slkv_sglang.corpus import document, prompt_ids
 from slkv_sglang.layer_map import LayerMap
 from slkv_sglang.model import follow_up_ids
 from slkv_sglang.runtime import shutdown_engine
@@ -85,46 +85,79 @@ def _assert_device_follows_layer_map(out: dict, hosted: bool) -> None:
     assert {where[layer] for layer in range(lm.num_layers) if not lm.lazy[layer]} == {"device"}
 
 
+def _fresh(engine, tokenizer, budget: int) -> dict:
+    """What each test starts from, whatever ran before it: host budget ``budget``, radix cache and host tier empty.
+    Returns the engine's counters as of now: they are cumulative, so a test checks how much they moved."""
+    assert set_host_budget(engine, budget) == [True]
+    assert engine.flush_cache().success
+    short = prompt_ids(tokenizer, 100, seed=5, question=QUESTIONS[0])  # too short to trim: frees and copies nothing
+    counters = engine.generate(input_ids=short, sampling_params={"max_new_tokens": 1})["meta_info"]["slkv"]["kv"]
+    assert engine.flush_cache().success  # its prefix (the system prompt) is not left for the test to hit
+    return counters
+
+
+def _moved(after: dict, before: dict, key: str) -> int:
+    return after[key] - before[key]
+
+
 def test_four_turns_with_offload_match_without(offload_engine, baseline, tokenizer):
+    before = _fresh(offload_engine, tokenizer, BUDGET)
     first = _conversation(offload_engine, tokenizer, 11, "conv-a", 4)
     _assert_same(first, baseline[0])
-    released_before = 0
+    last = before
     for turn, got in enumerate(first):
         _assert_device_follows_layer_map(got, hosted=True)
         kv = got["meta_info"]["slkv"]["kv"]
-        assert kv["released_rows"] > released_before
-        released_before = kv["released_rows"]
+        assert _moved(kv, last, "released_rows") > 0
         if turn:  # the prefix's offloaded KV came back for the prefill, and only new tokens were copied out
-            assert kv["restored_rows"] > 0
-            assert kv["host_offloaded_bytes"] < (turn + 1) * kv["host_held_bytes"]
-    assert kv["host_evictions"] == 0 and kv["lost_rows"] == 0 and kv["recomputed_tokens"] == 0
+            assert _moved(kv, last, "restored_rows") > 0
+            assert _moved(kv, before, "host_offloaded_bytes") < (turn + 1) * kv["host_held_bytes"]
+        last = kv
+    for counter in ("host_evictions", "lost_rows", "recomputed_tokens"):
+        assert _moved(kv, before, counter) == 0, counter
     assert kv["host_held_bytes"] <= BUDGET
 
 
 def test_budget_too_small_for_one_session_recomputes(offload_engine, baseline, tokenizer):
-    """A host budget shrunk at run time (the chat API's PUT /admin/offload) below one lazy layer's middle:
-    conv-a's host copies are evicted, conv-b's lazy layers free their device KV without a host copy, and its
+    """A host budget shrunk at run time (the chat API's PUT /admin/offload) below one lazy layer's middle: the
+    host copies held then are evicted, conv-b's lazy layers free their device KV without a host copy, and its
     next turn recomputes the history. Tokens stay those of the engine without offload."""
+    _fresh(offload_engine, tokenizer, BUDGET)
+    # another session on the host; plain text, so that it shares no prefix (no system prompt) with conv-b
+    other = tokenizer(document(13, min_chars=8000), add_special_tokens=False)["input_ids"][:1000]
+    hosted = offload_engine.generate(input_ids=other, sampling_params={
+        "max_new_tokens": 1, "custom_params": {"slkv": {"session": "other", "force_lazy": list(range(10))}}})
+    held = hosted["meta_info"]["slkv"]["kv"]
+    assert held["host_bytes"] > TINY
     second = _conversation(offload_engine, tokenizer, 12, "conv-b", 2, budget=TINY)
     _assert_same(second, baseline[1])
     turn1, turn2 = (out["meta_info"]["slkv"]["kv"] for out in second)
-    assert turn1["host_budget"] == TINY and turn1["host_evictions"] >= 1  # conv-a went
-    assert turn1["lost_rows"] > 0 and turn1["host_refused"] > 0 and turn1["host_bytes"] == 0
-    assert turn2["recomputed_tokens"] > 2500 and turn2["healed_rows"] > 0  # nearly the whole history
-    assert turn2["restored_rows"] == turn1["restored_rows"]  # nothing came from the host
+    assert turn1["host_budget"] == TINY and _moved(turn1, held, "host_evictions") >= 1  # the other session went
+    assert _moved(turn1, held, "lost_rows") > 0 and _moved(turn1, held, "host_refused") > 0
+    assert turn1["host_bytes"] == 0
+    assert _moved(turn2, turn1, "recomputed_tokens") > 2500  # nearly the whole history
+    assert _moved(turn2, turn1, "healed_rows") > 0
+    assert _moved(turn2, turn1, "restored_rows") == 0  # nothing came from the host
     for out in second:
         _assert_device_follows_layer_map(out, hosted=False)
     assert turn2["host_held_bytes"] <= TINY
 
 
 def test_evicted_session_recomputes_its_next_turn(offload_engine, baseline, tokenizer):
-    """conv-a's host copies were evicted above, so its fifth turn cannot reload them: it recomputes, gives
-    the tokens it would have given, and with the budget raised again its KV goes back to the host."""
-    history = tuple(baseline[0][:4])  # the tokens of conv-a's first four turns (checked above)
-    fifth = _conversation(offload_engine, tokenizer, 11, "conv-a", 5, budget=BUDGET, history=history)
+    """conv-a's fourth turn leaves its history cached and its lazy layers' middles on the host only; an admin
+    shrinks the budget, which evicts them, and raises it again. The fifth turn cannot reload them: it recomputes,
+    gives the tokens it would have given, and its KV goes back to the host."""
+    _fresh(offload_engine, tokenizer, BUDGET)
+    fourth = _conversation(offload_engine, tokenizer, 11, "conv-a", 4, history=tuple(baseline[0][:3]))
+    _assert_same(fourth, baseline[0][3:4], first_turn=3)
+    _assert_device_follows_layer_map(fourth[0], hosted=True)
+    assert set_host_budget(offload_engine, TINY) == [True]
+    fifth = _conversation(offload_engine, tokenizer, 11, "conv-a", 5, budget=BUDGET, history=tuple(baseline[0][:4]))
     _assert_same(fifth, baseline[0][4:], first_turn=4)
-    kv = fifth[0]["meta_info"]["slkv"]["kv"]
-    assert kv["host_budget"] == BUDGET and kv["recomputed_tokens"] > 2 * 2500  # conv-b's and conv-a's
+    before, kv = fourth[0]["meta_info"]["slkv"]["kv"], fifth[0]["meta_info"]["slkv"]["kv"]
+    assert _moved(kv, before, "host_evictions") >= 1
+    assert kv["host_budget"] == BUDGET and _moved(kv, before, "recomputed_tokens") > 2500
+    assert _moved(kv, before, "restored_rows") == 0
     assert kv["host_bytes"] > 0 and kv["host_held_bytes"] <= BUDGET
     _assert_device_follows_layer_map(fifth[0], hosted=True)
 
