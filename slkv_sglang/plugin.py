@@ -343,8 +343,13 @@ def _decode_fits_rows(result: bool, allocator: Any, *args: Any, num_tokens: int 
 
 def _evictable_by_rows(result: int, budget: Any) -> int | None:
     """PrefillBudget._available_and_evictable: SGLang adds free slots and the tree's evictable *tokens*;
-    admission needs rows: spare rows plus the rows evictable slots hold (allocated and not read by a
-    running request; fewer than L each where lazy layers released them), L rows to a token."""
+    admission needs rows: spare rows plus the rows evictable slots hold, L rows to a token.
+
+    Which slots are evictable (unlocked in the tree) is not known here, only how many (k) and that they are among
+    the allocated slots no running request reads; a request admitted earlier in this round locks its prefix
+    without running yet. So the rows counted are those of the k idle slots holding the fewest: never more than
+    eviction can free (counting all idle slots admitted more than the rows allowed, and SGLang's allocation then
+    failed)."""
     tier = _tier()
     if tier is None or _proc.tracker is None:
         return None
@@ -353,8 +358,10 @@ def _evictable_by_rows(result: int, budget: Any) -> int | None:
     idle[0] = False
     for free in (allocator.free_pages, allocator.release_pages):
         idle[free] = False
-    evictable = int(tier.rows.held(idle.nonzero().flatten()).sum())
-    return min(result, (tier.spare_rows + evictable) // tier.num_layers)
+    k = int(budget.tree_cache.evictable_size())
+    held = (tier.rows.row_of[:, idle.nonzero().flatten().to(tier.rows.row_of.device)] >= 0).sum(dim=0)
+    fewest = int(held.sort().values[:k].sum()) if k else 0
+    return min(result, (tier.spare_rows + fewest) // tier.num_layers)
 
 
 def _prefix_rows(tree_cache: Any, req: Any) -> int:
@@ -528,6 +535,8 @@ _HOOKS: list[tuple[str, Any, HookType]] = [
     ("managers.tokenizer_manager.TokenizerManager.create_abort_task", _validate_before_streaming, HookType.BEFORE),
     ("managers.scheduler_components.internal_state.SchedulerInternalStateController._update_handlers",
      _admin_handlers, HookType.AFTER),
+    ("managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
+     _report_sizes, HookType.AFTER),
     # --slkv-offload: the KV tier follows SGLang's slots, prefixes and admission
     ("managers.schedule_batch.Req.init_next_round_input", _match_prefix, HookType.AFTER),
     (_ALLOCATOR + "token.TokenToKVPoolAllocator.free", _free_rows, HookType.BEFORE),
@@ -538,8 +547,6 @@ _HOOKS: list[tuple[str, Any, HookType]] = [
     ("mem_cache.prefill_budget.PrefillBudget._available_and_evictable", _evictable_by_rows, HookType.AFTER),
     ("mem_cache.allocation.alloc_for_extend", _promise_prefix_rows, HookType.AROUND),
     ("mem_cache.unified_radix_cache.UnifiedRadixCache.insert", _adopt_duplicates, HookType.AROUND),
-    ("managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
-     _report_sizes, HookType.AFTER),
     ("managers.schedule_policy.PrefillAdder.add_one_req", _charge_prefix_rows, HookType.AROUND),
     ("mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget", _overcommit_pool, HookType.AFTER),
     ("mem_cache.memory_pool.MHATokenToKVPool._create_buffers", _no_kv_buffers, HookType.AROUND),

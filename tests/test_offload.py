@@ -217,6 +217,7 @@ def test_a_restore_that_cannot_complete_fails_the_request_not_the_engine():
         req = step.requests[0].req
         assert ex.failed(0) and tier.stats.failed_requests == 1
         assert req.skip_radix_cache_insert and "could not be made whole" in req.discard_output_reason.message
+        assert ex.read(0, 0, slots) is None  # a read of lost rows computes nothing for the request
 
 
 def test_ledger_counts_promised_rows():

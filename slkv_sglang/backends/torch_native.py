@@ -81,10 +81,10 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         out = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
         start = 0
         for pos, (row, prefix, ext) in enumerate(zip(forward_batch.req_pool_indices.tolist(), prefixes, exts)):
-            if ex.failed(pos):  # finished with an error: nothing computed from it is served
+            rows = None if ex.failed(pos) else ex.read(pos, lid, req_to_token[row, : prefix + ext])
+            if rows is None:  # finished with an error: nothing computed from it is served
                 out[start : start + ext] = 0
             else:
-                rows = ex.lookup(lid, req_to_token[row, : prefix + ext])
                 out[start : start + ext] = _attend_new_tokens(q[start : start + ext], kv[rows, 0], kv[rows, 1], prefix,
                                                               layer)
             start += ext
@@ -116,14 +116,14 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
             k_cache, v_cache = ex.tier.rows.kv[:, 0], ex.tier.rows.kv[:, 1]
         rows, seq_lens = forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist()
         for pos, (row, seq_len) in enumerate(zip(rows, seq_lens)):
-            if ex is not None and ex.failed(pos):
-                out[pos : pos + 1] = 0
-                continue
             if pos in restricted:
                 slots = self.tracker.window_indices(pos)
             else:
                 slots = self.req_to_token_pool.req_to_token[row, :seq_len]
-            idx = slots if ex is None else ex.lookup(lid, slots)
+            idx = slots if ex is None else (None if ex.failed(pos) else ex.read(pos, lid, slots))
+            if idx is None:  # finished with an error: nothing computed from it is served
+                out[pos : pos + 1] = 0
+                continue
             per_req = scaled_dot_product_attention(
                 query[:, pos : pos + 1, :].unsqueeze(0),
                 k_cache[idx].movedim(0, 1).unsqueeze(0),

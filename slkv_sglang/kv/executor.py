@@ -104,6 +104,17 @@ class KvExecutor:
     def lookup(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         return self.tier.rows.lookup(layer, slots)
 
+    def read(self, pos: int, layer: int, slots: torch.Tensor) -> torch.Tensor | None:
+        """The rows batch position ``pos`` reads, or None when some are on neither tier (a bug of ours): the request
+        is then finished with an error (strict mode raises) and the caller computes nothing for it."""
+        try:
+            return self.tier.rows.lookup(layer, slots)
+        except LostKv as exc:
+            if pos >= len(self.step.requests):
+                raise
+            self._fail(pos, self.step.requests[pos], str(exc))
+            return None
+
     # ---- after a decision ---------------------------------------------------------------------------
     def offload(self, req_row: int, rid: str, lazy: torch.Tensor, seq_len: int, req_to_token: torch.Tensor,
                 running: dict[int, int]) -> dict:
