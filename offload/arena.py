@@ -50,6 +50,7 @@ class _Chunk:
 class _Group:
     label: str  # who offloaded it, for reporting (a chat session id, else the request id)
     chunks: set[int] = field(default_factory=set)
+    nbytes: int = 0
 
 
 @dataclass
@@ -97,7 +98,7 @@ class HostArena:
 
     def group_bytes(self, group: int) -> int:
         g = self._groups.get(group)
-        return sum(self._chunks[c].nbytes for c in g.chunks) if g else 0
+        return g.nbytes if g else 0
 
     def __len__(self) -> int:
         """Groups held (a per-request map that must not grow without bound)."""
@@ -193,6 +194,7 @@ class HostArena:
             part = slots[at : at + step].clone()  # ``adopt`` rewrites it: never a view of the caller's tensor
             self._chunks[cid] = _Chunk(group, layer, part, host, block, live=part.numel())
             self._groups[group].chunks.add(cid)
+            self._groups[group].nbytes += self._chunks[cid].nbytes
             self.chunk_of[layer, part] = cid
             self.offset_of[layer, part] = torch.arange(part.numel())
         self.fingerprint_of[slots] = fingerprints
@@ -268,6 +270,7 @@ class HostArena:
         group = self._groups.get(chunk.group)
         if group is not None:
             group.chunks.discard(cid)
+            group.nbytes -= chunk.nbytes
             if not group.chunks:
                 del self._groups[chunk.group]
         mine = self.chunk_of[chunk.layer, chunk.slots] == cid
@@ -279,9 +282,8 @@ class HostArena:
         group = self._groups.get(gid)
         if group is None:
             return 0
-        nbytes = 0
+        nbytes = group.nbytes
         for cid in list(group.chunks):
-            nbytes += self._chunks[cid].nbytes
             self._drop_chunk(cid)
         self._groups.pop(gid, None)
         return nbytes

@@ -173,7 +173,7 @@ def test_tier_offloads_restores_and_falls_back_to_recompute():
     ex.begin(_step(1, ids))
     for layer in range(2):
         ex.write(layer, slots, kv[:, 0], kv[:, 1])
-    ex.offload(1, "r", torch.tensor([True, False]), 16, req_to_token, running={})  # middle 4..5: fits
+    ex.offload(1, "r", torch.tensor([True, False]), 16, req_to_token, shared=None)  # middle 4..5: fits
     assert tier.rows.held(slots).tolist() == [38, 40] and planner.restorable(slots, prefix_fingerprints(ids)) == 40
     assert planner.restorable(slots, prefix_fingerprints([7] + ids[1:])) == 4  # another prefix: not restorable
     ex.begin(_step(2, ids + [1]))
@@ -181,7 +181,7 @@ def test_tier_offloads_restores_and_falls_back_to_recompute():
     ex.restore(0, req_to_token, [40])
     assert torch.equal(tier.rows.kv[tier.rows.lookup(0, slots)], kv) and tier.stats.restored_rows == 2
     ex.begin(_step(1, ids))
-    ex.offload(1, "r", torch.tensor([False, True]), 40, req_to_token, running={})  # 26 tokens: refused, lost
+    ex.offload(1, "r", torch.tensor([False, True]), 40, req_to_token, shared=None)  # 26 tokens: refused, lost
     assert tier.stats.lost_rows == 26 and tier.rows.held(slots).tolist() == [40, 14]
     assert planner.restorable(slots, prefix_fingerprints(ids)) == 4
     fresh = torch.arange(41, 81)
@@ -205,7 +205,7 @@ def test_a_restore_that_cannot_complete_fails_the_request_not_the_engine():
         ex.begin(_step(1, ids))
         for layer in range(2):
             ex.write(layer, slots, torch.randn(40, 2, 4), torch.randn(40, 2, 4))
-        ex.offload(1, "r", torch.tensor([True, True]), 40, req_to_token, running={})
+        ex.offload(1, "r", torch.tensor([True, True]), 40, req_to_token, shared=None)
         tier.host.set_budget(0)
         step = _step(1, ids)
         ex.begin(step)
@@ -233,7 +233,7 @@ def test_ledger_counts_promised_rows():
     for layer in range(2):
         ex.write(layer, slots, torch.randn(8, 2, 4), torch.randn(8, 2, 4))
     assert (tier.rows.free, tier.spare_rows) == (186, 186)
-    ex.offload(1, "r", torch.tensor([False, True]), 8, req_to_token, running={})  # a lazy layer gives 4 back
+    ex.offload(1, "r", torch.tensor([False, True]), 8, req_to_token, shared=None)  # a lazy layer gives 4 back
     planner = KvPlanner(tier, strict=True)
     need = planner.prefix_rows(SimpleNamespace(), slots)
     assert tier.spare_rows == 190 and need == 4
@@ -264,7 +264,7 @@ def test_cached_slots_adopt_what_a_duplicate_holds():
     ex.begin(_step(1, ids))
     for layer in range(2):
         ex.write(layer, tree, kv[:, 0], kv[:, 1])
-    ex.offload(1, "r", torch.tensor([True, False]), 40, req_to_token, running={})  # layer 0: middle 4..29 to host
+    ex.offload(1, "r", torch.tensor([True, False]), 40, req_to_token, shared=None)  # layer 0: middle 4..29 to host
     own = torch.arange(41, 81)  # a second request recomputed the same tokens into its own slots
     for layer in range(2):
         ex.write(layer, own, kv[:, 0], kv[:, 1])

@@ -140,8 +140,9 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         """With offload: the decision's lazy layers free their middle rows; the record reports the request's KV."""
         if self.executor is None:
             return {}
+        shared = self.tracker.running_slots(self.executor.tier.rows.num_slots, exclude=decision.req_row)
         return self.executor.offload(decision.req_row, decision.rid, decision.lazy, decision.seq_len,
-                                     self.req_to_token_pool.req_to_token, self.tracker.running)
+                                     self.req_to_token_pool.req_to_token, shared)
 
 
 def _new_output(q: torch.Tensor, layer: Any) -> torch.Tensor:

@@ -117,27 +117,24 @@ class KvExecutor:
 
     # ---- after a decision ---------------------------------------------------------------------------
     def offload(self, req_row: int, rid: str, lazy: torch.Tensor, seq_len: int, req_to_token: torch.Tensor,
-                running: dict[int, int]) -> dict:
+                shared: torch.Tensor | None) -> dict:
         """Lazy layers give back the rows of their middle tokens ``[sink, seq_len - recent)`` (a host copy first,
-        where the budget allows). Slots another running request reads keep their rows. Returns the request's KV
-        report (``kv`` in its layer map)."""
-        pos, r = next(((i, x) for i, x in enumerate(self.step.requests) if x.req_row == req_row), (None, None))
+        where the budget allows). Slots in ``shared`` (a mask over slots: what other running requests read) keep
+        their rows. Returns the request's KV report (``kv`` in its layer map)."""
+        pos = self.step.position(req_row)
+        r = None if pos is None else self.step.requests[pos]
         slots = r.slots(req_to_token, seq_len) if r is not None else req_to_token[req_row, :seq_len].to(torch.int64)
         if r is None or self.failed(pos) or r.fingerprints is None:
             return {"kv": self.tier.report(slots)}
         if bool(lazy.any()) and seq_len > self.sink + self.recent:
-            self._offload_middle(r, lazy, slots, seq_len, req_to_token, running)
+            self._offload_middle(r, lazy, slots, seq_len, shared)
         return {"kv": self.tier.report(slots)}
 
     def _offload_middle(self, r: RequestStep, lazy: torch.Tensor, slots: torch.Tensor, seq_len: int,
-                        req_to_token: torch.Tensor, running: dict[int, int]) -> None:
+                        shared: torch.Tensor | None) -> None:
         tier = self.tier
         middle = slots[self.sink : seq_len - self.recent]
-        shared = torch.zeros(tier.rows.num_slots + 1, dtype=torch.bool, device=middle.device)
-        for row, n in running.items():
-            if row != r.req_row:
-                shared[req_to_token[row, :n].to(torch.int64)] = True
-        hits = shared[middle].nonzero()
+        hits = shared.to(middle.device)[middle].nonzero() if shared is not None else middle[:0]
         skip = int(hits[-1]) + 1 if hits.numel() else 0
         start, middle = self.sink + skip, middle[skip:]
         if middle.numel() == 0:

@@ -46,5 +46,6 @@ class KvStep:
     requests: list[RequestStep]  # batch order
     failed: set[int] = field(default_factory=set)  # batch positions finished with an error
 
-    def by_row(self, req_row: int) -> RequestStep | None:
-        return next((r for r in self.requests if r.req_row == req_row), None)
+    def position(self, req_row: int) -> int | None:
+        """The batch position of the request holding ``req_row``, None if it is not in this forward."""
+        return next((pos for pos, r in enumerate(self.requests) if r.req_row == req_row), None)
