@@ -24,19 +24,41 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
 import torch
 
 # Host memory is recycled in blocks of this size: a fresh host allocation costs a page fault per 4 KiB on
 # first touch (on CUDA, a slow pinned registration), which measured as 0.3x a plain copy into memory already
 # in use. Each offload fills whole blocks from a free list and only its tail gets an allocation of its own.
 BLOCK_BYTES = 1 << 21
+# A chunk holds fewer than 2**24 tokens (a block's worth, or one offload when a token is larger than a block);
+# chunk ids are never reused and have the other 39 bits.
+OFFSET_BITS = 24
+OFFSET_MASK = (1 << OFFSET_BITS) - 1
+# Slots that break into more runs than this (copies not in slot order) are handled per chunk instead of per run.
+MAX_RUNS = 64
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A host view of an index tensor (a copy only if it lives on a device)."""
+    return t.cpu().numpy()
+
+
+def _counts(ids: np.ndarray) -> list[tuple[int, int]]:
+    """(id, occurrences) pairs; ids repeat in runs (a layer's copies of consecutive slots share chunks), so counting
+    runs avoids a sort: an id may come in more than one pair."""
+    starts = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+    if starts.size > MAX_RUNS:
+        return list(zip(*(a.tolist() for a in np.unique(ids, return_counts=True))))
+    bounds = [0, *starts.tolist(), ids.size]
+    return list(zip(ids[bounds[:-1]].tolist(), np.diff(bounds).tolist()))
 
 
 @dataclass
 class _Chunk:
     group: int
     layer: int
-    slots: torch.Tensor  # [n] the slots whose copies these are (host, int64)
+    slots: np.ndarray  # [n] int64: the slots whose copies these are
     kv: torch.Tensor  # [n, 2, heads, dim] on the host
     block: torch.Tensor | None  # the recycled block ``kv`` is a view of; None: its own allocation
     live: int  # slots of this chunk not forgotten yet
@@ -76,11 +98,13 @@ class HostArena:
         self.device = torch.device(device)
         self._pin = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._pin else None
-        self._pending: list[torch.cuda.Event] = []
-        # the index, on the host: chunk id and offset of the copy of (layer, slot), -1 if none
-        self.chunk_of = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64)
-        self.offset_of = torch.zeros((num_layers, num_slots + 1), dtype=torch.int64)
+        self._last: torch.cuda.Event | None = None  # of the latest copies; the side stream runs them in order
+        # the index, on the host: where the copy of (layer, slot) is, ``chunk id << OFFSET_BITS | offset``, -1 if
+        # none. One packed tensor: a reload finds its runs with a handful of vectorised ops, whatever its length.
+        # The arena works on numpy views of both (a small numpy index op costs a quarter of torch's).
+        self.loc = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64)
         self.fingerprint_of = torch.zeros(num_slots + 1, dtype=torch.int64)  # of the prefix a slot's copies hold
+        self._loc, self._fingerprint_of = self.loc.numpy(), self.fingerprint_of.numpy()
         self._chunks: dict[int, _Chunk] = {}
         self._groups: OrderedDict[int, _Group] = OrderedDict()  # least recently used first
         self._next_chunk = 0
@@ -90,11 +114,15 @@ class HostArena:
     # ---- queries ---------------------------------------------------------------------------------------
     def hosted(self, slots: torch.Tensor, fingerprints: torch.Tensor | None = None) -> torch.Tensor:
         """``[layers, n]``: which layers hold a copy of each slot (whose prefix matches ``fingerprints``)."""
-        slots = slots.cpu()
-        held = self.chunk_of[:, slots] >= 0
+        at = _np(slots)
+        held = self._loc[:, at] >= 0
         if fingerprints is not None:
-            held &= (self.fingerprint_of[slots] == fingerprints.cpu())[None, :]
-        return held
+            held &= (self._fingerprint_of[at] == _np(fingerprints))[None, :]
+        return torch.from_numpy(held)
+
+    def holds(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """``[n]``: which of ``slots`` have a copy in ``layer`` (any prefix)."""
+        return torch.from_numpy(self._loc[layer, _np(slots)] >= 0)
 
     def group_bytes(self, group: int) -> int:
         g = self._groups.get(group)
@@ -113,33 +141,33 @@ class HostArena:
 
     def forget(self, slots: torch.Tensor) -> None:
         """SGLang freed these slots: their copies go (a chunk's memory with its last slot)."""
-        slots = slots.cpu()
-        ids = self.chunk_of[:, slots]
-        held = ids >= 0
-        if not bool(held.any()):
+        at = _np(slots)
+        loc = self._loc[:, at]
+        held = loc >= 0
+        if not held.any():
             return
-        counts = torch.bincount(ids[held])
-        for cid in counts.nonzero().flatten().tolist():
+        for cid, n in _counts(loc[held] >> OFFSET_BITS):
             chunk = self._chunks[cid]
-            chunk.live -= int(counts[cid])
+            chunk.live -= n
             if chunk.live <= 0:
                 self._drop_chunk(cid)
-        self.chunk_of[:, slots] = -1
+        self._loc[:, at] = -1
 
     def adopt(self, own: torch.Tensor, tree: torch.Tensor) -> None:
         """``tree[i]`` holds the same token (same prefix) as ``own[i]``, which SGLang is about to free: in every layer
         where it has no copy and ``own[i]`` has one, that copy becomes ``tree[i]``'s."""
-        own, tree = own.cpu(), tree.cpu()
-        move = (self.chunk_of[:, tree] < 0) & (self.chunk_of[:, own] >= 0)
-        if not bool(move.any()):
+        own, tree = _np(own), _np(tree)
+        move = (self._loc[:, tree] < 0) & (self._loc[:, own] >= 0)
+        if not move.any():
             return
-        layers, at = move.nonzero(as_tuple=True)
+        layers, at = move.nonzero()
         src, dst = own[at], tree[at]
-        ids, offsets = self.chunk_of[layers, src], self.offset_of[layers, src]
-        self.chunk_of[layers, dst], self.offset_of[layers, dst] = ids, offsets
-        self.chunk_of[layers, src] = -1
-        self.fingerprint_of[dst] = self.fingerprint_of[src]
-        for cid in ids.unique().tolist():
+        loc = self._loc[layers, src]
+        self._loc[layers, dst] = loc
+        self._loc[layers, src] = -1
+        self._fingerprint_of[dst] = self._fingerprint_of[src]
+        ids, offsets = loc >> OFFSET_BITS, loc & OFFSET_MASK
+        for cid in np.unique(ids).tolist():
             mine = ids == cid
             self._chunks[cid].slots[offsets[mine]] = dst[mine]
 
@@ -147,7 +175,7 @@ class HostArena:
         """Everything goes (SGLang cleared its allocator: no slot is live)."""
         for gid in list(self._groups):
             self._drop_group(gid)
-        self.chunk_of.fill_(-1)
+        self.loc.fill_(-1)
 
     def set_budget(self, budget_bytes: int) -> None:
         """Change the budget at run time; shrinking evicts groups (LRU) until the arena fits."""
@@ -164,12 +192,11 @@ class HostArena:
 
         Slots already held in this layer are not copied again. False (nothing copied, nothing evicted, counted in
         ``refused``) if the group's bytes and these would exceed the whole budget."""
-        slots, fingerprints = slots.cpu(), fingerprints.cpu()
-        fresh = self.chunk_of[layer, slots] < 0
-        if not bool(fresh.all()):
-            keep = fresh.to(kv.device)
-            slots, fingerprints, kv = slots[fresh], fingerprints[fresh], kv[keep]
-        n = slots.numel()
+        at, fingerprints = _np(slots), _np(fingerprints)
+        fresh = self._loc[layer, at] < 0
+        if not fresh.all():
+            at, fingerprints, kv = at[fresh], fingerprints[fresh], kv[torch.from_numpy(fresh).to(kv.device)]
+        n = at.size
         if n == 0:
             return True
         nbytes = kv.numel() * kv.element_size()
@@ -179,25 +206,26 @@ class HostArena:
             return False
         self._make_room(nbytes, keep=group)
         t0 = time.perf_counter()
-        self._groups.setdefault(group, _Group(label))
+        g = self._groups.setdefault(group, _Group(label))
         per_block = BLOCK_BYTES // (nbytes // n)  # tokens in a whole block (0: a token is larger)
         step = per_block or n
+        first = self._next_chunk
         copies = []
-        for at in range(0, n, step):
-            piece = kv[at : at + step]
+        for i in range(0, n, step):
+            piece = kv[i : i + step]
             block = self._block() if piece.shape[0] == per_block else None
             host = (block.view(kv.dtype)[: piece.numel()].view(piece.shape) if block is not None
                     else torch.empty(piece.shape, dtype=kv.dtype, pin_memory=self._pin))
             copies.append((host, piece))
-            cid = self._next_chunk
+            part = at[i : i + step].astype(np.int64)  # a copy: ``adopt`` rewrites it
+            chunk = _Chunk(group, layer, part, host, block, live=part.size)
+            self._chunks[self._next_chunk] = chunk
+            g.chunks.add(self._next_chunk)
+            g.nbytes += chunk.nbytes
             self._next_chunk += 1
-            part = slots[at : at + step].clone()  # ``adopt`` rewrites it: never a view of the caller's tensor
-            self._chunks[cid] = _Chunk(group, layer, part, host, block, live=part.numel())
-            self._groups[group].chunks.add(cid)
-            self._groups[group].nbytes += self._chunks[cid].nbytes
-            self.chunk_of[layer, part] = cid
-            self.offset_of[layer, part] = torch.arange(part.numel())
-        self.fingerprint_of[slots] = fingerprints
+        index = np.arange(n)
+        self._loc[layer, at] = ((first + index // step) << OFFSET_BITS) | (index % step)
+        self._fingerprint_of[at] = fingerprints
         self._copy(copies, kv)
         self._groups.move_to_end(group)
         self.stats.held_bytes += nbytes
@@ -212,39 +240,54 @@ class HostArena:
 
         False, with ``out`` untouched, unless every slot has a copy whose prefix fingerprint equals the reader's
         (``fingerprints``): the caller recomputes instead."""
-        slots, fingerprints = slots.cpu(), fingerprints.cpu()
-        ids = self.chunk_of[layer, slots]
-        if bool((ids < 0).any()):
+        at = _np(slots)
+        loc = self._loc[layer, at]
+        if (loc < 0).any():
             return False
-        if not torch.equal(self.fingerprint_of[slots], fingerprints):
+        if not np.array_equal(self._fingerprint_of[at], _np(fingerprints)):
             self.stats.mismatches += 1
             return False
         t0 = time.perf_counter()
-        offsets = self.offset_of[layer, slots]
+        # runs: consecutive slots whose copies are consecutive in one chunk (an offload's order: one run per chunk)
+        breaks = np.flatnonzero(loc[1:] != loc[:-1] + 1)
         copies = []
-        for cid in ids.unique().tolist():
-            chunk = self._chunks[cid]
-            at = (ids == cid).nonzero().flatten()
-            off = offsets[at]
-            lo, hi = int(at[0]), int(at[-1]) + 1
-            if hi - lo == at.numel() and int(off[-1]) - int(off[0]) + 1 == at.numel() and bool((off[1:] > off[:-1]).all()):
-                copies.append((out[lo:hi], chunk.kv[int(off[0]) : int(off[0]) + at.numel()]))  # one contiguous run
-            else:
-                out[at.to(out.device)] = chunk.kv[off].to(out.device)
-            group = self._groups[chunk.group]
-            self._groups.move_to_end(chunk.group)
-            if group.label != reader:
-                self.stats.shared_tokens += at.numel()
+        if breaks.size < MAX_RUNS:
+            starts = [0] + (breaks + 1).tolist()
+            for lo, hi, where in zip(starts, starts[1:] + [loc.size], loc[starts].tolist()):
+                off = where & OFFSET_MASK
+                chunk = self._reloaded(where >> OFFSET_BITS, hi - lo, reader)
+                copies.append((out[lo:hi], chunk.kv[off : off + hi - lo]))
+        else:  # scattered: one gather per chunk
+            ids = loc >> OFFSET_BITS
+            for cid in np.unique(ids).tolist():
+                mine = np.flatnonzero(ids == cid)
+                chunk = self._reloaded(cid, mine.size, reader)
+                rows = torch.from_numpy(mine).to(out.device)
+                out[rows] = chunk.kv[torch.from_numpy(loc[mine] & OFFSET_MASK)].to(out.device)
         self._copy(copies, out)
         self.stats.reloaded_bytes += out.numel() * out.element_size()
         self.stats.reload_seconds += time.perf_counter() - t0
         return True
 
+    def _reloaded(self, cid: int, tokens: int, reader: str) -> _Chunk:
+        """Chunk ``cid``, whose ``tokens`` copies a reload reads: its group becomes the most recently used."""
+        chunk = self._chunks[cid]
+        self._groups.move_to_end(chunk.group)
+        if self._groups[chunk.group].label != reader:
+            self.stats.shared_tokens += tokens
+        return chunk
+
     def wait(self) -> None:
         """Block until every copy issued so far has finished (a no-op on CPU, where copies are synchronous)."""
-        for event in self._pending:
-            event.synchronize()
-        self._pending.clear()
+        if self._last is not None:
+            self._last.synchronize()
+            self._last = None
+
+    def join(self) -> None:
+        """The compute stream waits for every copy issued so far; the host does not, so a reload overlaps the work
+        already queued (earlier layers) instead of stalling the next launches (a no-op on CPU)."""
+        if self._last is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._last)
 
     def _copy(self, copies: list[tuple[torch.Tensor, torch.Tensor]], device_tensor: torch.Tensor) -> None:
         """Issue ``dst.copy_(src)`` for each pair; on CUDA all on the side stream, joined by one event.
@@ -262,7 +305,7 @@ class HostArena:
             event = torch.cuda.Event()
             event.record(self._stream)
         device_tensor.record_stream(self._stream)  # its memory is not reused before the copies are done
-        self._pending.append(event)
+        self._last = event
 
     # ---- memory ----------------------------------------------------------------------------------------
     def _drop_chunk(self, cid: int) -> None:
@@ -273,8 +316,8 @@ class HostArena:
             group.nbytes -= chunk.nbytes
             if not group.chunks:
                 del self._groups[chunk.group]
-        mine = self.chunk_of[chunk.layer, chunk.slots] == cid
-        self.chunk_of[chunk.layer, chunk.slots[mine]] = -1
+        mine = (self._loc[chunk.layer, chunk.slots] >> OFFSET_BITS) == cid  # not its slots re-offloaded since
+        self._loc[chunk.layer, chunk.slots[mine]] = -1
         self.stats.held_bytes -= chunk.nbytes
         self._recycle([chunk])
 

@@ -204,7 +204,7 @@ def check_tracker(device: torch.device, scorings: tuple[str, ...] = ("lse", "tor
         for layer in range(layers):
             k_cache, v_cache = caches[layer]
 
-            def mass(qs: list[torch.Tensor], slots: list[torch.Tensor]) -> list[torch.Tensor]:
+            def mass(qs: list[torch.Tensor], slots: list[torch.Tensor], lses: list) -> list[torch.Tensor]:
                 if not lse:
                     return [head_mass(q, k_cache, s, cfg.sink, cfg.recent, scale) for q, s in zip(qs, slots)]
                 if not scorer.matches(qs, slots):

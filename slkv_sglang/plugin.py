@@ -359,9 +359,7 @@ def _evictable_by_rows(result: int, budget: Any) -> int | None:
     for free in (allocator.free_pages, allocator.release_pages):
         idle[free] = False
     k = int(budget.tree_cache.evictable_size())
-    held = (tier.rows.row_of[:, idle.nonzero().flatten().to(tier.rows.row_of.device)] >= 0).sum(dim=0)
-    fewest = int(held.sort().values[:k].sum()) if k else 0
-    return min(result, (tier.spare_rows + fewest) // tier.num_layers)
+    return min(result, (tier.spare_rows + tier.rows.fewest(idle, k)) // tier.num_layers)
 
 
 def _prefix_rows(tree_cache: Any, req: Any) -> int:

@@ -27,10 +27,36 @@ def window_slots(slots: torch.Tensor, seq_len: int, sink: int, recent: int) -> t
 
 
 def gather_keys(k_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``k_cache[slots]``; fp8 caches are indexed through their bytes (not every device indexes float8)."""
-    if isinstance(k_cache, torch.Tensor) and k_cache.dtype.itemsize == 1:
-        return k_cache.view(torch.uint8)[slots].view(k_cache.dtype)
-    return k_cache[slots]
+    """``k_cache[slots]``; fp8 caches are indexed through their bytes (not every device indexes float8).
+    ``index_select`` on tensors: on CPU it is an order of magnitude faster than advanced indexing."""
+    if not isinstance(k_cache, torch.Tensor):
+        return k_cache[slots]
+    if k_cache.dtype.itemsize == 1:
+        return k_cache.view(torch.uint8).index_select(0, slots).view(k_cache.dtype)
+    return k_cache.index_select(0, slots)
+
+
+class _Logits:
+    """Scaled logits of the last ``n`` queries of a sequence over any run of its keys, causally masked."""
+
+    def __init__(self, q: torch.Tensor, k_cache: torch.Tensor, key_slots: torch.Tensor, scale: float):
+        self.n, self.num_heads, self.dim = q.shape
+        self.k_cache, self.key_slots = k_cache, key_slots
+        self.first_query = key_slots.shape[0] - self.n  # position of the first query
+        self.q = q.float() * scale
+        self.q_pos = torch.arange(self.first_query, key_slots.shape[0], device=q.device)
+
+    def block(self, lo: int, hi: int) -> torch.Tensor:
+        """``[H, n, hi - lo]`` logits over the keys at positions ``lo..hi-1``."""
+        k = gather_keys(self.k_cache, self.key_slots[lo:hi]).to(device=self.q.device, dtype=torch.float32)
+        kv_heads, n = k.shape[1], self.n
+        # GQA without repeating keys: one matmul per KV head over its group's queries [Hkv, G * n, D]
+        qg = self.q.view(n, kv_heads, self.num_heads // kv_heads, self.dim).permute(1, 2, 0, 3)
+        logits = torch.matmul(qg.reshape(kv_heads, -1, self.dim), k.permute(1, 2, 0)).view(self.num_heads, n, hi - lo)
+        if hi - 1 > self.first_query:  # keys later than some query: only the last n positions can be
+            key_pos = torch.arange(lo, hi, device=logits.device)
+            logits.masked_fill_((key_pos[None, :] > self.q_pos[:, None])[None], float("-inf"))
+        return logits
 
 
 def head_mass(
@@ -42,6 +68,7 @@ def head_mass(
     scaling: float,
     k_scale: float | None = None,
     chunk: int = SCORE_CHUNK,
+    lse_all: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per query head, the mean over queries of the attention mass on sink + recent keys.
 
@@ -49,28 +76,28 @@ def head_mass(
     ``k_cache[key_slots]`` ([L] slot ids; ``k_cache`` gives [n, Hkv, D] per slot tensor, any dtype, keys scaled
     by ``k_scale`` if set, as an fp8 KV cache stores them).
     Attention is causal (a query sees keys at positions <= its own, self included, as in the paper's formula).
-    Keys are read ``chunk`` at a time into two running log-sum-exps (all keys, sink + recent keys), so memory
-    does not grow with L. Returns float32 [H].
+    ``lse_all`` ([H, n]): the log-sum-exp over all keys, where the attention kernel already gave it (as FlashAttention
+    does in the paper); then only the sink + recent keys are read. Otherwise keys are read ``chunk`` at a time into
+    two running log-sum-exps (all keys, sink + recent keys), so memory does not grow with L. Returns float32 [H].
     """
     seq_len = key_slots.shape[0]
-    n, num_heads, dim = q.shape
-    qs = q.float() * (scaling * (k_scale if k_scale is not None else 1.0))
-    q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
-    lse_all = torch.full((num_heads, n), float("-inf"), device=q.device)
-    lse_sub = lse_all.clone()
-    for lo in range(0, seq_len, chunk):
-        hi = min(seq_len, lo + chunk)
-        k = gather_keys(k_cache, key_slots[lo:hi]).to(device=q.device, dtype=torch.float32)
-        qg = qs.view(n, k.shape[1], num_heads // k.shape[1], dim)  # GQA without repeating keys
-        logits = torch.einsum("nkgd,lkd->kgnl", qg, k).reshape(num_heads, n, hi - lo)
-        key_pos = torch.arange(lo, hi, device=q.device)
-        logits.masked_fill_((key_pos[None, :] > q_pos[:, None])[None], float("-inf"))
-        lse_all = torch.logaddexp(lse_all, torch.logsumexp(logits, dim=-1))
-        # sink and recent positions in this chunk, decided on the host (no device sync)
-        for a, b in ((lo, min(hi, sink)), (max(lo, seq_len - recent, sink), hi)):
-            if a < b:
-                lse_sub = torch.logaddexp(lse_sub, torch.logsumexp(logits[:, :, a - lo : b - lo], dim=-1))
-    return torch.exp(lse_sub - lse_all).mean(dim=1)
+    logits = _Logits(q, k_cache, key_slots, scaling * (k_scale if k_scale is not None else 1.0))
+    window = ((0, min(sink, seq_len)), (max(seq_len - recent, sink), seq_len))  # position ranges, as window_slots
+    lse_win = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
+    if lse_all is None:  # one pass over all keys: both log-sum-exps from the same logits
+        lse_all = lse_win.clone()
+        for lo in range(0, seq_len, chunk):
+            hi = min(seq_len, lo + chunk)
+            block = logits.block(lo, hi)
+            lse_all = torch.logaddexp(lse_all, torch.logsumexp(block, dim=-1))
+            for a, b in ((max(a, lo), min(b, hi)) for a, b in window):  # decided on the host (no device sync)
+                if a < b:
+                    lse_win = torch.logaddexp(lse_win, torch.logsumexp(block[:, :, a - lo : b - lo], dim=-1))
+    else:
+        for a, b in window:
+            for lo in range(a, b, chunk):
+                lse_win = torch.logaddexp(lse_win, torch.logsumexp(logits.block(lo, min(b, lo + chunk)), dim=-1))
+    return torch.exp(lse_win - lse_all.to(lse_win.device, torch.float32)).mean(dim=1)
 
 
 def reduce_heads_tensor(per_head: torch.Tensor, mode: ScoreMode, num_kv_heads: int) -> torch.Tensor:
@@ -104,3 +131,4 @@ def decide(per_head: torch.Tensor, mode: ScoreMode, threshold: float, num_kv_hea
     lazy &= long_enough
     lazy[[layer for layer in protect if layer < len(lazy)]] = False
     return lazy, scores
+

@@ -24,8 +24,9 @@ from .tensor_parallel import HeadGather
 
 logger = logging.getLogger("slkv.tracker")
 
-# A backend's scoring: per deciding request, its last queries [n, H, D] and its key slots [L] -> masses [H].
-MassFn = Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
+# A backend's scoring: per deciding request, its last queries [n, H, D], its key slots [L] and, where the attention
+# kernel gave it, the queries' log-sum-exp over all keys [H, n] -> masses [H].
+MassFn = Callable[[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]], list[torch.Tensor]]
 
 
 @dataclass
@@ -129,6 +130,7 @@ class LazyTracker:
         self.plan_: BatchPlan | None = None
         self._staged: list[RequestParams] | None = None
         self.running: dict[int, int] = {}  # row -> sequence length, every request seen and not yet released
+        self._running_mask: torch.Tensor | None = None  # running_slots() of all of them, until ``running`` changes
 
     # ---- per forward -------------------------------------------------------------------------------
     def stage(self, params: list[RequestParams]) -> None:
@@ -148,6 +150,7 @@ class LazyTracker:
             raise RuntimeError(f"slkv: staged settings for {len(params)} requests, batch has {len(rows)}")
         seq_lens = (fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens).tolist()
         self.running.update(zip(rows, seq_lens))
+        self._running_mask = None
         plan = BatchPlan(mode.is_decode(), rows, seq_lens, [], {}, time.perf_counter())
         if plan.is_decode:
             self._plan_decode(plan, params)
@@ -208,11 +211,12 @@ class LazyTracker:
         assert self.plan_ is not None
         return self.plan_.window[pos]
 
-    def score(self, q: torch.Tensor, layer_id: int, mass: MassFn) -> list[Decision]:
+    def score(self, q: torch.Tensor, layer_id: int, mass: MassFn, lse: torch.Tensor | None = None) -> list[Decision]:
         """After a layer's attention (its KV is written): score the requests deciding in this forward; after the
         last layer, their decisions.
 
-        ``mass(queries, key_slots)`` is the backend's per-head mass for each deciding request.
+        ``mass(queries, key_slots, lses)`` is the backend's per-head mass for each deciding request; ``lse``
+        (``[H, tokens]``, optional) the attention's log-sum-exp of this forward's queries over all their keys.
         """
         plan = self.plan_
         if plan is None or not plan.scorers:
@@ -221,18 +225,19 @@ class LazyTracker:
             return self._finish(plan) if layer_id == self.num_layers - 1 else []
         clock = _Clock(q.device)
         cfg = self.config
-        deciding: list[tuple[_Scorer, torch.Tensor]] = []
+        deciding: list[tuple[_Scorer, torch.Tensor, torch.Tensor | None]] = []
         for s in plan.scorers:
             q_rows = q[s.q_start : s.q_end]
-            if s.carry is not None:
-                q_rows = torch.cat([s.carry[layer_id], q_rows])[-cfg.last :]
+            lse_rows = None if lse is None else lse[:, s.q_start : s.q_end]
+            if s.carry is not None:  # queries of an earlier forward: their log-sum-exp is not in this one's
+                q_rows, lse_rows = torch.cat([s.carry[layer_id], q_rows])[-cfg.last :], None
             if s.keep_tail:
                 self._tails.setdefault(s.row, _Tail(s.seq_len, {})).q[layer_id] = q_rows[-cfg.last :].clone()
             if s.decide:
-                deciding.append((s, q_rows))
+                deciding.append((s, q_rows, lse_rows))
         if deciding:
-            masses = mass([q_rows for _, q_rows in deciding], [s.key_slots for s, _ in deciding])
-            for (s, _), per_head in zip(deciding, masses):
+            masses = mass([d[1] for d in deciding], [d[0].key_slots for d in deciding], [d[2] for d in deciding])
+            for (s, _, _), per_head in zip(deciding, masses):
                 s.per_head[layer_id] = per_head
         plan.clocks.append(clock.stop())
         return self._finish(plan) if layer_id == self.num_layers - 1 else []
@@ -291,11 +296,16 @@ class LazyTracker:
                 "tracker_timing": len(self._timing), "tracker_running": len(self.running)}
 
     def running_slots(self, num_slots: int, exclude: int | None = None) -> torch.Tensor:
-        """Mask over KV slots ``[num_slots + 1]``: those a running request (other than row ``exclude``) reads."""
+        """Mask over KV slots ``[num_slots + 1]``: those a running request (other than row ``exclude``) reads.
+        Read-only: without ``exclude`` it is kept for the admission checks until the next forward."""
+        if exclude is None and self._running_mask is not None:
+            return self._running_mask
         mask = torch.zeros(num_slots + 1, dtype=torch.bool)
         for row, n in self.running.items():
             if row != exclude:
                 mask[self.req_to_token[row, :n]] = True
+        if exclude is None:
+            self._running_mask = mask
         return mask
 
     def release_row(self, row: int) -> None:
@@ -303,4 +313,5 @@ class LazyTracker:
         self._tails.pop(row, None)
         self._awaiting.pop(row, None)
         self._timing.pop(row, None)
-        self.running.pop(row, None)
+        if self.running.pop(row, None) is not None:
+            self._running_mask = None

@@ -9,6 +9,7 @@ import pytest
 from slkv_sglang.corpus import prompt_ids
 from slkv_sglang.config import SlkvConfig
 from slkv_sglang.layer_map import LayerMap
+from slkv_sglang.model import follow_up_ids
 from slkv_sglang.runtime import shutdown_engine
 
 from .conftest import CHUNK, TEST_SLKV, start_engine
@@ -57,14 +58,22 @@ def solo_runs(slkv_engine, prompts) -> list[dict]:
     ]
 
 
-def test_nothing_lazy_is_plain_sglang(plain_engine, slkv_engine, prompts):
-    """(a) delta > 1: every layer keeps everything, and tokens equal the plugin-off engine's."""
+def test_nothing_lazy_is_plain_sglang(plain_engine, slkv_engine, prompts, tokenizer):
+    """(a) delta > 1: every layer keeps everything, and tokens equal the plugin-off engine's. A second turn over the
+    cached history (a radix hit: the plugin's prefill computes the new queries only, SGLang's pads them to the whole
+    sequence) gives the same log-probabilities, bit for bit."""
     for ids in prompts[:3]:
         plain = plain_engine.generate(input_ids=ids, sampling_params=_greedy(16))
         off = slkv_engine.generate(input_ids=ids, sampling_params=_greedy(16, threshold=1.5))
         assert "slkv" not in plain["meta_info"]
         assert not any(_layer_map(off).lazy), "threshold 1.5 must make no layer lazy"
         assert off["output_ids"] == plain["output_ids"]
+        turn2 = ids + plain["output_ids"] + follow_up_ids(tokenizer, "And in one word?")
+        plain2 = plain_engine.generate(input_ids=turn2, sampling_params=_greedy(8), return_logprob=True)
+        off2 = slkv_engine.generate(input_ids=turn2, sampling_params=_greedy(8, threshold=1.5), return_logprob=True)
+        cached = [out["meta_info"]["cached_tokens"] for out in (plain2, off2)]
+        assert min(cached) >= len(ids) - 32, cached  # both served the history from their radix cache
+        assert off2["meta_info"]["output_token_logprobs"] == plain2["meta_info"]["output_token_logprobs"]
 
 
 def test_lazy_sets_and_tokens_match_reference(solo_runs, prompts, reference):

@@ -182,6 +182,7 @@ def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_wit
                                                      "lost_rows", "host_evictions", "host_shared_tokens",
                                                      "host_mismatches", "row_shortfalls", "failed_requests")})
     assert compared >= OPS // 2 and tier["failed_requests"] == 0
+    assert _sizes(fuzz_engine)["slots_miscounted"] == 0  # admission's per-slot row count agrees with the rows
 
 
 # ---- soak: nothing per request outlives its request -------------------------------------------------------
@@ -216,7 +217,7 @@ def test_soak_keeps_every_map_flat(fuzz_engine, tokenizer):
     first, last = seen[50], seen[SOAK_REQUESTS]
     assert last["host_groups"] > 0  # lazy layers offloaded
     for key in ("tracker_tails", "tracker_awaiting", "tracker_timing", "tracker_running", "outbox", "ledger_promised",
-                "ledger_reserved"):
+                "ledger_reserved", "slots_miscounted"):
         assert first[key] == last[key] == 0, key
     assert last["host_groups"] <= POOL_TOKENS * 2 // DOC_TOKENS[1]  # one per cached history at most
     assert last["rss_bytes"] - first["rss_bytes"] < 64 << 20, (first["rss_bytes"], last["rss_bytes"])
@@ -288,5 +289,5 @@ def test_recoverable_states_recompute(fuzz_engine, same_without_offload, tokeniz
     print("recoverable states:", {k: kv(got)[k] for k in ("recomputed_tokens", "restored_rows", "healed_rows",
                                                           "adopted_rows", "host_evictions", "row_shortfalls",
                                                           "failed_requests")}, sizes)
-    assert sizes["ledger_reserved"] == sizes["ledger_promised"] == sizes["tracker_running"] == 0
+    assert sizes["ledger_reserved"] == sizes["ledger_promised"] == sizes["tracker_running"] == sizes["slots_miscounted"] == 0
     assert kv(got)["failed_requests"] == 0

@@ -123,7 +123,7 @@ def test_budget_is_never_exceeded():
             arena.forget(torch.arange(rng.randrange(1, 600), 601))
         held = sum(c.nbytes for c in arena._chunks.values())
         assert arena.stats.held_bytes == held <= arena.budget_bytes
-        assert int((arena.chunk_of >= 0).sum()) == sum(c.live for c in arena._chunks.values())
+        assert int((arena.loc >= 0).sum()) == sum(c.live for c in arena._chunks.values())
     assert arena.stats.evictions > 0 and arena.stats.refused > 0
 
 

@@ -50,6 +50,23 @@ def test_explicit_mass_equals_engine_formula(chunk):
     assert torch.allclose(explicit, lse, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [4096, 100])
+def test_mass_from_the_attention_kernels_lse(chunk):
+    """With the all-keys log-sum-exp the CPU flash-attention kernel returns with its output (what the torch_native
+    backend passes), only sink + recent keys are read, and the mass still equals the materialised softmax's."""
+    torch.manual_seed(1)
+    seq, n = 1500, 32
+    q, k, v = torch.randn(1, 9, seq, 64), torch.randn(1, 3, seq, 64), torch.randn(1, 3, seq, 64)
+    explicit = _mass(q, k, n, sink=4, recent=256, scaling=0.125)
+    _, kernel_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=0.125)
+    slots = torch.randperm(seq + 10)[:seq]
+    k_cache = torch.zeros(seq + 10, 3, 64)
+    k_cache[slots] = k[0].transpose(0, 1)
+    got = head_mass(q[0, :, -n:].transpose(0, 1), k_cache, slots, 4, 256, 0.125, chunk=chunk,
+                    lse_all=kernel_lse[0, :, -n:])
+    assert torch.allclose(explicit, got, atol=1e-5)
+
+
 @torch.no_grad()
 def test_lazy_decode_is_masked_attention(reference, prompt, plain):
     """Every layer lazy: each decode step reads exactly sink + recent keys. Plain transformers decoding with an

@@ -63,15 +63,17 @@ class ScoringMixin:
         k_cache = self._key_reader(layer.layer_id)
         cfg = self.tracker.config
 
-        def mass(queries: list[torch.Tensor], key_slots: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [head_mass(q, k_cache, slots, cfg.sink, cfg.recent, layer.scaling, layer.k_scale_float)
-                    for q, slots in zip(queries, key_slots)]
+        def mass(queries: list[torch.Tensor], key_slots: list[torch.Tensor],
+                 lses: list[torch.Tensor | None]) -> list[torch.Tensor]:
+            return [head_mass(q, k_cache, slots, cfg.sink, cfg.recent, layer.scaling, layer.k_scale_float, lse_all=lse)
+                    for q, slots, lse in zip(queries, key_slots, lses)]
 
         return mass
 
-    def _score(self, q: torch.Tensor, layer: Any) -> None:
+    def _score(self, q: torch.Tensor, layer: Any, lse: torch.Tensor | None = None) -> None:
+        """``lse``: the layer's attention log-sum-exp ``[H, tokens]``, where its kernel gave it."""
         q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        for decision in self.tracker.score(q_, layer.layer_id, self._mass(layer)):
+        for decision in self.tracker.score(q_, layer.layer_id, self._mass(layer), lse):
             self.outbox.put(decision.rid, record(decision, self._act_on(decision)))
 
     def _act_on(self, decision: Decision) -> dict[str, Any]:

@@ -81,9 +81,10 @@ class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
         """FlashInfer scoring, planned at the forward's first scored layer; torch when the window is too short."""
         kv_cache = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
 
-        def mass(queries: list[torch.Tensor], key_slots: list[torch.Tensor]) -> list[torch.Tensor]:
+        def mass(queries: list[torch.Tensor], key_slots: list[torch.Tensor],
+                 lses: list[torch.Tensor | None]) -> list[torch.Tensor]:
             if not all(self._scorer.supports(len(q)) for q in queries):
-                return super(SlkvFlashInferBackend, self)._mass(layer)(queries, key_slots)
+                return super(SlkvFlashInferBackend, self)._mass(layer)(queries, key_slots, lses)
             if not self._scorer.matches(queries, key_slots):
                 self._scorer.plan([len(q) for q in queries], key_slots, layer.scaling, layer.logit_cap or None)
             return self._scorer.mass(queries, kv_cache, layer.k_scale_float, layer.v_scale_float)

@@ -1,8 +1,11 @@
 """SimLayerKV on SGLang's ``torch_native`` backend (CPU and any device without FlashInfer).
 
-Prefill runs unchanged; afterwards each layer scores the requests that decide in this forward from the KV
-just written. Decode reads, per request and per layer, either the whole row or only sink + recent slots,
-with the same per-request SDPA call as the parent, so non-lazy requests are bit-identical to plain SGLang.
+Prefill attention computes the new tokens' queries only (SGLang's torch_native extend pads the query to the whole
+sequence) with the CPU flash-attention kernel that ``scaled_dot_product_attention`` dispatches to, called directly
+for its log-sum-exp: the same bits, and scoring then reads only sink + recent keys. Afterwards each layer scores
+the requests that decide in this forward from the KV just written. Decode reads, per request and per layer,
+either the whole row or only sink + recent slots, with the same per-request SDPA call as the parent, so non-lazy
+requests are bit-identical to plain SGLang.
 
 With ``offload`` on, KV lives in the rows of a ``KvTier`` instead of SGLang's per-layer buffers (which are
 released): the ``KvExecutor`` restores a prefill's prefix before each layer reads it, writes new tokens, heals
@@ -15,6 +18,7 @@ from typing import Any
 
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
@@ -35,8 +39,8 @@ class _RowKeys:
     def __getitem__(self, slots: torch.Tensor) -> torch.Tensor:
         rows = self.executor.tier.rows
         if self.executor.step.failed:  # a failed request's scores are never acted on: read any row for it
-            return rows.kv[rows.row_of[self.layer, slots].clamp(min=0), 0]
-        return rows.kv[self.executor.lookup(self.layer, slots), 0]
+            return rows.kv[:, 0].index_select(0, rows.row_of[self.layer, slots].clamp(min=0))
+        return rows.kv[:, 0].index_select(0, self.executor.lookup(self.layer, slots))
 
 
 class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
@@ -68,27 +72,37 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
             self.executor.write(layer.layer_id, forward_batch.out_cache_loc, k, v)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[override]
-        ex = self.executor
-        if ex is None:
-            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        lid, kv = layer.layer_id, ex.tier.rows.kv
+        if layer.is_cross_attention or layer.attn_type == AttentionType.ENCODER_ONLY or _sliding(layer):
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)  # never scored nor offloaded
+        ex, lid = self.executor, layer.layer_id
         req_to_token = self.req_to_token_pool.req_to_token
         prefixes, exts = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu
-        ex.restore(lid, req_to_token, prefixes)  # the prefill attends to its whole prefix: bring it back first
+        if ex is not None:
+            ex.restore(lid, req_to_token, prefixes)  # the prefill attends to its whole prefix: bring it back first
         self._write(layer, forward_batch, k, v, save_kv_cache)
-        ex.heal(lid, req_to_token, prefixes, exts)
+        if ex is None:  # keys and values indexed by slot
+            keys, values = self.token_to_kv_pool.get_key_buffer(lid), self.token_to_kv_pool.get_value_buffer(lid)
+        else:  # by KV row
+            ex.heal(lid, req_to_token, prefixes, exts)
+            keys, values = ex.tier.rows.kv[:, 0], ex.tier.rows.kv[:, 1]
         o = _new_output(q, layer)
         out = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+        lse: torch.Tensor | None = torch.zeros(layer.tp_q_head_num, q.shape[0], device=q.device)
         start = 0
         for pos, (row, prefix, ext) in enumerate(zip(forward_batch.req_pool_indices.tolist(), prefixes, exts)):
-            rows = None if ex.failed(pos) else ex.read(pos, lid, req_to_token[row, : prefix + ext])
-            if rows is None:  # finished with an error: nothing computed from it is served
+            slots = req_to_token[row, : prefix + ext]
+            at = slots if ex is None else (None if ex.failed(pos) else ex.read(pos, lid, slots))
+            if at is None:  # finished with an error: nothing computed from it is served
                 out[start : start + ext] = 0
             else:
-                out[start : start + ext] = _attend_new_tokens(q[start : start + ext], kv[rows, 0], kv[rows, 1], prefix,
-                                                              layer)
+                out[start : start + ext], req_lse = _attend_new_tokens(
+                    q[start : start + ext], keys.index_select(0, at), values.index_select(0, at), prefix, layer)
+                if req_lse is None or lse is None:
+                    lse = None
+                else:
+                    lse[:, start : start + ext] = req_lse
             start += ext
-        self._score(q, layer)
+        self._score(q, layer, lse)
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[override]
@@ -126,8 +140,8 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
                 continue
             per_req = scaled_dot_product_attention(
                 query[:, pos : pos + 1, :].unsqueeze(0),
-                k_cache[idx].movedim(0, 1).unsqueeze(0),
-                v_cache[idx].movedim(0, 1).unsqueeze(0),
+                k_cache.index_select(0, idx).movedim(0, 1).unsqueeze(0),
+                v_cache.index_select(0, idx).movedim(0, 1).unsqueeze(0),
                 enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
                 scale=layer.scaling,
                 is_causal=False,
@@ -152,22 +166,37 @@ def _new_output(q: torch.Tensor, layer: Any) -> torch.Tensor:
     return q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
 
 
-def _attend_new_tokens(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: int, layer: Any) -> torch.Tensor:
+def _sliding(layer: Any) -> bool:
+    size = getattr(layer, "sliding_window_size", None)
+    return size is not None and size > -1
+
+
+def _attend_new_tokens(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: int,
+                       layer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of one request's new tokens (``q`` ``[ext, heads x dim]``, positions ``prefix..``) over
-    its whole KV (``[prefix + ext, kv_heads, dim]``). Only the new queries are computed: SGLang's
-    torch_native extend pads the query to the whole sequence, which makes a turn over a long history cost
-    as much attention as recomputing it."""
+    its whole KV (``[prefix + ext, kv_heads, dim]``), and its log-sum-exp ``[heads, ext]`` (None off CPU).
+
+    Only the new queries are computed: SGLang's torch_native extend pads the query to the whole sequence, which
+    makes a turn over a long history cost as much attention as recomputing it; a query's row comes out the same."""
     ext = q.shape[0]
     query = q.view(ext, layer.tp_q_head_num, layer.qk_head_dim).movedim(0, 1).unsqueeze(0)
+    k, v = keys.movedim(0, 1).unsqueeze(0), values.movedim(0, 1).unsqueeze(0)
+    if k.dtype != query.dtype:
+        k, v = k.to(query.dtype), v.to(query.dtype)
     mask = None
     if prefix:  # query i sits at position prefix + i and sees keys 0..prefix + i
         n = keys.shape[0]
         mask = torch.arange(n, device=q.device) <= torch.arange(prefix, prefix + ext, device=q.device)[:, None]
-    out = scaled_dot_product_attention(
-        query, keys.movedim(0, 1).unsqueeze(0), values.movedim(0, 1).unsqueeze(0), attn_mask=mask,
-        is_causal=not prefix, scale=layer.scaling, enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
-    )
-    return out.squeeze(0).movedim(1, 0).reshape(ext, layer.tp_q_head_num, layer.v_head_dim)
+    if q.device.type == "cpu":
+        # what scaled_dot_product_attention runs on CPU (its flash kernel takes GQA and an additive mask as given)
+        additive = None if mask is None else torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, k, v, 0.0, not prefix, attn_mask=additive, scale=layer.scaling)
+        lse = lse[0]
+    else:
+        out, lse = scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=not prefix, scale=layer.scaling,
+                                                enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num), None
+    return out.squeeze(0).movedim(1, 0).reshape(ext, layer.tp_q_head_num, layer.v_head_dim), lse
 
 
 def _take_over_kv_pool(kv_pool: Any, config: SlkvConfig) -> KvTier:

@@ -52,7 +52,7 @@ class KvExecutor:
                     rows.give(taken)
                 self._fail(pos, r, f"layer {layer}: {need.numel()} prefix rows could not be restored")
                 continue
-            host.wait()
+            host.join()  # the copy into ``rows.kv`` is queued after the reload
             rows.kv[taken] = out
             rows.place(layer, need, taken)
             self.tier.ledger.taken(r.req_row, taken.numel())
@@ -96,7 +96,7 @@ class KvExecutor:
                     self._fail(pos, r, f"layer {layer}: no rows for new tokens")
                 return
             at[missing] = taken
-            rows.place(layer, slots, at)
+            rows.place(layer, slots[missing], taken)
         shape = rows.kv.shape[2:]
         rows.kv[at, 0] = k.view(-1, *shape).to(rows.kv.dtype)
         rows.kv[at, 1] = v.view(-1, *shape).to(rows.kv.dtype)
@@ -144,7 +144,7 @@ class KvExecutor:
         group = tier.host.new_group()
         for layer in lazy.nonzero().flatten().tolist():
             at = tier.rows.row_of[layer, middle]
-            fresh = (at >= 0).cpu() & (tier.host.chunk_of[layer, middle.cpu()] < 0)
+            fresh = (at >= 0).cpu() & ~tier.host.holds(layer, middle)
             if bool(fresh.any()):
                 keep = fresh.to(at.device)
                 if not tier.host.offload(group, r.label, layer, middle[keep], fps[fresh], tier.rows.kv[at[keep]]):

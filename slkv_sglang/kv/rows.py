@@ -20,6 +20,9 @@ class DeviceRows:
         self.num_layers, self.num_slots, self.num_rows = num_layers, num_slots, num_rows
         self.kv = torch.zeros(num_rows, 2, heads, dim, dtype=dtype, device=device)
         self.row_of = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64, device=device)
+        # per slot, how many layers hold a row for it (``row_of >= 0`` summed over layers, kept as it changes):
+        # admission reads it per request, which must not scan ``row_of``
+        self.held_by_slot = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
         self.poison = poison  # freed rows are filled with NaN: a read of one shows in the outputs
         self.clear()
 
@@ -35,6 +38,7 @@ class DeviceRows:
         self._stack = torch.arange(self.num_rows - 1, -1, -1, dtype=torch.int64, device=self.kv.device)
         self._n_free = self.num_rows
         self.row_of.fill_(-1)
+        self.held_by_slot.zero_()
 
     def take(self, n: int) -> torch.Tensor | None:
         """``n`` free rows, or None (nothing taken) if fewer are free."""
@@ -59,6 +63,25 @@ class DeviceRows:
         """``[layers]``: how many of ``slots`` each layer holds on the device."""
         return (self.row_of[:, slots] >= 0).sum(dim=1)
 
+    def fewest(self, candidates: torch.Tensor, k: int) -> int:
+        """Rows held by the ``k`` slots holding the fewest among ``candidates`` (a mask over slots): a count per
+        number of layers held (0..L), not a sort."""
+        if k <= 0:
+            return 0
+        counts = torch.bincount(self.held_by_slot[candidates.to(self.held_by_slot.device)],
+                                minlength=self.num_layers + 1).tolist()
+        rows = 0
+        for held, n in enumerate(counts):
+            take = min(n, k)
+            rows, k = rows + held * take, k - take
+            if k == 0:
+                break
+        return rows
+
+    def miscounted(self) -> int:
+        """Slots whose ``held_by_slot`` differs from ``row_of`` (0 unless the count drifted; a full scan, for tests)."""
+        return int((self.held_by_slot != (self.row_of >= 0).sum(dim=0)).sum())
+
     def lookup(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         rows = self.row_of[layer, slots]
         if bool((rows < 0).any()):
@@ -67,7 +90,9 @@ class DeviceRows:
         return rows
 
     def place(self, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """``slots`` (without a row in ``layer``) take ``rows``."""
         self.row_of[layer, slots] = rows
+        self.held_by_slot[slots] += 1
 
     def release(self, layer: int, slots: torch.Tensor) -> int:
         """Give back the rows ``slots`` hold in ``layer``; returns how many there were."""
@@ -75,6 +100,7 @@ class DeviceRows:
         live = rows >= 0
         self.give(rows[live])
         self.row_of[layer, slots[live]] = -1
+        self.held_by_slot[slots[live]] -= 1
         return int(live.sum())
 
     def adopt(self, own: torch.Tensor, tree: torch.Tensor) -> int:
@@ -86,10 +112,14 @@ class DeviceRows:
             return 0
         dst[move], src[move] = src[move], -1
         self.row_of[:, tree], self.row_of[:, own] = dst, src
-        return int(move.sum())
+        moved = move.sum(dim=0, dtype=torch.int32)
+        self.held_by_slot[tree] += moved
+        self.held_by_slot[own] -= moved
+        return int(moved.sum())
 
     def release_slots(self, slots: torch.Tensor) -> None:
         """Every layer's rows of ``slots`` go back (SGLang freed the slots)."""
         rows = self.row_of[:, slots]
         self.give(rows[rows >= 0])
         self.row_of[:, slots] = -1
+        self.held_by_slot[slots] = 0

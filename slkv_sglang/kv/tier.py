@@ -80,7 +80,8 @@ class KvTier:
         """Entries of each per-request map, and what the tier holds (a soak test checks none of them grows)."""
         return {"ledger_promised": len(self.ledger.promised), "ledger_reserved": self.ledger.reserved,
                 "host_groups": len(self.host), "host_held_bytes": self.host.stats.held_bytes,
-                "device_rows_used": self.rows.num_rows - self.rows.free}
+                "device_rows_used": self.rows.num_rows - self.rows.free,
+                "slots_miscounted": self.rows.miscounted()}
 
     def report(self, slots: torch.Tensor) -> dict[str, Any]:
         """A request's KV in its layer map: its device and host tokens per layer, its host bytes, the totals."""
