@@ -59,9 +59,9 @@ def solo_runs(slkv_engine, prompts) -> list[dict]:
 
 
 def test_nothing_lazy_is_plain_sglang(plain_engine, slkv_engine, prompts, tokenizer):
-    """(a) delta > 1: every layer keeps everything, and tokens equal the plugin-off engine's. A second turn over the
-    cached history (a radix hit: the plugin's prefill computes the new queries only, SGLang's pads them to the whole
-    sequence) gives the same log-probabilities, bit for bit."""
+    """(a) delta > 1: every layer keeps everything, and tokens equal the plugin-off engine's. So do they on a second
+    turn over the cached history (a radix hit), with log-probabilities equal to float rounding: the plugin recomputes
+    the history's last ``last`` tokens (its prefix cap), in a forward of another shape than the first turn's."""
     for ids in prompts[:3]:
         plain = plain_engine.generate(input_ids=ids, sampling_params=_greedy(16))
         off = slkv_engine.generate(input_ids=ids, sampling_params=_greedy(16, threshold=1.5))
@@ -73,7 +73,10 @@ def test_nothing_lazy_is_plain_sglang(plain_engine, slkv_engine, prompts, tokeni
         off2 = slkv_engine.generate(input_ids=turn2, sampling_params=_greedy(8, threshold=1.5), return_logprob=True)
         cached = [out["meta_info"]["cached_tokens"] for out in (plain2, off2)]
         assert min(cached) >= len(ids) - 32, cached  # both served the history from their radix cache
-        assert off2["meta_info"]["output_token_logprobs"] == plain2["meta_info"]["output_token_logprobs"]
+        assert off2["output_ids"] == plain2["output_ids"]
+        for (got, _, _), (want, _, _) in zip(off2["meta_info"]["output_token_logprobs"],
+                                             plain2["meta_info"]["output_token_logprobs"]):
+            assert got == pytest.approx(want, abs=1e-4)
 
 
 def test_lazy_sets_and_tokens_match_reference(solo_runs, prompts, reference):

@@ -1,11 +1,11 @@
 """SimLayerKV on SGLang's ``torch_native`` backend (CPU and any device without FlashInfer).
 
-Prefill attention computes the new tokens' queries only (SGLang's torch_native extend pads the query to the whole
-sequence) with the CPU flash-attention kernel that ``scaled_dot_product_attention`` dispatches to, called directly
-for its log-sum-exp: the same bits, and scoring then reads only sink + recent keys. Afterwards each layer scores
-the requests that decide in this forward from the KV just written. Decode reads, per request and per layer,
-either the whole row or only sink + recent slots, with the same per-request SDPA call as the parent, so non-lazy
-requests are bit-identical to plain SGLang.
+Prefill attention calls the CPU flash-attention kernel that ``scaled_dot_product_attention`` dispatches to
+directly, for its log-sum-exp: scoring then reads only sink + recent keys. Without offload it computes what the
+parent computes (the query padded to the whole sequence: the same bits as plain SGLang); with offload only the
+new tokens' queries. Afterwards each layer scores the requests that decide in this forward from the KV just
+written. Decode reads, per request and per layer, either the whole row or only sink + recent slots, with the same
+per-request SDPA call as the parent, so non-lazy requests are bit-identical to plain SGLang.
 
 With ``offload`` on, KV lives in the rows of a ``KvTier`` instead of SGLang's per-layer buffers (which are
 released): the ``KvExecutor`` restores a prefill's prefix before each layer reads it, writes new tokens, heals
@@ -96,7 +96,8 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
                 out[start : start + ext] = 0
             else:
                 out[start : start + ext], req_lse = _attend_new_tokens(
-                    q[start : start + ext], keys.index_select(0, at), values.index_select(0, at), prefix, layer)
+                    q[start : start + ext], keys.index_select(0, at), values.index_select(0, at), prefix, layer,
+                    pad=ex is None)
                 if req_lse is None or lse is None:
                     lse = None
                 else:
@@ -171,32 +172,43 @@ def _sliding(layer: Any) -> bool:
     return size is not None and size > -1
 
 
-def _attend_new_tokens(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: int,
-                       layer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _attend_new_tokens(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: int, layer: Any,
+                       pad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of one request's new tokens (``q`` ``[ext, heads x dim]``, positions ``prefix..``) over
     its whole KV (``[prefix + ext, kv_heads, dim]``), and its log-sum-exp ``[heads, ext]`` (None off CPU).
 
-    Only the new queries are computed: SGLang's torch_native extend pads the query to the whole sequence, which
-    makes a turn over a long history cost as much attention as recomputing it; a query's row comes out the same."""
+    ``pad``: as SGLang's torch_native extend, the query padded to the whole sequence (rows ``< prefix`` are
+    computed and dropped): the plugin-off engine's bits. Otherwise only the new queries are computed, with a
+    mask: a turn over a long history then costs its own tokens' attention, not a recomputation's, and its rows
+    agree with the padded ones to float rounding (the kernel's matmuls see other shapes)."""
     ext = q.shape[0]
     query = q.view(ext, layer.tp_q_head_num, layer.qk_head_dim).movedim(0, 1).unsqueeze(0)
     k, v = keys.movedim(0, 1).unsqueeze(0), values.movedim(0, 1).unsqueeze(0)
     if k.dtype != query.dtype:
         k, v = k.to(query.dtype), v.to(query.dtype)
     mask = None
-    if prefix:  # query i sits at position prefix + i and sees keys 0..prefix + i
-        n = keys.shape[0]
-        mask = torch.arange(n, device=q.device) <= torch.arange(prefix, prefix + ext, device=q.device)[:, None]
-    if q.device.type == "cpu":
-        # what scaled_dot_product_attention runs on CPU (its flash kernel takes GQA and an additive mask as given)
-        additive = None if mask is None else torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, k, v, 0.0, not prefix, attn_mask=additive, scale=layer.scaling)
-        lse = lse[0]
-    else:
-        out, lse = scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=not prefix, scale=layer.scaling,
-                                                enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num), None
+    if prefix and pad:
+        padded = query.new_empty((1, query.shape[1], prefix + ext, query.shape[3]))
+        padded[:, :, prefix:] = query
+        query = padded
+    elif prefix:  # query i sits at position prefix + i and sees keys 0..prefix + i
+        mask = torch.arange(prefix + ext, device=q.device) <= torch.arange(prefix, prefix + ext, device=q.device)[:, None]
+    out, lse = _attention(query, k, v, mask, layer)
+    out, lse = out[:, :, -ext:], None if lse is None else lse[:, -ext:]
     return out.squeeze(0).movedim(1, 0).reshape(ext, layer.tp_q_head_num, layer.v_head_dim), lse
+
+
+def _attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               layer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``scaled_dot_product_attention`` (causal where ``mask`` is None) and its log-sum-exp ``[heads, queries]``:
+    on CPU the flash kernel SDPA dispatches to, called directly (it takes GQA and an additive mask as given)."""
+    if query.device.type != "cpu":
+        return scaled_dot_product_attention(query, k, v, attn_mask=mask, is_causal=mask is None, scale=layer.scaling,
+                                            enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num), None
+    additive = None if mask is None else torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, k, v, 0.0, mask is None, attn_mask=additive, scale=layer.scaling)
+    return out, lse[0]
 
 
 def _take_over_kv_pool(kv_pool: Any, config: SlkvConfig) -> KvTier:

@@ -31,7 +31,10 @@ class KvPlanner:
     def restorable(self, cached: torch.Tensor, fingerprints: torch.Tensor) -> int:
         """How many leading ``cached`` slots have their KV in every layer: on the device, or on the host with the
         reader's prefix fingerprint."""
-        on_device = (self.tier.rows.row_of[:, cached] >= 0).cpu()
+        rows = self.tier.rows
+        if bool((rows.held_by_slot[cached] == rows.num_layers).all()):  # all on the device: no host lookup
+            return cached.numel()
+        on_device = (rows.row_of[:, cached] >= 0).cpu()
         ok = (on_device | self.tier.host.hosted(cached, fingerprints)).all(dim=0)
         bad = (~ok).nonzero()
         return int(bad[0]) if bad.numel() else cached.numel()
@@ -50,12 +53,12 @@ class KvPlanner:
     def prefix_rows(self, req: Any, cached: torch.Tensor | None) -> int:
         """Rows a request's prefill takes before it runs: restores of its prefix (``cached``, None when an earlier
         chunk restored it), heals of the cached slots it recomputes."""
-        missing = 0
-        if cached is not None:
-            missing += int((self.tier.rows.row_of[:, cached] < 0).sum())
+        rows = self.tier.rows
         heal: Heal | None = getattr(req, HEAL_ATTR, None)
-        if heal is not None:
-            missing += int((self.tier.rows.row_of[:, heal.cached] < 0).sum())
+        missing = 0
+        for slots in (cached, None if heal is None else heal.cached):
+            if slots is not None:
+                missing += rows.num_layers * slots.numel() - int(rows.held_by_slot[slots].sum())
         return missing
 
     def allocate(self, needs: list[int], evict: Callable[[int], None], new_tokens: int, alloc: Callable[[], Any],
