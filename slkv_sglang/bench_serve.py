@@ -90,7 +90,7 @@ def _progress(total: int, quiet: bool) -> Any:
 
 
 def sweep(engines: dict[str, Any], chosen: list[Configuration], sessions: list[Session], counts: list[int],
-          on_turn: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+          last_window: int, on_turn: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
     """For each session count, every configuration in turn on a flushed cache; a run's figures and records.
 
     Configurations alternate within each count, so drift on a shared machine hits all of them alike."""
@@ -102,7 +102,7 @@ def sweep(engines: dict[str, Any], chosen: list[Configuration], sessions: list[S
         for c in chosen:
             engine = engines[c.engine]
             engine.flush_cache()
-            wall, records = run_sessions(engine, sessions[:n], c.slkv, on_turn)
+            wall, records = run_sessions(engine, sessions[:n], c.slkv, last_window, on_turn)
             runs.append({"config": c.name, "sessions": n, "figures": figures(wall, records, counters[c.engine]),
                          "records": [asdict(r) for r in records]})
             counters[c.engine] = {k: max(v, counters[c.engine].get(k, 0)) for k, v in engine_totals(records).items()}
@@ -131,7 +131,7 @@ def main(argv: list[str]) -> int:
     engines = _engines({c.engine for c in chosen}, path, base, args)
     bar = _progress(sum(args.sessions) * args.turns * len(chosen), args.no_progress)
     try:
-        runs = sweep(engines, chosen, sessions, args.sessions, on_turn=lambda: bar.update(1))
+        runs = sweep(engines, chosen, sessions, args.sessions, base.last, on_turn=lambda: bar.update(1))
     finally:
         bar.close()
         for engine in engines.values():
@@ -153,6 +153,11 @@ def _report(args: argparse.Namespace, argv: list[str], workload: Workload, base:
     for name, s in saturated.items():
         print(f"{name}: best turns/s at {s['peak_at_sessions']} sessions; recomputes history from "
               f"{s['memory_bound_from'] or 'no'} sessions")
+    control = {r["sessions"]: r["figures"]["turns_per_s"] for r in runs if r["config"] == "offload-full"}
+    for r in runs:  # the same engine and backend, SimLayerKV on or off: what the freed memory alone buys
+        if r["config"] == "simlayerkv-offload" and r["sessions"] in control:
+            print(f"simlayerkv-offload / offload-full turns/s at {r['sessions']} sessions: "
+                  f"{r['figures']['turns_per_s'] / control[r['sessions']]:.2f}")
     if saved:
         mean = sum(saved) / len(saved)
         print(f"device KV saved after a first turn: {100 * mean:.1f}% (overcommit that matches it: "

@@ -21,8 +21,9 @@ class TurnRecord:
     session: str
     turn: int  # 1-based
     prompt_tokens: int
-    # the previous turn's prompt: computed in full then and cached, so a cache that kept it serves it now (its
-    # reply is left out: SGLang caches a reply's tokens only in part, the last one never)
+    # what a cache that kept this session serves: the previous turn's prompt (computed in full and cached then;
+    # its reply is left out, SGLang caches a reply's tokens only in part), at most the prompt less the last
+    # ``last`` tokens, which the plugin always leaves to the prefill so that SimLayerKV has queries to score
     reusable_tokens: int
     cached_tokens: int
     sent: float  # seconds since the run's start
@@ -37,7 +38,7 @@ class TurnRecord:
 
     @property
     def recomputed_tokens(self) -> int:
-        """Tokens of the previous prompt computed again: the cache had evicted them."""
+        """Tokens the cache could have served and did not: it had evicted them."""
         return max(0, self.reusable_tokens - self.cached_tokens)
 
 
@@ -48,7 +49,8 @@ def _layer_map(meta: dict[str, Any]) -> dict[str, Any]:
     return next((r for r in reversed(records) if r), {})
 
 
-async def _turn(engine: Any, ids: list[int], params: dict[str, Any], t0: float) -> tuple[float, list[float], dict[str, Any]]:
+async def _turn(engine: Any, ids: list[int], params: dict[str, Any],
+                t0: float) -> tuple[float, list[float], dict[str, Any]]:
     sent = time.perf_counter() - t0
     times: list[float] = []
     last: dict[str, Any] = {}
@@ -59,8 +61,8 @@ async def _turn(engine: Any, ids: list[int], params: dict[str, Any], t0: float) 
     return sent, times, last
 
 
-async def _session(engine: Any, session: Session, slkv: dict[str, Any], t0: float, out: list[TurnRecord],
-                   on_turn: Callable[[], None]) -> None:
+async def _session(engine: Any, session: Session, slkv: dict[str, Any], last_window: int, t0: float,
+                   out: list[TurnRecord], on_turn: Callable[[], None]) -> None:
     await asyncio.sleep(max(0.0, session.start - (time.perf_counter() - t0)))
     history: list[int] = []
     previous = 0
@@ -70,8 +72,8 @@ async def _session(engine: Any, session: Session, slkv: dict[str, Any], t0: floa
                   "custom_params": {"slkv": slkv}}
         sent, times, last = await _turn(engine, ids, params, t0)
         meta = last["meta_info"]
-        record = TurnRecord(session.name, k, len(ids), previous, meta["cached_tokens"], sent, times,
-                            slkv=_layer_map(meta))
+        record = TurnRecord(session.name, k, len(ids), min(previous, len(ids) - last_window), meta["cached_tokens"],
+                            sent, times, slkv=_layer_map(meta))
         if k == len(session.turns):
             record.answered, record.reply = session.passcode in last["text"], last["text"]
         out.append(record)
@@ -79,15 +81,16 @@ async def _session(engine: Any, session: Session, slkv: dict[str, Any], t0: floa
         history, previous = ids + list(last["output_ids"]), len(ids)
 
 
-def run_sessions(engine: Any, sessions: list[Session], slkv: dict[str, Any],
+def run_sessions(engine: Any, sessions: list[Session], slkv: dict[str, Any], last_window: int,
                  on_turn: Callable[[], None] = lambda: None) -> tuple[float, list[TurnRecord]]:
     """Play ``sessions`` concurrently against ``engine`` with per-request ``custom_params.slkv`` = ``slkv``
-    (e.g. ``{"enabled": False}`` for plain SGLang); returns the wall time and every turn's record."""
+    (e.g. ``{"enabled": False}`` for plain SGLang); ``last_window``: the engine's SimLayerKV ``last``.
+    Returns the wall time and every turn's record."""
     records: list[TurnRecord] = []
 
     async def play() -> None:
         t0 = time.perf_counter()
-        await asyncio.gather(*(_session(engine, s, slkv, t0, records, on_turn) for s in sessions))
+        await asyncio.gather(*(_session(engine, s, slkv, last_window, t0, records, on_turn) for s in sessions))
 
     t = time.perf_counter()
     engine.loop.run_until_complete(play())

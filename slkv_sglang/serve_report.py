@@ -76,7 +76,8 @@ def table(runs: list[dict[str, Any]], baseline: str) -> str:
                              for k, v in f["by_turn"].items())
         host = _s(f["host"]["held_peak_bytes"], 2**-20, 0) if "host" in f else "–"
         lines.append(
-            f"| {r['sessions']} | {r['config']} | {f['turns_per_s']:.3f} | {_s(ratio)} | {f['output_tokens_per_s']:.2f} "
+            f"| {r['sessions']} | {r['config']} | {f['turns_per_s']:.3f} | {_s(ratio)} "
+            f"| {f['output_tokens_per_s']:.2f} "
             f"| {_s(f['ttft_p50'])} / {_s(f['ttft_p99'])} | {_s(f['itl_p50'], 1e3, 0)} / {_s(f['itl_p99'], 1e3, 0)} "
             f"| {by_turn} | {100 * f['cached_ratio']:.0f}% | {f['recomputed_tokens']} | {host} "
             f"| {f['needles_answered']}/{f['needles_checked']} |")

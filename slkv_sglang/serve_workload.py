@@ -35,9 +35,6 @@ QUESTIONS = ["Summarise the code above in one sentence.", "Which function above 
              "What does the first class above do?", "Is there any error handling above? Where?",
              "Which modules does the code above import?", "Name two functions above that could be merged."]
 MAX_USER_TOKENS = 512  # a drawn prompt length's cap (the exponential's tail would paste whole files)
-# A drawn reply length's floor. SGLang caches a finished reply only up to a few tokens before its end (2-4 seen
-# here), and with a 1-token reply not even the whole prompt: a floor keeps "recomputed" meaning evicted.
-MIN_REPLY_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,8 @@ def build_sessions(tokenizer: Any, count: int, w: Workload) -> list[Session]:
     sessions = []
     for i in range(count):
         rng = random.Random(w.seed * 7919 + i)
-        replies = [_exponential(rng, reply_mean, MIN_REPLY_TOKENS, w.reply_cap) for _ in range(w.turns - 1)] + [NEW_TOKENS]
+        replies = [_exponential(rng, reply_mean, 1, w.reply_cap) for _ in range(w.turns - 1)]
+        replies.append(NEW_TOKENS)  # the needle's answer: the model repeats the question before the digits
         case = needle_case(tokenizer, w.doc_tokens, depth=rng.uniform(0.1, 0.9), seed=w.seed * 1000 + i,
                            ask=rng.choice(QUESTIONS))
         middle = [_user_turn(tokenizer, rng, _exponential(rng, stats.prompt_tokens, 8, MAX_USER_TOKENS),

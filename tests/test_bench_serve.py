@@ -34,7 +34,7 @@ def offload_engine(model_path):
 def test_every_configuration_completes_its_sessions(slkv_engine, offload_engine, tokenizer, tmp_path):
     sessions = build_sessions(tokenizer, SESSIONS, WORKLOAD)
     chosen = [c for c in CONFIGURATIONS if c.engine != "hicache"]
-    runs = sweep({"plain": slkv_engine, "offload": offload_engine}, chosen, sessions, [SESSIONS])
+    runs = sweep({"plain": slkv_engine, "offload": offload_engine}, chosen, sessions, [SESSIONS], TEST_SLKV.last)
 
     assert [r["config"] for r in runs] == [c.name for c in chosen]
     for run in runs:
