@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("slkv_sglang.bench", "identification overhead and decode step time, SimLayerKV vs full KV"),
     "bench-offload": ("offload.bench", "host-tier offload/reload bandwidth vs a plain tensor copy"),
     "bench-memory": ("slkv_sglang.bench_memory", "device KV per session and next-turn latency with --slkv-offload"),
+    "bench-serve": ("slkv_sglang.bench_serve", "multi-turn chat under a fixed device KV budget: plain SGLang vs SimLayerKV (+ offload)"),
     "gpu-check": ("slkv_sglang.gpu_check", "the CUDA path's FlashInfer calls, decode time, host tier (torch + FlashInfer)"),
 }
 

@@ -44,6 +44,7 @@ class Case:
     input_ids: list[int]
     answer: str
     needle_at: int  # token index where the needle starts
+    question: str = ""  # the question whose answer is the passcode
 
 
 @dataclass
@@ -67,17 +68,20 @@ class Outcome:
     ident_fraction: float | None = None
 
 
-def needle_case(tokenizer: Any, length: int, depth: float, seed: int, answer_prefix: str = "") -> Case:
+def needle_case(tokenizer: Any, length: int, depth: float, seed: int, answer_prefix: str = "",
+                ask: str | None = None) -> Case:
     """A prompt of exactly ``length`` tokens with the needle starting at ``depth`` of the haystack.
 
     ``answer_prefix``: the start of the answer, after the chat template's generation prompt, for base models that
-    do not answer a question in chat turns but complete a primed answer (passkey-retrieval style)."""
+    do not answer a question in chat turns but complete a primed answer (passkey-retrieval style).
+    ``ask``: what the prompt asks after the haystack instead of the passcode (a chat whose last turn asks for it,
+    ``slkv bench-serve``); the passcode question is in ``Case.question`` either way."""
     rng = random.Random(seed * 1000 + int(depth * 100) + length)
     word, code = rng.choice(WORDS), f"{rng.randrange(10_000, 100_000)}"
     needle = tokenizer(f"\nThe secret passcode for the {word} vault is {code}.\n", add_special_tokens=False)["input_ids"]
     question = f"What is the secret passcode for the {word} vault? Answer with the number only."
     mark = "\x00HAY\x00"
-    frame = chat_input_ids(tokenizer, [{"role": "user", "content": f"{mark}\n\n{question}"}])
+    frame = chat_input_ids(tokenizer, [{"role": "user", "content": f"{mark}\n\n{ask or question}"}])
     mark_ids = tokenizer(mark, add_special_tokens=False)["input_ids"]
     at = next(i for i in range(len(frame)) if frame[i : i + len(mark_ids)] == mark_ids)
     head, tail = frame[:at], frame[at + len(mark_ids) :] + tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
@@ -85,7 +89,7 @@ def needle_case(tokenizer: Any, length: int, depth: float, seed: int, answer_pre
     hay = tokenizer(document(seed, min_chars=budget * 6), add_special_tokens=False)["input_ids"][:budget]
     cut = int(depth * budget)
     ids = head + hay[:cut] + needle + hay[cut:] + tail
-    return Case(f"needle-{length}-d{int(depth * 100)}-s{seed}", length, depth, ids, code, len(head) + cut)
+    return Case(f"needle-{length}-d{int(depth * 100)}-s{seed}", length, depth, ids, code, len(head) + cut, question)
 
 
 def settings(scores: list[str], thresholds: list[float], full_layers: Sequence[int]) -> list[Setting]:
