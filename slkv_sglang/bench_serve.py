@@ -44,9 +44,12 @@ CONFIGURATIONS = [Configuration("sglang", "plain", {"enabled": False}), Configur
 NO_HICACHE = "hicache: not run (SGLang's hierarchical cache needs CUDA; run with --hicache on a GPU machine)"
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module's description as written, and every option's default."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slkv bench-serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="slkv bench-serve", description=__doc__, formatter_class=_Help)
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 3, 4], help="concurrent sessions swept")
     p.add_argument("--turns", type=int, default=3, help="turns per session, the last asking for the needle (>= 2)")
     p.add_argument("--doc-tokens", type=int, default=2048, help="first turn: document + needle + question")
@@ -59,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None, help="Poisson session starts per second (default: all at once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=1024, help="chunked prefill size")
-    p.add_argument("--configs", nargs="+", default=[c.name for c in CONFIGURATIONS[:4]],
-                   choices=[c.name for c in CONFIGURATIONS], help="configurations run (hicache needs --hicache)")
+    p.add_argument("--configs", nargs="+", default=[c.name for c in CONFIGURATIONS if c.engine != "hicache"],
+                   choices=[c.name for c in CONFIGURATIONS if c.engine != "hicache"], help="configurations run")
     p.add_argument("--hicache", action="store_true", help="also run SGLang's hierarchical cache (CUDA only)")
     p.add_argument("--threshold", type=float, default=None, help="SimLayerKV threshold (default: config)")
     p.add_argument("--out", type=Path, default=None, help="write every figure and turn record as JSON here")
@@ -118,7 +121,7 @@ def main(argv: list[str]) -> int:
     from .model import ensure_bundled_model
     from .runtime import has_cuda, shutdown_engine
 
-    chosen = [c for c in CONFIGURATIONS if c.name in args.configs and (c.engine != "hicache" or args.hicache)]
+    chosen = [c for c in CONFIGURATIONS if c.name in args.configs or (c.engine == "hicache" and args.hicache)]
     if args.hicache and not has_cuda():
         raise SystemExit(f"slkv bench-serve: --hicache needs CUDA. {NO_HICACHE}")
     not_run = {} if args.hicache else {"hicache": NO_HICACHE}
@@ -146,8 +149,8 @@ def _report(args: argparse.Namespace, argv: list[str], workload: Workload, base:
     saturated = saturation(runs)
     saved = [r["figures"]["kv_saved"] for r in runs if r["figures"].get("kv_saved") is not None]
     print(f"slkv bench-serve {' '.join(argv)}")
-    print(f"SimLayerKV {base}; device KV {args.pool_tokens} full-KV tokens for every configuration, "
-          f"simlayerkv-offload overcommit {args.overcommit}")
+    print(f"SimLayerKV {base.score}@{base.threshold}, window {base.sink} + {base.recent}, last {base.last}; device KV "
+          f"{args.pool_tokens} full-KV tokens for every configuration, simlayerkv-offload overcommit {args.overcommit}")
     print(f"workload: {workload}")
     print(table(runs, baseline))
     for name, s in saturated.items():

@@ -111,6 +111,7 @@ def plots(runs: list[dict[str, Any]], folder: Path, title: str) -> list[Path]:
         for config in dict.fromkeys(r["config"] for r in runs):
             mine = sorted((r for r in runs if r["config"] == config), key=lambda r: r["sessions"])
             ax.plot([r["sessions"] for r in mine], [r["figures"][key] for r in mine], marker="o", label=config)
+        ax.set_xticks(sorted({r["sessions"] for r in runs}))
         ax.set_xlabel("concurrent sessions")
         ax.set_ylabel(label)
         ax.set_title(title, fontsize=9)
