@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from slkv_sglang.layer_map import LayerMap
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -15,6 +17,9 @@ class Metrics:
         self.turns = Counter("slkv:turns", "Chat turns served", registry=r)
         self.lazy_layers = Histogram("slkv:lazy_layers_per_turn", "Lazy layers per turn", registry=r,
                                      buckets=[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 28, 32])
+        self.lazy_heads = Histogram("slkv:lazy_kv_heads_per_turn", "Lazy (layer, KV head) pairs per turn (a lazy "
+                                    "layer counts all of its KV heads)", registry=r,
+                                    buckets=[0, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256])
         self.cached_tokens = Counter("slkv:cached_prompt_tokens", "Prompt tokens served from the radix cache", registry=r)
         self.device_kv_bytes = Gauge("slkv:device_kv_bytes_last_turn", "KV bytes the last turn reads on the device", registry=r)
         self.full_kv_bytes = Gauge("slkv:full_kv_bytes_last_turn", "KV bytes the last turn would read with full KV", registry=r)
@@ -49,8 +54,8 @@ class Metrics:
     def device_bytes(layer_map: dict[str, Any] | None, seq_len: int, bytes_per_token_layer: int) -> int:
         if layer_map is None:
             return 0
-        window = layer_map["sink"] + layer_map["recent"]
-        return sum(min(seq_len, window) if lazy else seq_len for lazy in layer_map["lazy"]) * bytes_per_token_layer
+        lm = LayerMap.from_dict(layer_map)
+        return round(sum(lm.kept_tokens(layer, seq_len) for layer in range(lm.num_layers)) * bytes_per_token_layer)
 
     def observe_turn(self, meta: dict[str, Any], layer_map: dict[str, Any] | None, bytes_per_token_layer: int) -> None:
         self.turns.inc()
@@ -58,6 +63,7 @@ class Metrics:
         if layer_map is not None:
             seq = meta["prompt_tokens"] + meta["completion_tokens"]
             self.lazy_layers.observe(len(layer_map["lazy_layers"]))
+            self.lazy_heads.observe(len(layer_map.get("lazy_heads", layer_map["lazy_layers"])))
             self.device_kv_bytes.set(self.device_bytes(layer_map, seq, bytes_per_token_layer))
             self.full_kv_bytes.set(seq * len(layer_map["lazy"]) * bytes_per_token_layer)
             if "kv" in layer_map:

@@ -122,8 +122,8 @@ class ChatRequest(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    # the turn's SimLayerKV settings (``enabled``, ``threshold``, ``score``, ``force_lazy``), as an SGLang
-    # request's ``custom_params.slkv``; the server sets the session label
+    # the turn's SimLayerKV settings (``enabled``, ``threshold``, ``score``, ``granularity``, ``force_lazy``,
+    # ``force_lazy_heads``), as an SGLang request's ``custom_params.slkv``; the server sets the session label
     slkv: Any = None
 
     def refusal(self) -> ApiError | None:

@@ -6,10 +6,10 @@ prefixes to slots, so a copy is addressed by content through the slot that owns 
 the reader's own fingerprints and refuses on any difference, so a copy is only ever restored into a sequence whose
 tokens match it. No client string takes part. Two requests that share a prefix share its slots, hence its copies.
 
-Memory: each ``offload`` call (one layer's run of tokens) is stored as chunks ``[n, 2, heads, dim]`` that fill
-recycled ``BLOCK_BYTES`` blocks, the tail in an allocation of its own. Chunks belong to a *group* (the decision that
-offloaded them); eviction drops whole groups, least recently used first (an offload or a reload makes a group
-recent). A chunk whose slots SGLang freed (``forget``) is freed with its last slot.
+Memory: each ``offload`` call (one layer's run of tokens) is one *chunk*, stored as pieces ``[k, 2, heads, dim]``
+that fill recycled ``BLOCK_BYTES`` blocks, the tail in an allocation of its own. Chunks belong to a *group* (the
+decision that offloaded them); eviction drops whole groups, least recently used first (an offload or a reload makes
+a group recent). A chunk whose slots SGLang freed (``forget``) is freed with its last slot.
 
 Budget: held bytes plus free blocks never exceed ``budget_bytes``. An offload that does not fit evicts other groups;
 one that would not fit even alone is refused (nothing copied, nothing evicted): the caller recomputes later.
@@ -31,11 +31,11 @@ import torch
 # first touch (on CUDA, a slow pinned registration), which measured as 0.3x a plain copy into memory already
 # in use. Each offload fills whole blocks from a free list and only its tail gets an allocation of its own.
 BLOCK_BYTES = 1 << 21
-# A chunk holds fewer than 2**24 tokens (a block's worth, or one offload when a token is larger than a block);
-# chunk ids are never reused and have the other 39 bits.
+# A chunk (one offload call) holds at most 2**24 tokens (a longer offload is split); chunk ids are never reused
+# and have the other 39 bits.
 OFFSET_BITS = 24
 OFFSET_MASK = (1 << OFFSET_BITS) - 1
-# Slots that break into more runs than this (copies not in slot order) are handled per chunk instead of per run.
+# Slots that break into more runs than this (copies not in slot order) are handled per piece instead of per run.
 MAX_RUNS = 64
 
 
@@ -44,28 +44,30 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def _counts(ids: np.ndarray) -> list[tuple[int, int]]:
-    """(id, occurrences) pairs; ids repeat in runs (a layer's copies of consecutive slots share chunks), so counting
-    runs avoids a sort: an id may come in more than one pair."""
-    starts = np.flatnonzero(ids[1:] != ids[:-1]) + 1
-    if starts.size > MAX_RUNS:
+def _tally(ids: np.ndarray) -> list[tuple[int, int]]:
+    """(id, occurrences) pairs of the ids in ``ids``: a bincount over their span when it is small (the ids of one
+    forget are a few recent chunks), else a sort."""
+    lo = int(ids.min())
+    span = int(ids.max()) - lo + 1
+    if span > 4 * ids.size + 1024:
         return list(zip(*(a.tolist() for a in np.unique(ids, return_counts=True))))
-    bounds = [0, *starts.tolist(), ids.size]
-    return list(zip(ids[bounds[:-1]].tolist(), np.diff(bounds).tolist()))
+    counts = np.bincount(ids - lo, minlength=span)
+    present = np.flatnonzero(counts)
+    return list(zip((present + lo).tolist(), counts[present].tolist()))
 
 
 @dataclass
 class _Chunk:
+    """The copies of one offload call: ``slots[i]``'s KV in ``layer`` is row ``i % step`` of ``pieces[i // step]``."""
+
     group: int
     layer: int
     slots: np.ndarray  # [n] int64: the slots whose copies these are
-    kv: torch.Tensor  # [n, 2, heads, dim] on the host
-    block: torch.Tensor | None  # the recycled block ``kv`` is a view of; None: its own allocation
+    pieces: list[torch.Tensor]  # [step, 2, heads, dim] on the host (the last may be shorter)
+    blocks: list[torch.Tensor]  # the recycled blocks the pieces are views of (a short tail has its own allocation)
+    step: int
+    nbytes: int
     live: int  # slots of this chunk not forgotten yet
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
 
 
 @dataclass
@@ -99,12 +101,14 @@ class HostArena:
         self._pin = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._pin else None
         self._last: torch.cuda.Event | None = None  # of the latest copies; the side stream runs them in order
-        # the index, on the host: where the copy of (layer, slot) is, ``chunk id << OFFSET_BITS | offset``, -1 if
-        # none. One packed tensor: a reload finds its runs with a handful of vectorised ops, whatever its length.
-        # The arena works on numpy views of both (a small numpy index op costs a quarter of torch's).
-        self.loc = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64)
+        # the index, on the host: where the copy of (slot, layer) is, ``chunk id << OFFSET_BITS | offset``, -1 if
+        # none. One packed tensor, slot-major (a forget reads and clears whole rows of it); a reload finds its runs
+        # with a handful of vectorised ops, whatever its length. The arena works on numpy views of both (a small
+        # numpy index op costs a quarter of torch's).
+        self.loc = torch.full((num_slots + 1, num_layers), -1, dtype=torch.int64)
         self.fingerprint_of = torch.zeros(num_slots + 1, dtype=torch.int64)  # of the prefix a slot's copies hold
         self._loc, self._fingerprint_of = self.loc.numpy(), self.fingerprint_of.numpy()
+        self._offsets = np.arange(0)  # 0, 1, 2, ...: grown on demand
         self._chunks: dict[int, _Chunk] = {}
         self._groups: OrderedDict[int, _Group] = OrderedDict()  # least recently used first
         self._next_chunk = 0
@@ -115,14 +119,14 @@ class HostArena:
     def hosted(self, slots: torch.Tensor, fingerprints: torch.Tensor | None = None) -> torch.Tensor:
         """``[layers, n]``: which layers hold a copy of each slot (whose prefix matches ``fingerprints``)."""
         at = _np(slots)
-        held = self._loc[:, at] >= 0
+        held = self._loc[at].T >= 0
         if fingerprints is not None:
             held &= (self._fingerprint_of[at] == _np(fingerprints))[None, :]
         return torch.from_numpy(held)
 
     def holds(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """``[n]``: which of ``slots`` have a copy in ``layer`` (any prefix)."""
-        return torch.from_numpy(self._loc[layer, _np(slots)] >= 0)
+        return torch.from_numpy(self._loc[_np(slots), layer] >= 0)
 
     def group_bytes(self, group: int) -> int:
         g = self._groups.get(group)
@@ -142,29 +146,32 @@ class HostArena:
     def forget(self, slots: torch.Tensor) -> None:
         """SGLang freed these slots: their copies go (a chunk's memory with its last slot)."""
         at = _np(slots)
-        loc = self._loc[:, at]
+        loc = self._loc[at]
         held = loc >= 0
         if not held.any():
             return
-        for cid, n in _counts(loc[held] >> OFFSET_BITS):
+        self._loc[at] = -1
+        dead = []
+        for cid, n in _tally(loc[held] >> OFFSET_BITS):
             chunk = self._chunks[cid]
             chunk.live -= n
             if chunk.live <= 0:
-                self._drop_chunk(cid)
-        self._loc[:, at] = -1
+                dead.append(cid)
+        if dead:
+            self._recycle([self._drop_chunk(cid, indexed=False) for cid in dead])
 
     def adopt(self, own: torch.Tensor, tree: torch.Tensor) -> None:
         """``tree[i]`` holds the same token (same prefix) as ``own[i]``, which SGLang is about to free: in every layer
         where it has no copy and ``own[i]`` has one, that copy becomes ``tree[i]``'s."""
         own, tree = _np(own), _np(tree)
-        move = (self._loc[:, tree] < 0) & (self._loc[:, own] >= 0)
+        move = (self._loc[tree] < 0) & (self._loc[own] >= 0)
         if not move.any():
             return
-        layers, at = move.nonzero()
+        at, layers = move.nonzero()
         src, dst = own[at], tree[at]
-        loc = self._loc[layers, src]
-        self._loc[layers, dst] = loc
-        self._loc[layers, src] = -1
+        loc = self._loc[src, layers]
+        self._loc[dst, layers] = loc
+        self._loc[src, layers] = -1
         self._fingerprint_of[dst] = self._fingerprint_of[src]
         ids, offsets = loc >> OFFSET_BITS, loc & OFFSET_MASK
         for cid in np.unique(ids).tolist():
@@ -193,7 +200,7 @@ class HostArena:
         Slots already held in this layer are not copied again. False (nothing copied, nothing evicted, counted in
         ``refused``) if the group's bytes and these would exceed the whole budget."""
         at, fingerprints = _np(slots), _np(fingerprints)
-        fresh = self._loc[layer, at] < 0
+        fresh = self._loc[at, layer] < 0
         if not fresh.all():
             at, fingerprints, kv = at[fresh], fingerprints[fresh], kv[torch.from_numpy(fresh).to(kv.device)]
         n = at.size
@@ -206,33 +213,44 @@ class HostArena:
             return False
         self._make_room(nbytes, keep=group)
         t0 = time.perf_counter()
-        g = self._groups.setdefault(group, _Group(label))
-        per_block = BLOCK_BYTES // (nbytes // n)  # tokens in a whole block (0: a token is larger)
-        step = per_block or n
-        first = self._next_chunk
-        copies = []
-        for i in range(0, n, step):
-            piece = kv[i : i + step]
-            block = self._block() if piece.shape[0] == per_block else None
-            host = (block.view(kv.dtype)[: piece.numel()].view(piece.shape) if block is not None
-                    else torch.empty(piece.shape, dtype=kv.dtype, pin_memory=self._pin))
-            copies.append((host, piece))
-            part = at[i : i + step].astype(np.int64)  # a copy: ``adopt`` rewrites it
-            chunk = _Chunk(group, layer, part, host, block, live=part.size)
-            self._chunks[self._next_chunk] = chunk
-            g.chunks.add(self._next_chunk)
-            g.nbytes += chunk.nbytes
-            self._next_chunk += 1
-        index = np.arange(n)
-        self._loc[layer, at] = ((first + index // step) << OFFSET_BITS) | (index % step)
+        for lo in range(0, n, OFFSET_MASK + 1):
+            hi = min(n, lo + OFFSET_MASK + 1)
+            self._store(group, label, layer, at[lo:hi], kv[lo:hi])
         self._fingerprint_of[at] = fingerprints
-        self._copy(copies, kv)
         self._groups.move_to_end(group)
         self.stats.held_bytes += nbytes
         self._trim_spare()
         self.stats.offloaded_bytes += nbytes
         self.stats.offload_seconds += time.perf_counter() - t0
         return True
+
+    def _store(self, group: int, label: str, layer: int, at: np.ndarray, kv: torch.Tensor) -> None:
+        """One chunk: ``kv`` copied into recycled blocks (a tail shorter than a block into its own allocation)."""
+        n, nbytes = at.size, kv.numel() * kv.element_size()
+        per_block = BLOCK_BYTES // (nbytes // n)  # tokens in a whole block (0: a token is larger)
+        step = per_block or n
+        pieces, blocks, copies = [], [], []
+        for i in range(0, n, step):
+            src = kv[i : i + step]
+            if src.shape[0] == per_block:
+                blocks.append(self._block())
+                dst = blocks[-1].view(kv.dtype)[: src.numel()].view(src.shape)
+            else:
+                dst = torch.empty(src.shape, dtype=kv.dtype, pin_memory=self._pin)
+            pieces.append(dst)
+            copies.append((dst, src))
+        cid = self._next_chunk
+        self._next_chunk += 1
+        self._chunks[cid] = _Chunk(group, layer, at.astype(np.int64), pieces, blocks, step, nbytes, live=n)  # a copy
+        g = self._groups.get(group)
+        if g is None:
+            g = self._groups[group] = _Group(label)
+        g.chunks.add(cid)
+        g.nbytes += nbytes
+        if self._offsets.size < n:
+            self._offsets = np.arange(max(n, 2 * self._offsets.size))
+        self._loc[at, layer] = (cid << OFFSET_BITS) | self._offsets[:n]
+        self._copy(copies, kv)
 
     def reload(self, layer: int, slots: torch.Tensor, fingerprints: torch.Tensor, out: torch.Tensor,
                reader: str = "") -> bool:
@@ -241,7 +259,7 @@ class HostArena:
         False, with ``out`` untouched, unless every slot has a copy whose prefix fingerprint equals the reader's
         (``fingerprints``): the caller recomputes instead."""
         at = _np(slots)
-        loc = self._loc[layer, at]
+        loc = self._loc[at, layer]
         if (loc < 0).any():
             return False
         if not np.array_equal(self._fingerprint_of[at], _np(fingerprints)):
@@ -254,16 +272,22 @@ class HostArena:
         if breaks.size < MAX_RUNS:
             starts = [0] + (breaks + 1).tolist()
             for lo, hi, where in zip(starts, starts[1:] + [loc.size], loc[starts].tolist()):
-                off = where & OFFSET_MASK
-                chunk = self._reloaded(where >> OFFSET_BITS, hi - lo, reader)
-                copies.append((out[lo:hi], chunk.kv[off : off + hi - lo]))
-        else:  # scattered: one gather per chunk
+                chunk, off = self._reloaded(where >> OFFSET_BITS, hi - lo, reader), where & OFFSET_MASK
+                while lo < hi:  # a run spans pieces where it crosses a block
+                    piece, row = divmod(off, chunk.step)
+                    k = min(hi - lo, chunk.step - row)
+                    copies.append((out[lo : lo + k], chunk.pieces[piece][row : row + k]))
+                    lo, off = lo + k, off + k
+        else:  # scattered: one gather per piece
             ids = loc >> OFFSET_BITS
             for cid in np.unique(ids).tolist():
                 mine = np.flatnonzero(ids == cid)
                 chunk = self._reloaded(cid, mine.size, reader)
-                rows = torch.from_numpy(mine).to(out.device)
-                out[rows] = chunk.kv[torch.from_numpy(loc[mine] & OFFSET_MASK)].to(out.device)
+                piece, row = np.divmod(loc[mine] & OFFSET_MASK, chunk.step)
+                for p in np.unique(piece).tolist():
+                    sel = piece == p
+                    out[torch.from_numpy(mine[sel]).to(out.device)] = \
+                        chunk.pieces[p][torch.from_numpy(row[sel])].to(out.device)
         self._copy(copies, out)
         self.stats.reloaded_bytes += out.numel() * out.element_size()
         self.stats.reload_seconds += time.perf_counter() - t0
@@ -308,7 +332,9 @@ class HostArena:
         self._last = event
 
     # ---- memory ----------------------------------------------------------------------------------------
-    def _drop_chunk(self, cid: int) -> None:
+    def _drop_chunk(self, cid: int, indexed: bool = True) -> _Chunk:
+        """Chunk ``cid`` goes; ``indexed``: its index entries are cleared too (a forget cleared them already).
+        Returns it, for ``_recycle``."""
         chunk = self._chunks.pop(cid)
         group = self._groups.get(chunk.group)
         if group is not None:
@@ -316,18 +342,18 @@ class HostArena:
             group.nbytes -= chunk.nbytes
             if not group.chunks:
                 del self._groups[chunk.group]
-        mine = (self._loc[chunk.layer, chunk.slots] >> OFFSET_BITS) == cid  # not its slots re-offloaded since
-        self._loc[chunk.layer, chunk.slots[mine]] = -1
+        if indexed:
+            mine = (self._loc[chunk.slots, chunk.layer] >> OFFSET_BITS) == cid  # not its slots re-offloaded since
+            self._loc[chunk.slots[mine], chunk.layer] = -1
         self.stats.held_bytes -= chunk.nbytes
-        self._recycle([chunk])
+        return chunk
 
     def _drop_group(self, gid: int) -> int:
         group = self._groups.get(gid)
         if group is None:
             return 0
         nbytes = group.nbytes
-        for cid in list(group.chunks):
-            self._drop_chunk(cid)
+        self._recycle([self._drop_chunk(cid) for cid in list(group.chunks)])
         self._groups.pop(gid, None)
         return nbytes
 
@@ -339,7 +365,7 @@ class HostArena:
     def _recycle(self, chunks: Iterable[_Chunk]) -> None:
         """Freed chunks' blocks join the free list while held + free bytes stay within the budget."""
         self.wait()  # a copy still in flight must not land in a block that is handed out again
-        self._spare.extend(c.block for c in chunks if c.block is not None)
+        self._spare.extend(block for c in chunks for block in c.blocks)
         self._trim_spare()
 
     def _trim_spare(self) -> None:

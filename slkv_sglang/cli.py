@@ -11,6 +11,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "setup": ("slkv_sglang.setup_cmd", "prepare this machine: bundled model, sgl_kernel stand-in if needed"),
     "serve": ("api.server", "start the engine with the plugin and the chat API (bundled model by default)"),
     "eval": ("slkv_sglang.evaluate", "long-context retrieval (needle) evaluation through the real engine"),
+    "calibrate": ("slkv_sglang.calibrate", "measure a model's best SimLayerKV settings on calibration needles; write a profile"),
     "bench": ("slkv_sglang.bench", "identification overhead and decode step time, SimLayerKV vs full KV"),
     "bench-offload": ("offload.bench", "host-tier offload/reload bandwidth vs a plain tensor copy"),
     "bench-memory": ("slkv_sglang.bench_memory", "device KV per session and next-turn latency with --slkv-offload"),

@@ -12,9 +12,11 @@ from typing import Literal, Mapping
 
 ScoreMode = Literal["mean", "kvmin", "headmin"]
 DecideMode = Literal["prefill", "decode"]
+Granularity = Literal["layer", "head"]
 
 SCORE_MODES: tuple[str, ...] = ("mean", "kvmin", "headmin")
 DECIDE_MODES: tuple[str, ...] = ("prefill", "decode")
+GRANULARITIES: tuple[str, ...] = ("layer", "head")
 
 # Defaults. sink 4, recent 1020 and last 32 are the paper's (arXiv 2410.13846, rebuttal code snippet:
 # w_sink=4, w_recent=1020, w_last=32). Threshold 0.9 is the official code's value for Llama-3, the family of
@@ -26,6 +28,7 @@ DEFAULT_RECENT = 1020
 DEFAULT_LAST = 32
 DEFAULT_SCORE: ScoreMode = "kvmin"
 DEFAULT_MODE: DecideMode = "prefill"
+DEFAULT_GRANULARITY: Granularity = "layer"
 DEFAULT_OFFLOAD_BUDGET = 4 << 30
 
 
@@ -42,6 +45,8 @@ class SlkvConfig:
     last: int = DEFAULT_LAST
     mode: DecideMode = DEFAULT_MODE
     score: ScoreMode = DEFAULT_SCORE
+    # what is lazy: a whole layer (the paper), or each (layer, KV head) on its own (docs/evaluation.md)
+    granularity: Granularity = DEFAULT_GRANULARITY
     protect: tuple[int, ...] = ()  # layers never made lazy (e.g. a calibrated retrieval layer)
     offload: bool = False  # lazy layers give their middle tokens' device rows back (host copy first)
     offload_budget: int = DEFAULT_OFFLOAD_BUDGET  # host bytes for those copies
@@ -49,6 +54,8 @@ class SlkvConfig:
     # with offload: SGLang gets this many times more token slots than its KV bytes hold in full-KV tokens;
     # admission then counts device rows, so the rows lazy layers free admit more tokens (docs/memory.md)
     overcommit: float = 1.0
+    # a calibrated profile (``slkv calibrate``): its settings are the defaults that the other SLKV_* variables override
+    profile: str = ""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold:
@@ -69,6 +76,8 @@ class SlkvConfig:
             raise SlkvConfigError(f"slkv overcommit must be >= 1, got {self.overcommit}")
         if self.overcommit > 1.0 and not self.offload:
             raise SlkvConfigError("slkv overcommit > 1 needs offload (--slkv-offload): only then do lazy layers free rows")
+        if self.granularity not in GRANULARITIES:
+            raise SlkvConfigError(f"slkv granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.score not in SCORE_MODES:
             raise SlkvConfigError(f"slkv score must be one of {SCORE_MODES}, got {self.score!r}")
 
@@ -88,11 +97,21 @@ class SlkvConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "SlkvConfig":
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        for f in fields(cls):
-            raw = env.get(_env_name(f.name))
+        types = {f.name: f.type for f in fields(cls)}
+        for name, kind in types.items():
+            raw = env.get(_env_name(name))
             if raw is None or raw == "":
                 continue
-            values[f.name] = _parse(f.name, raw, f.type)
+            values[name] = _parse(name, raw, kind)
+        if values.get("profile"):
+            from .profile import ProfileError, read_profile
+
+            try:
+                profile = read_profile(str(values["profile"]))
+            except ProfileError as exc:
+                raise SlkvConfigError(str(exc)) from None
+            for name, value in profile.items():
+                values.setdefault(name, _parse(name, _env_value(value), types[name]))
         return cls(**values)  # type: ignore[arg-type]
 
 

@@ -1,7 +1,8 @@
 """``slkv eval``: needle-in-a-haystack retrieval through the real engine, configurations side by side.
 
 One engine with the plugin serves every configuration through per-request overrides: full KV, SimLayerKV
-per score mode and threshold, StreamingLLM (every layer lazy) and a random-layers control with the same
+per score mode, threshold, granularity (whole layers, or single KV heads) and decide mode (at the prompt's last
+queries, or at the first decode step), StreamingLLM (every layer lazy) and a random-layers control with the same
 number of lazy layers as the default configuration. Haystacks are Python stdlib source (on every machine);
 the needle is a sentence with a random 5-digit passcode at a given depth. Quality is judged by retrieval,
 the metric that perplexity misses (docs/evaluation.md: continuation NLL barely moves when needles are lost).
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import DEFAULT_SCORE, DEFAULT_THRESHOLD, SlkvConfig
+from .config import DECIDE_MODES, DEFAULT_SCORE, DEFAULT_THRESHOLD, GRANULARITIES, SlkvConfig
 from .corpus import document
 from .layer_map import LayerMap
 from .gemma3 import ensure_gemma3_model
@@ -54,6 +55,8 @@ class Setting:
     overrides: dict[str, Any]
     score: str = ""
     threshold: float = 0.0
+    granularity: str = "layer"
+    mode: str = "prefill"
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Outcome:
     correct: bool
     text: str
     lazy_layers: list[int] = field(default_factory=list)
+    lazy_heads: int = 0  # lazy (layer, KV head) pairs
     scores: list[float | None] = field(default_factory=list)  # None in sliding-window layers
     compression: float = 1.0
     ident_fraction: float | None = None
@@ -92,12 +96,22 @@ def needle_case(tokenizer: Any, length: int, depth: float, seed: int, answer_pre
     return Case(f"needle-{length}-d{int(depth * 100)}-s{seed}", length, depth, ids, code, len(head) + cut, question)
 
 
-def settings(scores: list[str], thresholds: list[float], full_layers: Sequence[int]) -> list[Setting]:
-    """``full_layers``: the model's full-attention layers, all that SimLayerKV (and so StreamingLLM here) trims."""
+def settings(scores: list[str], thresholds: list[float], full_layers: Sequence[int],
+             granularities: Sequence[str] = ("layer",), modes: Sequence[str] = ("prefill",)) -> list[Setting]:
+    """``full_layers``: the model's full-attention layers, all that SimLayerKV (and so StreamingLLM here) trims.
+    A setting is named ``<score>@<threshold>``, with ``/head`` for head granularity and ``/decode`` for deciding at
+    the first decode step."""
     out = [Setting("full", "full", {"enabled": False})]
-    out += [Setting(f"{s}@{t}", "simlayerkv", {"score": s, "threshold": t}, s, t) for s in scores for t in thresholds]
+    out += [Setting(setting_name(s, t, g, m), "simlayerkv", {"score": s, "threshold": t, "granularity": g, "mode": m},
+                    s, t, g, m)
+            for m in modes for g in granularities for s in scores for t in thresholds]
     out.append(Setting("streaming", "streaming", {"force_lazy": list(full_layers)}))
     return out
+
+
+def setting_name(score: str, threshold: float, granularity: str = "layer", mode: str = "prefill") -> str:
+    return f"{score}@{threshold}" + ("" if granularity == "layer" else f"/{granularity}") + (
+        "" if mode == "prefill" else f"/{mode}")
 
 
 def _params(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +123,7 @@ def _outcome(case: Case, setting: Setting, out: dict[str, Any]) -> Outcome:
     result = Outcome(case.name, setting.name, case.answer in out["text"], out["text"])
     if meta is not None:
         lm = LayerMap.from_dict(meta)
-        result.lazy_layers, result.scores = lm.lazy_layers, list(lm.scores)
+        result.lazy_layers, result.scores, result.lazy_heads = lm.lazy_layers, list(lm.scores), len(lm.lazy_heads)
         result.compression = lm.compression(len(case.input_ids))
         timing = meta.get("timing") or {}
         if timing.get("prefill_forward_s"):
@@ -170,17 +184,18 @@ def summarise(outcomes: list[Outcome], cases: list[Case]) -> list[dict[str, Any]
             "compression": statistics.mean(o.compression for o in mine),
             "kv_saved": 1 - 1 / statistics.mean(o.compression for o in mine),
             "lazy_layers": statistics.mean(len(o.lazy_layers) for o in mine),
+            "lazy_heads": statistics.mean(o.lazy_heads for o in mine),
             "ident_fraction": statistics.mean(idents) if idents else None,
         })
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'setting':<16}{'needles':>9}{'lost':>6}{'KV x':>7}{'saved':>7}{'lazy':>6}{'ident':>8}")
+    print(f"{'setting':<20}{'needles':>9}{'lost':>6}{'KV x':>7}{'saved':>7}{'lazy':>6}{'heads':>7}{'ident':>8}")
     for r in rows:
         ident = f"{100 * r['ident_fraction']:.2f}%" if r["ident_fraction"] is not None else "-"
-        print(f"{r['setting']:<16}{r['correct']:>4}/{r['cases']:<4}{len(r['lost_vs_full']):>6}{r['compression']:>7.2f}"
-              f"{100 * r['kv_saved']:>6.1f}%{r['lazy_layers']:>6.1f}{ident:>8}")
+        print(f"{r['setting']:<20}{r['correct']:>4}/{r['cases']:<4}{len(r['lost_vs_full']):>6}{r['compression']:>7.2f}"
+              f"{100 * r['kv_saved']:>6.1f}%{r['lazy_layers']:>6.1f}{r['lazy_heads']:>7.1f}{ident:>8}")
 
 
 def plot(outcomes: list[Outcome], rows: list[dict[str, Any]], plan: list[Setting], out: Path) -> None:
@@ -193,7 +208,7 @@ def plot(outcomes: list[Outcome], rows: list[dict[str, Any]], plan: list[Setting
     modes = sorted({s.score for s in plan if s.family == "simlayerkv"})
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 6), squeeze=False)
     for ax, mode in zip(axes[0], modes):
-        name = next(s.name for s in plan if s.score == mode)
+        name = next(s.name for s in plan if s.score == mode and s.granularity == "layer" and s.mode == "prefill")
         mine = [o for o in outcomes if o.setting == name]
         grid = np.array([[np.nan if s is None else s for s in o.scores] for o in mine], dtype=float).T
         im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
@@ -208,10 +223,15 @@ def plot(outcomes: list[Outcome], rows: list[dict[str, Any]], plan: list[Setting
 
     fig, ax = plt.subplots(figsize=(7, 5))
     by_name = {s.name: s for s in plan}
-    for mode in modes:
+    lines = dict.fromkeys((s.score, s.granularity, s.mode) for s in plan if s.family == "simlayerkv")
+    for score, granularity, mode in lines:
         pts = [(100 * r["kv_saved"], 100 * r["accuracy"], by_name[r["setting"]].threshold) for r in rows
-               if r["setting"] in by_name and by_name[r["setting"]].score == mode]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"SimLayerKV {mode}")
+               if r["setting"] in by_name
+               and (by_name[r["setting"]].score, by_name[r["setting"]].granularity, by_name[r["setting"]].mode)
+               == (score, granularity, mode)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], ("o-" if granularity == "layer" else "^--"),
+                label=f"SimLayerKV {score}" + ("" if granularity == "layer" else f" per {granularity}")
+                + ("" if mode == "prefill" else f", {mode}"))
         for x, y, t in pts:
             ax.annotate(f"{t}", (x, y), fontsize=7)
     for r in rows:
@@ -233,6 +253,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="haystacks per length and depth")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     parser.add_argument("--scores", nargs="+", default=["mean", "kvmin", "headmin"])
+    parser.add_argument("--granularities", nargs="+", choices=GRANULARITIES, default=list(GRANULARITIES),
+                        help="what is lazy: whole layers, single KV heads (default: both)")
+    parser.add_argument("--modes", nargs="+", choices=DECIDE_MODES, default=list(DECIDE_MODES),
+                        help="when to decide: at the prompt's last queries, at the first decode step (default: both)")
     parser.add_argument("--recent", type=int, default=None, help="recent window (default: the engine's)")
     parser.add_argument("--quick", action="store_true", help="2 short cases, 1 threshold: a smoke run")
     parser.add_argument("--model", choices=MODELS, default="smollm2",
@@ -255,10 +279,11 @@ def main(argv: list[str]) -> int:
              for s in range(args.seeds)]
     text_config = AutoConfig.from_pretrained(path).get_text_config()
     layers = ModelLayers.from_layer_types(text_config.num_hidden_layers, getattr(text_config, "layer_types", None))
-    plan = settings(args.scores, args.thresholds, layers.full)
+    plan = settings(args.scores, args.thresholds, layers.full, args.granularities, args.modes)
     anchor_score = DEFAULT_SCORE if DEFAULT_SCORE in args.scores else args.scores[0]
     anchor_t = DEFAULT_THRESHOLD if DEFAULT_THRESHOLD in args.thresholds else args.thresholds[0]
-    anchor = f"{anchor_score}@{anchor_t}"
+    anchor = setting_name(anchor_score, anchor_t, "layer" if "layer" in args.granularities else args.granularities[0],
+                          "prefill" if "prefill" in args.modes else args.modes[0])
     engine = make_engine(path, slkv=config, chunked_prefill_size=8192)
     try:
         outcomes = evaluate(engine, cases, plan, anchor)

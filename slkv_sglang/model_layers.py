@@ -23,25 +23,29 @@ FULL_ATTENTION = "full_attention"  # the transformers ``layer_types`` entry of a
 class ModelLayers:
     num_layers: int
     full: tuple[int, ...]  # the layers SimLayerKV scores and may make lazy; the others slide (or are not attention)
+    num_kv_heads: int = 1  # KV heads per layer (the model's total, before any tensor-parallel split)
 
     @classmethod
     def from_model_config(cls, model_config: Any) -> "ModelLayers":
         """From SGLang's ``ModelConfig``."""
         return cls.from_layer_types(model_config.num_hidden_layers,
-                                    getattr(model_config.hf_text_config, "layer_types", None))
+                                    getattr(model_config.hf_text_config, "layer_types", None),
+                                    model_config.get_total_num_kv_heads())
 
     @classmethod
     def from_hf_config(cls, config: Any) -> "ModelLayers":
         """From a transformers config (the chat API's, which loads no SGLang model config); a multimodal
         config's text model, as SGLang reads it."""
         text = getattr(config, "text_config", None) or config
-        return cls.from_layer_types(text.num_hidden_layers, getattr(text, "layer_types", None))
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        return cls.from_layer_types(text.num_hidden_layers, getattr(text, "layer_types", None), heads)
 
     @classmethod
-    def from_layer_types(cls, num_layers: int, layer_types: Sequence[str] | None) -> "ModelLayers":
+    def from_layer_types(cls, num_layers: int, layer_types: Sequence[str] | None, num_kv_heads: int = 1) -> "ModelLayers":
         """A config without ``layer_types`` has full attention in every layer."""
         kinds = layer_types or [FULL_ATTENTION] * num_layers
-        return cls(num_layers, tuple(i for i, kind in enumerate(kinds[:num_layers]) if kind == FULL_ATTENTION))
+        return cls(num_layers, tuple(i for i, kind in enumerate(kinds[:num_layers]) if kind == FULL_ATTENTION),
+                   num_kv_heads)
 
     @property
     def sliding(self) -> tuple[int, ...]:

@@ -21,13 +21,13 @@ import torch
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from . import admin, startup
-from .config import DECIDE_MODES, SCORE_MODES, SlkvConfig, SlkvConfigError
+from .config import DECIDE_MODES, GRANULARITIES, SCORE_MODES, SlkvConfig, SlkvConfigError
 from .model_layers import ModelLayers, check_servable
 from .kv.executor import KvExecutor
 from .kv.planner import KvPlanner
 from .kv.tier import KvTier
 from .report import Outbox
-from .request_params import RequestParamsError, check_generate, request_params
+from .request_params import RequestParams, RequestParamsError, check_generate, request_params
 from .tracker import LazyTracker
 
 logger = logging.getLogger("slkv.plugin")
@@ -82,6 +82,10 @@ def _add_cli_args(_result: Any, parser: argparse.ArgumentParser) -> None:
               help="Decide at prefill (last queries) or at the first decode step.")
     _add_flag(parser_, "--slkv-score", "SLKV_SCORE", choices=SCORE_MODES, default=None,
               help="Score reduction over heads: mean (paper), kvmin or headmin (guard retrieval heads).")
+    _add_flag(parser_, "--slkv-granularity", "SLKV_GRANULARITY", choices=GRANULARITIES, default=None,
+              help="What is lazy: whole layers (default, the paper) or each KV head of a layer on its own.")
+    _add_flag(parser_, "--slkv-profile", "SLKV_PROFILE", default=None,
+              help="A calibrated profile (slkv calibrate): its settings become the defaults; other flags override.")
     _add_flag(parser_, "--slkv-protect", "SLKV_PROTECT", default=None,
               help="Comma-separated layer ids never made lazy (e.g. a model's retrieval layers).")
     _add_flag(parser_, "--slkv-offload", "SLKV_OFFLOAD", nargs="?", const=True, default=None,
@@ -187,27 +191,31 @@ def _attach_params(result: Any, _cls: Any, batch: Any, *args: Any, **kwargs: Any
     _proc.tracker.stage(params)
     if _proc.planner is not None and _proc.executor is not None:
         prefixes = [0] * len(batch.reqs) if decode else list(batch.prefix_lens)
-        tokens = [_step_tokens(req, decode, prefix + ext) for req, prefix, ext in
-                  zip(batch.reqs, prefixes, [0] * len(batch.reqs) if decode else batch.extend_lens)]
+        tokens = [_step_tokens(req, p, decode, prefix + ext) for req, p, prefix, ext in
+                  zip(batch.reqs, params, prefixes, [0] * len(batch.reqs) if decode else batch.extend_lens)]
         step = _proc.planner.plan(batch.reqs, [int(_pool_row(r)) for r in batch.reqs], [p.session for p in params],
                                   tokens, prefixes)
         _proc.executor.begin(step)
     return None
 
 
-def _step_tokens(req: Any, decode: bool, seq_len: int) -> list[int] | None:
+def _step_tokens(req: Any, params: RequestParams, decode: bool, seq_len: int) -> list[int] | None:
     """The token ids a forward's KV work needs fingerprints of: a prefill's positions 0..seq_len-1; in decode,
-    only a request deciding at its first decode step (``--slkv-mode decode``) needs its whole sequence."""
+    only a request deciding at its first decode step (mode ``decode``) needs its whole sequence."""
     if not decode:
         return list(req.full_untruncated_fill_ids[:seq_len])
-    if config().mode == "decode" and len(req.output_ids) == 1:
+    if params.enabled and params.mode == "decode" and len(req.output_ids) == 1:
         return list(req.origin_input_ids) + list(req.output_ids)
     return None
 
 
 def _cap_prefix(result: int, req: Any, input_len: int) -> int | None:
-    """Leave at least ``last`` prompt tokens to extend, so a radix hit still has the queries that score."""
-    if not config().enabled or config().mode != "prefill":
+    """Leave at least ``last`` prompt tokens to extend, so a radix hit still has the queries that score: for
+    requests that score their prompt (SimLayerKV on, deciding at prefill); the others take the whole match."""
+    if not config().enabled:
+        return None
+    params = request_params(config(), req.rid, req.sampling_params.custom_params, last_chunk=True)
+    if not params.enabled or params.mode != "prefill":
         return None
     return max(0, min(result, input_len - config().last))
 

@@ -2,9 +2,10 @@
 
 Independent of the engine's code path on purpose: the score is the explicit softmax probability mass of
 the last queries (materialised ``[H, n, L]`` probabilities, summed over sink + recent keys), not the engine's
-log-sum-exp difference; decode restriction indexes the HF cache's keys. Batch size 1, greedy decoding.
-Shared with the engine: only the decision rule (``scoring.decide``: head reduction, threshold, protected and
-forced layers), which *defines* the algorithm; the masses it decides on are computed independently here.
+log-sum-exp difference; decode restriction indexes the HF cache's keys (lazy layers) or masks the middle keys of
+lazy heads (head granularity), where the engine splits the heads into two attention calls. Batch size 1, greedy
+decoding. Shared with the engine: only the decision rule (``scoring.decide``: head reduction, threshold, protected
+and forced layers and heads), which *defines* the algorithm; the masses it decides on are computed independently.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class _Run:
 
     config: SlkvConfig
     score_now: bool = False  # this forward takes the decision
-    lazy: frozenset[int] = frozenset()
+    lazy: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its lazy KV heads, where any is
     per_head: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -69,11 +70,19 @@ def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
         n = min(cfg.last, q_len)
     else:
-        k_sel, v_sel = key, value
-        if layer in run.lazy and seq > cfg.sink + cfg.recent:
+        k_sel, v_sel, mask = key, value, None
+        heads = run.lazy.get(layer)
+        if heads is not None and seq > cfg.sink + cfg.recent:
             keep = torch.cat([torch.arange(cfg.sink), torch.arange(seq - cfg.recent, seq)])
-            k_sel, v_sel = key[:, :, keep], value[:, :, keep]
-        out = F.scaled_dot_product_attention(query, k_sel, v_sel, scale=scale, enable_gqa=True)
+            if bool(heads.all()):
+                k_sel, v_sel = key[:, :, keep], value[:, :, keep]
+            else:  # the query heads of lazy KV heads see only the kept keys
+                lazy_q = heads.repeat_interleave(query.shape[1] // heads.shape[0])
+                kept = torch.zeros(seq, dtype=torch.bool)
+                kept[keep] = True
+                mask = torch.zeros(1, query.shape[1], 1, seq)
+                mask[0, lazy_q, 0, :] = torch.where(kept, 0.0, float("-inf"))
+        out = F.scaled_dot_product_attention(query, k_sel, v_sel, attn_mask=mask, scale=scale, enable_gqa=True)
         n = 1
     if run.score_now:
         run.per_head[layer] = _mass(query, key, n, cfg.sink, cfg.recent, scale)
@@ -95,15 +104,18 @@ class ReferenceModel:
         eos = cfg.eos_token_id
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
-    def _decide(self, run: _Run, prompt_len: int, decided_at: int, force_lazy: Sequence[int] | None) -> LayerMap:
+    def _decide(self, run: _Run, prompt_len: int, decided_at: int, force_lazy: Sequence[int] | None,
+                force_lazy_heads: Sequence[tuple[int, int]] | None) -> LayerMap:
         cfg = run.config
         per_head = torch.stack([run.per_head[layer] for layer in range(self.num_layers)])
-        lazy, scores = decide(per_head, cfg.score, cfg.threshold, self.num_kv_heads, prompt_len >= cfg.min_trim_len,
-                              force_lazy, cfg.protect)
-        return LayerMap(
-            lazy=tuple(bool(x) for x in lazy), scores=tuple(float(s) for s in scores), threshold=cfg.threshold,
+        lazy, scores, heads = decide(per_head, cfg.score, cfg.threshold, self.num_kv_heads,
+                                     prompt_len >= cfg.min_trim_len, force_lazy, cfg.protect, cfg.granularity,
+                                     force_lazy_heads)
+        run.lazy = {layer: lazy[layer] for layer in range(self.num_layers) if bool(lazy[layer].any())}
+        return LayerMap.from_decision(
+            lazy.tolist(), scores.tolist(), heads.tolist(), [True] * self.num_layers, threshold=cfg.threshold,
             score_mode=cfg.score, decide_mode=cfg.mode, sink=cfg.sink, recent=cfg.recent, decided_at=decided_at,
-        )
+            granularity=cfg.granularity)
 
     @torch.no_grad()
     def _forward(self, ids: list[int], cache: Any) -> tuple[int, float, Any]:
@@ -120,6 +132,7 @@ class ReferenceModel:
         stop_ids: Sequence[int] | None = None,
         ignore_eos: bool = False,
         force_lazy: Sequence[int] | None = None,
+        force_lazy_heads: Sequence[tuple[int, int]] | None = None,
     ) -> ReferenceResult:
         global _run
         stops = set() if ignore_eos else set(self.eos_ids if stop_ids is None else stop_ids)
@@ -129,8 +142,7 @@ class ReferenceModel:
         try:
             token, logprob, cache = self._forward(list(input_ids), None)
             if run.score_now:
-                layer_map = self._decide(run, len(input_ids), len(input_ids), force_lazy)
-                run.lazy = frozenset(layer_map.lazy_layers)
+                layer_map = self._decide(run, len(input_ids), len(input_ids), force_lazy, force_lazy_heads)
                 run.score_now = False
             output, logprobs = [token], [logprob]
             while len(output) < max_new_tokens and token not in stops:
@@ -138,8 +150,7 @@ class ReferenceModel:
                 run.score_now = decide_here
                 token, logprob, cache = self._forward([token], cache)
                 if decide_here:
-                    layer_map = self._decide(run, len(input_ids), len(input_ids) + 1, force_lazy)
-                    run.lazy = frozenset(layer_map.lazy_layers)
+                    layer_map = self._decide(run, len(input_ids), len(input_ids) + 1, force_lazy, force_lazy_heads)
                     run.score_now = False
                 output.append(token)
                 logprobs.append(logprob)

@@ -1,7 +1,7 @@
 """Per-request SimLayerKV settings: the engine's config, overridden by ``custom_params["slkv"]``.
 
-A client can change the threshold or the score mode, turn SimLayerKV off, or force a lazy set for one
-request, and label it for reports::
+A client can change the threshold, the score mode, the granularity or when to decide, turn SimLayerKV off, or force a lazy set
+(layers, or (layer, KV head) pairs) for one request, and label it for reports::
 
     sampling_params={"custom_params": {"slkv": {"threshold": 0.8, "score": "mean", "session": "chat-42"}}}
 
@@ -18,13 +18,14 @@ import reprlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .config import SCORE_MODES, ScoreMode, SlkvConfig, SlkvConfigError
+from .config import (DECIDE_MODES, GRANULARITIES, SCORE_MODES, DecideMode, Granularity, ScoreMode, SlkvConfig,
+                     SlkvConfigError)
 from .model_layers import ModelLayers
 
 OVERRIDE_KEY = "slkv"
 WHERE = f"custom_params.{OVERRIDE_KEY}"
 MAX_LABEL = 256
-_KEYS = ("enabled", "threshold", "score", "force_lazy", "session")
+_KEYS = ("enabled", "threshold", "score", "granularity", "mode", "force_lazy", "force_lazy_heads", "session")
 _ENGINE_WIDE = {"offload_budget": "the host budget is engine-wide: an admin sets it through the admin channel "
                                   "(the chat API's PUT /admin/offload, or SGLang's /set_internal_state with "
                                   "slkv_host_budget)"}
@@ -45,7 +46,10 @@ class RequestParams:
     enabled: bool
     threshold: float
     score: ScoreMode
+    granularity: Granularity
+    mode: DecideMode  # when it decides: at the prompt's last queries (prefill) or at its first decode step
     force_lazy: tuple[int, ...] | None
+    force_lazy_heads: tuple[tuple[int, int], ...] | None
     last_chunk: bool  # this forward processes the prompt's last token (extend) or is a decode step
     session: str  # a label for reports (the chat session; else the request id); nothing is keyed by it
 
@@ -93,8 +97,19 @@ def parse_overrides(raw: Any, layers: ModelLayers | None = None, where: str = WH
         if not isinstance(raw["score"], str) or raw["score"] not in SCORE_MODES:
             raise RequestParamsError(f"{where}.score", f"must be one of {list(SCORE_MODES)}, got {_show(raw['score'])}")
         out["score"] = raw["score"]
+    if "mode" in raw:
+        if not isinstance(raw["mode"], str) or raw["mode"] not in DECIDE_MODES:
+            raise RequestParamsError(f"{where}.mode", f"must be one of {list(DECIDE_MODES)}, got {_show(raw['mode'])}")
+        out["mode"] = raw["mode"]
+    if "granularity" in raw:
+        if not isinstance(raw["granularity"], str) or raw["granularity"] not in GRANULARITIES:
+            raise RequestParamsError(f"{where}.granularity",
+                                     f"must be one of {list(GRANULARITIES)}, got {_show(raw['granularity'])}")
+        out["granularity"] = raw["granularity"]
     if raw.get("force_lazy") is not None:
         out["force_lazy"] = _force_lazy(raw["force_lazy"], layers, f"{where}.force_lazy")
+    if raw.get("force_lazy_heads") is not None:
+        out["force_lazy_heads"] = _force_lazy_heads(raw["force_lazy_heads"], layers, f"{where}.force_lazy_heads")
     if "session" in raw:
         label = raw["session"]
         if not isinstance(label, str) or not 0 < len(label) <= MAX_LABEL or not label.isprintable():
@@ -124,19 +139,47 @@ def _force_lazy(forced: Any, layers: ModelLayers | None, where: str) -> tuple[in
     seen: set[int] = set()
     for i, layer in enumerate(forced):
         field = f"{where}[{i}]"
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise RequestParamsError(field, f"must be a layer id (an integer), got {_show(layer)}")
-        if layer < 0 or (layers is not None and layer >= layers.num_layers):
-            bound = f"[0, {layers.num_layers})" if layers is not None else ">= 0"
-            raise RequestParamsError(field, f"must be a layer id in {bound}, got {_show(layer)}")
+        _layer_id(layer, layers, field)
         if layer in seen:
             raise RequestParamsError(field, f"names layer {layer} a second time")
-        if layers is not None and layer not in layers.full:
-            raise RequestParamsError(field, f"names sliding-window layer {layer}: it already reads only its window "
-                                            f"and is never lazy; this model's full-attention layers are "
-                                            f"{list(layers.full)}")
         seen.add(layer)
     return tuple(sorted(seen))
+
+
+def _force_lazy_heads(forced: Any, layers: ModelLayers | None, where: str) -> tuple[tuple[int, int], ...]:
+    if not isinstance(forced, (list, tuple)):
+        raise RequestParamsError(where, f"must be a list of [layer, KV head] pairs, got {_kind(forced)}")
+    if layers is not None and len(forced) > layers.num_layers * layers.num_kv_heads:
+        raise RequestParamsError(where, f"names {len(forced)} heads; this model has "
+                                        f"{layers.num_layers * layers.num_kv_heads} (layer, KV head) pairs")
+    seen: set[tuple[int, int]] = set()
+    for i, pair in enumerate(forced):
+        field = f"{where}[{i}]"
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise RequestParamsError(field, f"must be a [layer, KV head] pair, got {_show(pair)}")
+        layer, head = pair
+        _layer_id(layer, layers, f"{field}[0]")
+        if isinstance(head, bool) or not isinstance(head, int) or head < 0 or (
+                layers is not None and head >= layers.num_kv_heads):
+            bound = f"[0, {layers.num_kv_heads})" if layers is not None else ">= 0"
+            raise RequestParamsError(f"{field}[1]", f"must be a KV head id in {bound}, got {_show(head)}")
+        if (layer, head) in seen:
+            raise RequestParamsError(field, f"names layer {layer}, head {head} a second time")
+        seen.add((layer, head))
+    return tuple(sorted(seen))
+
+
+def _layer_id(layer: Any, layers: ModelLayers | None, field: str) -> None:
+    """Refuse anything but the id of a layer SimLayerKV may make lazy."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise RequestParamsError(field, f"must be a layer id (an integer), got {_show(layer)}")
+    if layer < 0 or (layers is not None and layer >= layers.num_layers):
+        bound = f"[0, {layers.num_layers})" if layers is not None else ">= 0"
+        raise RequestParamsError(field, f"must be a layer id in {bound}, got {_show(layer)}")
+    if layers is not None and layer not in layers.full:
+        raise RequestParamsError(field, f"names sliding-window layer {layer}: it already reads only its window "
+                                        f"and is never lazy; this model's full-attention layers are "
+                                        f"{list(layers.full)}")
 
 
 _SHORT = reprlib.Repr()
@@ -171,7 +214,10 @@ def request_params(config: SlkvConfig, rid: str, custom_params: Mapping[str, Any
         enabled=overrides.get("enabled", config.enabled),
         threshold=overrides.get("threshold", config.threshold),
         score=overrides.get("score", config.score),
+        granularity=overrides.get("granularity", config.granularity),
+        mode=overrides.get("mode", config.mode),
         force_lazy=overrides.get("force_lazy"),
+        force_lazy_heads=overrides.get("force_lazy_heads"),
         last_chunk=last_chunk,
         session=overrides.get("session", rid),
     )

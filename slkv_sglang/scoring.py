@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .config import ScoreMode
+from .config import Granularity, ScoreMode
 
 
 # Keys scored per step: transient memory is ``chunk x Hkv x D`` keys plus ``H x last x chunk`` fp32 logits,
@@ -110,25 +110,39 @@ def reduce_heads_tensor(per_head: torch.Tensor, mode: ScoreMode, num_kv_heads: i
     if mode == "mean":
         return per_head.mean(dim=-1)
     if mode == "kvmin":
-        grouped = per_head.reshape(*per_head.shape[:-1], num_kv_heads, -1)
-        return grouped.mean(dim=-1).min(dim=-1).values
+        return kv_head_scores(per_head, mode, num_kv_heads).min(dim=-1).values
     if mode == "headmin":
         return per_head.min(dim=-1).values
     raise ValueError(f"unknown score mode {mode!r}")
 
 
+def kv_head_scores(per_head: torch.Tensor, mode: ScoreMode, num_kv_heads: int) -> torch.Tensor:
+    """Per-query-head masses [..., H] to one score per KV head [..., Hkv]: what head granularity decides on. A KV
+    head serves its group of query heads, so it is as lazy as their mean (``headmin``: their least lazy one)."""
+    grouped = per_head.reshape(*per_head.shape[:-1], num_kv_heads, -1)
+    return grouped.min(dim=-1).values if mode == "headmin" else grouped.mean(dim=-1)
+
+
 def decide(per_head: torch.Tensor, mode: ScoreMode, threshold: float, num_kv_heads: int, long_enough: bool,
-           force_lazy: Sequence[int] | None = None, protect: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decision rule: per-head masses ``[L, H]`` (all of the model's query heads) to (lazy ``[L]`` bool,
-    scores ``[L]``). A layer is lazy when its score exceeds the threshold (or it is forced), the sequence is long
-    enough to trim, and it is not protected."""
+           force_lazy: Sequence[int] | None = None, protect: Sequence[int] = (), granularity: Granularity = "layer",
+           force_lazy_heads: Sequence[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decision rule: per-head masses ``[L, H]`` (all of the model's query heads) to (lazy ``[L, Hkv]`` bool,
+    layer scores ``[L]``, KV-head scores ``[L, Hkv]``).
+
+    ``layer``: a layer is lazy in every KV head when its score exceeds the threshold. ``head``: each KV head is
+    lazy when its own score does. Forced layers (every head) and forced (layer, KV head) pairs replace the scores'
+    verdict. Nothing is lazy unless the sequence is long enough to trim, and protected layers never are."""
     scores = reduce_heads_tensor(per_head, mode, num_kv_heads)
-    if force_lazy is not None:
-        lazy = torch.zeros(scores.shape[0], dtype=torch.bool)
-        lazy[list(force_lazy)] = True
+    heads = kv_head_scores(per_head, mode, num_kv_heads)
+    if force_lazy is not None or force_lazy_heads is not None:
+        lazy = torch.zeros(heads.shape, dtype=torch.bool)
+        lazy[list(force_lazy or ())] = True
+        for layer, head in force_lazy_heads or ():
+            lazy[layer, head] = True
+    elif granularity == "head":
+        lazy = heads > threshold
     else:
-        lazy = scores > threshold
+        lazy = (scores > threshold)[:, None].expand(heads.shape).clone()
     lazy &= long_enough
     lazy[[layer for layer in protect if layer < len(lazy)]] = False
-    return lazy, scores
-
+    return lazy, scores, heads

@@ -2,7 +2,8 @@
 
 An attention backend owns one ``LazyTracker``. Per forward it calls ``plan(forward_batch)`` once (host-side
 metadata, FlashInfer-style), then per layer ``score(...)`` after attention and, in decode,
-``restricted_positions(layer)`` / ``window_indices(i)`` to know which requests read only sink + recent KV.
+``restricted_positions(layer)`` / ``window_indices(i)`` to know which requests read only sink + recent KV
+(``partial_heads(layer)``: which read it in some KV heads only, with head granularity).
 State is keyed by request row (``req_to_token`` row). A decision leaves the tracker once, as the ``Decision`` that
 ``score`` returns after the last layer: the backend acts on it and reports it; nothing calls back into the tracker.
 """
@@ -49,11 +50,11 @@ class _Scorer:
 
 @dataclass(frozen=True)
 class Decision:
-    """A request's lazy layers, decided in this forward."""
+    """A request's lazy layers and heads, decided in this forward."""
 
     rid: str
     req_row: int
-    lazy: torch.Tensor  # [layers] bool
+    lazy: torch.Tensor  # [layers] bool: every KV head of the layer is lazy
     seq_len: int
     layer_map: LayerMap
     identification_s: float  # scoring time over the request's prefill
@@ -80,6 +81,9 @@ class BatchPlan:
     scorers: list[_Scorer]
     window: dict[int, torch.Tensor]  # decode: batch position -> KV slot ids of sink + recent
     started: float
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)  # decode: batch position -> lazy [layers, KV heads]
+    whole: dict[int, list[bool]] = field(default_factory=dict)  # decode: batch position -> per layer, all heads lazy
+    some: dict[int, list[bool]] = field(default_factory=dict)  # decode: batch position -> per layer, some head lazy
     clocks: list["_Clock"] = field(default_factory=list)  # scoring time per layer
 
 
@@ -110,11 +114,14 @@ class _Clock:
 
 class LazyTracker:
     def __init__(self, config: SlkvConfig, num_layers: int, num_kv_heads: int, num_rows: int, req_to_token: torch.Tensor,
-                 gather_heads: HeadGather | None = None, full_layers: Sequence[int] | None = None):
+                 gather_heads: HeadGather | None = None, full_layers: Sequence[int] | None = None,
+                 head_decode: bool = True):
         """``num_kv_heads``: the model's total; ``gather_heads``: under tensor parallel, this rank's per-head masses
         to all of the model's heads (``tensor_parallel.all_gather_heads``), so every rank decides alike.
         ``full_layers``: the layers scored and made lazy (``ModelLayers.full``; None: every layer); the others
-        (sliding windows) are never scored, never lazy, and their score in the layer map is None."""
+        (sliding windows) are never scored, never lazy, and their score in the layer map is None.
+        ``head_decode``: the backend's decode can read sink + recent in some KV heads of a layer and everything in
+        the others; without it a layer is lazy only when all of its heads are (a partly lazy layer keeps full KV)."""
         self.config = config
         self.num_layers = num_layers
         self.full_layers = list(range(num_layers) if full_layers is None else full_layers)
@@ -123,7 +130,8 @@ class LazyTracker:
         self.num_kv_heads = num_kv_heads
         self.gather_heads = gather_heads
         self.req_to_token = req_to_token
-        self.lazy = torch.zeros(num_rows, num_layers, dtype=torch.bool)  # host copy, read per layer
+        self.head_decode = head_decode
+        self.lazy = torch.zeros(num_rows, num_layers, num_kv_heads, dtype=torch.bool)  # host copy, read per forward
         self._tails: dict[int, _Tail] = {}
         self._awaiting: dict[int, _AwaitingDecode] = {}
         self._timing: dict[int, list[float]] = {}  # row -> [identification s, forward s] over its prefill
@@ -171,7 +179,7 @@ class LazyTracker:
             if p.last_chunk:
                 self.lazy[row] = False
                 self._awaiting.pop(row, None)
-            if p.enabled and cfg.mode == "prefill":
+            if p.enabled and p.mode == "prefill":
                 plan.scorers.append(
                     _Scorer(
                         pos=pos, row=row, params=p, q_start=q_start + max(0, ext - cfg.last), q_end=q_start + ext,
@@ -198,14 +206,25 @@ class LazyTracker:
                 )
             if seq_len > cfg.kept_tokens and bool(self.lazy[row].any()):
                 plan.window[pos] = window_slots(self.req_to_token[row], seq_len, cfg.sink, cfg.recent)
+                lazy = plan.heads[pos] = self.lazy[row].clone()
+                plan.whole[pos], plan.some[pos] = lazy.all(dim=1).tolist(), lazy.any(dim=1).tolist()
 
     # ---- per layer ---------------------------------------------------------------------------------
     def restricted_positions(self, layer_id: int) -> list[int]:
-        """Batch positions that read only sink + recent KV in this layer (decode)."""
+        """Batch positions that read only sink + recent KV in every head of this layer (decode)."""
         plan = self.plan_
-        if plan is None or not plan.window or not self.is_full[layer_id]:
+        if plan is None or not plan.window:
             return []
-        return [pos for pos in plan.window if bool(self.lazy[plan.rows[pos], layer_id])]
+        return [pos for pos in plan.window if plan.whole[pos][layer_id]]
+
+    def partial_heads(self, layer_id: int) -> dict[int, torch.Tensor]:
+        """Batch positions that read only sink + recent KV in some KV heads of this layer (decode), with those
+        heads' flags ``[KV heads]``."""
+        plan = self.plan_
+        if plan is None or not plan.window:
+            return {}
+        return {pos: plan.heads[pos][layer_id] for pos in plan.window
+                if plan.some[pos][layer_id] and not plan.whole[pos][layer_id]}
 
     def window_indices(self, pos: int) -> torch.Tensor:
         assert self.plan_ is not None
@@ -263,22 +282,20 @@ class LazyTracker:
         decisions = []
         for s, per_head in zip(deciding, masses):
             timing = self._timing[s.row]
-            lazy, scores = decide(per_head, s.params.score, s.params.threshold, self.num_kv_heads,
-                                  s.prompt_len >= self.config.min_trim_len, s.params.force_lazy, self.config.protect)
-            lazy &= self.is_full  # where requests enter, force_lazy naming a sliding layer is refused
+            p = s.params
+            lazy, scores, heads = decide(per_head, p.score, p.threshold, self.num_kv_heads,
+                                         s.prompt_len >= self.config.min_trim_len, p.force_lazy, self.config.protect,
+                                         p.granularity, p.force_lazy_heads)
+            lazy &= self.is_full[:, None]  # where requests enter, forcing a sliding layer is refused
+            if not self.head_decode:
+                lazy &= lazy.all(dim=1, keepdim=True)
             self.lazy[s.row] = lazy
-            layer_map = LayerMap(
-                lazy=tuple(bool(x) for x in lazy),
-                scores=tuple(float(x) if full else None for x, full in zip(scores, self.is_full)),
-                threshold=s.params.threshold,
-                score_mode=s.params.score,
-                decide_mode=self.config.mode,
-                sink=self.config.sink,
-                recent=self.config.recent,
-                decided_at=s.seq_len,
-            )
-            decisions.append(Decision(s.params.rid, s.row, lazy, s.seq_len, layer_map, timing[0], timing[1]))
-            logger.debug("slkv decision rid=%s lazy=%s", s.params.rid, layer_map.lazy_layers)
+            layer_map = LayerMap.from_decision(
+                lazy.tolist(), scores.tolist(), heads.tolist(), self.is_full.tolist(), threshold=p.threshold,
+                score_mode=p.score, decide_mode=p.mode, sink=self.config.sink, recent=self.config.recent,
+                decided_at=s.seq_len, granularity=p.granularity)
+            decisions.append(Decision(p.rid, s.row, lazy.all(dim=1), s.seq_len, layer_map, timing[0], timing[1]))
+            logger.debug("slkv decision rid=%s lazy=%s", p.rid, layer_map.lazy_heads)
         return decisions
 
     def _all_layers(self, masses: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Every value has exactly one defect (the rest of it is valid settings), so the field is known: wrong types,
 booleans for numbers, thresholds that are NaN, infinite, negative or zero, layer ids out of range or
-negative, duplicates, lists longer than the model has layers, unknown keys (the per-request host budget that
-is no longer one among them), nested junk, values that are not objects, labels too long or unprintable.
+negative, duplicates, lists longer than the model has layers, (layer, KV head) pairs that are not pairs or name a
+head the model does not have, unknown granularities, unknown keys (the per-request host budget that is no longer
+one among them), nested junk, values that are not objects, labels too long or unprintable.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, NamedTuple
 
 SEED = int(os.environ.get("SLKV_HOSTILE_SEED", "9"))  # printed by the tests that use it
 KINDS = ("not_object", "unknown_key", "engine_wide", "wrong_type", "bool_for_number", "bad_threshold",
-         "bad_layer", "duplicate_layer", "huge_list", "nested_junk", "bad_label")
+         "bad_layer", "duplicate_layer", "huge_list", "nested_junk", "bad_label", "bad_head")
+KV_HEADS = 3  # the bundled model's
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,9 @@ def malformed(seed: int, count: int, num_layers: int) -> list[Malformed]:
 def _valid(rng: random.Random, num_layers: int) -> dict[str, Any]:
     settings = {"enabled": rng.random() < 0.8, "threshold": round(rng.uniform(0.5, 1.5), 3),
                 "score": rng.choice(["mean", "kvmin", "headmin"]),
-                "force_lazy": rng.sample(range(num_layers), rng.randint(0, 3))}
+                "force_lazy": rng.sample(range(num_layers), rng.randint(0, 3)),
+                "granularity": rng.choice(["layer", "head"]),
+                "force_lazy_heads": sorted({(rng.randrange(num_layers), rng.randrange(KV_HEADS)) for _ in range(3)})}
     return {k: v for k, v in settings.items() if rng.random() < 0.5}
 
 
@@ -111,6 +115,8 @@ def _wrong_type(rng: random.Random, n: int) -> _Defect:
         ("score", rng.choice([1, None, ["mean"], {"mode": "mean"}, "MEAN", "max", "mean "])),
         ("force_lazy", rng.choice(["0,1", 3, {"0": True}, "all", 1.5])),
         ("session", rng.choice([1, None, [], {"id": "x"}, 2.5])),
+        ("granularity", rng.choice([1, None, ["head"], "heads", "Layer", "", {"g": "head"}])),
+        ("force_lazy_heads", rng.choice(["0:1", 3, {"0": 1}, 1.5, True])),
     ])
     return _Defect({field: value}, f".{field}")
 
@@ -163,3 +169,16 @@ def _bad_label(rng: random.Random, n: int) -> _Defect:
     label = rng.choice(["", "x" * 257, "y" * rng.randint(258, 100_000), "line\nbreak", "nul\x00", "bell\x07",
                         "right\u202eleft", "tab\t", "\x7f"])
     return _Defect({"session": label}, ".session")
+
+
+def _bad_head(rng: random.Random, n: int) -> _Defect:
+    pairs = [[rng.randrange(n), rng.randrange(KV_HEADS)] for _ in range(rng.randint(0, 3))]
+    pairs = [list(p) for p in sorted({tuple(p) for p in pairs})]
+    at = rng.randint(0, len(pairs))
+    field = f".force_lazy_heads[{at}]"
+    bad, where = rng.choice([
+        ([1], ""), ([1, 2, 0], ""), (7, ""), ("1,2", ""), ({"layer": 1, "head": 0}, ""), ([], ""),
+        ([rng.choice([n, -1, 2**63, 1.0, "3", None, True]), 0], "[0]"),
+        ([rng.randrange(n), rng.choice([KV_HEADS, KV_HEADS + 5, -1, 2**40, 0.5, "0", None, False])], "[1]"),
+    ])
+    return _Defect({"force_lazy_heads": pairs[:at] + [bad] + pairs[at:]}, field + where)

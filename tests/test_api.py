@@ -209,24 +209,29 @@ TURNS = [
 ROW_BYTES = 2 * 3 * 64 * 4  # K and V of one token in one layer: 3 KV heads x 64 dims, float32 (the CPU engine)
 
 
+TURN_SLKV = {3: {"granularity": "head"}}  # the turns' own SimLayerKV settings (turn 3: single KV heads)
+
+
 def test_four_turns_with_the_openai_client(offload_api, offload_redis, slkv_engine):
     """Four turns of one session through the OpenAI client (two streamed), on the offload server: each turn's lazy
     layers keep only sink + recent on the device and their middle on the host (the turn record says so, layer by
-    layer); the next turn restores that middle and reuses the whole history from the radix cache. Every answer
-    equals the session engine's (offload off) for the same token ids."""
+    layer); the next turn restores that middle and reuses the whole history from the radix cache. Turn 3 asks for
+    head granularity: its record has the lazy KV heads, and what it read counts them. Every answer equals the
+    session engine's (offload off) for the same token ids and settings."""
     client = _client(offload_api)
     sid = _session(offload_api)
     cached = []
     for turn, text in enumerate(TURNS, start=1):
         messages = [{"role": "user", "content": text}]
+        extra = {"session_id": sid, **({"slkv": TURN_SLKV[turn]} if turn in TURN_SLKV else {})}
         if turn % 2:
             resp = client.chat.completions.create(model="default", messages=messages, max_tokens=8,
-                                                  extra_body={"session_id": sid})
+                                                  extra_body=extra)
             assert resp.choices[0].message.content
             cached.append(resp.usage.prompt_tokens_details.cached_tokens)
         else:
             stream = client.chat.completions.create(model="default", messages=messages, max_tokens=8, stream=True,
-                                                    stream_options={"include_usage": True}, extra_body={"session_id": sid})
+                                                    stream_options={"include_usage": True}, extra_body=extra)
             chunks = list(stream)
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             cached.append(chunks[-1].usage.prompt_tokens_details.cached_tokens)
@@ -244,8 +249,11 @@ def test_four_turns_with_the_openai_client(offload_api, offload_redis, slkv_engi
         assert t["kv_location"] == ["host" if lazy else "device" for lazy in lm["lazy"]]
         assert kv["host_tokens"] == [lm["decided_at"] - window if lazy else 0 for lazy in lm["lazy"]]
         assert t["host_bytes"] == sum(kv["host_tokens"]) * ROW_BYTES
-        seq = t["prompt_tokens"] + t["completion_tokens"]  # what the turn read: sink + recent in lazy layers
-        assert t["device_kv_bytes"] == sum(min(seq, window) if lazy else seq for lazy in lm["lazy"]) * ROW_BYTES
+        seq = t["prompt_tokens"] + t["completion_tokens"]  # what the turn read: sink + recent in lazy KV heads
+        read = sum(sum(min(seq, window) if lazy else seq for lazy in heads) / len(heads) for heads in lm["heads"])
+        assert t["device_kv_bytes"] == round(read * ROW_BYTES)
+        if t["turn"] in TURN_SLKV:
+            assert lm["granularity"] == "head" and len(lm["lazy_heads"]) > 3 * len(lm["lazy_layers"])
         if i:  # the whole history from the radix cache but the last `last` prompt tokens (re-run to score the
             # layers), and what the previous turn offloaded back from the host
             assert cached[i] == t["cached_tokens"] == t["prompt_tokens"] - TEST_SLKV.last
@@ -253,8 +261,11 @@ def test_four_turns_with_the_openai_client(offload_api, offload_redis, slkv_engi
             assert kv["restored_rows"] - before["restored_rows"] == sum(before["host_tokens"])
         # The session engine, offload off, given the turn's prompt ids after the earlier turns' (radix reuse)
         prompt, answer = ids[: t["prompt_tokens"]], ids[t["prompt_tokens"] : seq]
-        want = slkv_engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 8, "temperature": 0.0})
-        assert lm["lazy"] == want["meta_info"]["slkv"]["lazy"], t["turn"]
+        params = {"max_new_tokens": 8, "temperature": 0.0}
+        if t["turn"] in TURN_SLKV:
+            params["custom_params"] = {"slkv": TURN_SLKV[t["turn"]]}
+        want = slkv_engine.generate(input_ids=prompt, sampling_params=params)
+        assert lm["heads"] == want["meta_info"]["slkv"]["heads"], t["turn"]
         assert answer == want["output_ids"], t["turn"]
     stored = _stored(offload_api, offload_redis, sid)
     assert [t["layer_map"]["scores"] for t in stored] == [t["layer_map"]["scores"] for t in turns]

@@ -51,14 +51,17 @@ def test_needle_sits_at_its_depth(tokenizer, length, depth, seed):
 
 def test_small_evaluation_run(slkv_engine, tokenizer, tmp_path):
     cases = [needle_case(tokenizer, 1536, d, seed=0) for d in (0.3, 0.7)]
-    plan = settings(["mean", "kvmin"], [0.9], full_layers=range(30))
+    plan = settings(["mean", "kvmin"], [0.9], full_layers=range(30), granularities=("layer", "head"))
     outcomes = evaluate(slkv_engine, cases, plan, anchor="kvmin@0.9", progress=False)
     rows = write_report(tmp_path, SlkvConfig(enabled=True), "kvmin@0.9", cases, plan, outcomes)
     by = {r["setting"]: r for r in rows}
-    assert set(by) == {"full", "mean@0.9", "kvmin@0.9", "streaming", "random"}
+    assert set(by) == {"full", "mean@0.9", "kvmin@0.9", "mean@0.9/head", "kvmin@0.9/head", "streaming", "random"}
     assert by["full"]["correct"] >= 1, "full KV should find at least one needle at 1.5K"
     assert by["full"]["compression"] == 1.0 and by["streaming"]["compression"] > by["kvmin@0.9"]["compression"]
     assert by["random"]["lazy_layers"] == by["kvmin@0.9"]["lazy_layers"]
+    # per KV head the same kvmin criterion makes at least the lazy layers' heads lazy, so it keeps no more KV
+    assert by["kvmin@0.9/head"]["lazy_heads"] >= 3 * by["kvmin@0.9"]["lazy_layers"]
+    assert by["kvmin@0.9/head"]["compression"] >= by["kvmin@0.9"]["compression"]
     assert by["kvmin@0.9"]["ident_fraction"] is not None and 0 < by["kvmin@0.9"]["ident_fraction"] < 0.5
     report = json.loads((tmp_path / "results.json").read_text())
     assert len(report["outcomes"]) == len(cases) * (len(plan) + 1)

@@ -137,12 +137,12 @@ def test_host_blocks_are_recycled_within_the_budget(model_kv):
     slots, fps = torch.arange(1, n + 1), torch.arange(n)
     arena = HostArena(budget_bytes=3 * _bytes(kv), num_layers=1, num_slots=n)
     arena.offload(arena.new_group(), "a", 0, slots, fps, kv)
-    blocks = {c.block.data_ptr() for c in arena._chunks.values() if c.block is not None}
+    blocks = {b.data_ptr() for c in arena._chunks.values() for b in c.blocks}
     assert len(blocks) == _bytes(kv) // BLOCK_BYTES
     arena.forget(slots)
     assert len(arena._spare) == len(blocks)
     arena.offload(arena.new_group(), "b", 0, slots, fps, kv)
-    assert {c.block.data_ptr() for c in arena._chunks.values() if c.block is not None} == blocks
+    assert {b.data_ptr() for c in arena._chunks.values() for b in c.blocks} == blocks
     out = torch.empty_like(kv)
     assert arena.reload(0, slots, fps, out) and torch.equal(out, kv)
     arena.forget(slots)

@@ -26,7 +26,8 @@ def _masses(layers: int, heads: int, requests: int = 3) -> torch.Tensor:
 
 
 def _decisions(masses: torch.Tensor, kv_heads: int, mode: str) -> list[list[bool]]:
-    return [decide(m, mode, THRESHOLD, kv_heads, True)[0].tolist() for m in masses]
+    """Per request, per layer: lazy (in every KV head: layer granularity)."""
+    return [decide(m, mode, THRESHOLD, kv_heads, True)[0].all(dim=1).tolist() for m in masses]
 
 
 MODES = ("kvmin", "mean", "headmin")
@@ -78,6 +79,6 @@ def test_a_rank_alone_would_decide_otherwise():
     full = _masses(layers, heads)
     full[:, :, 6:9] = 0.5  # the last KV group (a retrieval head) keeps every layer
     start, end = head_block(heads, 0, 2)
-    alone = [decide(m[:, start:end], "mean", THRESHOLD, 1, True)[0].tolist() for m in full]
+    alone = [decide(m[:, start:end], "mean", THRESHOLD, 1, True)[0].all(dim=1).tolist() for m in full]
     assert alone != _decisions(full, kv_heads, "kvmin")
     assert not any(any(d) for d in _decisions(full, kv_heads, "kvmin"))

@@ -17,10 +17,10 @@ from ..tensor_parallel import all_gather_heads
 from ..tracker import Decision, LazyTracker, MassFn
 
 
-def make_tracker(model_runner: Any, config: SlkvConfig) -> LazyTracker:
+def make_tracker(model_runner: Any, config: SlkvConfig, head_decode: bool) -> LazyTracker:
     """The tracker of one backend; under tensor parallel it decides on all ranks' heads (``tensor_parallel``).
     It scores the model's full-attention layers only, once the loaded model is checked to attend as its config
-    says (a refusal here stops start-up)."""
+    says (a refusal here stops start-up). ``head_decode``: the backend's decode restricts single KV heads."""
     hf = model_runner.model_config
     layers = ModelLayers.from_model_config(hf)
     check_attention_modules(layers, model_runner.model)
@@ -38,6 +38,7 @@ def make_tracker(model_runner: Any, config: SlkvConfig) -> LazyTracker:
         req_to_token=req_to_token,
         gather_heads=gather,
         full_layers=layers.full,
+        head_decode=head_decode,
     )
 
 

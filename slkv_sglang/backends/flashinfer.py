@@ -38,7 +38,7 @@ class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
             raise SlkvConfigError("SimLayerKV reads KV through slot indices; this KV cache dtype makes SGLang's "
                                   "FlashInfer dequantise into a per-request workspace: use --kv-cache-dtype "
                                   "auto, fp8_e4m3 or fp8_e5m2")
-        self.tracker = make_tracker(model_runner, config)
+        self.tracker = make_tracker(model_runner, config, head_decode=False)  # one wrapper per lazy-layer pattern
         upd = self.indices_updater_decode
         self._shape = AttnShape(upd.num_qo_heads, upd.num_kv_heads, upd.head_dim, upd.q_data_type, upd.data_type)
         self._windowed: dict[int, BatchDecodeWithPagedKVCacheWrapper] = {}  # layer -> wrapper, this batch

@@ -20,6 +20,7 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from sglang.srt.runtime_context import get_parallel
 from torch.nn.functional import scaled_dot_product_attention
 
 from ..config import SlkvConfig
@@ -47,7 +48,8 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
     def __init__(self, model_runner: Any, config: SlkvConfig, outbox: Outbox):
         super().__init__(model_runner)
         self.config, self.outbox = config, outbox
-        self.tracker = make_tracker(model_runner, config)
+        # single lazy KV heads: on one rank (under tensor parallel a rank's heads are a block of the model's)
+        self.tracker = make_tracker(model_runner, config, head_decode=get_parallel().tp_size == 1)
         self.executor: KvExecutor | None = None
         if config.offload:
             tier = _take_over_kv_pool(self.token_to_kv_pool, config)
@@ -108,17 +110,20 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[override]
         restricted = self.tracker.restricted_positions(layer.layer_id)
-        if restricted or self.executor is not None:
-            o = self._decode_with_windows(q, k, v, layer, forward_batch, save_kv_cache, set(restricted))
+        partial = self.tracker.partial_heads(layer.layer_id)
+        if restricted or partial or self.executor is not None:
+            o = self._decode_with_windows(q, k, v, layer, forward_batch, save_kv_cache, set(restricted), partial)
         else:
             o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         self._score(q, layer)
         return o
 
-    def _decode_with_windows(self, q, k, v, layer, forward_batch, save_kv_cache, restricted: set[int]):
-        """The parent's decode loop, with sink + recent slot ids for the restricted requests, reading through
-        the tier's rows when offload is on. Only full-attention layers are restricted, and offload is refused on
-        models with sliding-window layers (``model_layers``), so no sliding window is applied here."""
+    def _decode_with_windows(self, q, k, v, layer, forward_batch, save_kv_cache, restricted: set[int],
+                             partial: dict[int, torch.Tensor]):
+        """The parent's decode loop, with sink + recent slot ids for the restricted requests (in the lazy heads
+        only for ``partial`` ones: batch position -> lazy KV heads), reading through the tier's rows when offload
+        is on. Only full-attention layers are restricted, and offload is refused on models with sliding-window
+        layers (``model_layers``), so no sliding window is applied here."""
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         o = _new_output(q, layer)
         self._write(layer, forward_batch, k, v, save_kv_cache)
@@ -139,15 +144,13 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
             if idx is None:  # finished with an error: nothing computed from it is served
                 out[pos : pos + 1] = 0
                 continue
-            per_req = scaled_dot_product_attention(
-                query[:, pos : pos + 1, :].unsqueeze(0),
-                k_cache.index_select(0, idx).movedim(0, 1).unsqueeze(0),
-                v_cache.index_select(0, idx).movedim(0, 1).unsqueeze(0),
-                enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
-                scale=layer.scaling,
-                is_causal=False,
-            )
-            out[pos : pos + 1] = per_req.squeeze(0).movedim(1, 0)
+            q_pos = query[:, pos : pos + 1, :]
+            if pos in partial:
+                window = self.tracker.window_indices(pos)
+                window = window if ex is None else ex.read(pos, lid, window)
+                out[pos : pos + 1] = _decode_head_groups(q_pos, k_cache, v_cache, idx, window, partial[pos], layer)
+            else:
+                out[pos : pos + 1] = _decode_one(q_pos, k_cache.index_select(0, idx), v_cache.index_select(0, idx), layer)
         return o
 
     # ---- offload -------------------------------------------------------------------------------------
@@ -165,6 +168,30 @@ def _new_output(q: torch.Tensor, layer: Any) -> torch.Tensor:
     if layer.qk_head_dim == layer.v_head_dim:
         return torch.empty_like(q)
     return q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
+
+
+def _decode_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer: Any) -> torch.Tensor:
+    """One request's decode attention, as the parent computes it: ``q`` ``[heads, 1, dim]`` over ``keys`` /
+    ``values`` ``[n, kv heads, dim]`` -> ``[1, heads, v dim]``."""
+    out = scaled_dot_product_attention(
+        q.unsqueeze(0), keys.movedim(0, 1).unsqueeze(0), values.movedim(0, 1).unsqueeze(0),
+        enable_gqa=q.shape[0] != keys.shape[1], scale=layer.scaling, is_causal=False)
+    return out.squeeze(0).movedim(1, 0)
+
+
+def _decode_head_groups(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, full: torch.Tensor,
+                        window: torch.Tensor, lazy: torch.Tensor, layer: Any) -> torch.Tensor:
+    """Decode with head granularity: the query heads of lazy KV heads (``lazy`` ``[kv heads]``) attend to their
+    KV at the ``window`` rows (sink + recent), the others to all of it (``full``). Two head groups, each one
+    attention call over the KV it reads (the layout a FlashInfer decode would plan as two wrappers)."""
+    group = q.shape[0] // lazy.shape[0]
+    lazy_q = lazy.repeat_interleave(group)
+    out = q.new_empty((1, q.shape[0], layer.v_head_dim))
+    for kv_heads, q_heads, rows in ((lazy, lazy_q, window), (~lazy, ~lazy_q, full)):
+        keys = k_cache.index_select(0, rows)[:, kv_heads]
+        values = v_cache.index_select(0, rows)[:, kv_heads]
+        out[:, q_heads] = _decode_one(q[q_heads], keys, values, layer)
+    return out
 
 
 def _sliding(layer: Any) -> bool:
