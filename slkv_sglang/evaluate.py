@@ -24,6 +24,7 @@ from .layer_map import LayerMap
 from .gemma3 import ensure_gemma3_model
 from .model import chat_input_ids, ensure_bundled_model
 from .model_layers import ModelLayers
+from .profile import read_profile
 
 WORDS = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "krypton",
          "lagoon", "marble", "nectar", "onyx", "prairie", "quartz", "russet", "saffron", "tundra", "umber", "violet"]
@@ -258,6 +259,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--modes", nargs="+", choices=DECIDE_MODES, default=list(DECIDE_MODES),
                         help="when to decide: at the prompt's last queries, at the first decode step (default: both)")
     parser.add_argument("--recent", type=int, default=None, help="recent window (default: the engine's)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="a profile from `slkv calibrate`: one more setting, `profile`; the engine takes its window")
     parser.add_argument("--quick", action="store_true", help="2 short cases, 1 threshold: a smoke run")
     parser.add_argument("--model", choices=MODELS, default="smollm2",
                         help="the bundled model, or the hybrid Gemma 3 270M (sliding-window layers; a base model, "
@@ -271,7 +274,13 @@ def main(argv: list[str]) -> int:
     from .runtime import make_engine, shutdown_engine
 
     base = SlkvConfig.from_env()
-    config = SlkvConfig(enabled=True, recent=args.recent or base.recent, sink=base.sink, last=base.last)
+    chosen = read_profile(args.profile) if args.profile else {}
+    window = {k: chosen.get(k, getattr(base, k)) for k in ("recent", "sink", "last")}
+    if args.recent is not None:
+        if chosen and args.recent != window["recent"]:
+            parser.error(f"--recent {args.recent} differs from the profile's window ({window['recent']})")
+        window["recent"] = args.recent
+    config = SlkvConfig(enabled=True, **window)
     ensure_model, answer_prefix = MODELS[args.model]
     path = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -280,6 +289,11 @@ def main(argv: list[str]) -> int:
     text_config = AutoConfig.from_pretrained(path).get_text_config()
     layers = ModelLayers.from_layer_types(text_config.num_hidden_layers, getattr(text_config, "layer_types", None))
     plan = settings(args.scores, args.thresholds, layers.full, args.granularities, args.modes)
+    if chosen:
+        decision = {k: chosen[k] for k in ("score", "threshold", "granularity", "mode") if k in chosen}
+        plan.append(Setting("profile", "simlayerkv", decision, decision.get("score", DEFAULT_SCORE),
+                            decision.get("threshold", DEFAULT_THRESHOLD), decision.get("granularity", "layer"),
+                            decision.get("mode", "prefill")))
     anchor_score = DEFAULT_SCORE if DEFAULT_SCORE in args.scores else args.scores[0]
     anchor_t = DEFAULT_THRESHOLD if DEFAULT_THRESHOLD in args.thresholds else args.thresholds[0]
     anchor = setting_name(anchor_score, anchor_t, "layer" if "layer" in args.granularities else args.granularities[0],

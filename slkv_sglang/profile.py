@@ -1,7 +1,8 @@
 """Calibrated profiles: a model's SimLayerKV settings as ``slkv calibrate`` measured them, in a JSON file.
 
 ``--slkv-profile FILE`` (``SLKV_PROFILE``) makes the profile's settings the engine's defaults; any ``--slkv-*``
-flag or ``SLKV_*`` variable given beside it still wins. Only settings that shape the decision are taken from a
+flag or ``SLKV_*`` variable given beside it still wins. ``FILE`` may also name a profile shipped in
+``slkv_sglang/profiles`` (``smollm2-135m-instruct``: the bundled model's, measured on 2026-11-27). Only settings that shape the decision are taken from a
 profile; anything else in its ``settings`` is refused at start-up, so a typo does not pass silently.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 PROFILE_SETTINGS = ("threshold", "score", "granularity", "sink", "recent", "last", "mode")
+SHIPPED = Path(__file__).parent / "profiles"
 
 
 class ProfileError(ValueError):
@@ -19,7 +21,11 @@ class ProfileError(ValueError):
 
 
 def read_profile(path: str | Path) -> dict[str, Any]:
-    """The ``settings`` of the profile at ``path`` (checked by ``SlkvConfig`` when applied)."""
+    """The ``settings`` of the profile at ``path``, or of the shipped profile of that name (checked by
+    ``SlkvConfig`` when applied)."""
+    shipped = SHIPPED / f"{path}.json"
+    if not Path(path).exists() and shipped.is_file():
+        path = shipped
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:

@@ -84,15 +84,15 @@ def _abort_mid_decode(engine, conv: Conversation, rid: str) -> None:
 
 def _forced(params: dict, got: dict) -> dict:
     """``params`` with the offload engine's decision forced (and no layer lazy by its own score)."""
-    lazy = LayerMap.from_dict(got["meta_info"]["slkv"]).lazy_layers
-    slkv = {**params["custom_params"]["slkv"], "force_lazy": lazy, "threshold": 2.0}
+    lazy = LayerMap.from_dict(got["meta_info"]["slkv"]).lazy_heads
+    slkv = {**params["custom_params"]["slkv"], "force_lazy_heads": lazy, "threshold": 2.0}
     return {**params, "custom_params": {"slkv": slkv}}
 
 
 def _same(got: dict, want: dict) -> str | None:
     if got["output_ids"] != want["output_ids"]:
         return f"tokens {got['output_ids']} != {want['output_ids']}"
-    if LayerMap.from_dict(got["meta_info"]["slkv"]).lazy != LayerMap.from_dict(want["meta_info"]["slkv"]).lazy:
+    if LayerMap.from_dict(got["meta_info"]["slkv"]).heads != LayerMap.from_dict(want["meta_info"]["slkv"]).heads:
         return "lazy layers differ although forced"
     return None
 

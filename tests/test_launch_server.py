@@ -65,8 +65,10 @@ def test_generate_reports_layer_map(server, tokenizer, reference):
     ref = reference.lazy_scores(ids, SlkvConfig(enabled=True, threshold=0.85, score="mean", recent=256))
     assert ref.lazy_layers and not all(ref.lazy), "the comparison needs lazy and non-lazy layers"
     assert meta["scores"] == pytest.approx(list(ref.scores), abs=2e-4)
-    for layer, (got, want) in enumerate(zip(meta["lazy"], ref.lazy)):
-        assert got == want or abs(ref.scores[layer] - 0.85) < 1e-3, layer
+    assert meta["granularity"] == ref.granularity == "head"  # the default
+    for layer, (got, want) in enumerate(zip(meta["heads"], ref.heads)):
+        for head, (a, b) in enumerate(zip(got, want)):
+            assert a == b or abs(ref.head_scores[layer][head] - 0.85) < 1e-3, (layer, head)
 
 
 def test_malformed_settings_are_refused_naming_the_field(server, workers, tokenizer):
