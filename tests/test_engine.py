@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -49,8 +51,25 @@ def prompts(tokenizer) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def solo_runs(slkv_engine, prompts) -> list[dict]:
-    """Each prompt alone through the SimLayerKV engine (score mode alternating per prompt)."""
+def reference_runs(reference, prompts) -> Future:
+    """The reference implementation's greedy run of each prompt (score mode alternating as in ``solo_runs``),
+    computed in a thread of this process while the engine's scheduler (another process) serves the solo runs:
+    the two use a core each. A future: ``.result()`` is the list of ``ReferenceResult``; a test that uses
+    ``reference`` itself waits for it first (the reference model runs one request at a time)."""
+    def run() -> list:
+        return [reference.generate(ids, replace(TEST_SLKV, score=SCORES[i % 2]), max_new_tokens=NEW_TOKENS,
+                                   ignore_eos=True) for i, ids in enumerate(prompts)]
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run)
+        yield future
+        future.cancel()
+
+
+@pytest.fixture(scope="module")
+def solo_runs(slkv_engine, prompts, reference_runs) -> list[dict]:
+    """Each prompt alone through the SimLayerKV engine (score mode alternating per prompt); the reference runs
+    of the same prompts go on meanwhile (``reference_runs``)."""
     slkv_engine.flush_cache()
     return [
         slkv_engine.generate(input_ids=ids, sampling_params=_greedy(score=SCORES[i % 2]))
@@ -62,15 +81,19 @@ def test_nothing_lazy_is_plain_sglang(plain_engine, slkv_engine, prompts, tokeni
     """(a) delta > 1: every layer keeps everything, and tokens equal the plugin-off engine's. So do they on a second
     turn over the cached history (a radix hit), with log-probabilities equal to float rounding: the plugin recomputes
     the history's last ``last`` tokens (its prefix cap), in a forward of another shape than the first turn's."""
+    def side_by_side(ids: list[int], plain_params: dict, slkv_params: dict, **kw) -> tuple[dict, dict]:
+        """The two engines' answers, computed at once (their schedulers are two processes; one event loop)."""
+        return plain_engine.loop.run_until_complete(asyncio.gather(
+            plain_engine.async_generate(input_ids=ids, sampling_params=plain_params, **kw),
+            slkv_engine.async_generate(input_ids=ids, sampling_params=slkv_params, **kw)))
+
     for ids in prompts[:3]:
-        plain = plain_engine.generate(input_ids=ids, sampling_params=_greedy(16))
-        off = slkv_engine.generate(input_ids=ids, sampling_params=_greedy(16, threshold=1.5))
+        plain, off = side_by_side(ids, _greedy(16), _greedy(16, threshold=1.5))
         assert "slkv" not in plain["meta_info"]
         assert not any(_layer_map(off).lazy), "threshold 1.5 must make no layer lazy"
         assert off["output_ids"] == plain["output_ids"]
         turn2 = ids + plain["output_ids"] + follow_up_ids(tokenizer, "And in one word?")
-        plain2 = plain_engine.generate(input_ids=turn2, sampling_params=_greedy(8), return_logprob=True)
-        off2 = slkv_engine.generate(input_ids=turn2, sampling_params=_greedy(8, threshold=1.5), return_logprob=True)
+        plain2, off2 = side_by_side(turn2, _greedy(8), _greedy(8, threshold=1.5), return_logprob=True)
         cached = [out["meta_info"]["cached_tokens"] for out in (plain2, off2)]
         assert min(cached) >= len(ids) - 32, cached  # both served the history from their radix cache
         assert off2["output_ids"] == plain2["output_ids"]
@@ -79,12 +102,11 @@ def test_nothing_lazy_is_plain_sglang(plain_engine, slkv_engine, prompts, tokeni
             assert got == pytest.approx(want, abs=1e-4)
 
 
-def test_lazy_sets_and_tokens_match_reference(solo_runs, prompts, reference):
+def test_lazy_sets_and_tokens_match_reference(solo_runs, prompts, reference_runs):
     """(b) the engine's lazy sets and greedy tokens equal the independent reference implementation's."""
     total_lazy = 0
-    for i, (ids, out) in enumerate(zip(prompts, solo_runs)):
+    for i, (ids, out, ref) in enumerate(zip(prompts, solo_runs, reference_runs.result())):
         config = replace(TEST_SLKV, score=SCORES[i % 2])
-        ref = reference.generate(ids, config, max_new_tokens=NEW_TOKENS, ignore_eos=True)
         engine_map, ref_map = _layer_map(out), ref.layer_map
         assert engine_map.decided_at == len(ids)
         for layer, (a, b) in enumerate(zip(engine_map.lazy, ref_map.lazy)):
@@ -137,13 +159,16 @@ def test_batch_equals_alone(slkv_engine, prompts):
             assert _layer_map(b).lazy == _layer_map(a).lazy
 
 
-def test_chunked_and_radix_hit_decide_like_one_prefill(slkv_engine, prompts, reference, tokenizer, solo_runs):
-    """(d) chunked prefill (last chunk shorter than `last`) and radix prefix hits keep the decision."""
+def test_chunked_and_radix_hit_decide_like_one_prefill(slkv_engine, prompts, reference, reference_runs, tokenizer,
+                                                       solo_runs):
+    """(d) chunked prefill (last chunk shorter than `last`) and radix prefix hits keep the decision. (The
+    reference's decision for a whole prompt is its prefill's, ``reference_runs``: ``lazy_scores`` would run that
+    same forward again.)"""
     chunked = [i for i, n in enumerate(LENGTHS) if n > CHUNK and n % CHUNK < TEST_SLKV.last]
     assert chunked, "the prompt set must include a prompt whose last chunk is shorter than `last`"
+    refs = reference_runs.result()  # also: the reference model is free for the call below
     for i in chunked:
-        config = replace(TEST_SLKV, score=SCORES[i % 2])
-        assert _layer_map(solo_runs[i]).lazy == reference.lazy_scores(prompts[i], config).lazy
+        assert _layer_map(solo_runs[i]).lazy == refs[i].layer_map.lazy
 
     # Exact repeat: the radix cache serves all but the last `last` tokens.
     i = 4
