@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
@@ -81,19 +80,15 @@ def test_nothing_lazy_is_plain_sglang(plain_engine, slkv_engine, prompts, tokeni
     """(a) delta > 1: every layer keeps everything, and tokens equal the plugin-off engine's. So do they on a second
     turn over the cached history (a radix hit), with log-probabilities equal to float rounding: the plugin recomputes
     the history's last ``last`` tokens (its prefix cap), in a forward of another shape than the first turn's."""
-    def side_by_side(ids: list[int], plain_params: dict, slkv_params: dict, **kw) -> tuple[dict, dict]:
-        """The two engines' answers, computed at once (their schedulers are two processes; one event loop)."""
-        return plain_engine.loop.run_until_complete(asyncio.gather(
-            plain_engine.async_generate(input_ids=ids, sampling_params=plain_params, **kw),
-            slkv_engine.async_generate(input_ids=ids, sampling_params=slkv_params, **kw)))
-
     for ids in prompts[:3]:
-        plain, off = side_by_side(ids, _greedy(16), _greedy(16, threshold=1.5))
+        plain = plain_engine.generate(input_ids=ids, sampling_params=_greedy(16))
+        off = slkv_engine.generate(input_ids=ids, sampling_params=_greedy(16, threshold=1.5))
         assert "slkv" not in plain["meta_info"]
         assert not any(_layer_map(off).lazy), "threshold 1.5 must make no layer lazy"
         assert off["output_ids"] == plain["output_ids"]
         turn2 = ids + plain["output_ids"] + follow_up_ids(tokenizer, "And in one word?")
-        plain2, off2 = side_by_side(turn2, _greedy(8), _greedy(8, threshold=1.5), return_logprob=True)
+        plain2 = plain_engine.generate(input_ids=turn2, sampling_params=_greedy(8), return_logprob=True)
+        off2 = slkv_engine.generate(input_ids=turn2, sampling_params=_greedy(8, threshold=1.5), return_logprob=True)
         cached = [out["meta_info"]["cached_tokens"] for out in (plain2, off2)]
         assert min(cached) >= len(ids) - 32, cached  # both served the history from their radix cache
         assert off2["output_ids"] == plain2["output_ids"]
