@@ -27,7 +27,7 @@ from api.store import LOCK_TTL_MS
 from slkv_sglang.corpus import document
 
 from .conftest import CHUNK, TEST_SLKV
-from .servers import free_port, spawn, stop_server, wait_healthy
+from .servers import free_port, start_server, stop_server
 from .slkv_payloads import SEED, malformed
 from .test_api_hostile import hostile_requests
 
@@ -87,7 +87,7 @@ def offload_redis(tmp_path_factory):
     yield from _redis(tmp_path_factory)
 
 
-def _spawn_api(api: dict[str, Any]) -> None:
+def _start_api(api: dict[str, Any]) -> None:
     """``slkv serve`` with the SimLayerKV settings of the session's engine (``slkv_engine``: the same window and
     prefill chunk, freed KV poisoned with NaN), so that a turn's tokens can be compared with that engine's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLKV_")}
@@ -96,50 +96,27 @@ def _spawn_api(api: dict[str, Any]) -> None:
            api["model_path"], "--redis-url", f"redis://127.0.0.1:{api['redis_port']}/0", "--redis-prefix",
            api["prefix"], "--api-keys", f"{KEY_A},{KEY_B},{KEY_C}", "--admin-keys", ADMIN, "--chunked-prefill-size",
            str(CHUNK), "--max-turns-per-key", str(MAX_TURNS_PER_KEY), *api["flags"]]
-    api["proc"] = spawn(cmd, env)
+    api["proc"] = start_server(cmd, env, f"{api['url']}/healthz")
 
 
-def _start_api(api: dict[str, Any]) -> None:
-    _spawn_api(api)
-    wait_healthy(api["proc"], f"{api['url']}/healthz")
-
-
-def _api_config(store: RedisProcess, model_path: str, *flags: str) -> dict[str, Any]:
+def _api_server(store: RedisProcess, model_path: str, *flags: str) -> Iterator[dict[str, Any]]:
     port = free_port()
-    return {"port": port, "url": f"http://127.0.0.1:{port}", "prefix": f"slkv-test-{uuid.uuid4().hex[:8]}:",
-            "model_path": model_path, "redis_port": store.port, "flags": flags}
+    server = {"port": port, "url": f"http://127.0.0.1:{port}", "prefix": f"slkv-test-{uuid.uuid4().hex[:8]}:",
+              "model_path": model_path, "redis_port": store.port, "flags": flags}
+    _start_api(server)
+    yield server
+    stop_server(server["proc"])
 
 
 @pytest.fixture(scope="module")
-def api_servers(redis_server, offload_redis, model_path):
-    """Both API servers of this module, started side by side: a start is mostly single-threaded imports and
-    model loading in each of its processes, so on two cores two starts take little longer than one. The
-    server without offload, then the one with it (``api``, ``offload_api``)."""
-    servers = [_api_config(redis_server, model_path),
-               _api_config(offload_redis, model_path, "--slkv-offload", "--slkv-offload-budget", str(OFFLOAD_BUDGET))]
-    for server in servers:
-        _spawn_api(server)
-    try:
-        for server in servers:
-            wait_healthy(server["proc"], f"{server['url']}/healthz")
-    except Exception:
-        for server in servers:
-            server["proc"].kill()
-        raise
-    yield servers
-    for server in servers:
-        stop_server(server["proc"])
+def api(redis_server, model_path):
+    yield from _api_server(redis_server, model_path)
 
 
 @pytest.fixture(scope="module")
-def api(api_servers):
-    return api_servers[0]
-
-
-@pytest.fixture(scope="module")
-def offload_api(api_servers):
+def offload_api(offload_redis, model_path):
     """An API server whose in-process engine has a host tier (--slkv-offload)."""
-    return api_servers[1]
+    yield from _api_server(offload_redis, model_path, "--slkv-offload", "--slkv-offload-budget", str(OFFLOAD_BUDGET))
 
 
 def _h(key: str = KEY_A, idem: str | None = None) -> dict[str, str]:
