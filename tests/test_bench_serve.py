@@ -8,30 +8,23 @@ of every session asked for its needle, the offload configuration offloaded, and 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-
-import pytest
 
 from slkv_sglang.bench_serve import CONFIGURATIONS, sweep
-from slkv_sglang.runtime import shutdown_engine
 from slkv_sglang.serve_report import plots, table
 from slkv_sglang.serve_workload import Workload, build_sessions
 
-from .conftest import TEST_SLKV, start_engine
+from .conftest import OFFLOAD_BUDGET, TEST_SLKV, set_host_budget
 
 SESSIONS, TURNS = 2, 2
 # 1024-token documents: long enough that lazy layers (recent 256 in the tests' engines) offload their middle
 WORKLOAD = Workload(doc_tokens=1024, turns=TURNS, stats="lmsys", reply_scale=0.05, reply_cap=8, rate=None, seed=3)
 
 
-@pytest.fixture(scope="module")
-def offload_engine(model_path):
-    engine = start_engine(replace(TEST_SLKV, offload=True, overcommit=1.5), model_path)
-    yield engine
-    shutdown_engine(engine)
-
-
 def test_every_configuration_completes_its_sessions(slkv_engine, offload_engine, tokenizer, tmp_path):
+    """On the session's engines (``conftest``; offload: overcommit 1.5 as bench-serve's default). ``sweep``
+    flushes each engine's cache before each configuration, so what earlier tests left there does not count; the
+    host budget, which an earlier test may have shrunk, is set here."""
+    assert set_host_budget(offload_engine, OFFLOAD_BUDGET) == [True]
     sessions = build_sessions(tokenizer, SESSIONS, WORKLOAD)
     chosen = [c for c in CONFIGURATIONS if c.engine != "hicache"]
     runs = sweep({"plain": slkv_engine, "offload": offload_engine}, chosen, sessions, [SESSIONS], TEST_SLKV.last)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -59,8 +60,25 @@ def prompts(tokenizer) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def solo_runs(slkv_engine, prompts) -> list[dict]:
-    """Each prompt alone through the SimLayerKV engine (score mode alternating per prompt)."""
+def reference_runs(reference, prompts) -> Future:
+    """The reference implementation's greedy run of each prompt (score mode alternating as in ``solo_runs``),
+    computed in a thread of this process while the engine's scheduler (another process) serves the solo runs:
+    the two use a core each. A future: ``.result()`` is the list of ``ReferenceResult``; a test that uses
+    ``reference`` itself waits for it first (the reference model runs one request at a time)."""
+    def run() -> list:
+        return [reference.generate(ids, replace(TEST_SLKV, score=SCORES[i % 2]), max_new_tokens=NEW_TOKENS,
+                                   ignore_eos=True) for i, ids in enumerate(prompts)]
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run)
+        yield future
+        future.cancel()
+
+
+@pytest.fixture(scope="module")
+def solo_runs(slkv_engine, prompts, reference_runs) -> list[dict]:
+    """Each prompt alone through the SimLayerKV engine (score mode alternating per prompt); the reference runs
+    of the same prompts go on meanwhile (``reference_runs``)."""
     slkv_engine.flush_cache()
     return [
         slkv_engine.generate(input_ids=ids, sampling_params=_greedy(score=SCORES[i % 2]))
@@ -89,12 +107,11 @@ def test_nothing_lazy_is_plain_sglang(plain_engine, slkv_engine, prompts, tokeni
             assert got == pytest.approx(want, abs=1e-4)
 
 
-def test_lazy_sets_and_tokens_match_reference(solo_runs, prompts, reference):
+def test_lazy_sets_and_tokens_match_reference(solo_runs, prompts, reference_runs):
     """(b) the engine's lazy sets and greedy tokens equal the independent reference implementation's."""
     total_lazy = 0
-    for i, (ids, out) in enumerate(zip(prompts, solo_runs)):
+    for i, (ids, out, ref) in enumerate(zip(prompts, solo_runs, reference_runs.result())):
         config = replace(TEST_SLKV, score=SCORES[i % 2])
-        ref = reference.generate(ids, config, max_new_tokens=NEW_TOKENS, ignore_eos=True)
         engine_map, ref_map = _layer_map(out), ref.layer_map
         assert engine_map.decided_at == len(ids)
         _differ_only_at_threshold(engine_map, ref_map, config.threshold)
@@ -145,13 +162,16 @@ def test_batch_equals_alone(slkv_engine, prompts):
             assert _layer_map(b).heads == _layer_map(a).heads
 
 
-def test_chunked_and_radix_hit_decide_like_one_prefill(slkv_engine, prompts, reference, tokenizer, solo_runs):
-    """(d) chunked prefill (last chunk shorter than `last`) and radix prefix hits keep the decision."""
+def test_chunked_and_radix_hit_decide_like_one_prefill(slkv_engine, prompts, reference, reference_runs, tokenizer,
+                                                       solo_runs):
+    """(d) chunked prefill (last chunk shorter than `last`) and radix prefix hits keep the decision. (The
+    reference's decision for a whole prompt is its prefill's, ``reference_runs``: ``lazy_scores`` would run that
+    same forward again.)"""
     chunked = [i for i, n in enumerate(LENGTHS) if n > CHUNK and n % CHUNK < TEST_SLKV.last]
     assert chunked, "the prompt set must include a prompt whose last chunk is shorter than `last`"
+    refs = reference_runs.result()  # also: the reference model is free for the call below
     for i in chunked:
-        config = replace(TEST_SLKV, score=SCORES[i % 2])
-        assert _layer_map(solo_runs[i]).heads == reference.lazy_scores(prompts[i], config).heads
+        assert _layer_map(solo_runs[i]).heads == refs[i].layer_map.heads
 
     # Exact repeat: the radix cache serves all but the last `last` tokens.
     i = 4

@@ -5,6 +5,7 @@ read of freed KV would show up as different tokens."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable
 
 import pytest
 
@@ -14,7 +15,7 @@ from slkv_sglang.layer_map import LayerMap
 from slkv_sglang.model import follow_up_ids
 from slkv_sglang.runtime import shutdown_engine
 
-from .conftest import TEST_SLKV, set_host_budget, start_engine
+from .conftest import OFFLOAD_BUDGET, TEST_SLKV, set_host_budget
 
 QUESTIONS = [
     "Which classes are defined in the code above? Answer briefly.",
@@ -26,7 +27,7 @@ QUESTIONS = [
 NEW_TOKENS = 10
 # Host budgets: one ~3K-token conversation fits BUDGET (its lazy layers' middle KV is ~40-60 MB in float32);
 # TINY is less than one lazy layer's middle (~4 MB), so with it every offload is refused.
-BUDGET = 80 << 20
+BUDGET = OFFLOAD_BUDGET  # the session's offload engine's (conftest)
 TINY = 2 << 20
 
 
@@ -34,33 +35,40 @@ def _conversation(engine, tokenizer, seed: int, session: str, turns: int, budget
                   history: tuple[dict, ...] = ()) -> list[dict]:
     """Greedy turns over one ~3K-token document; each turn resends the whole history (radix reuse). With
     ``history`` (earlier turns' outputs) the conversation resumes after them; returns the new turns."""
-    ids = prompt_ids(tokenizer, 3000, seed=seed, question=QUESTIONS[0])
-    outs = list(history)
     if budget is not None:  # an admin's change (PUT /admin/offload), before the turns
         assert set_host_budget(engine, budget) == [True]
+    return engine.loop.run_until_complete(_turns(engine, tokenizer, seed, session, turns, history))
+
+
+async def _turns(engine, tokenizer, seed: int, session: str, turns: int, history: tuple[dict, ...] = ()) -> list[dict]:
+    ids = prompt_ids(tokenizer, 3000, seed=seed, question=QUESTIONS[0])
+    outs = list(history)
     params = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True,
               "custom_params": {"slkv": {"session": session}}}
     for turn in range(turns):
         if turn:
             ids = ids + outs[turn - 1]["output_ids"] + follow_up_ids(tokenizer, QUESTIONS[turn])
         if turn >= len(history):
-            outs.append(engine.generate(input_ids=ids, sampling_params=params))
+            outs.append(await engine.async_generate(input_ids=ids, sampling_params=params))
     return outs[len(history) :]
 
 
 @pytest.fixture(scope="module")
-def offload_engine(model_path):
-    engine = start_engine(replace(TEST_SLKV, offload=True, offload_budget=BUDGET, poison=True), model_path)
-    yield engine
-    shutdown_engine(engine)
+def baseline(slkv_engine, tokenizer) -> Callable[[], list[list[dict]]]:
+    """The same conversations on the session's engine: same SimLayerKV settings, offload off.
 
-
-@pytest.fixture(scope="module")
-def baseline(slkv_engine, tokenizer) -> list[list[dict]]:
-    """The same conversations on the session's engine: same SimLayerKV settings, offload off."""
+    Computed in the background: a task on the event loop every engine of this process shares, so it runs (in
+    slkv_engine's scheduler, on the other core) whenever a test waits on the offload engine; calling the
+    fixture's value waits for what is left of it. A test asks for it after its own offload turns."""
     slkv_engine.flush_cache()
-    return [_conversation(slkv_engine, tokenizer, 11, "base-a", 5),
-            _conversation(slkv_engine, tokenizer, 12, "base-b", 2)]
+
+    async def both() -> list[list[dict]]:
+        return [await _turns(slkv_engine, tokenizer, 11, "base-a", 5),
+                await _turns(slkv_engine, tokenizer, 12, "base-b", 2)]
+
+    task = slkv_engine.loop.create_task(both())
+    yield lambda: slkv_engine.loop.run_until_complete(task)
+    slkv_engine.loop.run_until_complete(task)  # nothing left running into the next module
 
 
 def _assert_same(got: list[dict], want: list[dict], first_turn: int = 0) -> None:
@@ -103,7 +111,7 @@ def _moved(after: dict, before: dict, key: str) -> int:
 def test_four_turns_with_offload_match_without(offload_engine, baseline, tokenizer):
     before = _fresh(offload_engine, tokenizer, BUDGET)
     first = _conversation(offload_engine, tokenizer, 11, "conv-a", 4)
-    _assert_same(first, baseline[0])
+    _assert_same(first, baseline()[0])
     last = before
     for turn, got in enumerate(first):
         _assert_device_follows_layer_map(got, hosted=True)
@@ -130,7 +138,7 @@ def test_budget_too_small_for_one_session_recomputes(offload_engine, baseline, t
     held = hosted["meta_info"]["slkv"]["kv"]
     assert held["host_bytes"] > TINY
     second = _conversation(offload_engine, tokenizer, 12, "conv-b", 2, budget=TINY)
-    _assert_same(second, baseline[1])
+    _assert_same(second, baseline()[1])
     turn1, turn2 = (out["meta_info"]["slkv"]["kv"] for out in second)
     assert turn1["host_budget"] == TINY and _moved(turn1, held, "host_evictions") >= 1  # the other session went
     assert _moved(turn1, held, "lost_rows") > 0 and _moved(turn1, held, "host_refused") > 0
@@ -148,12 +156,12 @@ def test_evicted_session_recomputes_its_next_turn(offload_engine, baseline, toke
     shrinks the budget, which evicts them, and raises it again. The fifth turn cannot reload them: it recomputes,
     gives the tokens it would have given, and its KV goes back to the host."""
     _fresh(offload_engine, tokenizer, BUDGET)
-    fourth = _conversation(offload_engine, tokenizer, 11, "conv-a", 4, history=tuple(baseline[0][:3]))
-    _assert_same(fourth, baseline[0][3:4], first_turn=3)
+    fourth = _conversation(offload_engine, tokenizer, 11, "conv-a", 4, history=tuple(baseline()[0][:3]))
+    _assert_same(fourth, baseline()[0][3:4], first_turn=3)
     _assert_device_follows_layer_map(fourth[0], hosted=True)
     assert set_host_budget(offload_engine, TINY) == [True]
-    fifth = _conversation(offload_engine, tokenizer, 11, "conv-a", 5, budget=BUDGET, history=tuple(baseline[0][:4]))
-    _assert_same(fifth, baseline[0][4:], first_turn=4)
+    fifth = _conversation(offload_engine, tokenizer, 11, "conv-a", 5, budget=BUDGET, history=tuple(baseline()[0][:4]))
+    _assert_same(fifth, baseline()[0][4:], first_turn=4)
     before, kv = fourth[0]["meta_info"]["slkv"]["kv"], fifth[0]["meta_info"]["slkv"]["kv"]
     assert _moved(kv, before, "host_evictions") >= 1
     assert kv["host_budget"] == BUDGET and _moved(kv, before, "recomputed_tokens") > 2500
@@ -209,11 +217,18 @@ def test_freed_rows_admit_more_sessions(overcommit_engine, slkv_engine, tokenize
     kv = sessions[-1][1]["meta_info"]["slkv"]["kv"]
     layers = len(kv["device_tokens"])
     assert kv["rows"] == layers * (POOL_TOKENS + 1) < sum(len(s[0]) for s in sessions) * layers  # full KV: no
+    slkv_engine.flush_cache()
+
+    async def without_offload() -> list[tuple[dict, dict]]:  # in the background, while the second turns run
+        return [(await slkv_engine.async_generate(input_ids=ids, sampling_params=params),
+                 await slkv_engine.async_generate(input_ids=ids2, sampling_params=params))
+                for ids, _, ids2, params in sessions]
+
+    base = slkv_engine.loop.create_task(without_offload())
     seconds = [overcommit_engine.generate(input_ids=s[2], sampling_params=s[3]) for s in sessions[::-1]][::-1]
     for (ids, _, _, _), second in zip(sessions, seconds):
         assert second["meta_info"]["cached_tokens"] >= len(ids) - TEST_SLKV.last  # the whole history was there
     assert seconds[0]["meta_info"]["slkv"]["kv"]["restored_rows"] > kv["restored_rows"]
-    slkv_engine.flush_cache()
-    for (ids, first, ids2, params), second in zip(sessions, seconds):
-        assert first["output_ids"] == slkv_engine.generate(input_ids=ids, sampling_params=params)["output_ids"]
-        assert second["output_ids"] == slkv_engine.generate(input_ids=ids2, sampling_params=params)["output_ids"]
+    for (_, first, _, _), second, (want1, want2) in zip(sessions, seconds, slkv_engine.loop.run_until_complete(base)):
+        assert first["output_ids"] == want1["output_ids"]
+        assert second["output_ids"] == want2["output_ids"]

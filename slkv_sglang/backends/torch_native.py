@@ -145,9 +145,9 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
                 out[pos : pos + 1] = 0
                 continue
             q_pos = query[:, pos : pos + 1, :]
-            if pos in partial:
+            if pos in partial:  # the window's rows are among ``idx``'s, which were all found
                 window = self.tracker.window_indices(pos)
-                window = window if ex is None else ex.read(pos, lid, window)
+                window = window if ex is None else ex.lookup(lid, window)
                 out[pos : pos + 1] = _decode_head_groups(q_pos, k_cache, v_cache, idx, window, partial[pos], layer)
             else:
                 out[pos : pos + 1] = _decode_one(q_pos, k_cache.index_select(0, idx), v_cache.index_select(0, idx), layer)
