@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -32,6 +33,12 @@ class Malformed:
     def json_ok(self) -> bool:
         """JSON can carry it (NaN and the infinities are not JSON)."""
         return not _has_non_finite(self.value)
+
+    @property
+    def fits_double(self) -> bool:
+        """Every number is within a double's range: a JSON parser that reads numbers as doubles (SGLang's HTTP
+        server) refuses the body otherwise, before any field is read (the chat API's parser takes it)."""
+        return not _has_huge_int(self.value)
 
     def names_field(self, message: str, where: str = "custom_params.slkv") -> bool:
         """``message`` is a refusal that starts with this value's field, ``where`` standing for the value."""
@@ -80,6 +87,16 @@ def _has_non_finite(value: Any) -> bool:
         return any(_has_non_finite(v) for v in value.values())
     if isinstance(value, list):
         return any(_has_non_finite(v) for v in value)
+    return False
+
+
+def _has_huge_int(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) > sys.float_info.max
+    if isinstance(value, dict):
+        return any(_has_huge_int(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_huge_int(v) for v in value)
     return False
 
 
