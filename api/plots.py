@@ -23,12 +23,12 @@ def layer_map_png(turns: list[dict[str, Any]]) -> bytes:
     for j, (turn, m) in enumerate(zip(turns, maps)):
         if not m:
             continue
-        where = turn.get("kv_location", [""] * layers)
+        where = turn.get("kv_location") or [[""] * heads] * layers  # per layer and KV head
         for i in range(layers):
             flags = m["heads"][i] if m.get("heads") else [m["lazy"][i]] * heads
             for h, lazy in enumerate(flags):
                 if lazy:
-                    grid[i, j * heads + h] = 2 if where[i] == "host" else 1
+                    grid[i, j * heads + h] = 2 if where[i][h % len(where[i])] == "host" else 1
     fig, ax = plt.subplots(figsize=(max(4.5, 2 + 0.3 * len(turns) * heads), 6))
     ax.imshow(grid, aspect="auto", cmap=ListedColormap(["#dddddd", "#3b7dd8", "#e07b39"]), vmin=0, vmax=2,
               interpolation="nearest")

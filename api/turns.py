@@ -56,14 +56,17 @@ def idempotency_digest(request: Request) -> str | None:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def kv_location(layer_map: dict[str, Any] | None, num_layers: int) -> list[str]:
-    """Per layer, where the middle tokens' KV is (--slkv-offload): "device" (all of it), "host" (offloaded),
-    or "recompute" (freed without a host copy: the next turn recomputes it)."""
-    kv = (layer_map or {}).get("kv")
+def kv_location(layer_map: dict[str, Any] | None) -> list[list[str]]:
+    """Per layer and KV head, where the middle tokens' KV is (--slkv-offload): "device" (all of it), "host"
+    (offloaded), or "recompute" (freed without a host copy: the next turn recomputes it)."""
+    if not layer_map:
+        return []
+    kv = layer_map.get("kv")
     if kv is None:
-        return ["device"] * num_layers
-    return ["device" if n >= layer_map["decided_at"] else "host" if held else "recompute"
-            for n, held in zip(kv["device_tokens"], kv["host_tokens"])]
+        heads = layer_map.get("heads") or [[lazy] for lazy in layer_map["lazy"]]
+        return [["device"] * len(layer) for layer in heads]
+    return [["device" if n >= layer_map["decided_at"] else "host" if held else "recompute" for n, held in zip(*pair)]
+            for pair in zip(kv["device_tokens"], kv["host_tokens"])]
 
 
 @dataclass
@@ -258,12 +261,11 @@ class Turn:
         session.prompt_tokens += meta["prompt_tokens"]
         session.completion_tokens += meta["completion_tokens"]
         session.cached_tokens += meta.get("cached_tokens", 0)
-        num_layers = len(layer_map["lazy"]) if layer_map else 0
         record = {
             "turn": session.turns, "id": done["id"], "prompt_tokens": meta["prompt_tokens"],
             "completion_tokens": meta["completion_tokens"], "cached_tokens": meta.get("cached_tokens", 0),
             "worker": worker, "worker_switched": switched, "layer_map": layer_map,
-            "kv_location": kv_location(layer_map, num_layers),
+            "kv_location": kv_location(layer_map),
             "host_bytes": (layer_map or {}).get("kv", {}).get("host_bytes", 0),
             "device_kv_bytes": Metrics.device_bytes(layer_map, len(ids) + len(output_ids),
                                                     self.ctx.settings.kv_bytes_per_token_layer),

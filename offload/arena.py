@@ -1,12 +1,13 @@
-"""The host KV tier: lazy layers' middle KV kept in host memory under a byte budget.
+"""The host KV tier: lazy layers' (or KV heads') middle KV kept in host memory under a byte budget.
 
-A host copy belongs to one (layer, slot). A slot is SGLang's KV slot of one token, and the radix cache maps token
-prefixes to slots, so a copy is addressed by content through the slot that owns it. It also carries the
+A host copy belongs to one (unit, slot): a unit is what one device row holds of a token, a layer's KV heads or
+one of them (``slkv_sglang.kv.rows``); the arena only numbers them. A slot is SGLang's KV slot of one token, and
+the radix cache maps token prefixes to slots, so a copy is addressed by content through the slot that owns it. It also carries the
 *fingerprint* of the token prefix it was computed for (``slkv_sglang.kv.fingerprint``): a reload compares it with
 the reader's own fingerprints and refuses on any difference, so a copy is only ever restored into a sequence whose
 tokens match it. No client string takes part. Two requests that share a prefix share its slots, hence its copies.
 
-Memory: each ``offload`` call (one layer's run of tokens) is one *chunk*, stored as pieces ``[k, 2, heads, dim]``
+Memory: each ``offload`` call (one unit's run of tokens) is one *chunk*, stored as pieces ``[k, 2, heads, dim]``
 that fill recycled ``BLOCK_BYTES`` blocks, the tail in an allocation of its own. Chunks belong to a *group* (the
 decision that offloaded them); eviction drops whole groups, least recently used first (an offload or a reload makes
 a group recent). A chunk whose slots SGLang freed (``forget``) is freed with its last slot.
@@ -58,10 +59,10 @@ def _tally(ids: np.ndarray) -> list[tuple[int, int]]:
 
 @dataclass
 class _Chunk:
-    """The copies of one offload call: ``slots[i]``'s KV in ``layer`` is row ``i % step`` of ``pieces[i // step]``."""
+    """The copies of one offload call: ``slots[i]``'s KV in ``unit`` is row ``i % step`` of ``pieces[i // step]``."""
 
     group: int
-    layer: int
+    unit: int
     slots: np.ndarray  # [n] int64: the slots whose copies these are
     pieces: list[torch.Tensor]  # [step, 2, heads, dim] on the host (the last may be shorter)
     blocks: list[torch.Tensor]  # the recycled blocks the pieces are views of (a short tail has its own allocation)
@@ -82,7 +83,7 @@ class ArenaStats:
     held_bytes: int = 0  # bytes the host tier holds now
     offloaded_bytes: int = 0
     reloaded_bytes: int = 0
-    shared_tokens: int = 0  # (layer, token) copies reloaded by a request other than the one that offloaded them
+    shared_tokens: int = 0  # (unit, token) copies reloaded by a request other than the one that offloaded them
     offload_seconds: float = 0.0
     reload_seconds: float = 0.0
     evictions: int = 0  # groups evicted to make room
@@ -93,7 +94,7 @@ class ArenaStats:
 
 
 class HostArena:
-    def __init__(self, budget_bytes: int, num_layers: int, num_slots: int, device: torch.device | str = "cpu"):
+    def __init__(self, budget_bytes: int, num_units: int, num_slots: int, device: torch.device | str = "cpu"):
         if budget_bytes < 0:
             raise ValueError(f"offload budget must be >= 0 bytes, got {budget_bytes}")
         self.budget_bytes = budget_bytes
@@ -101,11 +102,11 @@ class HostArena:
         self._pin = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._pin else None
         self._last: torch.cuda.Event | None = None  # of the latest copies; the side stream runs them in order
-        # the index, on the host: where the copy of (slot, layer) is, ``chunk id << OFFSET_BITS | offset``, -1 if
+        # the index, on the host: where the copy of (slot, unit) is, ``chunk id << OFFSET_BITS | offset``, -1 if
         # none. One packed tensor, slot-major (a forget reads and clears whole rows of it); a reload finds its runs
         # with a handful of vectorised ops, whatever its length. The arena works on numpy views of both (a small
         # numpy index op costs a quarter of torch's).
-        self.loc = torch.full((num_slots + 1, num_layers), -1, dtype=torch.int64)
+        self.loc = torch.full((num_slots + 1, num_units), -1, dtype=torch.int64)
         self.fingerprint_of = torch.zeros(num_slots + 1, dtype=torch.int64)  # of the prefix a slot's copies hold
         self._loc, self._fingerprint_of = self.loc.numpy(), self.fingerprint_of.numpy()
         self._offsets = np.arange(0)  # 0, 1, 2, ...: grown on demand
@@ -117,16 +118,16 @@ class HostArena:
 
     # ---- queries ---------------------------------------------------------------------------------------
     def hosted(self, slots: torch.Tensor, fingerprints: torch.Tensor | None = None) -> torch.Tensor:
-        """``[layers, n]``: which layers hold a copy of each slot (whose prefix matches ``fingerprints``)."""
+        """``[units, n]``: which units hold a copy of each slot (whose prefix matches ``fingerprints``)."""
         at = _np(slots)
         held = self._loc[at].T >= 0
         if fingerprints is not None:
             held &= (self._fingerprint_of[at] == _np(fingerprints))[None, :]
         return torch.from_numpy(held)
 
-    def holds(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """``[n]``: which of ``slots`` have a copy in ``layer`` (any prefix)."""
-        return torch.from_numpy(self._loc[_np(slots), layer] >= 0)
+    def holds(self, unit: int, slots: torch.Tensor) -> torch.Tensor:
+        """``[n]``: which of ``slots`` have a copy in ``unit`` (any prefix)."""
+        return torch.from_numpy(self._loc[_np(slots), unit] >= 0)
 
     def group_bytes(self, group: int) -> int:
         g = self._groups.get(group)
@@ -161,17 +162,17 @@ class HostArena:
             self._recycle([self._drop_chunk(cid, indexed=False) for cid in dead])
 
     def adopt(self, own: torch.Tensor, tree: torch.Tensor) -> None:
-        """``tree[i]`` holds the same token (same prefix) as ``own[i]``, which SGLang is about to free: in every layer
+        """``tree[i]`` holds the same token (same prefix) as ``own[i]``, which SGLang is about to free: in every unit
         where it has no copy and ``own[i]`` has one, that copy becomes ``tree[i]``'s."""
         own, tree = _np(own), _np(tree)
         move = (self._loc[tree] < 0) & (self._loc[own] >= 0)
         if not move.any():
             return
-        at, layers = move.nonzero()
+        at, units = move.nonzero()
         src, dst = own[at], tree[at]
-        loc = self._loc[src, layers]
-        self._loc[dst, layers] = loc
-        self._loc[src, layers] = -1
+        loc = self._loc[src, units]
+        self._loc[dst, units] = loc
+        self._loc[src, units] = -1
         self._fingerprint_of[dst] = self._fingerprint_of[src]
         ids, offsets = loc >> OFFSET_BITS, loc & OFFSET_MASK
         for cid in np.unique(ids).tolist():
@@ -193,14 +194,14 @@ class HostArena:
         self._recycle([])
 
     # ---- transfers -------------------------------------------------------------------------------------
-    def offload(self, group: int, label: str, layer: int, slots: torch.Tensor, fingerprints: torch.Tensor,
+    def offload(self, group: int, label: str, unit: int, slots: torch.Tensor, fingerprints: torch.Tensor,
                 kv: torch.Tensor) -> bool:
-        """Keep copies of ``kv`` (``[n, 2, H, D]``, the KV of ``slots`` in ``layer``) under ``group``.
+        """Keep copies of ``kv`` (``[n, 2, H, D]``, the KV of ``slots`` in ``unit``) under ``group``.
 
-        Slots already held in this layer are not copied again. False (nothing copied, nothing evicted, counted in
+        Slots already held in this unit are not copied again. False (nothing copied, nothing evicted, counted in
         ``refused``) if the group's bytes and these would exceed the whole budget."""
         at, fingerprints = _np(slots), _np(fingerprints)
-        fresh = self._loc[at, layer] < 0
+        fresh = self._loc[at, unit] < 0
         if not fresh.all():
             at, fingerprints, kv = at[fresh], fingerprints[fresh], kv[torch.from_numpy(fresh).to(kv.device)]
         n = at.size
@@ -215,7 +216,7 @@ class HostArena:
         t0 = time.perf_counter()
         for lo in range(0, n, OFFSET_MASK + 1):
             hi = min(n, lo + OFFSET_MASK + 1)
-            self._store(group, label, layer, at[lo:hi], kv[lo:hi])
+            self._store(group, label, unit, at[lo:hi], kv[lo:hi])
         self._fingerprint_of[at] = fingerprints
         self._groups.move_to_end(group)
         self.stats.held_bytes += nbytes
@@ -224,7 +225,7 @@ class HostArena:
         self.stats.offload_seconds += time.perf_counter() - t0
         return True
 
-    def _store(self, group: int, label: str, layer: int, at: np.ndarray, kv: torch.Tensor) -> None:
+    def _store(self, group: int, label: str, unit: int, at: np.ndarray, kv: torch.Tensor) -> None:
         """One chunk: ``kv`` copied into recycled blocks (a tail shorter than a block into its own allocation)."""
         n, nbytes = at.size, kv.numel() * kv.element_size()
         per_block = BLOCK_BYTES // (nbytes // n)  # tokens in a whole block (0: a token is larger)
@@ -241,7 +242,7 @@ class HostArena:
             copies.append((dst, src))
         cid = self._next_chunk
         self._next_chunk += 1
-        self._chunks[cid] = _Chunk(group, layer, at.astype(np.int64), pieces, blocks, step, nbytes, live=n)  # a copy
+        self._chunks[cid] = _Chunk(group, unit, at.astype(np.int64), pieces, blocks, step, nbytes, live=n)  # a copy
         g = self._groups.get(group)
         if g is None:
             g = self._groups[group] = _Group(label)
@@ -249,17 +250,17 @@ class HostArena:
         g.nbytes += nbytes
         if self._offsets.size < n:
             self._offsets = np.arange(max(n, 2 * self._offsets.size))
-        self._loc[at, layer] = (cid << OFFSET_BITS) | self._offsets[:n]
+        self._loc[at, unit] = (cid << OFFSET_BITS) | self._offsets[:n]
         self._copy(copies, kv)
 
-    def reload(self, layer: int, slots: torch.Tensor, fingerprints: torch.Tensor, out: torch.Tensor,
+    def reload(self, unit: int, slots: torch.Tensor, fingerprints: torch.Tensor, out: torch.Tensor,
                reader: str = "") -> bool:
-        """Copy the host copies of ``slots`` in ``layer`` into ``out`` (``[n, 2, H, D]``).
+        """Copy the host copies of ``slots`` in ``unit`` into ``out`` (``[n, 2, H, D]``).
 
         False, with ``out`` untouched, unless every slot has a copy whose prefix fingerprint equals the reader's
         (``fingerprints``): the caller recomputes instead."""
         at = _np(slots)
-        loc = self._loc[at, layer]
+        loc = self._loc[at, unit]
         if (loc < 0).any():
             return False
         if not np.array_equal(self._fingerprint_of[at], _np(fingerprints)):
@@ -343,8 +344,8 @@ class HostArena:
             if not group.chunks:
                 del self._groups[chunk.group]
         if indexed:
-            mine = (self._loc[chunk.slots, chunk.layer] >> OFFSET_BITS) == cid  # not its slots re-offloaded since
-            self._loc[chunk.slots[mine], chunk.layer] = -1
+            mine = (self._loc[chunk.slots, chunk.unit] >> OFFSET_BITS) == cid  # not its slots re-offloaded since
+            self._loc[chunk.slots[mine], chunk.unit] = -1
         self.stats.held_bytes -= chunk.nbytes
         return chunk
 

@@ -47,7 +47,7 @@ def bandwidth(tokens: int, window: int, layers: int, kv_heads: int, head_dim: in
         for d, s in zip(back, host):
             d.copy_(s, non_blocking=True)
 
-    arena = HostArena(budget_bytes=4 * nbytes, num_layers=layers, num_slots=2 * middle, device=device)
+    arena = HostArena(budget_bytes=4 * nbytes, num_units=layers, num_slots=2 * middle, device=device)
     resident, passing = torch.arange(1, middle + 1), torch.arange(middle + 1, 2 * middle + 1)  # slot ids
     fingerprints = torch.arange(middle)  # any: the reload below passes the same
 

@@ -4,7 +4,7 @@ Prints figures, no pass/fail:
 
 * device KV per 4K-token session, SimLayerKV with offload vs full KV, measured from the rows the engine's
   pool holds for each session after its first turn, and the number of such sessions a fixed device pool
-  holds: as arithmetic (the pool's rows / rows per session), and as measured through SGLang's admission and
+  holds: as arithmetic (the pool's bytes / bytes per session), and as measured through SGLang's admission and
   radix cache (sessions run back to back, then how many still find their whole history cached);
 * time to first token of turn 2 three ways: lazy layers' KV reloaded from the host (offload), the whole
   history recomputed (radix cache flushed between the turns), and everything resident (SimLayerKV off);
@@ -79,13 +79,13 @@ def main(argv: list[str]) -> int:
     follow = follow_up_ids(tokenizer, FOLLOW_UP)
     engine = make_engine(path, slkv=config, chunked_prefill_size=1024, max_total_tokens=args.pool_tokens)
     try:
-        rows, lazy, ttft = [], [], {"reload": [], "recompute": [], "resident": []}
+        kept, lazy, ttft = [], [], {"reload": [], "recompute": [], "resident": []}
         for n in range(args.sessions):
             ids = prompt_ids(tokenizer, args.tokens, seed=300 + n, question=QUESTION)
             _, first = _generate(engine, ids, 8, session=f"s{n}")
             kv = first["meta_info"]["slkv"]["kv"]
-            rows.append(sum(kv["device_tokens"]))
-            lazy.append(len(first["meta_info"]["slkv"]["lazy_layers"]))
+            kept.append(sum(map(sum, kv["device_tokens"])))  # tokens kept, summed over (layer, KV head)
+            lazy.append(len(first["meta_info"]["slkv"]["lazy_heads"]))
             turn2 = ids + first["output_ids"] + follow
             seconds, second = _generate(engine, turn2, 1, session=f"s{n}")
             ttft["reload"].append(seconds)
@@ -96,20 +96,23 @@ def main(argv: list[str]) -> int:
             _generate(engine, ids, 8, enabled=False)
             ttft["resident"].append(_generate(engine, turn2, 1, enabled=False)[0])
             engine.flush_cache()
-        pool_rows, layers = kv["rows"], len(kv["device_tokens"])
+        pool_bytes, head_bytes = kv["rows"] * kv["row_bytes"], kv["head_bytes"]
+        layers, heads_per_row = len(kv["device_tokens"]), kv["row_bytes"] // head_bytes
         fit = {name: cached_sessions(engine, tokenizer, args.fit_sessions, args.tokens, follow, config.last, **slkv)
                for name, slkv in (("full", {"enabled": False}), ("simlayerkv", {}))} if args.fit_sessions else {}
     finally:
         shutdown_engine(engine)
-    full = args.tokens * layers
-    slkv = statistics.mean(rows)
-    row_bytes = kv["row_bytes"]
+    heads, dim = kv_shape
+    full = args.tokens * layers * heads * head_bytes
+    slkv = statistics.mean(kept) * head_bytes
     print(f"SimLayerKV {config}")
-    print(f"device KV per {args.tokens}-token session after turn 1 ({args.sessions} sessions):")
-    print(f"  full KV     {full:>8} rows  {full * row_bytes / 2**20:7.1f} MiB")
-    print(f"  SimLayerKV  {slkv:>8.0f} rows  {slkv * row_bytes / 2**20:7.1f} MiB   ({full / slkv:.2f}x less)")
-    print(f"sessions a pool of {pool_rows} rows ({pool_rows * row_bytes / 2**30:.2f} GiB) holds: "
-          f"full {pool_rows // full}, SimLayerKV {int(pool_rows // slkv)} (rows / rows per session)")
+    print(f"device KV per {args.tokens}-token session after turn 1 ({args.sessions} sessions; a device row holds "
+          f"{heads_per_row} KV head(s) of one layer and token):")
+    print(f"  full KV     {full / 2**20:7.1f} MiB")
+    print(f"  SimLayerKV  {slkv / 2**20:7.1f} MiB   ({full / slkv:.2f}x less; {statistics.mean(lazy):.1f} lazy KV heads "
+          f"of {layers * heads})")
+    print(f"sessions a pool of {kv['rows']} rows ({pool_bytes / 2**30:.2f} GiB) holds: "
+          f"full {pool_bytes // full}, SimLayerKV {int(pool_bytes // slkv)} (bytes / bytes per session)")
     if fit:
         print(f"  measured, {args.fit_sessions} sessions back to back, overcommit {args.overcommit}: whole history "
               f"still cached at turn 2 for full {fit['full']}, SimLayerKV {fit['simlayerkv']}")
@@ -121,10 +124,10 @@ def main(argv: list[str]) -> int:
     for way in ("offload", "reload"):
         moved, secs = transfers[f"host_{way}ed_bytes"], transfers[f"host_{way}_seconds"]
         print(f"  {way:<8} {moved / 2**20:8.1f} MiB in {secs:6.3f} s  {moved / max(secs, 1e-9) / 2**30:6.2f} GiB/s")
-    heads, dim = kv_shape
-    layers_lazy = max(1, round(statistics.mean(lazy)))
-    nbytes, figures = bandwidth(args.tokens, config.sink + config.recent, layers_lazy, heads, dim, repeats=21,
+    units_lazy = max(1, round(statistics.mean(lazy) / heads_per_row))  # offloads are per row's unit
+    nbytes, figures = bandwidth(args.tokens, config.sink + config.recent, units_lazy, heads_per_row, dim, repeats=21,
                                 device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"host tier vs a plain copy of one session's offload ({layers_lazy} lazy layers, {nbytes / 2**20:.1f} MiB):")
+    print(f"host tier vs a plain copy of one session's offload ({units_lazy} lazy units of {heads_per_row} KV "
+          f"head(s), {nbytes / 2**20:.1f} MiB):")
     report(nbytes, figures)
     return 0

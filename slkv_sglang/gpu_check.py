@@ -354,7 +354,7 @@ def _roundtrip_exact(device: torch.device, dtype: torch.dtype, kv_heads: int, di
     """Offload in two turns, forget the tail, reload: the bytes that come back are the bytes that went out."""
     from offload import HostArena
 
-    arena = HostArena(1 << 30, num_layers=1, num_slots=5000, device=device)
+    arena = HostArena(1 << 30, num_units=1, num_slots=5000, device=device)
     kv = torch.randn(5000, 2, kv_heads, dim, device=device).to(dtype)
     slots, fps = torch.arange(5000), torch.arange(5000) * 7
     arena.offload(arena.new_group(), "a", 0, slots[4:3000], fps[4:3000], kv[4:3000])
@@ -383,7 +383,7 @@ def host_tier(device: torch.device, tokens: int, layers: int) -> dict[str, Any]:
     kv = [torch.randn(tokens - RECENT - SINK, 2, kv_heads, dim, device=device).to(dtype) for _ in range(layers)]
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
     middle = tokens - RECENT - SINK
-    arena = HostArena(4 * nbytes, num_layers=layers, num_slots=middle, device=device)
+    arena = HostArena(4 * nbytes, num_units=layers, num_slots=middle, device=device)
     slots, fps = torch.arange(1, middle + 1), torch.arange(middle)
 
     def matmuls() -> None:

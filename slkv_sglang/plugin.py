@@ -310,10 +310,11 @@ def _no_kv_buffers(original: Any, kv_pool: Any, *args: Any, **kwargs: Any) -> An
 
 
 def _alloc_with_rows(original: Any, allocator: Any, need_size: int, *args: Any, **kwargs: Any) -> Any:
-    """TokenToKVPoolAllocator.alloc: refuse (None, as for no free slots) without L rows per slot; on success
+    """TokenToKVPoolAllocator.alloc: refuse (None, as for no free slots) without a row per unit
+    for each slot (``KvTier.rows_per_slot``); on success
     the slots are owed their rows until written."""
     tier = _tier()
-    if tier is not None and need_size * tier.num_layers > tier.spare_rows:
+    if tier is not None and need_size * tier.rows_per_slot > tier.spare_rows:
         return None
     slots = original(allocator, need_size, *args, **kwargs)
     if slots is not None and tier is not None:
@@ -323,12 +324,13 @@ def _alloc_with_rows(original: Any, allocator: Any, need_size: int, *args: Any, 
 
 def _evict_for_rows(tree_cache: Any, rows_needed: int) -> None:
     """Evict the radix tree (LRU) until ``rows_needed`` rows are spare or nothing is left to evict: an
-    evicted token frees only the rows it still holds, fewer than L where lazy layers released it."""
+    evicted token frees only the rows it still holds, fewer than one per unit where lazy layers or heads
+    released it."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
     tier = _tier()
     while tier is not None and tier.spare_rows < rows_needed:
-        short = -(-(rows_needed - tier.spare_rows) // tier.num_layers)
+        short = -(-(rows_needed - tier.spare_rows) // tier.rows_per_slot)
         if tree_cache.evict(EvictParams(num_tokens=short)).num_tokens_evicted == 0:
             break
 
@@ -337,21 +339,23 @@ def _evict_more(_result: Any, allocator: Any, tree_cache: Any, num_tokens: int) 
     """evict_to_free_tokens: SGLang evicts ``num_tokens`` tokens; keep going until their rows are there."""
     tier = _tier()
     if tier is not None and tree_cache is not None and tree_cache.supports_prefix_sharing():
-        _evict_for_rows(tree_cache, num_tokens * tier.num_layers)
+        _evict_for_rows(tree_cache, num_tokens * tier.rows_per_slot)
     return None
 
 
 def _decode_fits_rows(result: bool, allocator: Any, *args: Any, num_tokens: int = 0, **kwargs: Any) -> bool | None:
-    """check_decode_capacity: the next decode step also needs L spare rows per token, or SGLang retracts."""
+    """check_decode_capacity: the next decode step also needs a spare row per unit and token, or SGLang
+    retracts."""
     tier = _tier()
     if tier is None or not result:
         return None
-    return tier.spare_rows >= num_tokens * tier.num_layers
+    return tier.spare_rows >= num_tokens * tier.rows_per_slot
 
 
 def _evictable_by_rows(result: int, budget: Any) -> int | None:
     """PrefillBudget._available_and_evictable: SGLang adds free slots and the tree's evictable *tokens*;
-    admission needs rows: spare rows plus the rows evictable slots hold, L rows to a token.
+    admission needs rows: spare rows plus the rows evictable slots hold, a row per unit to a
+    token.
 
     Which slots are evictable (unlocked in the tree) is not known here, only how many (k) and that they are among
     the allocated slots no running request reads; a request admitted earlier in this round locks its prefix
@@ -367,7 +371,7 @@ def _evictable_by_rows(result: int, budget: Any) -> int | None:
     for free in (allocator.free_pages, allocator.release_pages):
         idle[free] = False
     k = int(budget.tree_cache.evictable_size())
-    return min(result, (tier.spare_rows + tier.rows.fewest(idle, k)) // tier.num_layers)
+    return min(result, (tier.spare_rows + tier.rows.fewest(idle, k)) // tier.rows_per_slot)
 
 
 def _prefix_rows(tree_cache: Any, req: Any) -> int:
@@ -389,12 +393,13 @@ def _promise_prefix_rows(original: Any, batch: Any, *args: Any, **kwargs: Any) -
 
 
 def _charge_prefix_rows(original: Any, adder: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
-    """PrefillAdder.add_one_req: admission charges a request the rows its prefix takes (as tokens of L rows)
+    """PrefillAdder.add_one_req: admission charges a request the rows its prefix takes (as tokens of a row
+    per unit)
     on top of its new tokens, through SGLang's per-request overhead."""
     extra = 0
     tier = _tier()
     if tier is not None:
-        extra = -(-_prefix_rows(adder.tree_cache, req) // tier.num_layers)
+        extra = -(-_prefix_rows(adder.tree_cache, req) // tier.rows_per_slot)
     adder.per_req_token_overhead += extra
     try:
         return original(adder, req, *args, **kwargs)

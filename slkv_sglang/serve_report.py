@@ -50,13 +50,18 @@ def figures(wall: float, records: list[TurnRecord], before: dict[str, int]) -> d
     kvs = [r.slkv["kv"] for r in records if r.slkv.get("kv")]
     if kvs:
         # device KV a first turn keeps after its decision, against every layer keeping every prompt token
-        saved = [1 - sum(r.slkv["kv"]["device_tokens"]) / (len(r.slkv["kv"]["device_tokens"]) * r.prompt_tokens)
+        saved = [1 - _kept(r.slkv["kv"]["device_tokens"]) / r.prompt_tokens
                  for r in records if r.turn == 1 and r.slkv.get("kv")]
         out["kv_saved"] = float(np.mean(saved)) if saved else None
         after = engine_totals(records)
         out["host"] = {"held_peak_bytes": max(kv["host_held_bytes"] for kv in kvs),
                        **{name: after[name] - before.get(name, 0) for name in HOST_COUNTERS}}
     return out
+
+
+def _kept(device_tokens: list[list[int]]) -> float:
+    """Tokens a request keeps on the device, averaged over its (layer, KV head) pairs."""
+    return sum(map(sum, device_tokens)) / sum(map(len, device_tokens))
 
 
 def _s(value: float | None, scale: float = 1.0, digits: int = 2) -> str:

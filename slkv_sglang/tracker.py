@@ -54,7 +54,7 @@ class Decision:
 
     rid: str
     req_row: int
-    lazy: torch.Tensor  # [layers] bool: every KV head of the layer is lazy
+    lazy: torch.Tensor  # [layers, KV heads] bool: the heads decode reads sink + recent from
     seq_len: int
     layer_map: LayerMap
     identification_s: float  # scoring time over the request's prefill
@@ -294,7 +294,7 @@ class LazyTracker:
                 lazy.tolist(), scores.tolist(), heads.tolist(), self.is_full.tolist(), threshold=p.threshold,
                 score_mode=p.score, decide_mode=p.mode, sink=self.config.sink, recent=self.config.recent,
                 decided_at=s.seq_len, granularity=p.granularity)
-            decisions.append(Decision(p.rid, s.row, lazy.all(dim=1), s.seq_len, layer_map, timing[0], timing[1]))
+            decisions.append(Decision(p.rid, s.row, lazy, s.seq_len, layer_map, timing[0], timing[1]))
             logger.debug("slkv decision rid=%s lazy=%s", p.rid, layer_map.lazy_heads)
         return decisions
 

@@ -246,9 +246,10 @@ def test_four_turns_with_the_openai_client(offload_api, offload_redis, slkv_engi
     for i, t in enumerate(turns):
         lm, kv = t["layer_map"], t["layer_map"]["kv"]
         assert lm["lazy_layers"], "every turn here is long enough to have lazy layers"
-        assert t["kv_location"] == ["host" if lazy else "device" for lazy in lm["lazy"]]
-        assert kv["host_tokens"] == [lm["decided_at"] - window if lazy else 0 for lazy in lm["lazy"]]
-        assert t["host_bytes"] == sum(kv["host_tokens"]) * ROW_BYTES
+        # the engine keeps a row per KV head: each lazy head's middle is on the host
+        assert t["kv_location"] == [["host" if lazy else "device" for lazy in heads] for heads in lm["heads"]]
+        assert kv["host_tokens"] == [[lm["decided_at"] - window if lazy else 0 for lazy in heads] for heads in lm["heads"]]
+        assert t["host_bytes"] == sum(map(sum, kv["host_tokens"])) * ROW_BYTES // len(lm["heads"][0])
         seq = t["prompt_tokens"] + t["completion_tokens"]  # what the turn read: sink + recent in lazy KV heads
         read = sum(sum(min(seq, window) if lazy else seq for lazy in heads) / len(heads) for heads in lm["heads"])
         assert t["device_kv_bytes"] == round(read * ROW_BYTES)
@@ -258,7 +259,7 @@ def test_four_turns_with_the_openai_client(offload_api, offload_redis, slkv_engi
             # layers), and what the previous turn offloaded back from the host
             assert cached[i] == t["cached_tokens"] == t["prompt_tokens"] - TEST_SLKV.last
             before = turns[i - 1]["layer_map"]["kv"]
-            assert kv["restored_rows"] - before["restored_rows"] == sum(before["host_tokens"])
+            assert kv["restored_rows"] - before["restored_rows"] == sum(map(sum, before["host_tokens"]))
         # The session engine, offload off, given the turn's prompt ids after the earlier turns' (radix reuse)
         prompt, answer = ids[: t["prompt_tokens"]], ids[t["prompt_tokens"] : seq]
         params = {"max_new_tokens": 8, "temperature": 0.0}

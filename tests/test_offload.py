@@ -42,7 +42,7 @@ def test_offload_then_reload_is_bit_exact(model_kv):
     seq = model_kv[0].shape[0]
     slots = torch.randperm(seq) + 1  # slots are not positions: any order
     fps = prefix_fingerprints(list(range(seq)))
-    arena = HostArena(1 << 30, num_layers=len(model_kv), num_slots=seq)
+    arena = HostArena(1 << 30, num_units=len(model_kv), num_slots=seq)
     group = arena.new_group()
     for layer, kv in enumerate(model_kv):
         assert arena.offload(group, "a", layer, slots[SINK : seq - RECENT], fps[SINK : seq - RECENT], kv[SINK : seq - RECENT])
@@ -62,7 +62,7 @@ def test_a_copy_is_never_restored_into_another_prefix(model_kv):
     kv = model_kv[3][:100]
     slots = torch.arange(1, 101)
     ids = list(range(100))
-    arena = HostArena(1 << 30, num_layers=1, num_slots=200)
+    arena = HostArena(1 << 30, num_units=1, num_slots=200)
     arena.offload(arena.new_group(), "session-1", 0, slots, prefix_fingerprints(ids), kv)
     other = ids[:]
     other[10] = 999  # a branch that differs at position 10: every position from 10 on has another prefix
@@ -77,7 +77,7 @@ def test_a_copy_is_never_restored_into_another_prefix(model_kv):
 def test_offload_skips_what_is_held_and_forget_frees_chunks(model_kv):
     kv = model_kv[12]
     slots, fps = torch.arange(1, 1201), prefix_fingerprints(list(range(1200)))
-    arena = HostArena(1 << 30, num_layers=30, num_slots=1200)
+    arena = HostArena(1 << 30, num_units=30, num_slots=1200)
     arena.offload(arena.new_group(), "s", 12, slots[SINK:600], fps[SINK:600], kv[SINK:600])
     before = arena.stats.offloaded_bytes
     arena.offload(arena.new_group(), "s", 12, slots[SINK:900], fps[SINK:900], kv[SINK:900])  # the next turn
@@ -91,7 +91,7 @@ def test_offload_skips_what_is_held_and_forget_frees_chunks(model_kv):
 
 def test_lru_eviction_drops_whole_groups():
     seg = torch.randn(100, 2, 3, 64)
-    arena = HostArena(budget_bytes=3 * _bytes(seg), num_layers=1, num_slots=500)
+    arena = HostArena(budget_bytes=3 * _bytes(seg), num_units=1, num_slots=500)
     fps = torch.arange(100)
     groups = {}
     for i, name in enumerate("abc"):
@@ -111,7 +111,7 @@ def test_lru_eviction_drops_whole_groups():
 
 def test_budget_is_never_exceeded():
     rng = random.Random(7)
-    arena = HostArena(budget_bytes=40_000, num_layers=3, num_slots=600)
+    arena = HostArena(budget_bytes=40_000, num_units=3, num_slots=600)
     for step in range(400):
         layer, start = rng.randrange(3), rng.randrange(1, 500)
         n = rng.randint(1, 300)  # up to 38 KB: some offloads exceed a shrunk budget alone
@@ -135,7 +135,7 @@ def test_host_blocks_are_recycled_within_the_budget(model_kv):
     kv = torch.cat(model_kv[:4])  # 4800 tokens x 1536 B: whole blocks and a tail
     n = kv.shape[0]
     slots, fps = torch.arange(1, n + 1), torch.arange(n)
-    arena = HostArena(budget_bytes=3 * _bytes(kv), num_layers=1, num_slots=n)
+    arena = HostArena(budget_bytes=3 * _bytes(kv), num_units=1, num_slots=n)
     arena.offload(arena.new_group(), "a", 0, slots, fps, kv)
     blocks = {b.data_ptr() for c in arena._chunks.values() for b in c.blocks}
     assert len(blocks) == _bytes(kv) // BLOCK_BYTES
@@ -151,9 +151,21 @@ def test_host_blocks_are_recycled_within_the_budget(model_kv):
 
 
 # ---- the KV tier: planner and executor over real tensors -------------------------------------------------
-def _tier(layers: int = 2, host_budget: int = 1 << 20) -> KvTier:
-    return KvTier.build(layers, 100, num_rows=layers * 101, heads=2, dim=4, dtype=torch.float32, device="cpu",
-                        host_budget=host_budget, poison=True)
+def _tier(layers: int = 2, host_budget: int = 1 << 20, groups: int = 1) -> KvTier:
+    """Two KV heads per layer, in one row per layer (``groups`` 1) or one row per head (2)."""
+    return KvTier.build(layers, groups, 100, num_rows=layers * groups * 101, heads=2, dim=4, dtype=torch.float32,
+                        device="cpu", host_budget=host_budget, poison=True)
+
+
+def _kv(tier: KvTier, layer: int, slots: torch.Tensor) -> torch.Tensor:
+    """``[n, 2, heads, dim]``: what a read of ``slots`` in ``layer`` gets from the device rows."""
+    at = tier.rows.lookup(layer, slots)
+    return torch.stack([tier.rows.gather(at, 0), tier.rows.gather(at, 1)], dim=1)
+
+
+def _lazy(*layers: bool) -> torch.Tensor:
+    """``[layers, 2 heads]``: whole layers lazy or not."""
+    return torch.tensor([[lazy, lazy] for lazy in layers])
 
 
 def _step(row: int, ids: list[int], heal: Heal | None = None) -> KvStep:
@@ -161,11 +173,12 @@ def _step(row: int, ids: list[int], heal: Heal | None = None) -> KvStep:
     return KvStep([RequestStep(req, "r", "s", row, prefix_fingerprints(ids), heal)])
 
 
-def test_tier_offloads_restores_and_falls_back_to_recompute():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_tier_offloads_restores_and_falls_back_to_recompute(groups):
     """A lazy layer's middle goes to the host and its rows are freed; the next prefill restores it exactly. A
     budget too small frees the rows all the same, the planner cuts the prefix there, and the recomputing
-    prefill heals the cached slots."""
-    tier, ids = _tier(host_budget=10 * 2 * 2 * 4 * 4), list(range(40))  # the host holds 10 tokens of one layer
+    prefill heals the cached slots. The same with a row per layer and a row per KV head."""
+    tier, ids = _tier(host_budget=10 * 2 * 2 * 4 * 4, groups=groups), list(range(40))  # 10 tokens of one layer
     planner, ex = KvPlanner(tier, strict=True), KvExecutor(tier, sink=4, recent=10, strict=True)
     req_to_token = torch.zeros(4, 100, dtype=torch.int64)
     req_to_token[1, :40] = slots = torch.arange(1, 41)
@@ -173,16 +186,17 @@ def test_tier_offloads_restores_and_falls_back_to_recompute():
     ex.begin(_step(1, ids))
     for layer in range(2):
         ex.write(layer, slots, kv[:, 0], kv[:, 1])
-    ex.offload(1, "r", torch.tensor([True, False]), 16, req_to_token, shared=None)  # middle 4..5: fits
-    assert tier.rows.held(slots).tolist() == [38, 40] and planner.restorable(slots, prefix_fingerprints(ids)) == 40
+    ex.offload(1, "r", _lazy(True, False), 16, req_to_token, shared=None)  # middle 4..5: fits
+    assert tier.rows.held(slots).tolist() == [38] * groups + [40] * groups
+    assert planner.restorable(slots, prefix_fingerprints(ids)) == 40
     assert planner.restorable(slots, prefix_fingerprints([7] + ids[1:])) == 4  # another prefix: not restorable
     ex.begin(_step(2, ids + [1]))
     req_to_token[2, :40] = slots
     ex.restore(0, req_to_token, [40])
-    assert torch.equal(tier.rows.kv[tier.rows.lookup(0, slots)], kv) and tier.stats.restored_rows == 2
+    assert torch.equal(_kv(tier, 0, slots), kv) and tier.stats.restored_rows == 2 * groups
     ex.begin(_step(1, ids))
-    ex.offload(1, "r", torch.tensor([False, True]), 40, req_to_token, shared=None)  # 26 tokens: refused, lost
-    assert tier.stats.lost_rows == 26 and tier.rows.held(slots).tolist() == [40, 14]
+    ex.offload(1, "r", _lazy(False, True), 40, req_to_token, shared=None)  # 26 tokens: refused, lost
+    assert tier.stats.lost_rows == 26 * groups and tier.rows.held(slots).tolist() == [40] * groups + [14] * groups
     assert planner.restorable(slots, prefix_fingerprints(ids)) == 4
     fresh = torch.arange(41, 81)
     req_to_token[3, :40] = fresh
@@ -190,8 +204,8 @@ def test_tier_offloads_restores_and_falls_back_to_recompute():
     for layer in range(2):
         ex.write(layer, fresh[4:], kv[4:, 0], kv[4:, 1])
         ex.heal(layer, req_to_token, [4], [36])
-    assert planner.restorable(slots, prefix_fingerprints(ids)) == 40 and tier.stats.healed_rows == 26
-    assert torch.equal(tier.rows.kv[tier.rows.lookup(1, slots)], kv)
+    assert planner.restorable(slots, prefix_fingerprints(ids)) == 40 and tier.stats.healed_rows == 26 * groups
+    assert torch.equal(_kv(tier, 1, slots), kv)
 
 
 def test_a_restore_that_cannot_complete_fails_the_request_not_the_engine():
@@ -205,7 +219,7 @@ def test_a_restore_that_cannot_complete_fails_the_request_not_the_engine():
         ex.begin(_step(1, ids))
         for layer in range(2):
             ex.write(layer, slots, torch.randn(40, 2, 4), torch.randn(40, 2, 4))
-        ex.offload(1, "r", torch.tensor([True, True]), 40, req_to_token, shared=None)
+        ex.offload(1, "r", _lazy(True, True), 40, req_to_token, shared=None)
         tier.host.set_budget(0)
         step = _step(1, ids)
         ex.begin(step)
@@ -233,7 +247,7 @@ def test_ledger_counts_promised_rows():
     for layer in range(2):
         ex.write(layer, slots, torch.randn(8, 2, 4), torch.randn(8, 2, 4))
     assert (tier.rows.free, tier.spare_rows) == (186, 186)
-    ex.offload(1, "r", torch.tensor([False, True]), 8, req_to_token, shared=None)  # a lazy layer gives 4 back
+    ex.offload(1, "r", _lazy(False, True), 8, req_to_token, shared=None)  # a lazy layer gives 4 back
     planner = KvPlanner(tier, strict=True)
     need = planner.prefix_rows(SimpleNamespace(), slots)
     assert tier.spare_rows == 190 and need == 4
@@ -264,7 +278,7 @@ def test_cached_slots_adopt_what_a_duplicate_holds():
     ex.begin(_step(1, ids))
     for layer in range(2):
         ex.write(layer, tree, kv[:, 0], kv[:, 1])
-    ex.offload(1, "r", torch.tensor([True, False]), 40, req_to_token, shared=None)  # layer 0: middle 4..29 to host
+    ex.offload(1, "r", _lazy(True, False), 40, req_to_token, shared=None)  # layer 0: middle 4..29 to host
     own = torch.arange(41, 81)  # a second request recomputed the same tokens into its own slots
     for layer in range(2):
         ex.write(layer, own, kv[:, 0], kv[:, 1])
@@ -272,7 +286,69 @@ def test_cached_slots_adopt_what_a_duplicate_holds():
     tier.adopt(own, tree)
     tier.free_slots(own)
     assert tier.rows.held(tree).tolist() == [40, 40] and tier.stats.adopted_rows == 26
-    assert torch.equal(tier.rows.kv[tier.rows.lookup(0, tree)], kv)
+    assert torch.equal(_kv(tier, 0, tree), kv)
     hosted = tier.host.hosted(tree, prefix_fingerprints(ids))
     assert hosted[0, 4:30].all() and hosted[1, :2].all()  # layer 0's own copies stay; layer 1 took own's two
     assert tier.rows.free == tier.rows.num_rows - 80 and not tier.host.hosted(own).any()
+
+
+def test_lazy_heads_free_their_own_rows():
+    """With a row per KV head, a layer lazy in one head gives back that head's middle rows only: its other head
+    still reads everything, the lazy head reads its window, and a read of the lazy head's middle is refused. With
+    a row per layer the same decision frees nothing (the layer's other head needs the rows)."""
+    ids, slots = list(range(40)), torch.arange(1, 41)
+    req_to_token = torch.zeros(4, 100, dtype=torch.int64)
+    req_to_token[1, :40] = slots
+    kv = torch.randn(40, 2, 2, 4)
+    one_head = torch.tensor([[True, False], [False, False]])
+    for groups, freed in ((1, 0), (2, 26)):
+        tier = _tier(groups=groups)
+        ex = KvExecutor(tier, sink=4, recent=10, strict=True)
+        ex.begin(_step(1, ids))
+        for layer in range(2):
+            ex.write(layer, slots, kv[:, 0], kv[:, 1])
+        ex.offload(1, "r", one_head, 40, req_to_token, shared=None)
+        assert tier.stats.released_rows == freed and tier.rows.free == tier.rows.num_rows - 80 * groups + freed
+        window = torch.cat([slots[:4], slots[30:]])
+        k, v = ex.read(0, 0, slots, torch.tensor([False, True]))  # the kept head: everything
+        assert torch.equal(k, kv[:, 0, 1:]) and torch.equal(v, kv[:, 1, 1:])
+        k, v = ex.read(0, 0, window, torch.tensor([True, False]))  # the lazy head: its window
+        assert torch.equal(k, kv[torch.cat([torch.arange(4), torch.arange(30, 40)]), 0, :1])
+        if freed:
+            with pytest.raises(LostKv):
+                ex.read(0, 0, slots)
+            assert tier.host.hosted(slots).sum(dim=1).tolist() == [26, 0, 0, 0]  # head 0 of layer 0 only
+            report = tier.report(slots)
+            assert report["device_tokens"] == [[14, 40], [40, 40]] and report["host_tokens"] == [[26, 0], [0, 0]]
+            ex.begin(_step(2, ids + [1]))
+            req_to_token[2, :40] = slots
+            ex.restore(0, req_to_token, [40])
+            assert tier.stats.restored_rows == 26
+        assert torch.equal(_kv(tier, 0, slots), kv)
+
+
+def test_per_head_round_trip_of_model_kv_is_bit_exact(model_kv):
+    """Real KV of every layer in rows of one KV head each: a random per-head lazy set offloads its middles (the
+    host copy of each lazy head, the device rows of each freed), and restoring every layer gives back exactly the
+    KV written, head by head."""
+    layers, (seq, _, heads, dim) = len(model_kv), model_kv[0].shape
+    tier = KvTier.build(layers, heads, seq, num_rows=layers * heads * (seq + 1), heads=heads, dim=dim,
+                        dtype=torch.float32, device="cpu", host_budget=1 << 30, poison=True)
+    ex = KvExecutor(tier, sink=SINK, recent=RECENT, strict=True)
+    ids, slots = list(range(seq)), torch.randperm(seq) + 1
+    req_to_token = torch.zeros(3, seq, dtype=torch.int64)
+    req_to_token[1] = req_to_token[2] = slots
+    ex.begin(_step(1, ids))
+    for layer, kv in enumerate(model_kv):
+        ex.write(layer, slots, kv[:, 0], kv[:, 1])
+    lazy = torch.rand(layers, heads, generator=torch.Generator().manual_seed(5)) < 0.5
+    ex.offload(1, "r", lazy, seq, req_to_token, shared=None)
+    middle = seq - SINK - RECENT
+    assert tier.stats.released_rows == int(lazy.sum()) * middle
+    assert tier.report(slots)["device_tokens"] == torch.where(lazy, seq - middle, seq).tolist()
+    ex.begin(_step(2, ids))
+    for layer in range(layers):
+        ex.restore(layer, req_to_token, [seq])
+    assert tier.stats.restored_rows == int(lazy.sum()) * middle and tier.rows.free == tier.rows.num_rows - layers * heads * seq
+    for layer, kv in enumerate(model_kv):
+        assert torch.equal(_kv(tier, layer, slots), kv), layer

@@ -26,9 +26,10 @@ QUESTIONS = [
 ]
 NEW_TOKENS = 10
 # Host budgets: one ~3K-token conversation fits BUDGET (its lazy layers' middle KV is ~40-60 MB in float32);
-# TINY is less than one lazy layer's middle (~4 MB), so with it every offload is refused.
+# TINY is less than one lazy KV head's middle (~1.4 MB: the engine keeps a row per KV head), so with it every offload
+# is refused.
 BUDGET = OFFLOAD_BUDGET  # the session's offload engine's (conftest)
-TINY = 2 << 20
+TINY = 1 << 20
 
 
 def _conversation(engine, tokenizer, seed: int, session: str, turns: int, budget: int | None = None,
@@ -78,19 +79,19 @@ def _assert_same(got: list[dict], want: list[dict], first_turn: int = 0) -> None
 
 
 def _assert_device_follows_layer_map(out: dict, hosted: bool) -> None:
-    """Lazy layers keep sink + recent on the device; their middle is on the host (``hosted``) or nowhere
-    (freed for recompute), and the chat API's per-layer location says which."""
+    """Lazy KV heads (the engine keeps a row per KV head) keep sink + recent on the device; their middle is on the
+    host (``hosted``) or nowhere (freed for recompute), and the chat API's per-head location says which."""
     record = out["meta_info"]["slkv"]
     lm, kv = LayerMap.from_dict(record), record["kv"]
     window = TEST_SLKV.sink + TEST_SLKV.recent
-    assert lm.lazy_layers, "the test needs lazy layers"
-    for layer in range(lm.num_layers):
-        assert kv["device_tokens"][layer] == (window if lm.lazy[layer] else lm.decided_at), layer
-        if lm.lazy[layer]:
-            assert kv["host_tokens"][layer] == (lm.decided_at - window if hosted else 0), layer
-    where = kv_location(record, lm.num_layers)
-    assert {where[layer] for layer in lm.lazy_layers} == {"host" if hosted else "recompute"}
-    assert {where[layer] for layer in range(lm.num_layers) if not lm.lazy[layer]} == {"device"}
+    assert lm.lazy_heads, "the test needs lazy heads"
+    where = kv_location(record)
+    for layer, heads in enumerate(lm.heads):
+        for head, lazy in enumerate(heads):
+            assert kv["device_tokens"][layer][head] == (window if lazy else lm.decided_at), (layer, head)
+            if lazy:  # (a head lazy in an earlier turn only keeps that turn's host copy: KV never changes)
+                assert kv["host_tokens"][layer][head] == (lm.decided_at - window if hosted else 0), (layer, head)
+            assert where[layer][head] == ("device" if not lazy else "host" if hosted else "recompute"), (layer, head)
 
 
 def _fresh(engine, tokenizer, budget: int) -> dict:
@@ -189,7 +190,7 @@ def test_host_budget_is_an_admin_setting(offload_engine, slkv_engine, tokenizer)
 
 
 # ---- admission counts rows: --slkv-overcommit ------------------------------------------------------------
-POOL_TOKENS = 5000  # KV bytes of 5000 full-KV tokens (150,030 rows); with overcommit 2, 10,000 token slots
+POOL_TOKENS = 5000  # KV bytes of 5000 full-KV tokens (450,090 rows of one KV head); with overcommit 2, 10,000 token slots
 FORCED = list(range(20))  # 20 of 30 layers lazy: a session keeps 10 x 2K + 20 x 260 rows, not 30 x 2K
 
 
@@ -215,8 +216,8 @@ def test_freed_rows_admit_more_sessions(overcommit_engine, slkv_engine, tokenize
         first = overcommit_engine.generate(input_ids=ids, sampling_params=params)
         sessions.append((ids, first, ids + first["output_ids"] + follow_up_ids(tokenizer, QUESTIONS[1]), params))
     kv = sessions[-1][1]["meta_info"]["slkv"]["kv"]
-    layers = len(kv["device_tokens"])
-    assert kv["rows"] == layers * (POOL_TOKENS + 1) < sum(len(s[0]) for s in sessions) * layers  # full KV: no
+    units = sum(map(len, kv["device_tokens"]))  # a row per (layer, KV head) and token
+    assert kv["rows"] == units * (POOL_TOKENS + 1) < sum(len(s[0]) for s in sessions) * units  # full KV: no
     slkv_engine.flush_cache()
 
     async def without_offload() -> list[tuple[dict, dict]]:  # in the background, while the second turns run

@@ -40,8 +40,8 @@ class _RowKeys:
     def __getitem__(self, slots: torch.Tensor) -> torch.Tensor:
         rows = self.executor.tier.rows
         if self.executor.step.failed:  # a failed request's scores are never acted on: read any row for it
-            return rows.kv[:, 0].index_select(0, rows.row_of[self.layer, slots].clamp(min=0))
-        return rows.kv[:, 0].index_select(0, self.executor.lookup(self.layer, slots))
+            return rows.gather(rows.rows_of(self.layer, slots).clamp(min=0), 0)
+        return rows.gather(self.executor.lookup(self.layer, slots), 0)
 
 
 class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
@@ -82,24 +82,19 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         if ex is not None:
             ex.restore(lid, req_to_token, prefixes)  # the prefill attends to its whole prefix: bring it back first
         self._write(layer, forward_batch, k, v, save_kv_cache)
-        if ex is None:  # keys and values indexed by slot
-            keys, values = self.token_to_kv_pool.get_key_buffer(lid), self.token_to_kv_pool.get_value_buffer(lid)
-        else:  # by KV row
+        if ex is not None:
             ex.heal(lid, req_to_token, prefixes, exts)
-            keys, values = ex.tier.rows.kv[:, 0], ex.tier.rows.kv[:, 1]
         o = _new_output(q, layer)
         out = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
         lse: torch.Tensor | None = torch.zeros(layer.tp_q_head_num, q.shape[0], device=q.device)
         start = 0
         for pos, (row, prefix, ext) in enumerate(zip(forward_batch.req_pool_indices.tolist(), prefixes, exts)):
-            slots = req_to_token[row, : prefix + ext]
-            at = slots if ex is None else (None if ex.failed(pos) else ex.read(pos, lid, slots))
-            if at is None:  # finished with an error: nothing computed from it is served
+            kv = self._read(pos, lid, req_to_token[row, : prefix + ext])
+            if kv is None:  # finished with an error: nothing computed from it is served
                 out[start : start + ext] = 0
             else:
-                out[start : start + ext], req_lse = _attend_new_tokens(
-                    q[start : start + ext], keys.index_select(0, at), values.index_select(0, at), prefix, layer,
-                    pad=ex is None)
+                out[start : start + ext], req_lse = _attend_new_tokens(q[start : start + ext], *kv, prefix, layer,
+                                                                       pad=ex is None)
                 if req_lse is None or lse is None:
                     lse = None
                 else:
@@ -129,29 +124,52 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         self._write(layer, forward_batch, k, v, save_kv_cache)
         query = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim).movedim(0, 1)  # [H, bs, D]
         out = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
-        ex, lid = self.executor, layer.layer_id
-        if ex is None:
-            k_cache, v_cache = self.token_to_kv_pool.get_key_buffer(lid), self.token_to_kv_pool.get_value_buffer(lid)
-        else:
-            k_cache, v_cache = ex.tier.rows.kv[:, 0], ex.tier.rows.kv[:, 1]
+        lid = layer.layer_id
         rows, seq_lens = forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist()
         for pos, (row, seq_len) in enumerate(zip(rows, seq_lens)):
+            q_pos = query[:, pos : pos + 1, :]
             if pos in restricted:
                 slots = self.tracker.window_indices(pos)
             else:
                 slots = self.req_to_token_pool.req_to_token[row, :seq_len]
-            idx = slots if ex is None else (None if ex.failed(pos) else ex.read(pos, lid, slots))
-            if idx is None:  # finished with an error: nothing computed from it is served
-                out[pos : pos + 1] = 0
-                continue
-            q_pos = query[:, pos : pos + 1, :]
-            if pos in partial:  # the window's rows are among ``idx``'s, which were all found
-                window = self.tracker.window_indices(pos)
-                window = window if ex is None else ex.lookup(lid, window)
-                out[pos : pos + 1] = _decode_head_groups(q_pos, k_cache, v_cache, idx, window, partial[pos], layer)
+            if pos in partial:
+                o_pos = self._decode_head_groups(q_pos, pos, lid, slots, self.tracker.window_indices(pos),
+                                                 partial[pos], layer)
             else:
-                out[pos : pos + 1] = _decode_one(q_pos, k_cache.index_select(0, idx), v_cache.index_select(0, idx), layer)
+                kv = self._read(pos, lid, slots)
+                o_pos = None if kv is None else _decode_one(q_pos, *kv, layer)
+            out[pos : pos + 1] = 0 if o_pos is None else o_pos  # None: finished with an error, nothing served
         return o
+
+    def _read(self, pos: int, layer_id: int, slots: torch.Tensor,
+              heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values ``[n, heads, dim]`` of one request's ``slots`` in a layer (its KV heads in ``heads``,
+        a mask; None: all), from SGLang's buffers or, with offload, the tier's rows (None: the request failed)."""
+        ex = self.executor
+        if ex is not None:
+            return None if ex.failed(pos) else ex.read(pos, layer_id, slots, heads)
+        pool = self.token_to_kv_pool
+        keys, values = pool.get_key_buffer(layer_id).index_select(0, slots), pool.get_value_buffer(layer_id).index_select(0, slots)
+        if heads is None:
+            return keys, values
+        return keys[:, heads].contiguous(), values[:, heads].contiguous()
+
+    def _decode_head_groups(self, q: torch.Tensor, pos: int, layer_id: int, full: torch.Tensor, window: torch.Tensor,
+                            lazy: torch.Tensor, layer: Any) -> torch.Tensor | None:
+        """Decode with head granularity: the query heads of lazy KV heads (``lazy`` ``[kv heads]``) attend to their
+        KV at the ``window`` slots (sink + recent), the others to all of it (``full``). Two head groups, each one
+        attention call over the KV it reads (the layout a FlashInfer decode would plan as two wrappers); with
+        offload each reads only its own heads' rows, so lazy heads' middle rows may be gone. None: the request
+        failed."""
+        group = q.shape[0] // lazy.shape[0]
+        lazy_q = lazy.repeat_interleave(group)
+        out = q.new_empty((1, q.shape[0], layer.v_head_dim))
+        for kv_heads, q_heads, slots in ((lazy, lazy_q, window), (~lazy, ~lazy_q, full)):
+            kv = self._read(pos, layer_id, slots, kv_heads)
+            if kv is None:
+                return None
+            out[:, q_heads] = _decode_one(q[q_heads], *kv, layer)
+        return out
 
     # ---- offload -------------------------------------------------------------------------------------
     def _act_on(self, decision: Decision) -> dict[str, Any]:
@@ -177,21 +195,6 @@ def _decode_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer
         q.unsqueeze(0), keys.movedim(0, 1).unsqueeze(0), values.movedim(0, 1).unsqueeze(0),
         enable_gqa=q.shape[0] != keys.shape[1], scale=layer.scaling, is_causal=False)
     return out.squeeze(0).movedim(1, 0)
-
-
-def _decode_head_groups(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, full: torch.Tensor,
-                        window: torch.Tensor, lazy: torch.Tensor, layer: Any) -> torch.Tensor:
-    """Decode with head granularity: the query heads of lazy KV heads (``lazy`` ``[kv heads]``) attend to their
-    KV at the ``window`` rows (sink + recent), the others to all of it (``full``). Two head groups, each one
-    attention call over the KV it reads (the layout a FlashInfer decode would plan as two wrappers)."""
-    group = q.shape[0] // lazy.shape[0]
-    lazy_q = lazy.repeat_interleave(group)
-    out = q.new_empty((1, q.shape[0], layer.v_head_dim))
-    for kv_heads, q_heads, rows in ((lazy, lazy_q, window), (~lazy, ~lazy_q, full)):
-        keys = k_cache.index_select(0, rows)[:, kv_heads]
-        values = v_cache.index_select(0, rows)[:, kv_heads]
-        out[:, q_heads] = _decode_one(q[q_heads], keys, values, layer)
-    return out
 
 
 def _sliding(layer: Any) -> bool:
@@ -243,9 +246,10 @@ def _take_over_kv_pool(kv_pool: Any, config: SlkvConfig) -> KvTier:
     KV tier of the bytes SGLang sized them for: with ``--slkv-overcommit F`` the tier has F times more slots than
     those bytes hold in full-KV tokens."""
     k0 = kv_pool.get_key_buffer(0)
-    layers, slots = kv_pool.layer_num, kv_pool.size
-    rows = layers * (int(slots / config.overcommit) + 1)  # the bytes SGLang sized its pool for
-    tier = KvTier.build(layers, slots, rows, heads=k0.shape[1], dim=k0.shape[2], dtype=k0.dtype, device=k0.device,
+    layers, slots, heads = kv_pool.layer_num, kv_pool.size, k0.shape[1]
+    groups = heads if config.granularity == "head" else 1  # a row per KV head: each lazy head frees its own
+    rows = layers * groups * (int(slots / config.overcommit) + 1)  # the bytes SGLang sized its pool for
+    tier = KvTier.build(layers, groups, slots, rows, heads=heads, dim=k0.shape[2], dtype=k0.dtype, device=k0.device,
                         host_budget=config.offload_budget, poison=config.poison)
     empty = k0.new_empty((0, *k0.shape[1:]))
     kv_pool.k_buffer = [empty] * layers  # nothing else reads them on this backend; their memory goes back

@@ -1,8 +1,8 @@
 """Worker side of the KV tier: moves KV between device rows and the host tier as the ``KvStep`` says.
 
-Called by the attention backend, per layer: ``restore`` before a prefill attends to its prefix, ``write`` for new
-tokens, ``heal`` after it, ``lookup`` for every read; after the forward's decisions, ``offload`` frees the middle
-tokens of lazy layers. A request whose KV cannot be made whole (a bug of ours: the planner found it restorable) is
+Called by the attention backend, per layer (each of its units: ``rows.py``): ``restore`` before a prefill attends to
+its prefix, ``write`` for new tokens, ``heal`` after it, ``read`` for every read; after the forward's decisions,
+``offload`` frees the middle tokens of lazy units. A request whose KV cannot be made whole (a bug of ours: the planner found it restorable) is
 never served: in strict mode (``--slkv-poison-freed``) it raises, otherwise the request finishes with an error,
 its KV is not cached, and the engine goes on.
 """
@@ -34,29 +34,30 @@ class KvExecutor:
 
     # ---- prefill ------------------------------------------------------------------------------------
     def restore(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int]) -> None:
-        """Bring back from the host every prefix row this layer gave away, before the prefill reads it."""
+        """Bring back from the host every prefix row this layer's units gave away, before the prefill reads it."""
         rows, host = self.tier.rows, self.tier.host
         for pos, (r, prefix) in enumerate(zip(self.step.requests, prefix_lens)):
             if not prefix or self.failed(pos):
                 continue
             slots = req_to_token[r.req_row, :prefix].to(torch.int64)
-            missing = rows.missing(layer, slots)
-            if not bool(missing.any()):
-                continue
-            need = slots[missing]
-            taken = rows.take(need.numel())
-            out = torch.empty((need.numel(), *rows.kv.shape[1:]), dtype=rows.kv.dtype, device=rows.kv.device)
-            fps = None if r.fingerprints is None else r.fingerprints[:prefix][missing.cpu()]
-            if taken is None or fps is None or not host.reload(layer, need, fps, out, reader=r.label):
-                if taken is not None:
-                    rows.give(taken)
-                self._fail(pos, r, f"layer {layer}: {need.numel()} prefix rows could not be restored")
-                continue
-            host.join()  # the copy into ``rows.kv`` is queued after the reload
-            rows.kv[taken] = out
-            rows.place(layer, need, taken)
-            self.tier.ledger.taken(r.req_row, taken.numel())
-            self.tier.stats.restored_rows += taken.numel()
+            for unit in rows.units(layer):
+                missing = rows.missing(unit, slots)
+                if not bool(missing.any()):
+                    continue
+                need = slots[missing]
+                taken = rows.take(need.numel())
+                out = torch.empty((need.numel(), *rows.kv.shape[1:]), dtype=rows.kv.dtype, device=rows.kv.device)
+                fps = None if r.fingerprints is None else r.fingerprints[:prefix][missing.cpu()]
+                if taken is None or fps is None or not host.reload(unit, need, fps, out, reader=r.label):
+                    if taken is not None:
+                        rows.give(taken)
+                    self._fail(pos, r, f"layer {layer}: {need.numel()} prefix rows could not be restored")
+                    break
+                host.join()  # the copy into ``rows.kv`` is queued after the reload
+                rows.kv[taken] = out
+                rows.place(unit, need, taken)
+                self.tier.ledger.taken(r.req_row, taken.numel())
+                self.tier.stats.restored_rows += taken.numel()
 
     def heal(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int], ext_lens: Sequence[int]) -> None:
         """Copy KV this prefill recomputed into the cached slots' missing rows, so the next turn finds them whole."""
@@ -69,68 +70,78 @@ class KvExecutor:
             if lo >= hi:
                 continue
             targets = cached[lo - first : hi - first]
-            missing = rows.missing(layer, targets)
-            if not bool(missing.any()):
-                continue
-            taken = rows.take(int(missing.sum()))
-            if taken is None:  # the next match cuts here again: recomputed, never wrong
-                self.tier.stats.row_shortfalls += 1
-                continue
-            fresh = req_to_token[r.req_row, lo:hi].to(torch.int64)[missing]
-            rows.kv[taken] = rows.kv[rows.lookup(layer, fresh)]
-            rows.place(layer, targets[missing], taken)
-            self.tier.ledger.taken(r.req_row, taken.numel())
-            self.tier.stats.healed_rows += taken.numel()
+            fresh = req_to_token[r.req_row, lo:hi].to(torch.int64)
+            for unit, src in zip(rows.units(layer), rows.lookup(layer, fresh)):
+                missing = rows.missing(unit, targets)
+                if not bool(missing.any()):
+                    continue
+                taken = rows.take(int(missing.sum()))
+                if taken is None:  # the next match cuts here again: recomputed, never wrong
+                    self.tier.stats.row_shortfalls += 1
+                    break
+                rows.kv[taken] = rows.kv[src[missing]]
+                rows.place(unit, targets[missing], taken)
+                self.tier.ledger.taken(r.req_row, taken.numel())
+                self.tier.stats.healed_rows += taken.numel()
 
     # ---- every forward ------------------------------------------------------------------------------
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """KV of new tokens (``k``/``v`` ``[n, heads, dim]`` at ``slots``), taking the rows owed to new slots."""
+        """KV of new tokens (``k``/``v`` ``[n, heads, dim]`` at ``slots``) into the layer's units, taking the rows
+        owed to new slots."""
         rows = self.tier.rows
-        at = rows.row_of[layer, slots]
+        at = rows.rows_of(layer, slots)
         missing = at < 0
         if bool(missing.any()):
-            self.tier.ledger.written(layer, slots)
+            self.tier.ledger.written(rows.units(layer), slots)
             taken = rows.take(int(missing.sum()))
             if taken is None:
                 for pos, r in enumerate(self.step.requests):
                     self._fail(pos, r, f"layer {layer}: no rows for new tokens")
                 return
             at[missing] = taken
-            rows.place(layer, slots[missing], taken)
-        shape = rows.kv.shape[2:]
-        rows.kv[at, 0] = k.view(-1, *shape).to(rows.kv.dtype)
-        rows.kv[at, 1] = v.view(-1, *shape).to(rows.kv.dtype)
+            rows.fill(layer, slots, at, missing)
+        shape = rows.kv.shape[2:]  # a unit's heads, dim
+        at = at.flatten()
+        for part, new in ((0, k), (1, v)):
+            rows.kv[at, part] = new.reshape(-1, rows.groups, *shape).movedim(1, 0).reshape(-1, *shape).to(rows.kv.dtype)
 
     def lookup(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """``[units, n]``: the rows of ``slots`` in ``layer`` (``DeviceRows.lookup``)."""
         return self.tier.rows.lookup(layer, slots)
 
-    def read(self, pos: int, layer: int, slots: torch.Tensor) -> torch.Tensor | None:
-        """The rows batch position ``pos`` reads, or None when some are on neither tier (a bug of ours): the request
-        is then finished with an error (strict mode raises) and the caller computes nothing for it."""
+    def read(self, pos: int, layer: int, slots: torch.Tensor,
+             heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values ``[n, heads, dim]`` of ``slots`` in ``layer`` (in ``heads`` only, a mask over its KV
+        heads) for batch position ``pos``, or None when some are on neither tier (a bug of ours): the request is
+        then finished with an error (strict mode raises) and the caller computes nothing for it."""
+        rows = self.tier.rows
         try:
-            return self.tier.rows.lookup(layer, slots)
+            at = rows.lookup(layer, slots, heads)
         except LostKv as exc:
             if pos >= len(self.step.requests):
                 raise
             self._fail(pos, self.step.requests[pos], str(exc))
             return None
+        return rows.gather(at, 0, heads), rows.gather(at, 1, heads)
 
     # ---- after a decision ---------------------------------------------------------------------------
     def offload(self, req_row: int, rid: str, lazy: torch.Tensor, seq_len: int, req_to_token: torch.Tensor,
                 shared: torch.Tensor | None) -> dict:
-        """Lazy layers give back the rows of their middle tokens ``[sink, seq_len - recent)`` (a host copy first,
-        where the budget allows). Slots in ``shared`` (a mask over slots: what other running requests read) keep
-        their rows. Returns the request's KV report (``kv`` in its layer map)."""
+        """Lazy units (``lazy`` ``[layers, KV heads]``: a unit goes when all its heads are lazy) give back the rows
+        of their middle tokens ``[sink, seq_len - recent)`` (a host copy first, where the budget allows). Slots in
+        ``shared`` (a mask over slots: what other running requests read) keep their rows. Returns the request's KV
+        report (``kv`` in its layer map)."""
         pos = self.step.position(req_row)
         r = None if pos is None else self.step.requests[pos]
         slots = r.slots(req_to_token, seq_len) if r is not None else req_to_token[req_row, :seq_len].to(torch.int64)
         if r is None or self.failed(pos) or r.fingerprints is None:
             return {"kv": self.tier.report(slots)}
-        if bool(lazy.any()) and seq_len > self.sink + self.recent:
-            self._offload_middle(r, lazy, slots, seq_len, shared)
+        units = lazy.view(self.tier.rows.num_layers, self.tier.rows.groups, -1).all(dim=2).flatten()
+        if bool(units.any()) and seq_len > self.sink + self.recent:
+            self._offload_middle(r, units, slots, seq_len, shared)
         return {"kv": self.tier.report(slots)}
 
-    def _offload_middle(self, r: RequestStep, lazy: torch.Tensor, slots: torch.Tensor, seq_len: int,
+    def _offload_middle(self, r: RequestStep, units: torch.Tensor, slots: torch.Tensor, seq_len: int,
                         shared: torch.Tensor | None) -> None:
         tier = self.tier
         middle = slots[self.sink : seq_len - self.recent]
@@ -142,14 +153,14 @@ class KvExecutor:
         assert r.fingerprints is not None
         fps = r.fingerprints[start : start + middle.numel()]
         group = tier.host.new_group()
-        for layer in lazy.nonzero().flatten().tolist():
-            at = tier.rows.row_of[layer, middle]
-            fresh = (at >= 0).cpu() & ~tier.host.holds(layer, middle)
+        for unit in units.nonzero().flatten().tolist():
+            at = tier.rows.row_of[unit, middle]
+            fresh = (at >= 0).cpu() & ~tier.host.holds(unit, middle)
             if bool(fresh.any()):
                 keep = fresh.to(at.device)
-                if not tier.host.offload(group, r.label, layer, middle[keep], fps[fresh], tier.rows.kv[at[keep]]):
+                if not tier.host.offload(group, r.label, unit, middle[keep], fps[fresh], tier.rows.kv[at[keep]]):
                     tier.stats.lost_rows += int(fresh.sum())
-            tier.stats.released_rows += tier.rows.release(layer, middle)
+            tier.stats.released_rows += tier.rows.release(unit, middle)
 
     # ---- failures -----------------------------------------------------------------------------------
     def _fail(self, pos: int, r: RequestStep, why: str) -> None:

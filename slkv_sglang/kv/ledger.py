@@ -1,7 +1,7 @@
 """Admission in rows: what SGLang admitted but the device has not taken yet.
 
-SGLang admits requests by token slots; the device holds (layer, slot) rows. A slot SGLang allocates is owed one row
-per layer until that layer writes it (``unwritten``); a prefill that restores or heals its prefix is owed those rows
+SGLang admits requests by token slots; the device holds (unit, slot) rows (``rows.py``). A slot SGLang allocates is
+owed one row per unit until that unit is written (``unwritten``); a prefill that restores or heals its prefix is owed those rows
 until it takes them (``promised``, per request row). ``reserved`` sums both, so ``free - reserved`` rows (``spare``)
 are what admission may hand out.
 """
@@ -12,9 +12,9 @@ import torch
 
 
 class Ledger:
-    def __init__(self, num_layers: int, num_slots: int, device: torch.device | str):
-        self.num_layers = num_layers
-        self.unwritten = torch.zeros((num_layers, num_slots + 1), dtype=torch.bool, device=device)
+    def __init__(self, num_units: int, num_slots: int, device: torch.device | str):
+        self.num_units = num_units
+        self.unwritten = torch.zeros((num_units, num_slots + 1), dtype=torch.bool, device=device)
         self.promised: dict[int, int] = {}  # request row -> rows promised and not taken
         self.reserved = 0
 
@@ -24,14 +24,14 @@ class Ledger:
         self.reserved = 0
 
     def owe_slots(self, slots: torch.Tensor) -> None:
-        """SGLang allocated these slots: each is owed a row in every layer until that layer writes it."""
+        """SGLang allocated these slots: each is owed a row in every unit until that unit is written."""
         self.unwritten[:, slots] = True
-        self.reserved += self.num_layers * slots.numel()
+        self.reserved += self.num_units * slots.numel()
 
-    def written(self, layer: int, slots: torch.Tensor) -> None:
-        owed = self.unwritten[layer, slots]
+    def written(self, units: range, slots: torch.Tensor) -> None:
+        owed = self.unwritten[units.start : units.stop, slots]
         self.reserved -= int(owed.sum())
-        self.unwritten[layer, slots] = False
+        self.unwritten[units.start : units.stop, slots] = False
 
     def slots_freed(self, slots: torch.Tensor) -> None:
         self.reserved -= int(self.unwritten[:, slots].sum())

@@ -29,10 +29,10 @@ class KvPlanner:
 
     # ---- prefix match ---------------------------------------------------------------------------------
     def restorable(self, cached: torch.Tensor, fingerprints: torch.Tensor) -> int:
-        """How many leading ``cached`` slots have their KV in every layer: on the device, or on the host with the
+        """How many leading ``cached`` slots have their KV in every unit: on the device, or on the host with the
         reader's prefix fingerprint."""
         rows = self.tier.rows
-        if bool((rows.held_by_slot[cached] == rows.num_layers).all()):  # all on the device: no host lookup
+        if bool((rows.held_by_slot[cached] == rows.num_units).all()):  # all on the device: no host lookup
             return cached.numel()
         on_device = (rows.row_of[:, cached] >= 0).cpu()
         ok = (on_device | self.tier.host.hosted(cached, fingerprints)).all(dim=0)
@@ -58,7 +58,7 @@ class KvPlanner:
         missing = 0
         for slots in (cached, None if heal is None else heal.cached):
             if slots is not None:
-                missing += rows.num_layers * slots.numel() - int(rows.held_by_slot[slots].sum())
+                missing += rows.num_units * slots.numel() - int(rows.held_by_slot[slots].sum())
         return missing
 
     def allocate(self, needs: list[int], evict: Callable[[int], None], new_tokens: int, alloc: Callable[[], Any],
@@ -67,7 +67,7 @@ class KvPlanner:
         request, ``needs``) so that the forward's restores and heals find them."""
         tier, total = self.tier, sum(needs)
         if total:
-            evict(total + new_tokens * tier.num_layers)
+            evict(total + new_tokens * tier.rows_per_slot)
             if tier.spare_rows < total:
                 tier.stats.row_shortfalls += 1
                 message = f"slkv: {total} KV rows needed to restore cached prefixes, {tier.spare_rows} spare"

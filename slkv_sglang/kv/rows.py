@@ -1,8 +1,13 @@
-"""Device KV rows: one row of a shared store per (layer, slot) that holds KV.
+"""Device KV rows: one row of a shared store per (unit, slot) that holds KV.
 
 SGLang's pool gives a token slot one entry in *every* layer, so a lazy layer could not give back its middle
 tokens. Here SGLang keeps allocating slots (radix cache, ``req_to_token`` and admission are untouched) while each
-(layer, slot) with KV on the device owns one row of ``kv [rows, 2, heads, dim]`` (``row_of``).
+(unit, slot) with KV on the device owns one row of ``kv [rows, 2, heads per unit, dim]`` (``row_of``).
+
+A *unit* is what one row holds of a token: the KV heads of one layer split into ``groups`` equal parts. With one
+group a row is a whole layer (a layer's middle goes back only when every head of it is lazy); with one group per
+KV head (``--slkv-granularity head``) each lazy KV head gives its own rows back. Unit ``layer * groups + g`` holds
+KV heads ``g * heads .. (g + 1) * heads - 1`` of ``layer``.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ class LostKv(RuntimeError):
 
 
 class DeviceRows:
-    def __init__(self, num_layers: int, num_slots: int, num_rows: int, heads: int, dim: int, dtype: torch.dtype,
-                 device: torch.device | str, poison: bool = False):
-        self.num_layers, self.num_slots, self.num_rows = num_layers, num_slots, num_rows
+    def __init__(self, num_layers: int, groups: int, num_slots: int, num_rows: int, heads: int, dim: int,
+                 dtype: torch.dtype, device: torch.device | str, poison: bool = False):
+        """``heads``: KV heads per unit (a layer has ``groups * heads``)."""
+        self.num_layers, self.groups, self.num_slots, self.num_rows = num_layers, groups, num_slots, num_rows
+        self.num_units = num_layers * groups
         self.kv = torch.zeros(num_rows, 2, heads, dim, dtype=dtype, device=device)
-        self.row_of = torch.full((num_layers, num_slots + 1), -1, dtype=torch.int64, device=device)
-        # per slot, how many layers hold a row for it (``row_of >= 0`` summed over layers, kept as it changes):
+        self.row_of = torch.full((self.num_units, num_slots + 1), -1, dtype=torch.int64, device=device)
+        # per slot, how many units hold a row for it (``row_of >= 0`` summed over units, kept as it changes):
         # admission reads it per request, which must not scan ``row_of``
         self.held_by_slot = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
         self.poison = poison  # freed rows are filled with NaN: a read of one shows in the outputs
@@ -56,20 +63,27 @@ class DeviceRows:
         self._stack[self._n_free : end] = rows
         self._n_free = end
 
-    def missing(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        return self.row_of[layer, slots] < 0
+    def units(self, layer: int) -> range:
+        return range(layer * self.groups, (layer + 1) * self.groups)
+
+    def rows_of(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """``[groups, n]``: the rows of ``slots`` in ``layer``'s units, -1 where there is none."""
+        return self.row_of[layer * self.groups : (layer + 1) * self.groups, slots]
+
+    def missing(self, unit: int, slots: torch.Tensor) -> torch.Tensor:
+        return self.row_of[unit, slots] < 0
 
     def held(self, slots: torch.Tensor) -> torch.Tensor:
-        """``[layers]``: how many of ``slots`` each layer holds on the device."""
+        """``[units]``: how many of ``slots`` each unit holds on the device."""
         return (self.row_of[:, slots] >= 0).sum(dim=1)
 
     def fewest(self, candidates: torch.Tensor, k: int) -> int:
         """Rows held by the ``k`` slots holding the fewest among ``candidates`` (a mask over slots): a count per
-        number of layers held (0..L), not a sort."""
+        number of units held (0..units), not a sort."""
         if k <= 0:
             return 0
         counts = torch.bincount(self.held_by_slot[candidates.to(self.held_by_slot.device)],
-                                minlength=self.num_layers + 1).tolist()
+                                minlength=self.num_units + 1).tolist()
         rows = 0
         for held, n in enumerate(counts):
             take = min(n, k)
@@ -82,29 +96,50 @@ class DeviceRows:
         """Slots whose ``held_by_slot`` differs from ``row_of`` (0 unless the count drifted; a full scan, for tests)."""
         return int((self.held_by_slot != (self.row_of >= 0).sum(dim=0)).sum())
 
-    def lookup(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        rows = self.row_of[layer, slots]
+    def lookup(self, layer: int, slots: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """``[units, n]``: the rows of ``slots`` in the units of ``layer`` that hold any of ``heads`` (a mask over
+        the layer's KV heads; None: all of them)."""
+        rows = self.rows_of(layer, slots)
+        if heads is not None and self.groups > 1:
+            rows = rows[heads.view(self.groups, -1).any(dim=1).to(rows.device)]
         if bool((rows < 0).any()):
-            bad = slots[rows < 0][:4].tolist()
+            bad = slots[(rows < 0).any(dim=0)][:4].tolist()
             raise LostKv(f"slkv: layer {layer} reads slots {bad}... whose KV is not on the device")
         return rows
 
-    def place(self, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        """``slots`` (without a row in ``layer``) take ``rows``."""
-        self.row_of[layer, slots] = rows
+    def gather(self, rows: torch.Tensor, part: int, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Keys (``part`` 0) or values (1) ``[n, heads, dim]`` at ``rows`` (from ``lookup`` with the same
+        ``heads``), contiguous."""
+        store = self.kv[:, part]
+        out = store.index_select(0, rows[0]) if rows.shape[0] == 1 else store[rows].movedim(0, 1).flatten(1, 2)
+        if heads is None:
+            return out
+        within = heads.view(self.groups, -1)
+        within = within[within.any(dim=1)].flatten()  # the wanted heads among the units read
+        return out if bool(within.all()) else out[:, within.to(out.device)].contiguous()
+
+    def fill(self, layer: int, slots: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
+        """``rows`` (``[groups, n]``) become the rows of ``slots`` in ``layer``'s units, ``new`` (a mask of them)
+        being rows the slots did not hold before."""
+        self.row_of[layer * self.groups : (layer + 1) * self.groups, slots] = rows
+        self.held_by_slot[slots] += new.sum(dim=0, dtype=torch.int32)
+
+    def place(self, unit: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """``slots`` (without a row in ``unit``) take ``rows``."""
+        self.row_of[unit, slots] = rows
         self.held_by_slot[slots] += 1
 
-    def release(self, layer: int, slots: torch.Tensor) -> int:
-        """Give back the rows ``slots`` hold in ``layer``; returns how many there were."""
-        rows = self.row_of[layer, slots]
+    def release(self, unit: int, slots: torch.Tensor) -> int:
+        """Give back the rows ``slots`` hold in ``unit``; returns how many there were."""
+        rows = self.row_of[unit, slots]
         live = rows >= 0
         self.give(rows[live])
-        self.row_of[layer, slots[live]] = -1
+        self.row_of[unit, slots[live]] = -1
         self.held_by_slot[slots[live]] -= 1
         return int(live.sum())
 
     def adopt(self, own: torch.Tensor, tree: torch.Tensor) -> int:
-        """``tree[i]`` holds the same token as ``own[i]`` (which SGLang is about to free): in every layer where it has
+        """``tree[i]`` holds the same token as ``own[i]`` (which SGLang is about to free): in every unit where it has
         no row and ``own[i]`` has one, that row moves to it. Returns the rows moved."""
         src, dst = self.row_of[:, own], self.row_of[:, tree]
         move = (dst < 0) & (src >= 0)
@@ -118,7 +153,7 @@ class DeviceRows:
         return int(moved.sum())
 
     def release_slots(self, slots: torch.Tensor) -> None:
-        """Every layer's rows of ``slots`` go back (SGLang freed the slots)."""
+        """Every unit's rows of ``slots`` go back (SGLang freed the slots)."""
         rows = self.row_of[:, slots]
         self.give(rows[rows >= 0])
         self.row_of[:, slots] = -1

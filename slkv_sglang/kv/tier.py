@@ -39,15 +39,19 @@ class KvTier:
     stats: TierStats
 
     @classmethod
-    def build(cls, num_layers: int, num_slots: int, num_rows: int, heads: int, dim: int, dtype: torch.dtype,
-              device: torch.device | str, host_budget: int, poison: bool = False) -> "KvTier":
-        return cls(DeviceRows(num_layers, num_slots, num_rows, heads, dim, dtype, device, poison),
-                   Ledger(num_layers, num_slots, device), HostArena(host_budget, num_layers, num_slots, device),
-                   TierStats())
+    def build(cls, num_layers: int, groups: int, num_slots: int, num_rows: int, heads: int, dim: int,
+              dtype: torch.dtype, device: torch.device | str, host_budget: int, poison: bool = False) -> "KvTier":
+        """``heads``: KV heads per layer, split into ``groups`` units (``rows.py``)."""
+        if heads % groups:
+            raise ValueError(f"{heads} KV heads do not split into {groups} equal units")
+        units = num_layers * groups
+        return cls(DeviceRows(num_layers, groups, num_slots, num_rows, heads // groups, dim, dtype, device, poison),
+                   Ledger(units, num_slots, device), HostArena(host_budget, units, num_slots, device), TierStats())
 
     @property
-    def num_layers(self) -> int:
-        return self.rows.num_layers
+    def rows_per_slot(self) -> int:
+        """Rows a token takes with its KV whole: one per unit."""
+        return self.rows.num_units
 
     @property
     def spare_rows(self) -> int:
@@ -55,7 +59,7 @@ class KvTier:
         return self.rows.free - self.ledger.reserved
 
     def free_slots(self, slots: torch.Tensor) -> None:
-        """SGLang freed these slots: their rows in every layer and their host copies go."""
+        """SGLang freed these slots: their rows in every unit and their host copies go."""
         if slots.numel() == 0:
             return
         self.rows.release_slots(slots)
@@ -84,13 +88,21 @@ class KvTier:
                 "slots_miscounted": self.rows.miscounted()}
 
     def report(self, slots: torch.Tensor) -> dict[str, Any]:
-        """A request's KV in its layer map: its device and host tokens per layer, its host bytes, the totals."""
+        """A request's KV in its layer map: its device and host tokens per (layer, KV head) whatever the rows'
+        layout, its host bytes, the totals."""
+        rows = self.rows
         host_tokens = self.host.hosted(slots).sum(dim=1)
+        per_head = rows.kv.shape[2]
+
+        def by_head(per_unit: torch.Tensor) -> list[list[int]]:
+            return per_unit.view(rows.num_layers, rows.groups).repeat_interleave(per_head, dim=1).tolist()
+
         return {
-            "device_tokens": self.rows.held(slots).tolist(),
-            "host_tokens": host_tokens.tolist(),
-            "host_bytes": int(host_tokens.sum()) * self.rows.row_bytes,
-            "free_rows": self.rows.free, "rows": self.rows.num_rows, "row_bytes": self.rows.row_bytes,
+            "device_tokens": by_head(rows.held(slots)),
+            "host_tokens": by_head(host_tokens),
+            "host_bytes": int(host_tokens.sum()) * rows.row_bytes,
+            "head_bytes": rows.row_bytes // per_head,
+            "free_rows": rows.free, "rows": rows.num_rows, "row_bytes": rows.row_bytes,
             "host_budget": self.host.budget_bytes,
             **asdict(self.stats), **{f"host_{k}": v for k, v in asdict(self.host.stats).items()},
         }
