@@ -7,13 +7,14 @@ the radix cache maps token prefixes to slots, so a copy is addressed by content 
 the reader's own fingerprints and refuses on any difference, so a copy is only ever restored into a sequence whose
 tokens match it. No client string takes part. Two requests that share a prefix share its slots, hence its copies.
 
-Memory: each ``offload`` call (one unit's run of tokens) is one *chunk*, stored as pieces ``[k, 2, heads, dim]``
-that fill recycled ``BLOCK_BYTES`` blocks, the tail in an allocation of its own. Chunks belong to a *group* (the
+Memory: each ``offload`` call (one decision's run of tokens in one or more units) is one *chunk*, stored as pieces
+``[k, 2, heads, dim]`` that fill recycled ``BLOCK_BYTES`` blocks, the tail in an allocation of its own. Chunks belong to a *group* (the
 decision that offloaded them); eviction drops whole groups, least recently used first (an offload or a reload makes
 a group recent). A chunk whose slots SGLang freed (``forget``) is freed with its last slot.
 
 Budget: held bytes plus free blocks never exceed ``budget_bytes``. An offload that does not fit evicts other groups;
-one that would not fit even alone is refused (nothing copied, nothing evicted): the caller recomputes later.
+units of it that would not fit even alone are refused (nothing copied, nothing evicted for them): the caller
+recomputes them later.
 
 On CUDA the host tensors are pinned and copies run on a side stream; ``wait()`` joins them (events).
 """
@@ -59,11 +60,12 @@ def _tally(ids: np.ndarray) -> list[tuple[int, int]]:
 
 @dataclass
 class _Chunk:
-    """The copies of one offload call: ``slots[i]``'s KV in ``unit`` is row ``i % step`` of ``pieces[i // step]``."""
+    """The copies of one offload call: copy ``i`` (``slots[i]``'s KV in ``units[i]``) is row ``i % step`` of
+    ``pieces[i // step]``."""
 
     group: int
-    unit: int
-    slots: np.ndarray  # [n] int64: the slots whose copies these are
+    units: np.ndarray  # [n] int64: the unit of each copy
+    slots: np.ndarray  # [n] int64: the slot of each copy
     pieces: list[torch.Tensor]  # [step, 2, heads, dim] on the host (the last may be shorter)
     blocks: list[torch.Tensor]  # the recycled blocks the pieces are views of (a short tail has its own allocation)
     step: int
@@ -125,9 +127,9 @@ class HostArena:
             held &= (self._fingerprint_of[at] == _np(fingerprints))[None, :]
         return torch.from_numpy(held)
 
-    def holds(self, unit: int, slots: torch.Tensor) -> torch.Tensor:
-        """``[n]``: which of ``slots`` have a copy in ``unit`` (any prefix)."""
-        return torch.from_numpy(self._loc[_np(slots), unit] >= 0)
+    def holds(self, units: list[int], slots: torch.Tensor) -> torch.Tensor:
+        """``[units, n]``: which of ``slots`` have a copy in each of ``units`` (any prefix)."""
+        return torch.from_numpy(self._loc[_np(slots)][:, units].T >= 0)
 
     def group_bytes(self, group: int) -> int:
         g = self._groups.get(group)
@@ -194,38 +196,46 @@ class HostArena:
         self._recycle([])
 
     # ---- transfers -------------------------------------------------------------------------------------
-    def offload(self, group: int, label: str, unit: int, slots: torch.Tensor, fingerprints: torch.Tensor,
-                kv: torch.Tensor) -> bool:
-        """Keep copies of ``kv`` (``[n, 2, H, D]``, the KV of ``slots`` in ``unit``) under ``group``.
+    def offload(self, group: int, label: str, units: list[int], slots: torch.Tensor, fingerprints: torch.Tensor,
+                kv: torch.Tensor) -> int:
+        """Keep copies of ``kv`` (``[units x n, 2, H, D]``, unit-major: the KV of ``slots`` in each of ``units``)
+        under ``group``, as one chunk. Returns how many of ``units`` (the first ones) the arena holds copies of.
 
-        Slots already held in this unit are not copied again. False (nothing copied, nothing evicted, counted in
-        ``refused``) if the group's bytes and these would exceed the whole budget."""
+        A slot held in any of ``units`` is not copied again (in none of them: the caller groups units by what they
+        hold, ``holds``). Units that would take the group's bytes past the whole budget are refused (nothing copied
+        for them, nothing evicted for them, counted in ``refused``)."""
         at, fingerprints = _np(slots), _np(fingerprints)
-        fresh = self._loc[at, unit] < 0
+        fresh = (self._loc[at][:, units] < 0).all(axis=1)
         if not fresh.all():
-            at, fingerprints, kv = at[fresh], fingerprints[fresh], kv[torch.from_numpy(fresh).to(kv.device)]
-        n = at.size
-        if n == 0:
-            return True
-        nbytes = kv.numel() * kv.element_size()
-        if self.group_bytes(group) + nbytes > self.budget_bytes:
+            keep = torch.from_numpy(fresh).to(kv.device)
+            at, fingerprints = at[fresh], fingerprints[fresh]
+            kv = kv.view(len(units), -1, *kv.shape[1:])[:, keep].flatten(0, 1)
+        if at.size == 0:
+            return len(units)
+        per_unit = kv.numel() * kv.element_size() // len(units)
+        fit = min(len(units), max(0, self.budget_bytes - self.group_bytes(group)) // per_unit)
+        if fit < len(units):
             self.stats.refused += 1
-            self.stats.refused_bytes += nbytes
-            return False
+            self.stats.refused_bytes += (len(units) - fit) * per_unit
+            if fit == 0:
+                return 0
+            units, kv = units[:fit], kv[: fit * at.size]
+        n, nbytes = fit * at.size, fit * per_unit
         self._make_room(nbytes, keep=group)
         t0 = time.perf_counter()
+        copy_units, copy_slots = np.repeat(np.asarray(units, dtype=np.int64), at.size), np.tile(at, fit)
         for lo in range(0, n, OFFSET_MASK + 1):
             hi = min(n, lo + OFFSET_MASK + 1)
-            self._store(group, label, unit, at[lo:hi], kv[lo:hi])
+            self._store(group, label, copy_units[lo:hi], copy_slots[lo:hi], kv[lo:hi])
         self._fingerprint_of[at] = fingerprints
         self._groups.move_to_end(group)
         self.stats.held_bytes += nbytes
         self._trim_spare()
         self.stats.offloaded_bytes += nbytes
         self.stats.offload_seconds += time.perf_counter() - t0
-        return True
+        return fit
 
-    def _store(self, group: int, label: str, unit: int, at: np.ndarray, kv: torch.Tensor) -> None:
+    def _store(self, group: int, label: str, units: np.ndarray, at: np.ndarray, kv: torch.Tensor) -> None:
         """One chunk: ``kv`` copied into recycled blocks (a tail shorter than a block into its own allocation)."""
         n, nbytes = at.size, kv.numel() * kv.element_size()
         per_block = BLOCK_BYTES // (nbytes // n)  # tokens in a whole block (0: a token is larger)
@@ -242,7 +252,7 @@ class HostArena:
             copies.append((dst, src))
         cid = self._next_chunk
         self._next_chunk += 1
-        self._chunks[cid] = _Chunk(group, unit, at.astype(np.int64), pieces, blocks, step, nbytes, live=n)  # a copy
+        self._chunks[cid] = _Chunk(group, units, at, pieces, blocks, step, nbytes, live=n)
         g = self._groups.get(group)
         if g is None:
             g = self._groups[group] = _Group(label)
@@ -250,7 +260,7 @@ class HostArena:
         g.nbytes += nbytes
         if self._offsets.size < n:
             self._offsets = np.arange(max(n, 2 * self._offsets.size))
-        self._loc[at, unit] = (cid << OFFSET_BITS) | self._offsets[:n]
+        self._loc[at, units] = (cid << OFFSET_BITS) | self._offsets[:n]
         self._copy(copies, kv)
 
     def reload(self, unit: int, slots: torch.Tensor, fingerprints: torch.Tensor, out: torch.Tensor,
@@ -344,8 +354,8 @@ class HostArena:
             if not group.chunks:
                 del self._groups[chunk.group]
         if indexed:
-            mine = (self._loc[chunk.slots, chunk.unit] >> OFFSET_BITS) == cid  # not its slots re-offloaded since
-            self._loc[chunk.slots[mine], chunk.unit] = -1
+            mine = (self._loc[chunk.slots, chunk.units] >> OFFSET_BITS) == cid  # not those re-offloaded since
+            self._loc[chunk.slots[mine], chunk.units[mine]] = -1
         self.stats.held_bytes -= chunk.nbytes
         return chunk
 

@@ -29,42 +29,39 @@ def _median_seconds(fn: Callable[[], None], repeats: int, sync: Callable[[], Non
     return statistics.median(times)
 
 
-def bandwidth(tokens: int, window: int, layers: int, kv_heads: int, head_dim: int, repeats: int,
+def bandwidth(tokens: int, window: int, units: int, kv_heads: int, head_dim: int, repeats: int,
               device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[int, dict[str, float]]:
-    """Bytes per transfer and median seconds of: plain copy down, offload, plain copy up, reload."""
+    """Bytes per transfer and median seconds of: plain copy down, offload, plain copy up, reload. ``units`` lazy
+    units of ``kv_heads`` KV heads each (a layer, or one KV head with a row per head) offload their middle tokens in
+    one call, as a decision does, and reload unit by unit, as a prefill does layer by layer."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     middle = tokens - window
-    kv = [torch.randn(middle, 2, kv_heads, head_dim, device=device).to(dtype) for _ in range(layers)]
-    nbytes = sum(t.numel() * t.element_size() for t in kv)
-    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=device.type == "cuda") for t in kv]
-    back = [torch.empty_like(t) for t in kv]
+    kv = torch.randn(units * middle, 2, kv_heads, head_dim, device=device).to(dtype)  # unit-major, as gathered
+    nbytes = kv.numel() * kv.element_size()
+    host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=device.type == "cuda")
+    back = torch.empty_like(kv)
 
     def plain_down() -> None:
-        for d, s in zip(host, kv):
-            d.copy_(s, non_blocking=True)
+        host.copy_(kv, non_blocking=True)
 
     def plain_up() -> None:
-        for d, s in zip(back, host):
-            d.copy_(s, non_blocking=True)
+        back.copy_(host, non_blocking=True)
 
-    arena = HostArena(budget_bytes=4 * nbytes, num_units=layers, num_slots=2 * middle, device=device)
+    arena = HostArena(budget_bytes=4 * nbytes, num_units=units, num_slots=2 * middle, device=device)
     resident, passing = torch.arange(1, middle + 1), torch.arange(middle + 1, 2 * middle + 1)  # slot ids
     fingerprints = torch.arange(middle)  # any: the reload below passes the same
+    every = list(range(units))
 
     def offload() -> None:
-        group = arena.new_group()
-        for layer, t in enumerate(kv):
-            arena.offload(group, "bench", layer, passing, fingerprints, t)
+        arena.offload(arena.new_group(), "bench", every, passing, fingerprints, kv)
         arena.wait()
         arena.forget(passing)
 
-    group = arena.new_group()
-    for layer, t in enumerate(kv):  # the session reloaded below (every layer)
-        arena.offload(group, "bench", layer, resident, fingerprints, t)
+    arena.offload(arena.new_group(), "bench", every, resident, fingerprints, kv)  # the session reloaded below
 
     def reload() -> None:
-        for layer, out in enumerate(back):
-            assert arena.reload(layer, resident, fingerprints, out, reader="bench")
+        for unit in every:
+            assert arena.reload(unit, resident, fingerprints, back[unit * middle : (unit + 1) * middle], reader="bench")
         arena.wait()
 
     return nbytes, {
@@ -86,17 +83,18 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="slkv bench-offload", description=__doc__)
     p.add_argument("--tokens", type=int, default=4096, help="session length (default 4096)")
     p.add_argument("--window", type=int, default=1024, help="sink + recent tokens a lazy layer keeps (default 1024)")
-    p.add_argument("--layers", type=int, default=10, help="lazy layers offloaded (default 10)")
-    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--units", type=int, default=30,
+                   help="lazy units offloaded: layers, or KV heads with a row per head (default 30: 10 layers' heads)")
+    p.add_argument("--kv-heads", type=int, default=1, help="KV heads per unit (default 1: a row per KV head)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    nbytes, figures = bandwidth(args.tokens, args.window, args.layers, args.kv_heads, args.head_dim, args.repeats,
+    nbytes, figures = bandwidth(args.tokens, args.window, args.units, args.kv_heads, args.head_dim, args.repeats,
                                 device)
-    print(f"{args.layers} layers x {args.tokens - args.window} tokens x {args.kv_heads} kv heads x {args.head_dim} "
+    print(f"{args.units} units x {args.tokens - args.window} tokens x {args.kv_heads} kv heads x {args.head_dim} "
           f"dims, float32: {nbytes / 2**20:.1f} MiB per transfer, device {device}")
     report(nbytes, figures)
     return 0

@@ -357,8 +357,8 @@ def _roundtrip_exact(device: torch.device, dtype: torch.dtype, kv_heads: int, di
     arena = HostArena(1 << 30, num_units=1, num_slots=5000, device=device)
     kv = torch.randn(5000, 2, kv_heads, dim, device=device).to(dtype)
     slots, fps = torch.arange(5000), torch.arange(5000) * 7
-    arena.offload(arena.new_group(), "a", 0, slots[4:3000], fps[4:3000], kv[4:3000])
-    arena.offload(arena.new_group(), "a", 0, slots[4:4800], fps[4:4800], kv[4:4800])  # only [3000, 4800) copied
+    arena.offload(arena.new_group(), "a", [0], slots[4:3000], fps[4:3000], kv[4:3000])
+    arena.offload(arena.new_group(), "a", [0], slots[4:4800], fps[4:4800], kv[4:4800])  # only [3000, 4800) copied
     arena.forget(slots[4000:4800])  # while those copies may still be in flight
     back = torch.empty_like(kv[4:4000])
     ok = arena.reload(0, slots[4:4000], fps[4:4000], back, reader="a")
@@ -393,7 +393,7 @@ def host_tier(device: torch.device, tokens: int, layers: int) -> dict[str, Any]:
     def offload() -> torch.Tensor:
         group = arena.new_group()
         for layer, t in enumerate(kv):
-            arena.offload(group, "bench", layer, slots, fps, t)
+            arena.offload(group, "bench", [layer], slots, fps, t)
         return slots
 
     def finish(held: torch.Tensor) -> None:

@@ -45,7 +45,7 @@ def test_offload_then_reload_is_bit_exact(model_kv):
     arena = HostArena(1 << 30, num_units=len(model_kv), num_slots=seq)
     group = arena.new_group()
     for layer, kv in enumerate(model_kv):
-        assert arena.offload(group, "a", layer, slots[SINK : seq - RECENT], fps[SINK : seq - RECENT], kv[SINK : seq - RECENT])
+        assert arena.offload(group, "a", [layer], slots[SINK : seq - RECENT], fps[SINK : seq - RECENT], kv[SINK : seq - RECENT])
     for layer, kv in enumerate(model_kv):
         out = torch.empty_like(kv[SINK : seq - RECENT])
         assert arena.reload(layer, slots[SINK : seq - RECENT], fps[SINK : seq - RECENT], out, reader="b")
@@ -63,7 +63,7 @@ def test_a_copy_is_never_restored_into_another_prefix(model_kv):
     slots = torch.arange(1, 101)
     ids = list(range(100))
     arena = HostArena(1 << 30, num_units=1, num_slots=200)
-    arena.offload(arena.new_group(), "session-1", 0, slots, prefix_fingerprints(ids), kv)
+    arena.offload(arena.new_group(), "session-1", [0], slots, prefix_fingerprints(ids), kv)
     other = ids[:]
     other[10] = 999  # a branch that differs at position 10: every position from 10 on has another prefix
     out = torch.zeros_like(kv)
@@ -78,9 +78,9 @@ def test_offload_skips_what_is_held_and_forget_frees_chunks(model_kv):
     kv = model_kv[12]
     slots, fps = torch.arange(1, 1201), prefix_fingerprints(list(range(1200)))
     arena = HostArena(1 << 30, num_units=30, num_slots=1200)
-    arena.offload(arena.new_group(), "s", 12, slots[SINK:600], fps[SINK:600], kv[SINK:600])
+    arena.offload(arena.new_group(), "s", [12], slots[SINK:600], fps[SINK:600], kv[SINK:600])
     before = arena.stats.offloaded_bytes
-    arena.offload(arena.new_group(), "s", 12, slots[SINK:900], fps[SINK:900], kv[SINK:900])  # the next turn
+    arena.offload(arena.new_group(), "s", [12], slots[SINK:900], fps[SINK:900], kv[SINK:900])  # the next turn
     assert arena.stats.offloaded_bytes - before == _bytes(kv[600:900])  # only the new tokens were copied
     arena.forget(slots[500:])  # SGLang freed the tail's slots
     assert int(arena.hosted(slots)[12].sum()) == 500 - SINK
@@ -96,16 +96,16 @@ def test_lru_eviction_drops_whole_groups():
     groups = {}
     for i, name in enumerate("abc"):
         groups[name] = arena.new_group()
-        assert arena.offload(groups[name], name, 0, torch.arange(1, 101) + 100 * i, fps, seg)
+        assert arena.offload(groups[name], name, [0], torch.arange(1, 101) + 100 * i, fps, seg)
     out = torch.empty_like(seg)
     assert arena.reload(0, torch.arange(1, 101), fps, out)  # a reload makes a the most recently used
-    assert arena.offload(arena.new_group(), "d", 0, torch.arange(301, 401), fps, seg)  # evicts b
+    assert arena.offload(arena.new_group(), "d", [0], torch.arange(301, 401), fps, seg)  # evicts b
     held = arena.hosted(torch.arange(1, 401)).view(4, 100).all(dim=1).tolist()
     assert held == [True, False, True, True] and arena.stats.evictions == 1
     arena.set_budget(_bytes(seg))  # shrink: c then a go, d (the most recent) stays
     assert arena.hosted(torch.arange(1, 401)).view(4, 100).all(dim=1).tolist() == [False, False, False, True]
     big = arena.new_group()
-    assert not arena.offload(big, "e", 0, torch.arange(401, 501), fps, torch.randn(100, 2, 3, 65))  # > the budget
+    assert not arena.offload(big, "e", [0], torch.arange(401, 501), fps, torch.randn(100, 2, 3, 65))  # > the budget
     assert arena.stats.refused == 1 and arena.hosted(torch.arange(301, 401)).all()  # nothing evicted for it
 
 
@@ -116,7 +116,7 @@ def test_budget_is_never_exceeded():
         layer, start = rng.randrange(3), rng.randrange(1, 500)
         n = rng.randint(1, 300)  # up to 38 KB: some offloads exceed a shrunk budget alone
         slots = torch.arange(start, min(start + n, 601))
-        arena.offload(arena.new_group(), "x", layer, slots, slots * 3, torch.randn(slots.numel(), 2, 1, 16))
+        arena.offload(arena.new_group(), "x", [layer], slots, slots * 3, torch.randn(slots.numel(), 2, 1, 16))
         if step % 37 == 0:
             arena.set_budget(rng.randrange(10_000, 60_000))
         if step % 11 == 0:
@@ -136,12 +136,12 @@ def test_host_blocks_are_recycled_within_the_budget(model_kv):
     n = kv.shape[0]
     slots, fps = torch.arange(1, n + 1), torch.arange(n)
     arena = HostArena(budget_bytes=3 * _bytes(kv), num_units=1, num_slots=n)
-    arena.offload(arena.new_group(), "a", 0, slots, fps, kv)
+    arena.offload(arena.new_group(), "a", [0], slots, fps, kv)
     blocks = {b.data_ptr() for c in arena._chunks.values() for b in c.blocks}
     assert len(blocks) == _bytes(kv) // BLOCK_BYTES
     arena.forget(slots)
     assert len(arena._spare) == len(blocks)
-    arena.offload(arena.new_group(), "b", 0, slots, fps, kv)
+    arena.offload(arena.new_group(), "b", [0], slots, fps, kv)
     assert {b.data_ptr() for c in arena._chunks.values() for b in c.blocks} == blocks
     out = torch.empty_like(kv)
     assert arena.reload(0, slots, fps, out) and torch.equal(out, kv)
@@ -282,7 +282,7 @@ def test_cached_slots_adopt_what_a_duplicate_holds():
     own = torch.arange(41, 81)  # a second request recomputed the same tokens into its own slots
     for layer in range(2):
         ex.write(layer, own, kv[:, 0], kv[:, 1])
-    tier.host.offload(tier.host.new_group(), "x", 1, own[:2], prefix_fingerprints(ids)[:2], kv[:2])
+    tier.host.offload(tier.host.new_group(), "x", [1], own[:2], prefix_fingerprints(ids)[:2], kv[:2])
     tier.adopt(own, tree)
     tier.free_slots(own)
     assert tier.rows.held(tree).tolist() == [40, 40] and tier.stats.adopted_rows == 26
@@ -352,3 +352,24 @@ def test_per_head_round_trip_of_model_kv_is_bit_exact(model_kv):
     assert tier.stats.restored_rows == int(lazy.sum()) * middle and tier.rows.free == tier.rows.num_rows - layers * heads * seq
     for layer, kv in enumerate(model_kv):
         assert torch.equal(_kv(tier, layer, slots), kv), layer
+
+
+def test_one_offload_call_holds_several_units_within_the_budget(model_kv):
+    """A decision offloads all its lazy units in one call, one chunk: each unit reloads bit for bit; the units past
+    the budget (the last ones) are refused and counted; the chunk's memory goes with its last forgotten slot."""
+    n = 500
+    kv = torch.cat([layer[SINK : SINK + n] for layer in model_kv[:5]])  # units 0..4, unit-major
+    unit_bytes = _bytes(kv) // 5
+    slots, fps = torch.arange(1, n + 1), prefix_fingerprints(list(range(n)))
+    arena = HostArena(budget_bytes=3 * unit_bytes, num_units=5, num_slots=n)
+    assert arena.offload(arena.new_group(), "a", [0, 1, 2, 3, 4], slots, fps, kv) == 3
+    assert (arena.stats.refused, arena.stats.refused_bytes, arena.stats.held_bytes) == (1, 2 * unit_bytes, 3 * unit_bytes)
+    assert len(arena._chunks) == 1
+    for unit in range(3):
+        out = torch.empty_like(model_kv[unit][SINK : SINK + n])
+        assert arena.reload(unit, slots, fps, out) and torch.equal(out, model_kv[unit][SINK : SINK + n])
+    assert arena.hosted(slots).sum(dim=1).tolist() == [n, n, n, 0, 0]
+    arena.forget(slots[: n // 2])
+    assert arena.stats.held_bytes == 3 * unit_bytes  # the chunk still holds the other half
+    arena.forget(slots[n // 2 :])
+    assert arena.stats.held_bytes == 0 and not arena._chunks

@@ -152,15 +152,21 @@ class KvExecutor:
             return
         assert r.fingerprints is not None
         fps = r.fingerprints[start : start + middle.numel()]
+        lazy = units.nonzero().flatten()
+        at = tier.rows.row_of[lazy[:, None], middle[None, :].to(lazy.device)]  # [lazy units, n]
+        fresh = (at >= 0).cpu() & ~tier.host.holds(lazy.tolist(), middle)
         group = tier.host.new_group()
-        for unit in units.nonzero().flatten().tolist():
-            at = tier.rows.row_of[unit, middle]
-            fresh = (at >= 0).cpu() & ~tier.host.holds(unit, middle)
-            if bool(fresh.any()):
-                keep = fresh.to(at.device)
-                if not tier.host.offload(group, r.label, unit, middle[keep], fps[fresh], tier.rows.kv[at[keep]]):
-                    tier.stats.lost_rows += int(fresh.sum())
-            tier.stats.released_rows += tier.rows.release(unit, middle)
+        # one host chunk per set of units with the same copies to make (usually all of them: the same new tokens)
+        patterns, which = torch.unique(fresh, dim=0, return_inverse=True)
+        for p, mask in enumerate(patterns):
+            if not bool(mask.any()):
+                continue
+            members = (which == p).nonzero().flatten()
+            keep = mask.to(at.device)
+            kv = tier.rows.kv[at[members.to(at.device)][:, keep].flatten()]
+            held = tier.host.offload(group, r.label, lazy[members].tolist(), middle[keep], fps[mask], kv)
+            tier.stats.lost_rows += (members.numel() - held) * int(mask.sum())
+        tier.stats.released_rows += tier.rows.release(lazy, middle)
 
     # ---- failures -----------------------------------------------------------------------------------
     def _fail(self, pos: int, r: RequestStep, why: str) -> None:

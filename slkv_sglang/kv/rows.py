@@ -129,13 +129,14 @@ class DeviceRows:
         self.row_of[unit, slots] = rows
         self.held_by_slot[slots] += 1
 
-    def release(self, unit: int, slots: torch.Tensor) -> int:
-        """Give back the rows ``slots`` hold in ``unit``; returns how many there were."""
-        rows = self.row_of[unit, slots]
+    def release(self, units: torch.Tensor, slots: torch.Tensor) -> int:
+        """Give back the rows ``slots`` hold in each of ``units``; returns how many there were."""
+        at = (units[:, None], slots[None, :])
+        rows = self.row_of[at]
         live = rows >= 0
         self.give(rows[live])
-        self.row_of[unit, slots[live]] = -1
-        self.held_by_slot[slots[live]] -= 1
+        self.row_of[at] = -1
+        self.held_by_slot[slots] -= live.sum(dim=0, dtype=torch.int32)
         return int(live.sum())
 
     def adopt(self, own: torch.Tensor, tree: torch.Tensor) -> int:
