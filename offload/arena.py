@@ -129,7 +129,7 @@ class HostArena:
 
     def holds(self, units: list[int], slots: torch.Tensor) -> torch.Tensor:
         """``[units, n]``: which of ``slots`` have a copy in each of ``units`` (any prefix)."""
-        return torch.from_numpy(self._loc[_np(slots)][:, units].T >= 0)
+        return torch.from_numpy(self._loc[np.ix_(_np(slots), units)].T >= 0)
 
     def group_bytes(self, group: int) -> int:
         g = self._groups.get(group)
@@ -205,7 +205,7 @@ class HostArena:
         hold, ``holds``). Units that would take the group's bytes past the whole budget are refused (nothing copied
         for them, nothing evicted for them, counted in ``refused``)."""
         at, fingerprints = _np(slots), _np(fingerprints)
-        fresh = (self._loc[at][:, units] < 0).all(axis=1)
+        fresh = (self._loc[np.ix_(at, units)] < 0).all(axis=1)
         if not fresh.all():
             keep = torch.from_numpy(fresh).to(kv.device)
             at, fingerprints = at[fresh], fingerprints[fresh]

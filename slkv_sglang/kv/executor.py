@@ -152,8 +152,8 @@ class KvExecutor:
             return
         assert r.fingerprints is not None
         fps = r.fingerprints[start : start + middle.numel()]
-        lazy = units.nonzero().flatten()
-        at = tier.rows.row_of[lazy[:, None], middle[None, :].to(lazy.device)]  # [lazy units, n]
+        lazy = units.nonzero().flatten().to(middle.device)
+        at = tier.rows.row_of[lazy[:, None], middle[None, :]]  # [lazy units, n]
         fresh = (at >= 0).cpu() & ~tier.host.holds(lazy.tolist(), middle)
         group = tier.host.new_group()
         # one host chunk per set of units with the same copies to make (usually all of them: the same new tokens)
@@ -161,9 +161,9 @@ class KvExecutor:
         for p, mask in enumerate(patterns):
             if not bool(mask.any()):
                 continue
-            members = (which == p).nonzero().flatten()
+            members = (which == p).nonzero().flatten().to(at.device)
             keep = mask.to(at.device)
-            kv = tier.rows.kv[at[members.to(at.device)][:, keep].flatten()]
+            kv = tier.rows.kv[at[members][:, keep].flatten()]
             held = tier.host.offload(group, r.label, lazy[members].tolist(), middle[keep], fps[mask], kv)
             tier.stats.lost_rows += (members.numel() - held) * int(mask.sum())
         tier.stats.released_rows += tier.rows.release(lazy, middle)
