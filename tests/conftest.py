@@ -20,6 +20,11 @@ from .servers import engine_start_lock
 TEST_SLKV = SlkvConfig(enabled=True, threshold=0.9, sink=4, recent=256, last=32, mode="prefill", score="kvmin",
                        poison=True)
 CHUNK = 1024
+# The share of the free memory an engine measures at its start that it may take (engine_kwargs: 0.2). On CPU it
+# only caps the KV pool: what it leaves, at least max_total_tokens, is that pool. With 0.2 an engine started
+# while the other pytest-xdist worker's engines hold their memory would get a smaller pool than max_total_tokens
+# (SGLang only warns), or refuse to start; the suite's engines get their max_total_tokens whatever runs beside.
+MEM_FRACTION = 0.6
 # The offload engine shared by test_offload_engine and test_bench_serve: TEST_SLKV with a host tier. Overcommit
 # 1.5 is bench-serve's simlayerkv-offload setting; in a 32K-token pool none of those tests comes near the pool's
 # limit, so it changes nothing there (test_kv_tier has its own small-pool engine for admission). OFFLOAD_BUDGET:
@@ -50,11 +55,13 @@ def reference(model_path):
 
 
 def start_engine(slkv: SlkvConfig, model_path: str, **overrides):
-    """``make_engine`` with the suite's prefill chunk, one start at a time (``engine_start_lock``)."""
+    """``make_engine`` with the suite's prefill chunk and ``MEM_FRACTION``, one start at a time
+    (``engine_start_lock``)."""
     from slkv_sglang.runtime import make_engine
 
     with engine_start_lock():
-        return make_engine(model_path, slkv=slkv, **{"chunked_prefill_size": CHUNK, **overrides})
+        return make_engine(model_path, slkv=slkv,
+                           **{"chunked_prefill_size": CHUNK, "mem_fraction_static": MEM_FRACTION, **overrides})
 
 
 def pytest_sessionstart(session):
@@ -106,9 +113,10 @@ def offload_engine(model_path):
 # SECOND. Tests do not depend on this order or split; it is about memory and wall-clock time.
 FIRST = ["test_kv_tier.py", "test_api.py", "test_launch_server.py", "test_hybrid_engine.py", "test_reference.py",
          "test_startup.py", "test_config.py", "test_api_store.py", "test_api_hostile.py", "test_api_server.py",
-         "test_deploy.py", "test_gpu_check.py", "test_tensor_parallel.py"]
+         "test_deploy.py", "test_gpu_check.py", "test_tensor_parallel.py", "test_offload.py", "test_profile.py",
+         "test_packaging.py"]
 SECOND = ["test_engine.py", "test_heads.py", "test_decode_mode.py", "test_evaluation.py", "test_bench_serve.py",
-          "test_offload_engine.py", "test_api.py", "test_offload.py", "test_profile.py", "test_packaging.py"]
+          "test_offload_engine.py", "test_api.py"]
 TO_SECOND = {"test_api.py::test_four_turns_with_the_openai_client",
              "test_api.py::test_host_budget_through_the_admin_channel"}
 SHARED_ENGINES = ("slkv_engine", "offload_engine")

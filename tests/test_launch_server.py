@@ -14,6 +14,7 @@ import pytest
 from slkv_sglang.config import SlkvConfig
 from slkv_sglang.corpus import prompt_ids
 
+from .conftest import MEM_FRACTION
 from .servers import engine_start_lock, free_port, spawn, start_server, stop_server, wait_healthy
 from .slkv_payloads import KINDS, SEED, malformed
 
@@ -22,7 +23,7 @@ def _worker_cmd(model_path: str, port: int) -> list[str]:
     return [
         sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
         "--port", str(port), "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-        "--dtype", "float32", "--mem-fraction-static", "0.2", "--max-total-tokens", "16384", "--watchdog-timeout", "3600",
+        "--dtype", "float32", "--mem-fraction-static", str(MEM_FRACTION), "--max-total-tokens", "16384", "--watchdog-timeout", "3600",
         "--skip-server-warmup", "--sleep-on-idle", "--log-level", "warning",
         "--enable-simlayerkv", "--slkv-recent", "256", "--slkv-threshold", "0.85", "--slkv-score", "mean",
         "--slkv-poison-freed",
