@@ -23,5 +23,6 @@ redis:
 serve: setup
 	$(VENV)/bin/slkv serve
 
+# Two pytest-xdist workers, each one half of the suite (tests/conftest.py), each engine on one core.
 test: setup redis
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup

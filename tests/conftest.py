@@ -12,12 +12,19 @@ from slkv_sglang.config import SlkvConfig
 from slkv_sglang.model import ensure_bundled_model
 from slkv_sglang.runtime import shutdown_engine
 
+from .servers import engine_start_lock
+
 # The engines under test. recent=256 (not the paper's 1020) so 1-4K prompts really lose most of their KV in
 # lazy layers and a wrong window shows in the tokens; chunked prefill at 1024 so long prompts are chunked.
 # poison: every SimLayerKV engine of the suite NaN-fills the KV it frees, so a read of freed KV fails a test.
 TEST_SLKV = SlkvConfig(enabled=True, threshold=0.9, sink=4, recent=256, last=32, mode="prefill", score="kvmin",
                        poison=True)
 CHUNK = 1024
+# The share of the free memory an engine measures at its start that it may take (engine_kwargs: 0.2). On CPU it
+# only caps the KV pool: what it leaves, at least max_total_tokens, is that pool. With 0.2 an engine started
+# while the other pytest-xdist worker's engines hold their memory would get a smaller pool than max_total_tokens
+# (SGLang only warns), or refuse to start; the suite's engines get their max_total_tokens whatever runs beside.
+MEM_FRACTION = 0.6
 # The offload engine shared by test_offload_engine and test_bench_serve: TEST_SLKV with a host tier. Overcommit
 # 1.5 is bench-serve's simlayerkv-offload setting; in a 32K-token pool none of those tests comes near the pool's
 # limit, so it changes nothing there (test_kv_tier has its own small-pool engine for admission). OFFLOAD_BUDGET:
@@ -47,10 +54,22 @@ def reference(model_path):
     return ReferenceModel(model_path)
 
 
-def start_engine(slkv: SlkvConfig, model_path: str):
+def start_engine(slkv: SlkvConfig, model_path: str, **overrides):
+    """``make_engine`` with the suite's prefill chunk and ``MEM_FRACTION``, one start at a time
+    (``engine_start_lock``)."""
     from slkv_sglang.runtime import make_engine
 
-    return make_engine(model_path, slkv=slkv, chunked_prefill_size=CHUNK)
+    with engine_start_lock():
+        return make_engine(model_path, slkv=slkv,
+                           **{"chunked_prefill_size": CHUNK, "mem_fraction_static": MEM_FRACTION, **overrides})
+
+
+def pytest_sessionstart(session):
+    """multiprocessing's resource tracker started by this process itself, not by its first engine (whose
+    shutdown, ``shutdown_engine``, ends the processes that engine started)."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
 
 
 def set_host_budget(engine, nbytes: int) -> list[bool]:
@@ -84,12 +103,95 @@ def offload_engine(model_path):
     shutdown_engine(engine)
 
 
+# The suite in two halves, one per pytest-xdist worker (``make test``: ``-n 2 --dist loadgroup``; each engine runs
+# with OMP_NUM_THREADS=1, so two workers use both cores of the CI machine). Each half runs its files in the order
+# listed here. The split keeps at most two engines (or engine servers) alive per worker at any time (each holds
+# ~4 GB), with ``pytest_runtest_teardown`` below: FIRST holds the modules that start engines of their own, SECOND
+# every user of the session's engines (test_api's two tests on its offload server among them, ``TO_SECOND``: the
+# one that compares with ``slkv_engine`` and the other user of that server); test_bench_serve runs just before
+# test_offload_engine, the other user of ``offload_engine``. A file named in neither list runs at the end of
+# SECOND. Tests do not depend on this order or split; it is about memory and wall-clock time.
+FIRST = ["test_kv_tier.py", "test_api.py", "test_launch_server.py", "test_hybrid_engine.py", "test_reference.py",
+         "test_startup.py", "test_config.py", "test_api_store.py", "test_api_hostile.py", "test_api_server.py",
+         "test_deploy.py", "test_gpu_check.py", "test_tensor_parallel.py", "test_offload.py", "test_profile.py",
+         "test_packaging.py"]
+SECOND = ["test_engine.py", "test_heads.py", "test_decode_mode.py", "test_evaluation.py", "test_bench_serve.py",
+          "test_offload_engine.py", "test_api.py"]
+TO_SECOND = {"test_api.py::test_four_turns_with_the_openai_client",
+             "test_api.py::test_host_budget_through_the_admin_channel"}
+SHARED_ENGINES = ("slkv_engine", "offload_engine")
+
+
+def _half(nodeid: str) -> str:
+    path, _, test = nodeid.split("@", 1)[0].partition("::")
+    name = path.rsplit("/", 1)[-1]
+    if f"{name}::{test.split('[', 1)[0]}" in TO_SECOND:
+        return "second"
+    return "first" if name in FIRST else "second"
+
+
+def _position(item) -> tuple[int, int]:
+    name = item.path.name
+    if _half(item.nodeid) == "first":
+        return 0, FIRST.index(name)
+    return 1, SECOND.index(name) if name in SECOND else len(SECOND)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """test_bench_serve runs just before test_offload_engine, the other user of the session's ``offload_engine``:
-    that engine then starts late and no module in between runs with one engine more alive than before it was
-    shared (each engine holds ~4 GB here). Tests do not depend on this order; it is about memory."""
-    bench = [item for item in items if item.path.name == "test_bench_serve.py"]
-    rest = [item for item in items if item.path.name != "test_bench_serve.py"]
-    at = next((i for i, item in enumerate(rest) if item.path.name == "test_offload_engine.py"), None)
-    if bench and at is not None:
-        items[:] = rest[:at] + bench + rest[at:]
+    """The halves' files in their listed order (a stable sort: the tests of a file keep theirs), each test marked
+    with its half as its ``xdist_group``."""
+    items.sort(key=_position)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_half(item.nodeid)))
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` by this file's halves: each half, whole, to one worker. (pytest-xdist's own loadgroup
+    reads the ``xdist_group`` marks by renaming the items' node ids, which pytest 9.2 no longer allows: every
+    test would be scheduled on its own, and a module's engines started in both workers.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Halves(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _half(nodeid)
+
+    return Halves(config, log)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """Tells the worker that it runs one half, in collection order (``_later_items``)."""
+    node.workerinput["slkv_halves"] = node.config.getvalue("dist") == "loadgroup"
+
+
+def _later_items(item) -> list | None:
+    """The tests this process runs after ``item``; None where that is not known (a worker not scheduled by
+    ``Halves``)."""
+    items = item.session.items
+    later = items[items.index(item) + 1 :]
+    workerinput = getattr(item.config, "workerinput", None)
+    if workerinput is not None:
+        if not workerinput.get("slkv_halves"):
+            return None
+        later = [x for x in later if _half(x.nodeid) == _half(item.nodeid)]
+    return later
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Stop a shared engine (``SHARED_ENGINES``) after the last test of this process that uses it, rather than at
+    the end of the session: engines started after it then do not add up in memory. A later test asking for it
+    again (a run in another order) would start it anew: pytest sets up a finished fixture again."""
+    later = _later_items(item)
+    if later is None:
+        return
+    for name in SHARED_ENGINES:
+        fixturedefs = item._fixtureinfo.name2fixturedefs.get(name)
+        if not fixturedefs or fixturedefs[-1].cached_result is None:
+            continue
+        if not any(name in x.fixturenames for x in later):
+            fixturedefs[-1].finish(item._request)

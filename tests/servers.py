@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import httpx
+
+
+@contextmanager
+def engine_start_lock() -> Iterator[None]:
+    """Held while an engine starts (in this process or in a server's): one start at a time on this machine, across
+    the suite's pytest-xdist workers (and any other run of the suite). An SGLang CPU engine sizes its memory from
+    the free memory it measures before and after loading the weights, and refuses to start ("Loaded weights leave
+    no GPU memory for the KV cache") when another engine allocated its pool in between."""
+    with open(Path(tempfile.gettempdir()) / "slkv-tests-engine-start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def free_port() -> int:

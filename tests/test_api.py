@@ -27,7 +27,7 @@ from api.store import LOCK_TTL_MS
 from slkv_sglang.corpus import document
 
 from .conftest import CHUNK, TEST_SLKV
-from .servers import free_port, start_server, stop_server
+from .servers import engine_start_lock, free_port, start_server, stop_server
 from .slkv_payloads import SEED, malformed
 from .test_api_hostile import hostile_requests
 
@@ -96,7 +96,8 @@ def _start_api(api: dict[str, Any]) -> None:
            api["model_path"], "--redis-url", f"redis://127.0.0.1:{api['redis_port']}/0", "--redis-prefix",
            api["prefix"], "--api-keys", f"{KEY_A},{KEY_B},{KEY_C}", "--admin-keys", ADMIN, "--chunked-prefill-size",
            str(CHUNK), "--max-turns-per-key", str(MAX_TURNS_PER_KEY), *api["flags"]]
-    api["proc"] = start_server(cmd, env, f"{api['url']}/healthz")
+    with engine_start_lock():  # the server's in-process engine
+        api["proc"] = start_server(cmd, env, f"{api['url']}/healthz")
 
 
 def _api_server(store: RedisProcess, model_path: str, *flags: str) -> Iterator[dict[str, Any]]:

@@ -14,6 +14,9 @@ from slkv_sglang.gemma3 import ensure_gemma3_model
 from slkv_sglang.layer_map import LayerMap
 from slkv_sglang.runtime import make_engine, shutdown_engine
 
+from .conftest import MEM_FRACTION
+from .servers import engine_start_lock
+
 FULL = [5, 11, 17]  # the model config's layer_types: every 6th layer is full attention
 # recent 128 so that prompts of 600-800 tokens are trimmable (>= sink + recent + last) and a lazy layer reads
 # under a quarter of them; the sliding layers' window (512) is shorter than the prompts.
@@ -33,7 +36,8 @@ def gemma_path() -> str:
 @pytest.fixture(scope="module")
 def gemma_engine(gemma_path):
     saved = {key: os.environ.get(key) for key in HYBRID_SLKV.to_env()}
-    engine = make_engine(gemma_path, slkv=HYBRID_SLKV)
+    with engine_start_lock():
+        engine = make_engine(gemma_path, slkv=HYBRID_SLKV, mem_fraction_static=MEM_FRACTION)
     yield engine
     shutdown_engine(engine)
     for key, value in saved.items():

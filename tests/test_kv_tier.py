@@ -31,9 +31,9 @@ import pytest
 from slkv_sglang.corpus import prompt_ids
 from slkv_sglang.layer_map import LayerMap
 from slkv_sglang.model import follow_up_ids
-from slkv_sglang.runtime import make_engine, shutdown_engine
+from slkv_sglang.runtime import shutdown_engine
 
-from .conftest import TEST_SLKV
+from .conftest import TEST_SLKV, start_engine
 
 SEED = int(os.environ.get("SLKV_FUZZ_SEED", "20261127"))
 OPS = int(os.environ.get("SLKV_FUZZ_OPS", "200"))
@@ -55,14 +55,14 @@ class Conversation:
 @pytest.fixture(scope="module")
 def fuzz_engine(model_path):
     config = replace(TEST_SLKV, offload=True, overcommit=2.0, poison=True, offload_budget=64 << 20)
-    engine = make_engine(model_path, slkv=config, chunked_prefill_size=FUZZ_CHUNK, max_total_tokens=POOL_TOKENS)
+    engine = start_engine(config, model_path, chunked_prefill_size=FUZZ_CHUNK, max_total_tokens=POOL_TOKENS)
     yield engine
     shutdown_engine(engine)
 
 
 @pytest.fixture(scope="module")
 def same_without_offload(model_path, fuzz_engine):
-    engine = make_engine(model_path, slkv=TEST_SLKV, chunked_prefill_size=FUZZ_CHUNK)
+    engine = start_engine(TEST_SLKV, model_path, chunked_prefill_size=FUZZ_CHUNK)
     yield engine
     shutdown_engine(engine)
 

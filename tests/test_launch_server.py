@@ -14,7 +14,8 @@ import pytest
 from slkv_sglang.config import SlkvConfig
 from slkv_sglang.corpus import prompt_ids
 
-from .servers import free_port, spawn, start_server, stop_server, wait_healthy
+from .conftest import MEM_FRACTION
+from .servers import engine_start_lock, free_port, spawn, start_server, stop_server, wait_healthy
 from .slkv_payloads import KINDS, SEED, malformed
 
 
@@ -22,7 +23,7 @@ def _worker_cmd(model_path: str, port: int) -> list[str]:
     return [
         sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
         "--port", str(port), "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
-        "--dtype", "float32", "--mem-fraction-static", "0.2", "--max-total-tokens", "16384", "--watchdog-timeout", "3600",
+        "--dtype", "float32", "--mem-fraction-static", str(MEM_FRACTION), "--max-total-tokens", "16384", "--watchdog-timeout", "3600",
         "--skip-server-warmup", "--sleep-on-idle", "--log-level", "warning",
         "--enable-simlayerkv", "--slkv-recent", "256", "--slkv-threshold", "0.85", "--slkv-score", "mean",
         "--slkv-poison-freed",
@@ -31,15 +32,18 @@ def _worker_cmd(model_path: str, port: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def workers(model_path):
-    """Two CPU workers (the plugin configured by flags alone), started side by side, named w0 and w1."""
+    """Two CPU workers (the plugin configured by flags alone), named w0 and w1, started one after the other
+    (``engine_start_lock``: an engine sizes its memory from what is free while it loads)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLKV_")}
     base.update(SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1")
     ports = [free_port(), free_port()]
-    procs = [spawn(_worker_cmd(model_path, p), {**base, "SLKV_WORKER_ID": f"w{i}"}) for i, p in enumerate(ports)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
+    procs = []
     try:
-        for proc, url in zip(procs, urls):
-            wait_healthy(proc, f"{url}/health")
+        for i, (port, url) in enumerate(zip(ports, urls)):
+            with engine_start_lock():
+                procs.append(spawn(_worker_cmd(model_path, port), {**base, "SLKV_WORKER_ID": f"w{i}"}))
+                wait_healthy(procs[-1], f"{url}/health")
     except Exception:
         for proc in procs:
             proc.kill()

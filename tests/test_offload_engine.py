@@ -16,6 +16,7 @@ from slkv_sglang.model import follow_up_ids
 from slkv_sglang.runtime import shutdown_engine
 
 from .conftest import OFFLOAD_BUDGET, TEST_SLKV, set_host_budget
+from .servers import engine_start_lock
 
 QUESTIONS = [
     "Which classes are defined in the code above? Answer briefly.",
@@ -199,7 +200,8 @@ def overcommit_engine(model_path):
     from slkv_sglang.runtime import make_engine
 
     config = replace(TEST_SLKV, offload=True, overcommit=2.0, poison=True)
-    engine = make_engine(model_path, slkv=config, chunked_prefill_size=1024, max_total_tokens=POOL_TOKENS)
+    with engine_start_lock():
+        engine = make_engine(model_path, slkv=config, chunked_prefill_size=1024, max_total_tokens=POOL_TOKENS)
     yield engine
     shutdown_engine(engine)
 
