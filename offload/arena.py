@@ -1,16 +1,18 @@
 """The host KV tier: lazy layers' (or KV heads') middle KV kept in host memory under a byte budget.
 
-A host copy belongs to one (unit, slot): a unit is what one device row holds of a token, a layer's KV heads or
-one of them (``slkv_sglang.kv.rows``); the arena only numbers them. A slot is SGLang's KV slot of one token, and
-the radix cache maps token prefixes to slots, so a copy is addressed by content through the slot that owns it. It also carries the
-*fingerprint* of the token prefix it was computed for (``slkv_sglang.kv.fingerprint``): a reload compares it with
-the reader's own fingerprints and refuses on any difference, so a copy is only ever restored into a sequence whose
-tokens match it. No client string takes part. Two requests that share a prefix share its slots, hence its copies.
+A host copy belongs to one (unit, slot): a unit is what one device row holds of a token, a layer's KV heads or one
+of them (``slkv_sglang.kv.rows``); the arena only numbers them. A slot is SGLang's KV slot of one token, and the
+radix cache maps token prefixes to slots, so a copy is addressed by content through the slot that owns it. It also
+carries the *fingerprint* of the token prefix it was computed for (``slkv_sglang.kv.fingerprint``): a reload
+compares it with the reader's own fingerprints and refuses on any difference, so a copy is only ever restored into a
+sequence whose tokens match it. No client string takes part. Two requests that share a prefix share its slots, hence
+its copies.
 
 Memory: each ``offload`` call (one decision's run of tokens in one or more units) is one *chunk*, stored as pieces
-``[k, 2, heads, dim]`` that fill recycled ``BLOCK_BYTES`` blocks, the tail in an allocation of its own. Chunks belong to a *group* (the
-decision that offloaded them); eviction drops whole groups, least recently used first (an offload or a reload makes
-a group recent). A chunk whose slots SGLang freed (``forget``) is freed with its last slot.
+``[k, 2, heads, dim]`` that fill recycled ``BLOCK_BYTES`` blocks, the tail in an allocation of its own. Chunks
+belong to a *group* (the decision that offloaded them); eviction drops whole groups, least recently used first (an
+offload or a reload makes a group recent). A chunk whose slots SGLang freed (``forget``) is freed with its last
+slot.
 
 Budget: held bytes plus free blocks never exceed ``budget_bytes``. An offload that does not fit evicts other groups;
 units of it that would not fit even alone are refused (nothing copied, nothing evicted for them): the caller

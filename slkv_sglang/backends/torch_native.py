@@ -149,10 +149,11 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         if ex is not None:
             return None if ex.failed(pos) else ex.read(pos, layer_id, slots, heads)
         pool = self.token_to_kv_pool
-        keys, values = pool.get_key_buffer(layer_id).index_select(0, slots), pool.get_value_buffer(layer_id).index_select(0, slots)
+        keys = pool.get_key_buffer(layer_id).index_select(0, slots)
+        values = pool.get_value_buffer(layer_id).index_select(0, slots)
         if heads is None:
             return keys, values
-        return keys[:, heads].contiguous(), values[:, heads].contiguous()
+        return keys[:, heads], values[:, heads]  # a mask index copies: contiguous, as the tier's reads
 
     def _decode_head_groups(self, q: torch.Tensor, pos: int, layer_id: int, full: torch.Tensor, window: torch.Tensor,
                             lazy: torch.Tensor, layer: Any) -> torch.Tensor | None:

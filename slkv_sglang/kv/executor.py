@@ -2,9 +2,9 @@
 
 Called by the attention backend, per layer (each of its units: ``rows.py``): ``restore`` before a prefill attends to
 its prefix, ``write`` for new tokens, ``heal`` after it, ``read`` for every read; after the forward's decisions,
-``offload`` frees the middle tokens of lazy units. A request whose KV cannot be made whole (a bug of ours: the planner found it restorable) is
-never served: in strict mode (``--slkv-poison-freed``) it raises, otherwise the request finishes with an error,
-its KV is not cached, and the engine goes on.
+``offload`` frees the middle tokens of lazy units. A request whose KV cannot be made whole (a bug of ours: the
+planner found it restorable) is never served: in strict mode (``--slkv-poison-freed``) it raises, otherwise the
+request finishes with an error, its KV is not cached, and the engine goes on.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Admission in rows: what SGLang admitted but the device has not taken yet.
 
 SGLang admits requests by token slots; the device holds (unit, slot) rows (``rows.py``). A slot SGLang allocates is
-owed one row per unit until that unit is written (``unwritten``); a prefill that restores or heals its prefix is owed those rows
-until it takes them (``promised``, per request row). ``reserved`` sums both, so ``free - reserved`` rows (``spare``)
-are what admission may hand out.
+owed one row per unit until that unit is written (``unwritten``); a prefill that restores or heals its prefix is
+owed those rows until it takes them (``promised``, per request row). ``reserved`` sums both, so ``free - reserved``
+rows (``spare``) are what admission may hand out.
 """
 
 from __future__ import annotations

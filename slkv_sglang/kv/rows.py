@@ -116,7 +116,7 @@ class DeviceRows:
             return out
         within = heads.view(self.groups, -1)
         within = within[within.any(dim=1)].flatten()  # the wanted heads among the units read
-        return out if bool(within.all()) else out[:, within.to(out.device)].contiguous()
+        return out if bool(within.all()) else out[:, within.to(out.device)]  # a mask index copies: contiguous
 
     def fill(self, layer: int, slots: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
         """``rows`` (``[groups, n]``) become the rows of ``slots`` in ``layer``'s units, ``new`` (a mask of them)
