@@ -6,6 +6,8 @@ references, on Llama-3-8B's attention shapes (32 q / 8 kv heads, head dim 128, b
 
 - ``decode``: the restricted decode the backend makes — one decode wrapper per lazy pattern, planned through
   rewritten ``kv_indices`` (``flashinfer_ops.plan_decode``) — equals dense attention over the same slots;
+- ``decode_heads``: the backend's per-step plans (``flashinfer_ops.WindowedDecode``) with lazy KV heads, whole
+  requests and single (request, KV head) pairs, equal dense attention per KV head over that head's slots;
 - ``scoring``: the backend's scoring (``flashinfer_ops.LseScorer``, prefill with ``return_lse``) equals the
   chunked torch scoring (``scoring.head_mass``) on the same bf16 cache;
 - ``scoring_time``: identification per layer (lse and torch scoring) against the layer's prefill;
@@ -34,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from .backends.flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, plan_decode
+from .backends.flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, WindowedDecode, plan_decode
 from .scoring import SCORE_CHUNK, gather_keys, head_mass, window_slots
 
 SHAPES = {  # name -> (q heads, kv heads, head dim)
@@ -115,6 +117,72 @@ def check_decode(name: str, device: torch.device, kv_dtype: torch.dtype = torch.
                 err = max(err, float(((got[i] - ref).abs() / (1 + ref.abs())).max()))
             out[f"{'tensor cores' if tensor_cores else 'cuda cores'}, {label}"] = err
     return {"max_rel_err": out, "tolerance": DECODE_TOL, "ok": all(e <= DECODE_TOL for e in out.values())}
+
+
+class _TorchPagedDecode:
+    """FlashInfer's paged decode (page size 1) written in torch, for the dry run only: FlashInfer does not run
+    on a CPU, and this lets CI check ``WindowedDecode``'s plans and views, which the device runs through
+    FlashInfer itself."""
+
+    def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor, num_qo_heads: int,
+             num_kv_heads: int, head_dim: int, page_size: int, **_: Any) -> None:
+        assert page_size == 1 and bool((last_page_len == 1).all())
+        self._pages = [indices[a:b].long() for a, b in zip(indptr[:-1].tolist(), indptr[1:].tolist())]
+        self._heads = (num_qo_heads, num_kv_heads)
+
+    def forward(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], sm_scale: float,
+                k_scale: float | None = None, v_scale: float | None = None, **_: Any) -> torch.Tensor:
+        k, v = kv_cache
+        assert q.shape[:2] == (len(self._pages), self._heads[0]) and k.shape[1] == self._heads[1]
+        return torch.stack([_dense_decode(q[i], gather_keys(k, pages), gather_keys(v, pages), sm_scale, k_scale or 1.0)
+                            for i, pages in enumerate(self._pages)]).to(q.dtype)
+
+
+def check_decode_heads(name: str, device: torch.device, kv_dtype: torch.dtype = torch.bfloat16, seed: int = 4,
+                       emulate: bool = False) -> dict[str, Any]:
+    """``WindowedDecode`` as the backend plans a step: layer 0 has no lazy head (not planned), layer 1 whole
+    requests lazy, layers 2 and 3 the same per-(request, KV head) pattern (one wrapper), layer 4 another. Each
+    (request, KV head) is compared with dense attention of its query heads over its own slots: sink + recent
+    where that head is lazy, all of them elsewhere. ``emulate``: torch in place of FlashInfer (dry run)."""
+    heads, kv_heads, dim = SHAPES[name]
+    group = heads // kv_heads
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [300, 1100, 2000, 4100, 3000, 1777]
+    slots_total = sum(seq_lens) + 64
+    k_cache, v_cache = _rand_cache(slots_total, kv_heads, dim, device, kv_dtype)
+    scales = _scales(kv_dtype)
+    perm = torch.randperm(slots_total, generator=gen).to(device)
+    rows = list(perm[: sum(seq_lens)].split(seq_lens))
+    q = torch.randn(len(seq_lens), heads, dim, device=device, dtype=torch.bfloat16)
+    scale = 1 / math.sqrt(dim)
+    lazy = torch.zeros(len(seq_lens), 5, kv_heads, dtype=torch.bool)
+    lazy[[1, 3], 1] = True
+    lazy[:, 2] = torch.rand(len(seq_lens), kv_heads, generator=gen) < 0.5
+    lazy[:, 2, 1] = ~lazy[:, 2, 0]  # every request partly lazy, whatever the draw ...
+    lazy[5, 2] = True  # ... but one, lazy in all its heads
+    lazy[:, 3] = lazy[:, 2]
+    lazy[4, 4, 1:] = True
+    shape = AttnShape(heads, kv_heads, dim, torch.bfloat16, kv_dtype)
+    out: dict[str, Any] = {}
+    for tensor_cores in (None,) if emulate else (False, True) if kv_dtype == torch.bfloat16 else (True,):
+        decode = WindowedDecode(_TorchPagedDecode if emulate else lambda: _decode_wrapper(device, bool(tensor_cores)),
+                                shape, SINK, RECENT)
+        decode.plan(rows, {pos: lazy[pos] for pos in range(len(seq_lens)) if bool(lazy[pos].any())})
+        label = "torch emulation" if emulate else "tensor cores" if tensor_cores else "cuda cores"
+        out[f"{label}, layer 0 planned"] = decode.restricts(0)
+        for layer in range(1, 5):
+            got = decode.run(layer, q, (k_cache, v_cache), sm_scale=scale, **scales).float()
+            err = 0.0
+            for i, (r, n) in enumerate(zip(rows, seq_lens)):
+                for h in range(kv_heads):
+                    slots = window_slots(r, n, SINK, RECENT) if lazy[i, layer, h] else r
+                    ref = _dense_decode(q[i, h * group : (h + 1) * group], gather_keys(k_cache, slots)[:, h : h + 1],
+                                        gather_keys(v_cache, slots)[:, h : h + 1], scale, scales["k_scale"] or 1.0)
+                    err = max(err, float(((got[i, h * group : (h + 1) * group] - ref).abs() / (1 + ref.abs())).max()))
+            out[f"{label}, layer {layer}"] = err
+    errs = [v for v in out.values() if not isinstance(v, bool)]
+    planned = [v for v in out.values() if isinstance(v, bool)]
+    return {"max_rel_err": out, "tolerance": DECODE_TOL, "ok": max(errs) <= DECODE_TOL and not any(planned)}
 
 
 def check_scoring(name: str, device: torch.device, kv_dtype: torch.dtype = torch.bfloat16, seed: int = 1) -> dict[str, Any]:
@@ -278,10 +346,16 @@ def decode_time(device: torch.device, batches: tuple[int, ...] = (16, 64), layer
         t_full = _cuda_ms(lambda: full.forward(q, (k_cache, v_cache), sm_scale=scale), 50)
         t_lazy = _cuda_ms(lambda: lazy.forward(q, (k_cache, v_cache), sm_scale=scale), 50)
         t_plan = _host_ms(lambda: plan_decode(lazy, windows, shape), 20)
+        by_head = WindowedDecode(lambda: _decode_wrapper(device, tensor_cores), shape, SINK, RECENT)
+        half = {pos: (torch.arange(kv_heads) % 2 == 0).expand(1, kv_heads) for pos in range(batch)}  # half the heads
+        by_head.plan(rows, half)
+        t_heads = _cuda_ms(lambda: by_head.run(0, q, (k_cache, v_cache), sm_scale=scale), 50)
+        t_plan_heads = _host_ms(lambda: by_head.plan(rows, half), 20)
         n_lazy = round(layers * lazy_share)
         step_full = layers * t_full + t_plan  # SGLang plans its one wrapper per step too
         step_slkv = (layers - n_lazy) * t_full + n_lazy * t_lazy + 2 * t_plan  # + one wrapper per lazy pattern
         out[f"{batch}x{ctx}"] = {"layer_full_ms": t_full, "layer_lazy_ms": t_lazy, "plan_ms": t_plan,
+                         "layer_half_heads_lazy_ms": t_heads, "plan_half_heads_ms": t_plan_heads,
                          "step_full_ms": step_full, "step_slkv_ms": step_slkv, "step_speedup": step_full / step_slkv}
         del k_cache, v_cache
         torch.cuda.empty_cache()
@@ -490,6 +564,8 @@ def run(dry: bool, out_dir: Path, jit_shapes: bool) -> dict[str, Any]:
         path.write_text(json.dumps(report, indent=2, default=str))  # what ran survives a timeout later on
 
     section("decode_llama3-8b", lambda: check_decode("llama3-8b", device))
+    section("decode_heads_llama3-8b", lambda: check_decode_heads("llama3-8b", device, emulate=not cuda),
+            needs_cuda=False)
     section("scoring_llama3-8b", lambda: check_scoring("llama3-8b", device))
     section("tracker_llama3-8b", lambda: check_tracker(device))
     section("decode_time", lambda: decode_time(device))
@@ -498,10 +574,14 @@ def run(dry: bool, out_dir: Path, jit_shapes: bool) -> dict[str, Any]:
     section("scoring_memory", lambda: scoring_memory(device, (32768, 131072) if cuda else (8192,)), needs_cuda=False)
     if jit_shapes:
         section("decode_smollm2-135m", lambda: check_decode("smollm2-135m", device))
+        section("decode_heads_smollm2-135m", lambda: check_decode_heads("smollm2-135m", device, emulate=not cuda),
+                needs_cuda=False)
         section("scoring_smollm2-135m", lambda: check_scoring("smollm2-135m", device))
         fp8 = torch.float8_e4m3fn
         section("scoring_llama3-8b_fp8", lambda: check_scoring("llama3-8b", device, fp8))
         section("decode_llama3-8b_fp8", lambda: check_decode("llama3-8b", device, fp8))
+        section("decode_heads_llama3-8b_fp8", lambda: check_decode_heads("llama3-8b", device, fp8, emulate=not cuda),
+                needs_cuda=False)
     return report
 
 

@@ -1,10 +1,11 @@
 """SimLayerKV on SGLang's FlashInfer backend (CUDA).
 
-Decode: lazy layers differ per request, so one FlashInfer decode wrapper is planned per distinct *lazy
-pattern* (which requests of the batch are restricted in a layer): its ``kv_indices`` hold sink + recent slots
-for restricted requests and the whole row for the others. Laziness is mostly a property of the layer
-(docs/design.md), so a batch needs few patterns. ``plan()`` runs once per batch in ``init_forward_metadata``;
-each layer only picks its wrapper and runs it. Scoring uses FlashInfer's prefill with ``return_lse``
+Decode: lazy heads differ per request, so one FlashInfer decode wrapper is planned per distinct *lazy
+pattern* (which KV heads of which requests read only sink + recent in a layer): its ``kv_indices`` hold sink +
+recent slots where a request is lazy and its whole row elsewhere; with head granularity a partly lazy request
+is planned per (request, KV head) pair (``flashinfer_ops.WindowedDecode``). Laziness is mostly a property of
+the layer (docs/design.md), so a batch needs few patterns. ``plan()`` runs once per batch in
+``init_forward_metadata``; each layer only picks its wrapper and runs it. Scoring uses FlashInfer's prefill with ``return_lse``
 (``flashinfer_ops.LseScorer``), planned once per forward. The calls themselves live in ``flashinfer_ops``,
 which the device check (``slkv gpu-check``) runs against torch references without SGLang.
 
@@ -19,12 +20,13 @@ import torch
 from flashinfer import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from sglang.srt.runtime_context import get_parallel
 
 from ..config import SlkvConfig, SlkvConfigError
 from ..report import Outbox
 from ..tracker import MassFn
 from .common import ScoringMixin, make_tracker
-from .flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, plan_decode
+from .flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, WindowedDecode
 
 
 class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
@@ -38,11 +40,11 @@ class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
             raise SlkvConfigError("SimLayerKV reads KV through slot indices; this KV cache dtype makes SGLang's "
                                   "FlashInfer dequantise into a per-request workspace: use --kv-cache-dtype "
                                   "auto, fp8_e4m3 or fp8_e5m2")
-        self.tracker = make_tracker(model_runner, config, head_decode=False)  # one wrapper per lazy-layer pattern
+        # single lazy KV heads: on one rank (under tensor parallel a rank's heads are a block of the model's)
+        self.tracker = make_tracker(model_runner, config, head_decode=get_parallel().tp_size == 1)
         upd = self.indices_updater_decode
         self._shape = AttnShape(upd.num_qo_heads, upd.num_kv_heads, upd.head_dim, upd.q_data_type, upd.data_type)
-        self._windowed: dict[int, BatchDecodeWithPagedKVCacheWrapper] = {}  # layer -> wrapper, this batch
-        self._wrapper_pool: list[BatchDecodeWithPagedKVCacheWrapper] = []
+        self._windowed = WindowedDecode(self._new_decode_wrapper, self._shape, config.sink, config.recent)
         self._scorer = LseScorer(
             BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=PREFILL_BACKEND),
             self._shape, config.sink, config.recent,
@@ -54,28 +56,17 @@ class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)
         plan = self.tracker.plan(forward_batch)
-        self._windowed = {}
         self._scorer.reset()
         if plan is None or not plan.is_decode or not plan.window:
+            self._windowed.plan([], {})
             return
-        patterns: dict[tuple[int, ...], list[int]] = {}
-        for layer_id in range(self.tracker.num_layers):
-            restricted = tuple(self.tracker.restricted_positions(layer_id))
-            if restricted:
-                patterns.setdefault(restricted, []).append(layer_id)
         req_to_token = self.req_to_token_pool.req_to_token
-        for n, (restricted, layers) in enumerate(patterns.items()):
-            kv_rows = [self.tracker.window_indices(pos) if pos in restricted else req_to_token[row, :seq_len]
-                       for pos, (row, seq_len) in enumerate(zip(plan.rows, plan.seq_lens))]
-            wrapper = self._decode_wrapper(n)
-            plan_decode(wrapper, kv_rows, self._shape)
-            self._windowed.update(dict.fromkeys(layers, wrapper))
+        self._windowed.plan([req_to_token[row, :seq_len] for row, seq_len in zip(plan.rows, plan.seq_lens)],
+                            {pos: plan.heads[pos] for pos in plan.window})
 
-    def _decode_wrapper(self, n: int) -> BatchDecodeWithPagedKVCacheWrapper:
-        while len(self._wrapper_pool) <= n:
-            self._wrapper_pool.append(BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace_buffer, "NHD", backend=self.decode_backend, use_tensor_cores=self.decode_use_tensor_cores))
-        return self._wrapper_pool[n]
+    def _new_decode_wrapper(self) -> BatchDecodeWithPagedKVCacheWrapper:
+        return BatchDecodeWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=self.decode_backend,
+                                                  use_tensor_cores=self.decode_use_tensor_cores)
 
     def _mass(self, layer: Any) -> MassFn:
         """FlashInfer scoring, planned at the forward's first scored layer; torch when the window is too short."""
@@ -92,14 +83,14 @@ class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
         return mass
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[override]
-        wrapper = self._windowed.get(layer.layer_id)
-        if wrapper is None:
+        if not self._windowed.restricts(layer.layer_id):
             o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         else:
             if k is not None and save_kv_cache:
                 loc = KVWriteLoc.for_layer(forward_batch, layer, swa_loc=self.forward_metadata.swa_out_cache_loc)
                 self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v, *self._kv_write_scales(layer))
-            o = wrapper.forward(  # SGLang's own decode call, through the rewritten indices
+            o = self._windowed.run(  # SGLang's own decode call, through the rewritten indices
+                layer.layer_id,
                 q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim),
                 self.token_to_kv_pool.get_kv_buffer(layer.layer_id),
                 sm_scale=layer.scaling,

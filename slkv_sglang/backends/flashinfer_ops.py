@@ -3,8 +3,11 @@
 SGLang's token pool is FlashInfer's paged layout with page size 1: a KV slot id is a page id, so restricting
 a request to sink + recent is a rewrite of its ``kv_indices``.
 
-- Decode: ``plan_decode`` plans one decode wrapper for one *lazy pattern* (which requests of the batch read
-  only sink + recent in a layer); every layer with that pattern ``run``s the same wrapper.
+- Decode: ``WindowedDecode`` plans one decode wrapper per *lazy pattern* (which KV heads of which requests
+  read only sink + recent in a layer) once per step; every layer with that pattern runs the same wrapper. Where
+  a request is lazy in some KV heads of a layer only, each (request, KV head) pair becomes a FlashInfer request
+  of its own over the cache viewed with one KV head per page (``head_pages``): one call per layer serves lazy
+  and full heads alike, with no copy of q, K or V.
 - Scoring: ``LseScorer`` plans one prefill wrapper per forward with two entries per deciding request, its
   last queries against all its keys and against its sink + recent keys, and runs it per layer with
   ``return_lse``. FlashInfer's lse is base 2, so the mass is ``2 ** (lse_sub - lse_all)``. Transient memory
@@ -16,8 +19,8 @@ Index pointers are built on the host (lengths are host-known), so planning never
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -43,10 +46,15 @@ def _indptr(lengths: Sequence[int]) -> torch.Tensor:
 
 def plan_decode(wrapper: Any, kv_rows: Sequence[torch.Tensor], shape: AttnShape, **plan_kwargs: Any) -> None:
     """Plan ``wrapper`` (a ``BatchDecodeWithPagedKVCacheWrapper``) so request i reads the slots ``kv_rows[i]``."""
+    _plan_pages(wrapper, _indptr([len(r) for r in kv_rows]), torch.cat(list(kv_rows)).to(torch.int32), shape,
+                **plan_kwargs)
+
+
+def _plan_pages(wrapper: Any, indptr: torch.Tensor, pages: torch.Tensor, shape: AttnShape, **plan_kwargs: Any) -> None:
     wrapper.plan(
-        _indptr([len(r) for r in kv_rows]),
-        torch.cat(list(kv_rows)).to(torch.int32),
-        torch.ones(len(kv_rows), dtype=torch.int32),
+        indptr,
+        pages,
+        torch.ones(len(indptr) - 1, dtype=torch.int32),
         shape.num_qo_heads,
         shape.num_kv_heads,
         shape.head_dim,
@@ -55,6 +63,88 @@ def plan_decode(wrapper: Any, kv_rows: Sequence[torch.Tensor], shape: AttnShape,
         kv_data_type=shape.kv_dtype,
         **plan_kwargs,
     )
+
+
+def head_pages(rows: Sequence[torch.Tensor], lazy: torch.Tensor, sink: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pages of every (request, KV head) pair, request-major, in a cache viewed with one KV head per page
+    (page = slot x KV heads + head): a pair reads its request's sink + recent slots where ``lazy``
+    ``[requests, KV heads]`` is set, all of ``rows[i]`` (the request's slot ids by position) elsewhere.
+    Returns (indptr ``[pairs + 1]`` int32 on the host, pages int32 on the rows' device); the lengths are host
+    facts, so building them never waits for the device: a few vector ops whatever the batch."""
+    heads = lazy.shape[1]
+    n = torch.tensor([len(r) for r in rows])
+    kept = n.clamp(max=sink + recent)  # a window covering the whole sequence is the whole sequence
+    lens = torch.where(lazy, kept[:, None], n[:, None]).flatten()
+    indptr = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    device = rows[0].device
+    pair = torch.repeat_interleave(torch.arange(len(lens), device=device), lens.to(device), output_size=int(indptr[-1]))
+    j = torch.arange(len(pair), device=device) - indptr.to(device)[pair]  # position in the pair's read
+    req = pair // heads
+    skip = (n - kept).to(device)[req] * (lazy.flatten().to(device)[pair] & (j >= sink))  # over the middle
+    start = (n.cumsum(0) - n).to(device)
+    slots = torch.cat(list(rows)).long()[start[req] + j + skip]
+    return indptr.to(torch.int32), (slots * heads + pair % heads).to(torch.int32)
+
+
+class WindowedDecode:
+    """The restricted reads of one decode batch, FlashInfer-style: ``plan`` once per step, ``run`` per layer.
+
+    ``plan`` groups the layers by lazy pattern (which KV heads of which requests read only sink + recent) and
+    plans one wrapper per pattern. In a pattern where each request is lazy in all or none of a layer's KV heads,
+    a request reads its sink + recent slots or all of them. In a pattern where some request is lazy in part of
+    them, every (request, KV head) pair is planned as its own request (``head_pages``) and the layer's call
+    sees the query as ``[requests x KV heads, group, dim]`` and the cache as one KV head per page: both are
+    views. Layers without a lazy head are not planned here (the caller runs its usual decode)."""
+
+    def __init__(self, new_wrapper: Callable[[], Any], shape: AttnShape, sink: int, recent: int):
+        self._new_wrapper, self.shape, self.sink, self.recent = new_wrapper, shape, sink, recent
+        self._pool: list[Any] = []  # one wrapper per pattern, kept across steps
+        self._layers: dict[int, tuple[Any, bool]] = {}  # layer -> (its pattern's wrapper, planned per KV head)
+
+    def plan(self, rows: Sequence[torch.Tensor], lazy: dict[int, torch.Tensor]) -> None:
+        """``rows``: each batch request's slot ids by position, in batch order; ``lazy``: batch position ->
+        ``[layers, KV heads]`` (host) for the requests that read sink + recent in some head."""
+        self._layers = {}
+        if not lazy:
+            return
+        positions = sorted(lazy)
+        stacked = torch.stack([lazy[pos] for pos in positions])  # [P, layers, KV heads]
+        patterns: dict[bytes, list[int]] = {}
+        for layer in stacked.any(dim=2).any(dim=0).nonzero().flatten().tolist():
+            patterns.setdefault(stacked[:, layer].numpy().tobytes(), []).append(layer)
+        for n, layers in enumerate(patterns.values()):
+            mask = torch.zeros(len(rows), stacked.shape[2], dtype=torch.bool)
+            mask[positions] = stacked[:, layers[0]]
+            by_head = bool((mask.any(dim=1) != mask.all(dim=1)).any())
+            wrapper = self._wrapper(n)
+            if by_head:
+                group = self.shape.num_qo_heads // self.shape.num_kv_heads
+                _plan_pages(wrapper, *head_pages(rows, mask, self.sink, self.recent),
+                            replace(self.shape, num_qo_heads=group, num_kv_heads=1))
+            else:
+                plan_decode(wrapper, [window_slots(r, len(r), self.sink, self.recent) if bool(m.all()) else r
+                                      for r, m in zip(rows, mask)], self.shape)
+            self._layers.update(dict.fromkeys(layers, (wrapper, by_head)))
+
+    def restricts(self, layer_id: int) -> bool:
+        return layer_id in self._layers
+
+    def run(self, layer_id: int, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], **run_kwargs: Any) -> torch.Tensor:
+        """``q`` ``[requests, qo heads, dim]`` (contiguous), ``kv_cache`` (K, V) ``[slots, KV heads, dim]``
+        -> ``[requests, qo heads, dim]``; ``run_kwargs`` as SGLang passes them (``sm_scale``, scales, cap)."""
+        wrapper, by_head = self._layers[layer_id]
+        if not by_head:
+            return wrapper.forward(q, kv_cache, **run_kwargs)
+        k, v = kv_cache
+        heads, group = k.shape[1], q.shape[1] // k.shape[1]
+        o = wrapper.forward(q.view(-1, group, q.shape[2]), (k.view(-1, 1, k.shape[2]), v.view(-1, 1, v.shape[2])),
+                            **run_kwargs)
+        return o.view(q.shape[0], heads * group, -1)
+
+    def _wrapper(self, n: int) -> Any:
+        while len(self._pool) <= n:
+            self._pool.append(self._new_wrapper())
+        return self._pool[n]
 
 
 class LseScorer:
