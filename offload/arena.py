@@ -48,6 +48,22 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.cpu().numpy()
 
 
+def _run(ids: np.ndarray) -> slice | np.ndarray:
+    """``ids`` as a slice where they are one ascending run (a request's slots mostly are): numpy indexes a slice
+    as a view, with no gather or scatter of the index entries."""
+    if ids.size and int(ids[-1]) - int(ids[0]) + 1 == ids.size and (ids.size == 1 or bool((np.diff(ids) == 1).all())):
+        return slice(int(ids[0]), int(ids[-1]) + 1)
+    return ids
+
+
+def _cells(slots: np.ndarray, units: np.ndarray) -> tuple:
+    """Index of the ``[slots, units]`` block of the arena's index."""
+    rows, cols = _run(slots), _run(units)
+    if isinstance(rows, slice) or isinstance(cols, slice):
+        return rows, cols  # numpy takes a slice with an array as their outer product
+    return np.ix_(rows, cols)
+
+
 def _tally(ids: np.ndarray) -> list[tuple[int, int]]:
     """(id, occurrences) pairs of the ids in ``ids``: a bincount over their span when it is small (the ids of one
     forget are a few recent chunks), else a sort."""
@@ -62,12 +78,12 @@ def _tally(ids: np.ndarray) -> list[tuple[int, int]]:
 
 @dataclass
 class _Chunk:
-    """The copies of one offload call: copy ``i`` (``slots[i]``'s KV in ``units[i]``) is row ``i % step`` of
-    ``pieces[i // step]``."""
+    """The copies of one offload call, unit-major: copy ``i`` (the KV of ``slots[i % len(slots)]`` in
+    ``units[i // len(slots)]``) is row ``i % step`` of ``pieces[i // step]``."""
 
     group: int
-    units: np.ndarray  # [n] int64: the unit of each copy
-    slots: np.ndarray  # [n] int64: the slot of each copy
+    units: np.ndarray  # [U] int64
+    slots: np.ndarray  # [n] int64 (an adopted copy's new slot; ``adopt``)
     pieces: list[torch.Tensor]  # [step, 2, heads, dim] on the host (the last may be shorter)
     blocks: list[torch.Tensor]  # the recycled blocks the pieces are views of (a short tail has its own allocation)
     step: int
@@ -131,7 +147,7 @@ class HostArena:
 
     def holds(self, units: list[int], slots: torch.Tensor) -> torch.Tensor:
         """``[units, n]``: which of ``slots`` have a copy in each of ``units`` (any prefix)."""
-        return torch.from_numpy(self._loc[np.ix_(_np(slots), units)].T >= 0)
+        return torch.from_numpy(self._loc[_cells(_np(slots), np.asarray(units))].T >= 0)
 
     def group_bytes(self, group: int) -> int:
         g = self._groups.get(group)
@@ -150,14 +166,15 @@ class HostArena:
 
     def forget(self, slots: torch.Tensor) -> None:
         """SGLang freed these slots: their copies go (a chunk's memory with its last slot)."""
-        at = _np(slots)
-        loc = self._loc[at]
+        rows = _run(_np(slots))
+        loc = self._loc[rows]
         held = loc >= 0
         if not held.any():
             return
-        self._loc[at] = -1
+        ids = loc[held] >> OFFSET_BITS
+        self._loc[rows] = -1
         dead = []
-        for cid, n in _tally(loc[held] >> OFFSET_BITS):
+        for cid, n in _tally(ids):
             chunk = self._chunks[cid]
             chunk.live -= n
             if chunk.live <= 0:
@@ -181,7 +198,9 @@ class HostArena:
         ids, offsets = loc >> OFFSET_BITS, loc & OFFSET_MASK
         for cid in np.unique(ids).tolist():
             mine = ids == cid
-            self._chunks[cid].slots[offsets[mine]] = dst[mine]
+            chunk = self._chunks[cid]
+            # a unit of the slot that stayed behind is cleared by the forget of ``own`` that follows
+            chunk.slots[offsets[mine] % chunk.slots.size] = dst[mine]
 
     def clear(self) -> None:
         """Everything goes (SGLang cleared its allocator: no slot is live)."""
@@ -206,8 +225,8 @@ class HostArena:
         A slot held in any of ``units`` is not copied again (in none of them: the caller groups units by what they
         hold, ``holds``). Units that would take the group's bytes past the whole budget are refused (nothing copied
         for them, nothing evicted for them, counted in ``refused``)."""
-        at, fingerprints = _np(slots), _np(fingerprints)
-        fresh = (self._loc[np.ix_(at, units)] < 0).all(axis=1)
+        at, fingerprints, unit_ids = _np(slots), _np(fingerprints), np.asarray(units, dtype=np.int64)
+        fresh = (self._loc[_cells(at, unit_ids)] < 0).all(axis=1)
         if not fresh.all():
             keep = torch.from_numpy(fresh).to(kv.device)
             at, fingerprints = at[fresh], fingerprints[fresh]
@@ -221,14 +240,15 @@ class HostArena:
             self.stats.refused_bytes += (len(units) - fit) * per_unit
             if fit == 0:
                 return 0
-            units, kv = units[:fit], kv[: fit * at.size]
-        n, nbytes = fit * at.size, fit * per_unit
+            unit_ids, kv = unit_ids[:fit], kv[: fit * at.size]
+        nbytes = fit * per_unit
         self._make_room(nbytes, keep=group)
         t0 = time.perf_counter()
-        copy_units, copy_slots = np.repeat(np.asarray(units, dtype=np.int64), at.size), np.tile(at, fit)
-        for lo in range(0, n, OFFSET_MASK + 1):
-            hi = min(n, lo + OFFSET_MASK + 1)
-            self._store(group, label, copy_units[lo:hi], copy_slots[lo:hi], kv[lo:hi])
+        span = max(1, (OFFSET_MASK + 1) // fit)  # slots per chunk: a chunk numbers its copies in OFFSET_BITS
+        for lo in range(0, at.size, span):
+            hi = min(at.size, lo + span)
+            part = kv if hi - lo == at.size else kv.view(fit, at.size, *kv.shape[1:])[:, lo:hi].flatten(0, 1)
+            self._store(group, label, unit_ids, at[lo:hi].copy(), part)
         self._fingerprint_of[at] = fingerprints
         self._groups.move_to_end(group)
         self.stats.held_bytes += nbytes
@@ -238,8 +258,9 @@ class HostArena:
         return fit
 
     def _store(self, group: int, label: str, units: np.ndarray, at: np.ndarray, kv: torch.Tensor) -> None:
-        """One chunk: ``kv`` copied into recycled blocks (a tail shorter than a block into its own allocation)."""
-        n, nbytes = at.size, kv.numel() * kv.element_size()
+        """One chunk: ``kv`` (unit-major, ``at`` in each of ``units``) copied into recycled blocks (a tail shorter
+        than a block into its own allocation)."""
+        n, nbytes = units.size * at.size, kv.numel() * kv.element_size()
         per_block = BLOCK_BYTES // (nbytes // n)  # tokens in a whole block (0: a token is larger)
         step = per_block or n
         pieces, blocks, copies = [], [], []
@@ -262,24 +283,25 @@ class HostArena:
         g.nbytes += nbytes
         if self._offsets.size < n:
             self._offsets = np.arange(max(n, 2 * self._offsets.size))
-        self._loc[at, units] = (cid << OFFSET_BITS) | self._offsets[:n]
+        self._loc[_cells(at, units)] = ((cid << OFFSET_BITS) | self._offsets[:n]).reshape(units.size, at.size).T
         self._copy(copies, kv)
 
-    def reload(self, unit: int, slots: torch.Tensor, fingerprints: torch.Tensor, out: torch.Tensor,
+    def reload(self, units: list[int], slots: torch.Tensor, fingerprints: torch.Tensor, out: torch.Tensor,
                reader: str = "") -> bool:
-        """Copy the host copies of ``slots`` in ``unit`` into ``out`` (``[n, 2, H, D]``).
+        """Copy the host copies of ``slots`` in each of ``units`` into ``out`` (``[units x n, 2, H, D]``,
+        unit-major, as ``offload`` takes them).
 
-        False, with ``out`` untouched, unless every slot has a copy whose prefix fingerprint equals the reader's
-        (``fingerprints``): the caller recomputes instead."""
+        False, with ``out`` untouched, unless every (unit, slot) has a copy whose prefix fingerprint equals the
+        reader's (``fingerprints``): the caller recomputes instead."""
         at = _np(slots)
-        loc = self._loc[at, unit]
+        loc = self._loc[_cells(at, np.asarray(units, dtype=np.int64))].T.reshape(-1)  # unit-major, a copy
         if (loc < 0).any():
             return False
         if not np.array_equal(self._fingerprint_of[at], _np(fingerprints)):
             self.stats.mismatches += 1
             return False
         t0 = time.perf_counter()
-        # runs: consecutive slots whose copies are consecutive in one chunk (an offload's order: one run per chunk)
+        # runs: consecutive copies in one chunk (an offload's order, unit-major: one run per chunk)
         breaks = np.flatnonzero(loc[1:] != loc[:-1] + 1)
         copies = []
         if breaks.size < MAX_RUNS:
@@ -356,8 +378,10 @@ class HostArena:
             if not group.chunks:
                 del self._groups[chunk.group]
         if indexed:
-            mine = (self._loc[chunk.slots, chunk.units] >> OFFSET_BITS) == cid  # not those re-offloaded since
-            self._loc[chunk.slots[mine], chunk.units[mine]] = -1
+            cells = _cells(chunk.slots, chunk.units)
+            block = self._loc[cells]
+            block[(block >> OFFSET_BITS) == cid] = -1  # not those re-offloaded since
+            self._loc[cells] = block
         self.stats.held_bytes -= chunk.nbytes
         return chunk
 

@@ -30,10 +30,13 @@ def _median_seconds(fn: Callable[[], None], repeats: int, sync: Callable[[], Non
 
 
 def bandwidth(tokens: int, window: int, units: int, kv_heads: int, head_dim: int, repeats: int,
-              device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[int, dict[str, float]]:
+              device: torch.device, dtype: torch.dtype = torch.float32,
+              per_layer: int = 1) -> tuple[int, dict[str, float]]:
     """Bytes per transfer and median seconds of: plain copy down, offload, plain copy up, reload. ``units`` lazy
     units of ``kv_heads`` KV heads each (a layer, or one KV head with a row per head) offload their middle tokens in
-    one call, as a decision does, and reload unit by unit, as a prefill does layer by layer."""
+    one call, as a decision does. They reload one unit per call (a layer with a single lazy unit) and, where a
+    layer has ``per_layer`` > 1 units, a layer's units per call (as a prefill restores a layer whose units are
+    all lazy)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     middle = tokens - window
     kv = torch.randn(units * middle, 2, kv_heads, head_dim, device=device).to(dtype)  # unit-major, as gathered
@@ -59,24 +62,31 @@ def bandwidth(tokens: int, window: int, units: int, kv_heads: int, head_dim: int
 
     arena.offload(arena.new_group(), "bench", every, resident, fingerprints, kv)  # the session reloaded below
 
-    def reload() -> None:
-        for unit in every:
-            assert arena.reload(unit, resident, fingerprints, back[unit * middle : (unit + 1) * middle], reader="bench")
+    def reload(per_call: int) -> None:
+        for lo in range(0, units, per_call):
+            hi = min(units, lo + per_call)
+            assert arena.reload(every[lo:hi], resident, fingerprints, back[lo * middle : hi * middle], reader="bench")
         arena.wait()
 
-    return nbytes, {
+    figures = {
         "plain device->host": _median_seconds(plain_down, repeats, sync),
         "offload": _median_seconds(offload, repeats, sync),
         "plain host->device": _median_seconds(plain_up, repeats, sync),
-        "reload": _median_seconds(reload, repeats, sync),
+        "reload": _median_seconds(lambda: reload(1), repeats, sync),
     }
+    if per_layer > 1:
+        figures["reload, layer per call"] = _median_seconds(lambda: reload(per_layer), repeats, sync)
+    return nbytes, figures
 
 
 def report(nbytes: int, figures: dict[str, float]) -> None:
     for name, secs in figures.items():
         print(f"  {name:<20} {secs * 1e3:8.2f} ms  {nbytes / secs / 2**30:6.2f} GiB/s")
     print(f"  offload / plain copy: {figures['plain device->host'] / figures['offload']:.2f}")
-    print(f"  reload / plain copy:  {figures['plain host->device'] / figures['reload']:.2f}")
+    print(f"  reload / plain copy:  {figures['plain host->device'] / figures['reload']:.2f} (a unit per call)")
+    if "reload, layer per call" in figures:
+        print(f"                        {figures['plain host->device'] / figures['reload, layer per call']:.2f} "
+              f"(a layer's units per call)")
 
 
 def main(argv: list[str]) -> int:
@@ -86,6 +96,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--units", type=int, default=30,
                    help="lazy units offloaded: layers, or KV heads with a row per head (default 30: 10 layers' heads)")
     p.add_argument("--kv-heads", type=int, default=1, help="KV heads per unit (default 1: a row per KV head)")
+    p.add_argument("--per-layer", type=int, default=3,
+                   help="units per layer, reloaded in one call as well (default 3: the bundled model's KV heads)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -93,7 +105,7 @@ def main(argv: list[str]) -> int:
 
     device = torch.device(args.device)
     nbytes, figures = bandwidth(args.tokens, args.window, args.units, args.kv_heads, args.head_dim, args.repeats,
-                                device)
+                                device, per_layer=args.per_layer)
     print(f"{args.units} units x {args.tokens - args.window} tokens x {args.kv_heads} kv heads x {args.head_dim} "
           f"dims, float32: {nbytes / 2**20:.1f} MiB per transfer, device {device}")
     report(nbytes, figures)

@@ -126,7 +126,8 @@ def main(argv: list[str]) -> int:
         print(f"  {way:<8} {moved / 2**20:8.1f} MiB in {secs:6.3f} s  {moved / max(secs, 1e-9) / 2**30:6.2f} GiB/s")
     units_lazy = max(1, round(statistics.mean(lazy) / heads_per_row))  # offloads are per row's unit
     nbytes, figures = bandwidth(args.tokens, config.sink + config.recent, units_lazy, heads_per_row, dim, repeats=21,
-                                device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                                device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                                per_layer=heads // heads_per_row)
     print(f"host tier vs a plain copy of one session's offload ({units_lazy} lazy units of {heads_per_row} KV "
           f"head(s), {nbytes / 2**20:.1f} MiB):")
     report(nbytes, figures)

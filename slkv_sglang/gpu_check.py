@@ -435,7 +435,7 @@ def _roundtrip_exact(device: torch.device, dtype: torch.dtype, kv_heads: int, di
     arena.offload(arena.new_group(), "a", [0], slots[4:4800], fps[4:4800], kv[4:4800])  # only [3000, 4800) copied
     arena.forget(slots[4000:4800])  # while those copies may still be in flight
     back = torch.empty_like(kv[4:4000])
-    ok = arena.reload(0, slots[4:4000], fps[4:4000], back, reader="a")
+    ok = arena.reload([0], slots[4:4000], fps[4:4000], back, reader="a")
     arena.wait()
     return ok and torch.equal(back, kv[4:4000]) and not bool(arena.hosted(slots[4000:4800]).any())
 

@@ -48,10 +48,10 @@ def test_offload_then_reload_is_bit_exact(model_kv):
         assert arena.offload(group, "a", [layer], slots[SINK : seq - RECENT], fps[SINK : seq - RECENT], kv[SINK : seq - RECENT])
     for layer, kv in enumerate(model_kv):
         out = torch.empty_like(kv[SINK : seq - RECENT])
-        assert arena.reload(layer, slots[SINK : seq - RECENT], fps[SINK : seq - RECENT], out, reader="b")
+        assert arena.reload([layer], slots[SINK : seq - RECENT], fps[SINK : seq - RECENT], out, reader="b")
         assert torch.equal(out, kv[SINK : seq - RECENT])
     part = torch.empty_like(model_kv[7][100:300])  # any subset, in any order
-    assert arena.reload(7, slots[100:300].flip(0), fps[100:300].flip(0), part) and torch.equal(part, model_kv[7][100:300].flip(0))
+    assert arena.reload([7], slots[100:300].flip(0), fps[100:300].flip(0), part) and torch.equal(part, model_kv[7][100:300].flip(0))
     assert arena.stats.held_bytes == sum(_bytes(kv[SINK : seq - RECENT]) for kv in model_kv)
     assert arena.stats.shared_tokens > 0  # read by another label than the one that offloaded
 
@@ -67,9 +67,9 @@ def test_a_copy_is_never_restored_into_another_prefix(model_kv):
     other = ids[:]
     other[10] = 999  # a branch that differs at position 10: every position from 10 on has another prefix
     out = torch.zeros_like(kv)
-    assert not arena.reload(0, slots, prefix_fingerprints(other), out, reader="session-1")
+    assert not arena.reload([0], slots, prefix_fingerprints(other), out, reader="session-1")
     assert arena.stats.mismatches == 1 and not out.any()
-    assert arena.reload(0, slots[:10], prefix_fingerprints(other)[:10], out[:10])  # the shared part is shared
+    assert arena.reload([0], slots[:10], prefix_fingerprints(other)[:10], out[:10])  # the shared part is shared
     held = arena.hosted(slots, prefix_fingerprints(other))
     assert held[0, :10].all() and not held[0, 10:].any()
 
@@ -98,7 +98,7 @@ def test_lru_eviction_drops_whole_groups():
         groups[name] = arena.new_group()
         assert arena.offload(groups[name], name, [0], torch.arange(1, 101) + 100 * i, fps, seg)
     out = torch.empty_like(seg)
-    assert arena.reload(0, torch.arange(1, 101), fps, out)  # a reload makes a the most recently used
+    assert arena.reload([0], torch.arange(1, 101), fps, out)  # a reload makes a the most recently used
     assert arena.offload(arena.new_group(), "d", [0], torch.arange(301, 401), fps, seg)  # evicts b
     held = arena.hosted(torch.arange(1, 401)).view(4, 100).all(dim=1).tolist()
     assert held == [True, False, True, True] and arena.stats.evictions == 1
@@ -144,7 +144,7 @@ def test_host_blocks_are_recycled_within_the_budget(model_kv):
     arena.offload(arena.new_group(), "b", [0], slots, fps, kv)
     assert {b.data_ptr() for c in arena._chunks.values() for b in c.blocks} == blocks
     out = torch.empty_like(kv)
-    assert arena.reload(0, slots, fps, out) and torch.equal(out, kv)
+    assert arena.reload([0], slots, fps, out) and torch.equal(out, kv)
     arena.forget(slots)
     arena.set_budget(_bytes(kv) // 2)  # free blocks shrink with the budget
     assert len(arena._spare) * BLOCK_BYTES + arena.stats.held_bytes <= arena.budget_bytes
@@ -367,8 +367,16 @@ def test_one_offload_call_holds_several_units_within_the_budget(model_kv):
     assert len(arena._chunks) == 1
     for unit in range(3):
         out = torch.empty_like(model_kv[unit][SINK : SINK + n])
-        assert arena.reload(unit, slots, fps, out) and torch.equal(out, model_kv[unit][SINK : SINK + n])
+        assert arena.reload([unit], slots, fps, out) and torch.equal(out, model_kv[unit][SINK : SINK + n])
     assert arena.hosted(slots).sum(dim=1).tolist() == [n, n, n, 0, 0]
+    # several units in one reload, unit-major as offloaded: in order (one run over the chunk) and reversed (scattered)
+    want = {u: model_kv[u][SINK : SINK + n] for u in range(3)}
+    out = torch.empty((3 * n, *kv.shape[1:]))
+    assert arena.reload([0, 1, 2], slots, fps, out) and torch.equal(out, torch.cat([want[u] for u in (0, 1, 2)]))
+    out = torch.empty((2 * n, *kv.shape[1:]))
+    assert arena.reload([2, 0], slots.flip(0), fps.flip(0), out)
+    assert torch.equal(out, torch.cat([want[u].flip(0) for u in (2, 0)]))
+    assert not arena.reload([0, 3], slots, fps, out)  # unit 3 was refused: all or nothing
     arena.forget(slots[: n // 2])
     assert arena.stats.held_bytes == 3 * unit_bytes  # the chunk still holds the other half
     arena.forget(slots[n // 2 :])

@@ -40,22 +40,30 @@ class KvExecutor:
             if not prefix or self.failed(pos):
                 continue
             slots = req_to_token[r.req_row, :prefix].to(torch.int64)
-            for unit in rows.units(layer):
-                missing = rows.missing(unit, slots)
-                if not bool(missing.any()):
+            missing = rows.rows_of(layer, slots) < 0  # [units of the layer, n]
+            if not bool(missing.any()):
+                continue
+            units = rows.units(layer)
+            # one reload per set of units missing the same slots (usually all of the layer's lazy units)
+            patterns, which = torch.unique(missing, dim=0, return_inverse=True)
+            for p, mask in enumerate(patterns):
+                if not bool(mask.any()):
                     continue
-                need = slots[missing]
-                taken = rows.take(need.numel())
-                out = torch.empty((need.numel(), *rows.kv.shape[1:]), dtype=rows.kv.dtype, device=rows.kv.device)
-                fps = None if r.fingerprints is None else r.fingerprints[:prefix][missing.cpu()]
-                if taken is None or fps is None or not host.reload(unit, need, fps, out, reader=r.label):
+                members = [units[i] for i in (which == p).nonzero().flatten().tolist()]
+                need = slots[mask]
+                taken = rows.take(len(members) * need.numel())
+                out = torch.empty((len(members) * need.numel(), *rows.kv.shape[1:]), dtype=rows.kv.dtype,
+                                  device=rows.kv.device)
+                fps = None if r.fingerprints is None else r.fingerprints[:prefix][mask.cpu()]
+                if taken is None or fps is None or not host.reload(members, need, fps, out, reader=r.label):
                     if taken is not None:
                         rows.give(taken)
                     self._fail(pos, r, f"layer {layer}: {need.numel()} prefix rows could not be restored")
                     break
                 host.join()  # the copy into ``rows.kv`` is queued after the reload
                 rows.kv[taken] = out
-                rows.place(unit, need, taken)
+                for unit, mine in zip(members, taken.view(len(members), -1)):
+                    rows.place(unit, need, mine)
                 self.tier.ledger.taken(r.req_row, taken.numel())
                 self.tier.stats.restored_rows += taken.numel()
 
