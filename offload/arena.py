@@ -166,7 +166,10 @@ class HostArena:
 
     def forget(self, slots: torch.Tensor) -> None:
         """SGLang freed these slots: their copies go (a chunk's memory with its last slot)."""
-        rows = _run(_np(slots))
+        self._forget(_np(slots))
+
+    def _forget(self, at: np.ndarray) -> None:
+        rows = _run(at)
         loc = self._loc[rows]
         held = loc >= 0
         if not held.any():
@@ -184,11 +187,15 @@ class HostArena:
 
     def adopt(self, own: torch.Tensor, tree: torch.Tensor) -> None:
         """``tree[i]`` holds the same token (same prefix) as ``own[i]``, which SGLang is about to free: in every unit
-        where it has no copy and ``own[i]`` has one, that copy becomes ``tree[i]``'s."""
+        where it has no copy and ``own[i]`` has one, that copy becomes ``tree[i]``'s. The copies ``own`` keeps are
+        ones ``tree`` has too; they go now (a chunk names one slot per position for all its units)."""
         own, tree = _np(own), _np(tree)
         move = (self._loc[tree] < 0) & (self._loc[own] >= 0)
-        if not move.any():
-            return
+        if move.any():
+            self._move(own, tree, move)
+        self._forget(own)
+
+    def _move(self, own: np.ndarray, tree: np.ndarray, move: np.ndarray) -> None:
         at, units = move.nonzero()
         src, dst = own[at], tree[at]
         loc = self._loc[src, units]
@@ -199,7 +206,6 @@ class HostArena:
         for cid in np.unique(ids).tolist():
             mine = ids == cid
             chunk = self._chunks[cid]
-            # a unit of the slot that stayed behind is cleared by the forget of ``own`` that follows
             chunk.slots[offsets[mine] % chunk.slots.size] = dst[mine]
 
     def clear(self) -> None:
@@ -301,8 +307,9 @@ class HostArena:
             self.stats.mismatches += 1
             return False
         t0 = time.perf_counter()
-        # runs: consecutive copies in one chunk (an offload's order, unit-major: one run per chunk)
-        breaks = np.flatnonzero(loc[1:] != loc[:-1] + 1)
+        # runs: consecutive copies in one chunk (an offload's order, unit-major: one run per chunk); a copy at
+        # offset 0 starts a chunk, even one whose id follows a full chunk's last copy
+        breaks = np.flatnonzero((loc[1:] != loc[:-1] + 1) | ((loc[1:] & OFFSET_MASK) == 0))
         copies = []
         if breaks.size < MAX_RUNS:
             starts = [0] + (breaks + 1).tolist()

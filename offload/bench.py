@@ -18,7 +18,9 @@ import torch
 from .arena import HostArena
 
 
-def _median_seconds(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
+def _median_seconds(fn: Callable[[], None], repeats: int, sync: Callable[[], None],
+                    after: Callable[[], None] = lambda: None) -> float:
+    """Median seconds of ``fn``; ``after`` runs untimed after each call."""
     times = []
     for _ in range(repeats):
         sync()
@@ -26,13 +28,15 @@ def _median_seconds(fn: Callable[[], None], repeats: int, sync: Callable[[], Non
         fn()
         sync()
         times.append(time.perf_counter() - t0)
+        after()
     return statistics.median(times)
 
 
 def bandwidth(tokens: int, window: int, units: int, kv_heads: int, head_dim: int, repeats: int,
               device: torch.device, dtype: torch.dtype = torch.float32,
               per_layer: int = 1) -> tuple[int, dict[str, float]]:
-    """Bytes per transfer and median seconds of: plain copy down, offload, plain copy up, reload. ``units`` lazy
+    """Bytes per transfer and median seconds of: plain copy down, offload (its slots forgotten after, untimed),
+    offload with that ``forget`` (which SGLang's free of the slots causes later), plain copy up, reload. ``units`` lazy
     units of ``kv_heads`` KV heads each (a layer, or one KV head with a row per head) offload their middle tokens in
     one call, as a decision does. They reload one unit per call (a layer with a single lazy unit) and, where a
     layer has ``per_layer`` > 1 units, a layer's units per call (as a prefill restores a layer whose units are
@@ -58,6 +62,9 @@ def bandwidth(tokens: int, window: int, units: int, kv_heads: int, head_dim: int
     def offload() -> None:
         arena.offload(arena.new_group(), "bench", every, passing, fingerprints, kv)
         arena.wait()
+
+    def offload_and_forget() -> None:  # SGLang frees the slots later (the request ends, or eviction)
+        offload()
         arena.forget(passing)
 
     arena.offload(arena.new_group(), "bench", every, resident, fingerprints, kv)  # the session reloaded below
@@ -70,7 +77,8 @@ def bandwidth(tokens: int, window: int, units: int, kv_heads: int, head_dim: int
 
     figures = {
         "plain device->host": _median_seconds(plain_down, repeats, sync),
-        "offload": _median_seconds(offload, repeats, sync),
+        "offload": _median_seconds(offload, repeats, sync, after=lambda: arena.forget(passing)),
+        "offload + forget": _median_seconds(offload_and_forget, repeats, sync),
         "plain host->device": _median_seconds(plain_up, repeats, sync),
         "reload": _median_seconds(lambda: reload(1), repeats, sync),
     }
@@ -82,7 +90,8 @@ def bandwidth(tokens: int, window: int, units: int, kv_heads: int, head_dim: int
 def report(nbytes: int, figures: dict[str, float]) -> None:
     for name, secs in figures.items():
         print(f"  {name:<20} {secs * 1e3:8.2f} ms  {nbytes / secs / 2**30:6.2f} GiB/s")
-    print(f"  offload / plain copy: {figures['plain device->host'] / figures['offload']:.2f}")
+    print(f"  offload / plain copy: {figures['plain device->host'] / figures['offload']:.2f} "
+          f"({figures['plain device->host'] / figures['offload + forget']:.2f} with the forget of its slots)")
     print(f"  reload / plain copy:  {figures['plain host->device'] / figures['reload']:.2f} (a unit per call)")
     if "reload, layer per call" in figures:
         print(f"                        {figures['plain host->device'] / figures['reload, layer per call']:.2f} "

@@ -149,7 +149,7 @@ class LazyTracker:
         """Host-side metadata for one forward; None when SimLayerKV has nothing to do in it."""
         mode = fb.forward_mode
         params, self._staged = self._staged, None
-        if params is None or not (mode.is_extend() or mode.is_decode()) or mode.is_mixed():
+        if params is None or not (mode.is_extend() or mode.is_decode()):  # (mixed batches: refused at start-up)
             self.plan_ = None
             return None
         # host copies where SGLang keeps them, so that planning does not wait for the device

@@ -381,3 +381,40 @@ def test_one_offload_call_holds_several_units_within_the_budget(model_kv):
     assert arena.stats.held_bytes == 3 * unit_bytes  # the chunk still holds the other half
     arena.forget(slots[n // 2 :])
     assert arena.stats.held_bytes == 0 and not arena._chunks
+
+
+def test_an_offload_past_a_chunks_numbering_splits_and_reloads_whole(monkeypatch):
+    """A chunk numbers its copies in OFFSET_BITS (shrunk here to 3: 8 copies): a longer offload becomes several
+    chunks, and a reload never runs from one chunk's last copy into the next chunk's first."""
+    import offload.arena as arena_module
+
+    monkeypatch.setattr(arena_module, "OFFSET_BITS", 3)
+    monkeypatch.setattr(arena_module, "OFFSET_MASK", 7)
+    slots, fps = torch.arange(10, 22), torch.arange(12)
+    for units in ([0], [0, 1]):  # 8 slots then 4 in one unit; 4 slots per chunk in two
+        arena = HostArena(1 << 30, num_units=2, num_slots=100)
+        kv = torch.randn(len(units) * 12, 2, 1, 4)
+        assert arena.offload(arena.new_group(), "a", units, slots, fps, kv) == len(units)
+        assert len(arena._chunks) == (2 if len(units) == 1 else 3)
+        out = torch.empty_like(kv)
+        assert arena.reload(units, slots, fps, out) and torch.equal(out, kv)
+
+
+def test_adopted_copies_survive_their_chunk_being_evicted():
+    """``own``'s copies move to ``tree`` where it lacks them; those it keeps (``tree`` has its own) go at once, so an
+    eviction of the chunk before SGLang frees ``own`` leaves no index entry pointing at it."""
+    arena = HostArena(1 << 30, num_units=2, num_slots=100)
+    fps = torch.arange(3)
+    kv_own, kv_tree = torch.randn(6, 2, 1, 4), torch.randn(3, 2, 1, 4)
+    own, tree = torch.tensor([10, 11, 12]), torch.tensor([50, 51, 52])
+    arena.offload(arena.new_group(), "own", [0, 1], own, fps, kv_own)
+    arena.offload(arena.new_group(), "tree", [1], tree, fps, kv_tree)  # tree holds unit 1 already
+    arena.adopt(own, tree)
+    assert not bool(arena.hosted(own).any())
+    out = torch.empty(6, 2, 1, 4)
+    assert arena.reload([0, 1], tree, fps, out)
+    assert torch.equal(out[:3], kv_own[:3]) and torch.equal(out[3:], kv_tree)  # unit 0 adopted, unit 1 tree's own
+    arena.set_budget(0)  # every group evicted, the adopted copies' chunk with them
+    arena.forget(own)
+    arena.forget(tree)
+    assert arena.stats.held_bytes == 0 and not arena._chunks and int((arena.loc >= 0).sum()) == 0

@@ -5,9 +5,9 @@ pattern* (which KV heads of which requests read only sink + recent in a layer): 
 recent slots where a request is lazy and its whole row elsewhere; with head granularity a partly lazy request
 is planned per (request, KV head) pair (``flashinfer_ops.WindowedDecode``). Laziness is mostly a property of
 the layer (docs/design.md), so a batch needs few patterns. ``plan()`` runs once per batch in
-``init_forward_metadata``; each layer only picks its wrapper and runs it. Scoring uses FlashInfer's prefill with ``return_lse``
-(``flashinfer_ops.LseScorer``), planned once per forward. The calls themselves live in ``flashinfer_ops``,
-which the device check (``slkv gpu-check``) runs against torch references without SGLang.
+``init_forward_metadata``; each layer only picks its wrapper and runs it. Scoring uses FlashInfer's prefill
+with ``return_lse`` (``flashinfer_ops.LseScorer``), planned once per forward. The calls themselves live in
+``flashinfer_ops``, which the device check (``slkv gpu-check``) runs against torch references without SGLang.
 
 CUDA graphs are off (``startup.py``): the decode windows are planned per step.
 """

@@ -65,25 +65,40 @@ def _plan_pages(wrapper: Any, indptr: torch.Tensor, pages: torch.Tensor, shape: 
     )
 
 
-def head_pages(rows: Sequence[torch.Tensor], lazy: torch.Tensor, sink: int, recent: int) -> tuple[torch.Tensor, torch.Tensor]:
+def head_pages(rows: Sequence[torch.Tensor], lazy: torch.Tensor, sink: int,
+               recent: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The pages of every (request, KV head) pair, request-major, in a cache viewed with one KV head per page
     (page = slot x KV heads + head): a pair reads its request's sink + recent slots where ``lazy``
     ``[requests, KV heads]`` is set, all of ``rows[i]`` (the request's slot ids by position) elsewhere.
-    Returns (indptr ``[pairs + 1]`` int32 on the host, pages int32 on the rows' device); the lengths are host
-    facts, so building them never waits for the device: a few vector ops whatever the batch."""
+    Returns (indptr ``[pairs + 1]`` int32 on the host, pages int32 on the rows' device). The per-pair facts are
+    host facts (lengths, flags) and go to the device in one asynchronous copy, so building the pages never waits
+    for the device: a few vector ops whatever the batch."""
     heads = lazy.shape[1]
     n = torch.tensor([len(r) for r in rows])
     kept = n.clamp(max=sink + recent)  # a window covering the whole sequence is the whole sequence
     lens = torch.where(lazy, kept[:, None], n[:, None]).flatten()
     indptr = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    pairs = torch.arange(len(lens))
+    per_pair = torch.stack([
+        lens,
+        indptr[:-1],  # the pair's first entry
+        (n.cumsum(0) - n)[pairs // heads],  # its request's first position in the concatenated rows
+        torch.where(lazy.flatten(), (n - kept)[pairs // heads], 0),  # positions a lazy pair skips after the sink
+        pairs % heads,
+    ])
     device = rows[0].device
-    pair = torch.repeat_interleave(torch.arange(len(lens), device=device), lens.to(device), output_size=int(indptr[-1]))
-    j = torch.arange(len(pair), device=device) - indptr.to(device)[pair]  # position in the pair's read
-    req = pair // heads
-    skip = (n - kept).to(device)[req] * (lazy.flatten().to(device)[pair] & (j >= sink))  # over the middle
-    start = (n.cumsum(0) - n).to(device)
-    slots = torch.cat(list(rows)).long()[start[req] + j + skip]
-    return indptr.to(torch.int32), (slots * heads + pair % heads).to(torch.int32)
+    if device.type == "cuda":
+        per_pair = per_pair.pin_memory()
+    lens_d, first, base, skip, head = per_pair.to(device, non_blocking=True)
+    pair = torch.repeat_interleave(torch.arange(len(lens), device=device), lens_d, output_size=int(indptr[-1]))
+    j = torch.arange(len(pair), device=device) - first[pair]  # position in the pair's read
+    slots = torch.cat(list(rows)).long()[base[pair] + j + skip[pair] * (j >= sink)]
+    return indptr.to(torch.int32), (slots * heads + head[pair]).to(torch.int32)
+
+
+# Wrappers one decode step may plan: each holds its own plan buffers (FlashInfer 0.7.2 allocates 8 MiB on the
+# device and 8 MiB pinned per wrapper, outside SGLang's memory budget).
+MAX_PATTERNS = 16
 
 
 class WindowedDecode:
@@ -94,17 +109,24 @@ class WindowedDecode:
     a request reads its sink + recent slots or all of them. In a pattern where some request is lazy in part of
     them, every (request, KV head) pair is planned as its own request (``head_pages``) and the layer's call
     sees the query as ``[requests x KV heads, group, dim]`` and the cache as one KV head per page: both are
-    views. Layers without a lazy head are not planned here (the caller runs its usual decode)."""
+    views. Layers without a lazy head are not planned here (the caller runs its usual decode).
 
-    def __init__(self, new_wrapper: Callable[[], Any], shape: AttnShape, sink: int, recent: int):
+    At most ``max_patterns`` wrappers per step, for the patterns most layers share. A layer whose pattern is left
+    out runs the largest planned pattern that restricts only heads it has lazy, or none (it reads everything):
+    it may read more than its decision allows, never less. ``coarsened`` counts those layers in the last plan."""
+
+    def __init__(self, new_wrapper: Callable[[], Any], shape: AttnShape, sink: int, recent: int,
+                 max_patterns: int = MAX_PATTERNS):
         self._new_wrapper, self.shape, self.sink, self.recent = new_wrapper, shape, sink, recent
+        self.max_patterns = max_patterns
         self._pool: list[Any] = []  # one wrapper per pattern, kept across steps
         self._layers: dict[int, tuple[Any, bool]] = {}  # layer -> (its pattern's wrapper, planned per KV head)
+        self.coarsened = 0
 
     def plan(self, rows: Sequence[torch.Tensor], lazy: dict[int, torch.Tensor]) -> None:
         """``rows``: each batch request's slot ids by position, in batch order; ``lazy``: batch position ->
         ``[layers, KV heads]`` (host) for the requests that read sink + recent in some head."""
-        self._layers = {}
+        self._layers, self.coarsened = {}, 0
         if not lazy:
             return
         positions = sorted(lazy)
@@ -112,7 +134,15 @@ class WindowedDecode:
         patterns: dict[bytes, list[int]] = {}
         for layer in stacked.any(dim=2).any(dim=0).nonzero().flatten().tolist():
             patterns.setdefault(stacked[:, layer].numpy().tobytes(), []).append(layer)
-        for n, layers in enumerate(patterns.values()):
+        ranked = sorted(patterns.values(), key=len, reverse=True)  # stable: ties in layer order
+        planned = ranked[: self.max_patterns]
+        for layers in ranked[self.max_patterns :]:
+            own = stacked[:, layers[0]]
+            fits = [p for p in planned if not bool((stacked[:, p[0]] & ~own).any())]
+            if fits:
+                max(fits, key=lambda p: int(stacked[:, p[0]].sum())).extend(layers)
+            self.coarsened += len(layers)
+        for n, layers in enumerate(planned):
             mask = torch.zeros(len(rows), stacked.shape[2], dtype=torch.bool)
             mask[positions] = stacked[:, layers[0]]
             by_head = bool((mask.any(dim=1) != mask.all(dim=1)).any())
@@ -129,7 +159,8 @@ class WindowedDecode:
     def restricts(self, layer_id: int) -> bool:
         return layer_id in self._layers
 
-    def run(self, layer_id: int, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], **run_kwargs: Any) -> torch.Tensor:
+    def run(self, layer_id: int, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+            **run_kwargs: Any) -> torch.Tensor:
         """``q`` ``[requests, qo heads, dim]`` (contiguous), ``kv_cache`` (K, V) ``[slots, KV heads, dim]``
         -> ``[requests, qo heads, dim]``; ``run_kwargs`` as SGLang passes them (``sm_scale``, scales, cap)."""
         wrapper, by_head = self._layers[layer_id]
@@ -137,6 +168,8 @@ class WindowedDecode:
             return wrapper.forward(q, kv_cache, **run_kwargs)
         k, v = kv_cache
         heads, group = k.shape[1], q.shape[1] // k.shape[1]
+        assert k.dim() == 3 and k.is_contiguous() and v.is_contiguous() and heads == self.shape.num_kv_heads, \
+            "per-head decode views an NHD cache [slots, KV heads, dim] as one head per page"
         o = wrapper.forward(q.view(-1, group, q.shape[2]), (k.view(-1, 1, k.shape[2]), v.view(-1, 1, v.shape[2])),
                             **run_kwargs)
         return o.view(q.shape[0], heads * group, -1)

@@ -50,6 +50,7 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         self.config, self.outbox = config, outbox
         # single lazy KV heads: on one rank (under tensor parallel a rank's heads are a block of the model's)
         self.tracker = make_tracker(model_runner, config, head_decode=get_parallel().tp_size == 1)
+        self._full = frozenset(self.tracker.full_layers)  # the layers scored (sliding windows are left to SGLang)
         self.executor: KvExecutor | None = None
         if config.offload:
             tier = _take_over_kv_pool(self.token_to_kv_pool, config)
@@ -74,7 +75,8 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
             self.executor.write(layer.layer_id, forward_batch.out_cache_loc, k, v)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[override]
-        if layer.is_cross_attention or layer.attn_type == AttentionType.ENCODER_ONLY or _sliding(layer):
+        if (layer.is_cross_attention or layer.attn_type == AttentionType.ENCODER_ONLY
+                or layer.layer_id not in self._full):
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)  # never scored nor offloaded
         ex, lid = self.executor, layer.layer_id
         req_to_token = self.req_to_token_pool.req_to_token
@@ -196,11 +198,6 @@ def _decode_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer
         q.unsqueeze(0), keys.movedim(0, 1).unsqueeze(0), values.movedim(0, 1).unsqueeze(0),
         enable_gqa=q.shape[0] != keys.shape[1], scale=layer.scaling, is_causal=False)
     return out.squeeze(0).movedim(1, 0)
-
-
-def _sliding(layer: Any) -> bool:
-    size = getattr(layer, "sliding_window_size", None)
-    return size is not None and size > -1
 
 
 def _attend_new_tokens(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: int, layer: Any,

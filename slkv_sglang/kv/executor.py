@@ -122,15 +122,13 @@ class KvExecutor:
         """Keys and values ``[n, heads, dim]`` of ``slots`` in ``layer`` (in ``heads`` only, a mask over its KV
         heads) for batch position ``pos``, or None when some are on neither tier (a bug of ours): the request is
         then finished with an error (strict mode raises) and the caller computes nothing for it."""
-        rows = self.tier.rows
         try:
-            at = rows.lookup(layer, slots, heads)
+            return self.tier.rows.read(layer, slots, heads)
         except LostKv as exc:
             if pos >= len(self.step.requests):
                 raise
             self._fail(pos, self.step.requests[pos], str(exc))
             return None
-        return rows.gather(at, 0, heads), rows.gather(at, 1, heads)
 
     # ---- after a decision ---------------------------------------------------------------------------
     def offload(self, req_row: int, rid: str, lazy: torch.Tensor, seq_len: int, req_to_token: torch.Tensor,

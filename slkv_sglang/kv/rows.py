@@ -96,27 +96,37 @@ class DeviceRows:
         """Slots whose ``held_by_slot`` differs from ``row_of`` (0 unless the count drifted; a full scan, for tests)."""
         return int((self.held_by_slot != (self.row_of >= 0).sum(dim=0)).sum())
 
-    def lookup(self, layer: int, slots: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
-        """``[units, n]``: the rows of ``slots`` in the units of ``layer`` that hold any of ``heads`` (a mask over
-        the layer's KV heads; None: all of them)."""
+    def lookup(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """``[units, n]``: the rows of ``slots`` in the units of ``layer``; ``LostKv`` if some unit has none."""
+        return self._held(layer, slots, self.rows_of(layer, slots))
+
+    def read(self, layer: int, slots: torch.Tensor,
+             heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[n, heads, dim]`` of ``slots`` in ``layer``, contiguous: its KV heads in ``heads`` (a
+        mask over them; None: all), read from the units that hold them only."""
         rows = self.rows_of(layer, slots)
-        if heads is not None and self.groups > 1:
-            rows = rows[heads.view(self.groups, -1).any(dim=1).to(rows.device)]
+        within = None
+        if heads is not None:
+            per_unit = heads.view(self.groups, -1)
+            used = per_unit.any(dim=1)
+            if not bool(used.all()):
+                rows = rows[used.to(rows.device)]
+            within = per_unit[used].flatten()  # the wanted heads among the units read
+            within = None if bool(within.all()) else within.to(self.kv.device)
+        rows = self._held(layer, slots, rows)
+        k, v = self.gather(rows, 0), self.gather(rows, 1)
+        return (k, v) if within is None else (k[:, within], v[:, within])  # a mask index copies: contiguous
+
+    def _held(self, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if bool((rows < 0).any()):
             bad = slots[(rows < 0).any(dim=0)][:4].tolist()
             raise LostKv(f"slkv: layer {layer} reads slots {bad}... whose KV is not on the device")
         return rows
 
-    def gather(self, rows: torch.Tensor, part: int, heads: torch.Tensor | None = None) -> torch.Tensor:
-        """Keys (``part`` 0) or values (1) ``[n, heads, dim]`` at ``rows`` (from ``lookup`` with the same
-        ``heads``), contiguous."""
+    def gather(self, rows: torch.Tensor, part: int) -> torch.Tensor:
+        """Keys (``part`` 0) or values (1) ``[n, heads, dim]`` at ``rows`` (``[units, n]``, from ``lookup``)."""
         store = self.kv[:, part]
-        out = store.index_select(0, rows[0]) if rows.shape[0] == 1 else store[rows].movedim(0, 1).flatten(1, 2)
-        if heads is None:
-            return out
-        within = heads.view(self.groups, -1)
-        within = within[within.any(dim=1)].flatten()  # the wanted heads among the units read
-        return out if bool(within.all()) else out[:, within.to(out.device)]  # a mask index copies: contiguous
+        return store.index_select(0, rows[0]) if rows.shape[0] == 1 else store[rows].movedim(0, 1).flatten(1, 2)
 
     def fill(self, layer: int, slots: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
         """``rows`` (``[groups, n]``) become the rows of ``slots`` in ``layer``'s units, ``new`` (a mask of them)
