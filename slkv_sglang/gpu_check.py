@@ -78,10 +78,11 @@ def _workspace(device: torch.device) -> torch.Tensor:
     return torch.empty(256 << 20, dtype=torch.uint8, device=device)
 
 
-def _decode_wrapper(device: torch.device, tensor_cores: bool) -> Any:
+def _decode_wrapper(device: torch.device, tensor_cores: bool, workspace: torch.Tensor | None = None) -> Any:
     from flashinfer import BatchDecodeWithPagedKVCacheWrapper
 
-    return BatchDecodeWithPagedKVCacheWrapper(_workspace(device), "NHD", use_tensor_cores=tensor_cores,
+    return BatchDecodeWithPagedKVCacheWrapper(_workspace(device) if workspace is None else workspace, "NHD",
+                                              use_tensor_cores=tensor_cores,
                                               backend=PREFILL_BACKEND if tensor_cores else "auto")
 
 
@@ -173,8 +174,9 @@ def check_decode_heads(name: str, device: torch.device, kv_dtype: torch.dtype = 
     expected = {None: lazy, 2: lazy.clone()}
     expected[2][:, 4] = lazy[:, 1]
     for tensor_cores, cap in runs:
-        decode = WindowedDecode(_TorchPagedDecode if emulate else lambda: _decode_wrapper(device, bool(tensor_cores)),
-                                shape, SINK, RECENT, **({"max_patterns": cap} if cap else {}))
+        shared = None if emulate else _workspace(device)  # the backend's wrappers share SGLang's workspace
+        new_wrapper = _TorchPagedDecode if emulate else lambda: _decode_wrapper(device, bool(tensor_cores), shared)
+        decode = WindowedDecode(new_wrapper, shape, SINK, RECENT, **({"max_patterns": cap} if cap else {}))
         decode.plan(rows, {pos: lazy[pos] for pos in range(len(seq_lens)) if bool(lazy[pos].any())})
         label = "torch emulation" if emulate else "tensor cores" if tensor_cores else "cuda cores"
         label += f", {cap} wrappers" if cap else ""
