@@ -44,7 +44,9 @@ class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
         self.tracker = make_tracker(model_runner, config, head_decode=get_parallel().tp_size == 1)
         upd = self.indices_updater_decode
         self._shape = AttnShape(upd.num_qo_heads, upd.num_kv_heads, upd.head_dim, upd.q_data_type, upd.data_type)
-        self._windowed = WindowedDecode(self._new_decode_wrapper, self._shape, config.sink, config.recent)
+        # deterministic inference pins the KV split, as SGLang plans its own decode
+        self._windowed = WindowedDecode(self._new_decode_wrapper, self._shape, config.sink, config.recent,
+                                        fixed_split_size=self.decode_split_tile_size)
         self._scorer = LseScorer(
             BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=PREFILL_BACKEND),
             self._shape, config.sink, config.recent,

@@ -116,9 +116,10 @@ class WindowedDecode:
     it may read more than its decision allows, never less. ``coarsened`` counts those layers in the last plan."""
 
     def __init__(self, new_wrapper: Callable[[], Any], shape: AttnShape, sink: int, recent: int,
-                 max_patterns: int = MAX_PATTERNS):
+                 max_patterns: int = MAX_PATTERNS, **plan_kwargs: Any):
+        """``plan_kwargs``: passed to every ``plan`` (SGLang's own, e.g. ``fixed_split_size``)."""
         self._new_wrapper, self.shape, self.sink, self.recent = new_wrapper, shape, sink, recent
-        self.max_patterns = max_patterns
+        self.max_patterns, self._plan_kwargs = max_patterns, plan_kwargs
         self._pool: list[Any] = []  # one wrapper per pattern, kept across steps
         self._layers: dict[int, tuple[Any, bool]] = {}  # layer -> (its pattern's wrapper, planned per KV head)
         self.coarsened = 0
@@ -150,10 +151,10 @@ class WindowedDecode:
             if by_head:
                 group = self.shape.num_qo_heads // self.shape.num_kv_heads
                 _plan_pages(wrapper, *head_pages(rows, mask, self.sink, self.recent),
-                            replace(self.shape, num_qo_heads=group, num_kv_heads=1))
+                            replace(self.shape, num_qo_heads=group, num_kv_heads=1), **self._plan_kwargs)
             else:
                 plan_decode(wrapper, [window_slots(r, len(r), self.sink, self.recent) if bool(m.all()) else r
-                                      for r, m in zip(rows, mask)], self.shape)
+                                      for r, m in zip(rows, mask)], self.shape, **self._plan_kwargs)
             self._layers.update(dict.fromkeys(layers, (wrapper, by_head)))
 
     def restricts(self, layer_id: int) -> bool:
