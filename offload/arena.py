@@ -300,7 +300,7 @@ class HostArena:
         False, with ``out`` untouched, unless every (unit, slot) has a copy whose prefix fingerprint equals the
         reader's (``fingerprints``): the caller recomputes instead."""
         at = _np(slots)
-        loc = self._loc[_cells(at, np.asarray(units, dtype=np.int64))].T.reshape(-1)  # unit-major, a copy
+        loc = self._loc[_cells(at, np.asarray(units, dtype=np.int64))].T.reshape(-1)  # unit-major; read only
         if (loc < 0).any():
             return False
         if not np.array_equal(self._fingerprint_of[at], _np(fingerprints)):

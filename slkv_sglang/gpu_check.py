@@ -167,6 +167,7 @@ def check_decode_heads(name: str, device: torch.device, kv_dtype: torch.dtype = 
     lazy[[1, 3], 4] = True  # layer 4's pattern holds layer 1's
     shape = AttnShape(heads, kv_heads, dim, torch.bfloat16, kv_dtype)
     out: dict[str, Any] = {}
+    errs, planned, coarsened = [], [], []
     runs = [(tc, None) for tc in ((None,) if emulate else (False, True) if kv_dtype == torch.bfloat16 else (True,))]
     # capped at two wrappers: layers 2-3's pattern (two layers) and layer 1's are planned; layer 4's is left
     # out and runs layer 1's, the planned pattern inside it (request 4's heads read everything)
@@ -177,14 +178,18 @@ def check_decode_heads(name: str, device: torch.device, kv_dtype: torch.dtype = 
         shared = None if emulate else _workspace(device)  # the backend's wrappers share SGLang's workspace
         new_wrapper = _TorchPagedDecode if emulate else lambda: _decode_wrapper(device, bool(tensor_cores), shared)
         decode = WindowedDecode(new_wrapper, shape, SINK, RECENT, **({"max_patterns": cap} if cap else {}))
-        decode.plan(rows, {pos: lazy[pos] for pos in range(len(seq_lens)) if bool(lazy[pos].any())})
+        restricted = [pos for pos in range(len(seq_lens)) if bool(lazy[pos].any())]
+        decode.plan(rows, {pos: window_slots(rows[pos], seq_lens[pos], SINK, RECENT) for pos in restricted},
+                    {pos: lazy[pos] for pos in restricted})
         label = "torch emulation" if emulate else "tensor cores" if tensor_cores else "cuda cores"
         label += f", {cap} wrappers" if cap else ""
         if cap:
             out[f"{label}, coarsened layers"] = decode.coarsened
+            coarsened.append(decode.coarsened)
         for layer in range(5):
             if not bool(expected[cap][:, layer].any()):  # the backend runs SGLang's own decode here
                 out[f"{label}, layer {layer} planned"] = decode.restricts(layer)
+                planned.append(decode.restricts(layer))
                 continue
             got = decode.run(layer, q, (k_cache, v_cache), sm_scale=scale, **scales).float()
             err = 0.0
@@ -195,9 +200,7 @@ def check_decode_heads(name: str, device: torch.device, kv_dtype: torch.dtype = 
                                         gather_keys(v_cache, slots)[:, h : h + 1], scale, scales["k_scale"] or 1.0)
                     err = max(err, float(((got[i, h * group : (h + 1) * group] - ref).abs() / (1 + ref.abs())).max()))
             out[f"{label}, layer {layer}"] = err
-    errs = [v for k, v in out.items() if k.split(", ")[-1].startswith("layer ") and not isinstance(v, bool)]
-    planned = [v for v in out.values() if isinstance(v, bool)]
-    coarsened = [v for k, v in out.items() if k.endswith("coarsened layers")]
+            errs.append(err)
     return {"max_rel_err": out, "tolerance": DECODE_TOL,
             "ok": max(errs) <= DECODE_TOL and not any(planned) and coarsened == [1]}
 
@@ -362,9 +365,9 @@ def decode_time(device: torch.device, batches: tuple[int, ...] = (16, 64), layer
         t_plan = _host_ms(lambda: plan_decode(lazy, windows, shape), 20)
         by_head = WindowedDecode(lambda: _decode_wrapper(device, tensor_cores), shape, SINK, RECENT)
         half = {pos: (torch.arange(kv_heads) % 2 == 0).expand(1, kv_heads) for pos in range(batch)}  # half the heads
-        by_head.plan(rows, half)
+        by_head.plan(rows, dict(enumerate(windows)), half)
         t_heads = _cuda_ms(lambda: by_head.run(0, q, (k_cache, v_cache), sm_scale=scale), 50)
-        t_plan_heads = _host_ms(lambda: by_head.plan(rows, half), 20)
+        t_plan_heads = _host_ms(lambda: by_head.plan(rows, dict(enumerate(windows)), half), 20)
         n_lazy = round(layers * lazy_share)
         step_full = layers * t_full + t_plan  # SGLang plans its one wrapper per step too
         step_slkv = (layers - n_lazy) * t_full + n_lazy * t_lazy + 2 * t_plan  # + one wrapper per lazy pattern

@@ -60,11 +60,11 @@ class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
         plan = self.tracker.plan(forward_batch)
         self._scorer.reset()
         if plan is None or not plan.is_decode or not plan.window:
-            self._windowed.plan([], {})
+            self._windowed.plan([], {}, {})
             return
         req_to_token = self.req_to_token_pool.req_to_token
         self._windowed.plan([req_to_token[row, :seq_len] for row, seq_len in zip(plan.rows, plan.seq_lens)],
-                            {pos: plan.heads[pos] for pos in plan.window})
+                            plan.window, plan.heads)
 
     def _new_decode_wrapper(self) -> BatchDecodeWithPagedKVCacheWrapper:
         return BatchDecodeWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=self.decode_backend,

@@ -124,9 +124,11 @@ class WindowedDecode:
         self._layers: dict[int, tuple[Any, bool]] = {}  # layer -> (its pattern's wrapper, planned per KV head)
         self.coarsened = 0
 
-    def plan(self, rows: Sequence[torch.Tensor], lazy: dict[int, torch.Tensor]) -> None:
-        """``rows``: each batch request's slot ids by position, in batch order; ``lazy``: batch position ->
-        ``[layers, KV heads]`` (host) for the requests that read sink + recent in some head."""
+    def plan(self, rows: Sequence[torch.Tensor], windows: dict[int, torch.Tensor],
+             lazy: dict[int, torch.Tensor]) -> None:
+        """``rows``: each batch request's slot ids by position, in batch order; for the requests that read sink +
+        recent in some head, by batch position: ``windows``, those slot ids (the tracker's, built once per step),
+        and ``lazy``, ``[layers, KV heads]`` (host)."""
         self._layers, self.coarsened = {}, 0
         if not lazy:
             return
@@ -153,8 +155,8 @@ class WindowedDecode:
                 _plan_pages(wrapper, *head_pages(rows, mask, self.sink, self.recent),
                             replace(self.shape, num_qo_heads=group, num_kv_heads=1), **self._plan_kwargs)
             else:
-                plan_decode(wrapper, [window_slots(r, len(r), self.sink, self.recent) if bool(m.all()) else r
-                                      for r, m in zip(rows, mask)], self.shape, **self._plan_kwargs)
+                plan_decode(wrapper, [windows[i] if bool(m.all()) else r for i, (r, m) in enumerate(zip(rows, mask))],
+                            self.shape, **self._plan_kwargs)
             self._layers.update(dict.fromkeys(layers, (wrapper, by_head)))
 
     def restricts(self, layer_id: int) -> bool:
