@@ -34,13 +34,17 @@ import torch
 # Host memory is recycled in blocks of this size: a fresh host allocation costs a page fault per 4 KiB on
 # first touch (on CUDA, a slow pinned registration), which measured as 0.3x a plain copy into memory already
 # in use. Each offload fills whole blocks from a free list and only its tail gets an allocation of its own.
-BLOCK_BYTES = 1 << 21
+# 8 MiB, not 2: a 45 MiB offload is 6 copies instead of 23, each with its own launch and tensor views
+# (docs/evaluation.md, host tier).
+BLOCK_BYTES = 1 << 23
 # A chunk (one offload call) holds at most 2**24 tokens (a longer offload is split); chunk ids are never reused
 # and have the other 39 bits.
 OFFSET_BITS = 24
 OFFSET_MASK = (1 << OFFSET_BITS) - 1
 # Slots that break into more runs than this (copies not in slot order) are handled per piece instead of per run.
 MAX_RUNS = 64
+# Chunks a forget counts one by one before it sorts the rest.
+MAX_PEELS = 8
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -48,32 +52,42 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def _run(ids: np.ndarray) -> slice | np.ndarray:
+def _run(ids: np.ndarray | slice) -> slice | np.ndarray:
     """``ids`` as a slice where they are one ascending run (a request's slots mostly are): numpy indexes a slice
     as a view, with no gather or scatter of the index entries."""
+    if isinstance(ids, slice):
+        return ids
     if ids.size and int(ids[-1]) - int(ids[0]) + 1 == ids.size and (ids.size == 1 or bool((np.diff(ids) == 1).all())):
         return slice(int(ids[0]), int(ids[-1]) + 1)
     return ids
 
 
-def _cells(slots: np.ndarray, units: np.ndarray) -> tuple:
-    """Index of the ``[slots, units]`` block of the arena's index."""
-    rows, cols = _run(slots), _run(units)
+def _cells(units: np.ndarray | slice, slots: np.ndarray | slice) -> tuple:
+    """Index of the ``[units, slots]`` block of the arena's index (a view where both are runs)."""
+    rows, cols = _run(units), _run(slots)
     if isinstance(rows, slice) or isinstance(cols, slice):
         return rows, cols  # numpy takes a slice with an array as their outer product
     return np.ix_(rows, cols)
 
 
-def _tally(ids: np.ndarray) -> list[tuple[int, int]]:
-    """(id, occurrences) pairs of the ids in ``ids``: a bincount over their span when it is small (the ids of one
-    forget are a few recent chunks), else a sort."""
-    lo = int(ids.min())
-    span = int(ids.max()) - lo + 1
-    if span > 4 * ids.size + 1024:
-        return list(zip(*(a.tolist() for a in np.unique(ids, return_counts=True))))
-    counts = np.bincount(ids - lo, minlength=span)
-    present = np.flatnonzero(counts)
-    return list(zip((present + lo).tolist(), counts[present].tolist()))
+def _tally(loc: np.ndarray) -> list[tuple[int, int]]:
+    """(chunk id, copies) of the copies that ``loc`` (index entries, -1 for none) names. A forget's slots are
+    mostly one chunk or a few: each round peels off the newest chunk with a few passes, no sort and no bincount
+    over chunk ids (both measured at several times the cost); many chunks fall back to a sort."""
+    rest, out = loc, []
+    for _ in range(MAX_PEELS):
+        top = int(rest.max()) if rest.size else -1
+        if top < 0:
+            return out
+        floor = top >> OFFSET_BITS << OFFSET_BITS  # every entry from here to ``top`` is in chunk ``top``'s
+        # the smallest held entry: -1 (none) is the largest unsigned value
+        if int(rest.view(np.uint64).min()) >= floor:
+            return out + [(top >> OFFSET_BITS, int(np.count_nonzero(rest >= 0)))]
+        newest = rest >= floor
+        out.append((top >> OFFSET_BITS, int(np.count_nonzero(newest))))
+        rest = rest[~newest]
+    ids, counts = np.unique(rest[rest >= 0] >> OFFSET_BITS, return_counts=True)
+    return out + list(zip(ids.tolist(), counts.tolist()))
 
 
 @dataclass
@@ -122,11 +136,12 @@ class HostArena:
         self._pin = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._pin else None
         self._last: torch.cuda.Event | None = None  # of the latest copies; the side stream runs them in order
-        # the index, on the host: where the copy of (slot, unit) is, ``chunk id << OFFSET_BITS | offset``, -1 if
-        # none. One packed tensor, slot-major (a forget reads and clears whole rows of it); a reload finds its runs
-        # with a handful of vectorised ops, whatever its length. The arena works on numpy views of both (a small
-        # numpy index op costs a quarter of torch's).
-        self.loc = torch.full((num_slots + 1, num_units), -1, dtype=torch.int64)
+        # the index, on the host: where the copy of (unit, slot) is, ``chunk id << OFFSET_BITS | offset``, -1 if
+        # none. One packed tensor, unit-major as chunks and reloads order their copies, so a run of slots is a
+        # contiguous stretch of each unit's row (an offload writes it with one broadcast, a reload reads it in
+        # order); a reload finds its runs with a handful of vectorised ops, whatever its length. The arena works
+        # on numpy views of both (a small numpy index op costs a quarter of torch's).
+        self.loc = torch.full((num_units, num_slots + 1), -1, dtype=torch.int64)
         self.fingerprint_of = torch.zeros(num_slots + 1, dtype=torch.int64)  # of the prefix a slot's copies hold
         self._loc, self._fingerprint_of = self.loc.numpy(), self.fingerprint_of.numpy()
         self._offsets = np.arange(0)  # 0, 1, 2, ...: grown on demand
@@ -140,14 +155,14 @@ class HostArena:
     def hosted(self, slots: torch.Tensor, fingerprints: torch.Tensor | None = None) -> torch.Tensor:
         """``[units, n]``: which units hold a copy of each slot (whose prefix matches ``fingerprints``)."""
         at = _np(slots)
-        held = self._loc[at].T >= 0
+        held = self._loc[:, _run(at)] >= 0
         if fingerprints is not None:
             held &= (self._fingerprint_of[at] == _np(fingerprints))[None, :]
         return torch.from_numpy(held)
 
     def holds(self, units: list[int], slots: torch.Tensor) -> torch.Tensor:
         """``[units, n]``: which of ``slots`` have a copy in each of ``units`` (any prefix)."""
-        return torch.from_numpy(self._loc[_cells(_np(slots), np.asarray(units))].T >= 0)
+        return torch.from_numpy(self._loc[_cells(np.asarray(units), _np(slots))] >= 0)
 
     def group_bytes(self, group: int) -> int:
         g = self._groups.get(group)
@@ -169,15 +184,13 @@ class HostArena:
         self._forget(_np(slots))
 
     def _forget(self, at: np.ndarray) -> None:
-        rows = _run(at)
-        loc = self._loc[rows]
-        held = loc >= 0
-        if not held.any():
+        cols = _run(at)
+        counts = _tally(self._loc[:, cols])
+        if not counts:
             return
-        ids = loc[held] >> OFFSET_BITS
-        self._loc[rows] = -1
+        self._loc[:, cols] = -1
         dead = []
-        for cid, n in _tally(ids):
+        for cid, n in counts:
             chunk = self._chunks[cid]
             chunk.live -= n
             if chunk.live <= 0:
@@ -190,17 +203,17 @@ class HostArena:
         where it has no copy and ``own[i]`` has one, that copy becomes ``tree[i]``'s. The copies ``own`` keeps are
         ones ``tree`` has too; they go now (a chunk names one slot per position for all its units)."""
         own, tree = _np(own), _np(tree)
-        move = (self._loc[tree] < 0) & (self._loc[own] >= 0)
+        move = (self._loc[:, tree] < 0) & (self._loc[:, own] >= 0)
         if move.any():
             self._move(own, tree, move)
         self._forget(own)
 
     def _move(self, own: np.ndarray, tree: np.ndarray, move: np.ndarray) -> None:
-        at, units = move.nonzero()
+        units, at = move.nonzero()
         src, dst = own[at], tree[at]
-        loc = self._loc[src, units]
-        self._loc[dst, units] = loc
-        self._loc[src, units] = -1
+        loc = self._loc[units, src]
+        self._loc[units, dst] = loc
+        self._loc[units, src] = -1
         self._fingerprint_of[dst] = self._fingerprint_of[src]
         ids, offsets = loc >> OFFSET_BITS, loc & OFFSET_MASK
         for cid in np.unique(ids).tolist():
@@ -232,8 +245,9 @@ class HostArena:
         hold, ``holds``). Units that would take the group's bytes past the whole budget are refused (nothing copied
         for them, nothing evicted for them, counted in ``refused``)."""
         at, fingerprints, unit_ids = _np(slots), _np(fingerprints), np.asarray(units, dtype=np.int64)
-        fresh = (self._loc[_cells(at, unit_ids)] < 0).all(axis=1)
-        if not fresh.all():
+        held = self._loc[_cells(unit_ids, at)]
+        if held.max(initial=-1) >= 0:  # some are held already (usually none are: one pass tells)
+            fresh = (held < 0).all(axis=0)
             keep = torch.from_numpy(fresh).to(kv.device)
             at, fingerprints = at[fresh], fingerprints[fresh]
             kv = kv.view(len(units), -1, *kv.shape[1:])[:, keep].flatten(0, 1)
@@ -289,7 +303,7 @@ class HostArena:
         g.nbytes += nbytes
         if self._offsets.size < n:
             self._offsets = np.arange(max(n, 2 * self._offsets.size))
-        self._loc[_cells(at, units)] = ((cid << OFFSET_BITS) | self._offsets[:n]).reshape(units.size, at.size).T
+        self._loc[_cells(units, at)] = self._offsets[:n].reshape(units.size, at.size) + (cid << OFFSET_BITS)
         self._copy(copies, kv)
 
     def reload(self, units: list[int], slots: torch.Tensor, fingerprints: torch.Tensor, out: torch.Tensor,
@@ -299,27 +313,29 @@ class HostArena:
 
         False, with ``out`` untouched, unless every (unit, slot) has a copy whose prefix fingerprint equals the
         reader's (``fingerprints``): the caller recomputes instead."""
-        at = _np(slots)
-        loc = self._loc[_cells(at, np.asarray(units, dtype=np.int64))].T.reshape(-1)  # unit-major; read only
-        if (loc < 0).any():
+        cols = _run(_np(slots))
+        loc = self._loc[_cells(np.asarray(units, dtype=np.int64), cols)].reshape(-1)  # unit-major; read only
+        if loc.min(initial=0) < 0:
             return False
-        if not np.array_equal(self._fingerprint_of[at], _np(fingerprints)):
+        if not np.array_equal(self._fingerprint_of[cols], _np(fingerprints)):
             self.stats.mismatches += 1
             return False
         t0 = time.perf_counter()
-        # runs: consecutive copies in one chunk (an offload's order, unit-major: one run per chunk); a copy at
-        # offset 0 starts a chunk, even one whose id follows a full chunk's last copy
-        breaks = np.flatnonzero((loc[1:] != loc[:-1] + 1) | ((loc[1:] & OFFSET_MASK) == 0))
+        # runs: consecutive index entries (an offload's order, unit-major: one run per chunk read whole)
+        breaks = np.flatnonzero(np.diff(loc) != 1)
         copies = []
         if breaks.size < MAX_RUNS:
             starts = [0] + (breaks + 1).tolist()
             for lo, hi, where in zip(starts, starts[1:] + [loc.size], loc[starts].tolist()):
-                chunk, off = self._reloaded(where >> OFFSET_BITS, hi - lo, reader), where & OFFSET_MASK
-                while lo < hi:  # a run spans pieces where it crosses a block
-                    piece, row = divmod(off, chunk.step)
-                    k = min(hi - lo, chunk.step - row)
-                    copies.append((out[lo : lo + k], chunk.pieces[piece][row : row + k]))
-                    lo, off = lo + k, off + k
+                while lo < hi:  # a run goes on into the next chunk where a full chunk's numbering ends
+                    cid, off = where >> OFFSET_BITS, where & OFFSET_MASK
+                    end = min(hi, lo + OFFSET_MASK + 1 - off)
+                    chunk = self._reloaded(cid, end - lo, reader)
+                    while lo < end:  # and spans pieces where it crosses a block
+                        piece, row = divmod(off, chunk.step)
+                        k = min(end - lo, chunk.step - row)
+                        copies.append((out[lo : lo + k], chunk.pieces[piece][row : row + k]))
+                        lo, off, where = lo + k, off + k, where + k
         else:  # scattered: one gather per piece
             ids = loc >> OFFSET_BITS
             for cid in np.unique(ids).tolist():
@@ -385,7 +401,7 @@ class HostArena:
             if not group.chunks:
                 del self._groups[chunk.group]
         if indexed:
-            cells = _cells(chunk.slots, chunk.units)
+            cells = _cells(chunk.units, chunk.slots)
             block = self._loc[cells]
             block[(block >> OFFSET_BITS) == cid] = -1  # not those re-offloaded since
             self._loc[cells] = block

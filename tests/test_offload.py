@@ -132,7 +132,8 @@ def test_host_blocks_are_recycled_within_the_budget(model_kv):
     count against the budget like held KV."""
     from offload.arena import BLOCK_BYTES
 
-    kv = torch.cat(model_kv[:4])  # 4800 tokens x 1536 B: whole blocks and a tail
+    kv = torch.cat(model_kv[:12])  # 14,400 tokens x 1536 B: whole blocks and a tail
+    assert _bytes(kv) // BLOCK_BYTES >= 2 and _bytes(kv) % BLOCK_BYTES
     n = kv.shape[0]
     slots, fps = torch.arange(1, n + 1), torch.arange(n)
     arena = HostArena(budget_bytes=3 * _bytes(kv), num_units=1, num_slots=n)

@@ -78,19 +78,20 @@ class KvExecutor:
             if lo >= hi:
                 continue
             targets = cached[lo - first : hi - first]
-            fresh = req_to_token[r.req_row, lo:hi].to(torch.int64)
-            for unit, src in zip(rows.units(layer), rows.lookup(layer, fresh)):
-                missing = rows.missing(unit, targets)
-                if not bool(missing.any()):
-                    continue
-                taken = rows.take(int(missing.sum()))
-                if taken is None:  # the next match cuts here again: recomputed, never wrong
-                    self.tier.stats.row_shortfalls += 1
-                    break
-                rows.kv[taken] = rows.kv[src[missing]]
-                rows.place(unit, targets[missing], taken)
-                self.tier.ledger.taken(r.req_row, taken.numel())
-                self.tier.stats.healed_rows += taken.numel()
+            at = rows.rows_of(layer, targets)  # [units of the layer, n]: all units at once, as ``write`` fills
+            missing = at < 0
+            if not bool(missing.any()):
+                continue
+            taken = rows.take(int(missing.sum()))
+            if taken is None:  # the next match cuts here again: recomputed, never wrong
+                self.tier.stats.row_shortfalls += 1
+                continue
+            fresh = rows.lookup(layer, req_to_token[r.req_row, lo:hi].to(torch.int64))
+            rows.kv[taken] = rows.kv[fresh[missing]]
+            at[missing] = taken
+            rows.fill(layer, targets, at, missing)
+            self.tier.ledger.taken(r.req_row, taken.numel())
+            self.tier.stats.healed_rows += taken.numel()
 
     # ---- every forward ------------------------------------------------------------------------------
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

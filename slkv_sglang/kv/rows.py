@@ -70,9 +70,6 @@ class DeviceRows:
         """``[groups, n]``: the rows of ``slots`` in ``layer``'s units, -1 where there is none."""
         return self.row_of[layer * self.groups : (layer + 1) * self.groups, slots]
 
-    def missing(self, unit: int, slots: torch.Tensor) -> torch.Tensor:
-        return self.row_of[unit, slots] < 0
-
     def held(self, slots: torch.Tensor) -> torch.Tensor:
         """``[units]``: how many of ``slots`` each unit holds on the device."""
         return (self.row_of[:, slots] >= 0).sum(dim=1)
