@@ -116,6 +116,6 @@ def main(argv: list[str]) -> int:
     nbytes, figures = bandwidth(args.tokens, args.window, args.units, args.kv_heads, args.head_dim, args.repeats,
                                 device, per_layer=args.per_layer)
     print(f"{args.units} units x {args.tokens - args.window} tokens x {args.kv_heads} kv heads x {args.head_dim} "
-          f"dims, float32: {nbytes / 2**20:.1f} MiB per transfer, device {device}")
+          f"dims, float32: {nbytes / 2**20:.1f} MiB per transfer, device {device}, {torch.get_num_threads()} CPU threads")
     report(nbytes, figures)
     return 0
