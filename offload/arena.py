@@ -102,7 +102,7 @@ class _Chunk:
     blocks: list[torch.Tensor]  # the recycled blocks the pieces are views of (a short tail has its own allocation)
     step: int
     nbytes: int
-    live: int  # slots of this chunk not forgotten yet
+    live: int  # copies of this chunk not forgotten yet
 
 
 @dataclass
@@ -315,7 +315,9 @@ class HostArena:
         reader's (``fingerprints``): the caller recomputes instead."""
         cols = _run(_np(slots))
         loc = self._loc[_cells(np.asarray(units, dtype=np.int64), cols)].reshape(-1)  # unit-major; read only
-        if loc.min(initial=0) < 0:
+        if loc.size == 0:
+            return True
+        if loc.min() < 0:
             return False
         if not np.array_equal(self._fingerprint_of[cols], _np(fingerprints)):
             self.stats.mismatches += 1

@@ -52,6 +52,7 @@ def test_offload_then_reload_is_bit_exact(model_kv):
         assert torch.equal(out, kv[SINK : seq - RECENT])
     part = torch.empty_like(model_kv[7][100:300])  # any subset, in any order
     assert arena.reload([7], slots[100:300].flip(0), fps[100:300].flip(0), part) and torch.equal(part, model_kv[7][100:300].flip(0))
+    assert arena.reload([7], slots[:0], fps[:0], part[:0])  # nothing to read: nothing missing
     assert arena.stats.held_bytes == sum(_bytes(kv[SINK : seq - RECENT]) for kv in model_kv)
     assert arena.stats.shared_tokens > 0  # read by another label than the one that offloaded
 
@@ -386,7 +387,8 @@ def test_one_offload_call_holds_several_units_within_the_budget(model_kv):
 
 def test_an_offload_past_a_chunks_numbering_splits_and_reloads_whole(monkeypatch):
     """A chunk numbers its copies in OFFSET_BITS (shrunk here to 3: 8 copies): a longer offload becomes several
-    chunks, and a reload never runs from one chunk's last copy into the next chunk's first."""
+    chunks, and a reload whose run of index entries goes on from one chunk's last copy into the next chunk's first
+    reads each from its own chunk."""
     import offload.arena as arena_module
 
     monkeypatch.setattr(arena_module, "OFFSET_BITS", 3)

@@ -68,7 +68,8 @@ class KvExecutor:
                 self.tier.stats.restored_rows += taken.numel()
 
     def heal(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int], ext_lens: Sequence[int]) -> None:
-        """Copy KV this prefill recomputed into the cached slots' missing rows, so the next turn finds them whole."""
+        """Copy KV this prefill recomputed into the cached slots' missing rows, so the next turn finds them whole:
+        a layer's units all at once, or (rows short) none of them."""
         rows = self.tier.rows
         for pos, (r, prefix, ext) in enumerate(zip(self.step.requests, prefix_lens, ext_lens)):
             if r.heal is None or self.failed(pos):
@@ -82,11 +83,11 @@ class KvExecutor:
             missing = at < 0
             if not bool(missing.any()):
                 continue
+            fresh = rows.lookup(layer, req_to_token[r.req_row, lo:hi].to(torch.int64))
             taken = rows.take(int(missing.sum()))
-            if taken is None:  # the next match cuts here again: recomputed, never wrong
+            if taken is None:  # none of the layer's units heals: the next match cuts here again, recomputed
                 self.tier.stats.row_shortfalls += 1
                 continue
-            fresh = rows.lookup(layer, req_to_token[r.req_row, lo:hi].to(torch.int64))
             rows.kv[taken] = rows.kv[fresh[missing]]
             at[missing] = taken
             rows.fill(layer, targets, at, missing)
