@@ -154,10 +154,10 @@ class HostArena:
     # ---- queries ---------------------------------------------------------------------------------------
     def hosted(self, slots: torch.Tensor, fingerprints: torch.Tensor | None = None) -> torch.Tensor:
         """``[units, n]``: which units hold a copy of each slot (whose prefix matches ``fingerprints``)."""
-        at = _np(slots)
-        held = self._loc[:, _run(at)] >= 0
+        cols = _run(_np(slots))
+        held = self._loc[:, cols] >= 0
         if fingerprints is not None:
-            held &= (self._fingerprint_of[at] == _np(fingerprints))[None, :]
+            held &= (self._fingerprint_of[cols] == _np(fingerprints))[None, :]
         return torch.from_numpy(held)
 
     def holds(self, units: list[int], slots: torch.Tensor) -> torch.Tensor:
