@@ -10,13 +10,13 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "setup": ("slkv_sglang.setup_cmd", "prepare this machine: bundled model, sgl_kernel stand-in if needed"),
     "serve": ("api.server", "start the engine with the plugin and the chat API (bundled model by default)"),
-    "eval": ("slkv_sglang.evaluate", "long-context retrieval (needle) evaluation through the real engine"),
-    "calibrate": ("slkv_sglang.calibrate", "measure a model's best SimLayerKV settings on calibration needles; write a profile"),
-    "bench": ("slkv_sglang.bench", "identification overhead and decode step time, SimLayerKV vs full KV"),
-    "bench-offload": ("offload.bench", "host-tier offload/reload bandwidth vs a plain tensor copy"),
-    "bench-memory": ("slkv_sglang.bench_memory", "device KV per session and next-turn latency with --slkv-offload"),
-    "bench-serve": ("slkv_sglang.bench_serve", "multi-turn chat under a fixed device KV budget: plain SGLang vs SimLayerKV (+ offload)"),
-    "gpu-check": ("slkv_sglang.gpu_check", "the CUDA path's FlashInfer calls, decode time, host tier (torch + FlashInfer)"),
+    "eval": ("slkv_sglang.tools.evaluate", "long-context retrieval (needle) evaluation through the real engine"),
+    "calibrate": ("slkv_sglang.tools.calibrate", "measure a model's best SimLayerKV settings on calibration needles; write a profile"),
+    "bench": ("slkv_sglang.tools.bench", "identification overhead and decode step time, SimLayerKV vs full KV"),
+    "bench-offload": ("slkv_sglang.tools.bench_offload", "host-tier offload/reload bandwidth vs a plain tensor copy"),
+    "bench-memory": ("slkv_sglang.tools.bench_memory", "device KV per session and next-turn latency with --slkv-offload"),
+    "bench-serve": ("slkv_sglang.tools.bench_serve", "multi-turn chat under a fixed device KV budget: plain SGLang vs SimLayerKV (+ offload)"),
+    "gpu-check": ("slkv_sglang.tools.gpu_check", "the CUDA path's FlashInfer calls, decode time, host tier (torch + FlashInfer)"),
 }
 
 

@@ -84,17 +84,3 @@ def convert_gguf(gguf: Path, target: Path, tokenizer_settings: dict[str, Any] | 
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
-
-
-def chat_input_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of ``messages`` in the model's chat template (transformers 5 returns a BatchEncoding)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def follow_up_ids(tokenizer: Any, question: str) -> list[int]:
-    """Tokens that close an assistant reply generated without its end token and ask ``question`` (the
-    bundled model's ChatML turn boundary): appended to a turn's prompt + output, they make the next prompt,
-    which shares the whole previous turn as a radix-cache prefix."""
-    text = f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

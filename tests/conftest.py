@@ -47,9 +47,9 @@ def tokenizer(model_path):
 
 @pytest.fixture(scope="module")
 def reference(model_path):
-    """The reference implementation (plain transformers, slkv_sglang/reference.py): the expectation the engine's
+    """The reference implementation (plain transformers, slkv_sglang/tools/reference.py): the expectation the engine's
     layer maps and tokens are checked against, loaded once per module that uses it."""
-    from slkv_sglang.reference import ReferenceModel
+    from slkv_sglang.tools.reference import ReferenceModel
 
     return ReferenceModel(model_path)
 

@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from api.store import LOCK_TTL_MS
-from slkv_sglang.corpus import document
+from slkv_sglang.tools.corpus import document
 
 from .conftest import CHUNK, TEST_SLKV
 from .servers import engine_start_lock, free_port, start_server, stop_server

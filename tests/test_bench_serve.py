@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
-from slkv_sglang.bench_serve import CONFIGURATIONS, sweep
-from slkv_sglang.serve_report import plots, table
-from slkv_sglang.serve_workload import Workload, build_sessions
+from slkv_sglang.tools.bench_serve import CONFIGURATIONS, sweep
+from slkv_sglang.tools.serve_report import plots, table
+from slkv_sglang.tools.serve_workload import Workload, build_sessions
 
 from .conftest import OFFLOAD_BUDGET, TEST_SLKV, set_host_budget
 

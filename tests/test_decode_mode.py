@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from slkv_sglang.corpus import prompt_ids
+from slkv_sglang.tools.corpus import prompt_ids
 from slkv_sglang.layer_map import LayerMap
 
 from .conftest import CHUNK, TEST_SLKV

@@ -7,10 +7,10 @@ from dataclasses import replace
 
 import pytest
 
-from slkv_sglang.corpus import prompt_ids
+from slkv_sglang.tools.corpus import prompt_ids
 from slkv_sglang.config import SlkvConfig
 from slkv_sglang.layer_map import LayerMap
-from slkv_sglang.model import follow_up_ids
+from slkv_sglang.tools.corpus import follow_up_ids
 from slkv_sglang.runtime import shutdown_engine
 
 from .conftest import CHUNK, TEST_SLKV, start_engine

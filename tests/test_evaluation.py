@@ -8,7 +8,7 @@ import re
 import pytest
 
 from slkv_sglang.config import SlkvConfig
-from slkv_sglang.evaluate import evaluate, needle_case, settings, write_report
+from slkv_sglang.tools.evaluate import evaluate, needle_case, settings, write_report
 
 
 def _covering_end(tokenizer, ids: list[int], start: int, text: str) -> int:

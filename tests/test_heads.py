@@ -1,7 +1,7 @@
 """Head granularity (``granularity: head``) in the real SGLang CPU engine, against the reference model.
 
 Each (layer, KV head) is lazy or not on its own; decode reads sink + recent in lazy heads and everything in the
-others. The reference (``slkv_sglang/reference.py``) masks the middle keys of lazy heads' query heads; the engine
+others. The reference (``slkv_sglang/tools/reference.py``) masks the middle keys of lazy heads' query heads; the engine
 splits a partly lazy layer's heads into two attention calls: tokens agreeing is the check that both read the same
 KV. Prompts are 0.6-2.2K tokens (long enough to trim with the suite's 4 + 256 window, short enough that ten
 reference runs stay cheap); one ends with a chunk shorter than ``last`` (carried queries).
@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from slkv_sglang.corpus import prompt_ids
+from slkv_sglang.tools.corpus import prompt_ids
 from slkv_sglang.layer_map import LayerMap
 
 from .conftest import CHUNK, TEST_SLKV

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from slkv_sglang.config import SlkvConfig, SlkvConfigError
-from slkv_sglang.corpus import prompt_ids
-from slkv_sglang.gemma3 import ensure_gemma3_model
+from slkv_sglang.tools.corpus import prompt_ids
+from slkv_sglang.tools.gemma3 import ensure_gemma3_model
 from slkv_sglang.layer_map import LayerMap
 from slkv_sglang.runtime import make_engine, shutdown_engine
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from slkv_sglang.corpus import prompt_ids
+from slkv_sglang.tools.corpus import prompt_ids
 from slkv_sglang.layer_map import LayerMap
-from slkv_sglang.model import follow_up_ids
+from slkv_sglang.tools.corpus import follow_up_ids
 from slkv_sglang.runtime import shutdown_engine
 
 from .conftest import TEST_SLKV, start_engine

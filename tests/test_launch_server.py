@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from slkv_sglang.config import SlkvConfig
-from slkv_sglang.corpus import prompt_ids
+from slkv_sglang.tools.corpus import prompt_ids
 
 from .conftest import MEM_FRACTION
 from .servers import engine_start_lock, free_port, spawn, start_server, stop_server, wait_healthy

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from offload import HostArena
-from slkv_sglang.corpus import prompt_ids
+from slkv_sglang.tools.corpus import prompt_ids
 from slkv_sglang.kv.executor import KvExecutor
 from slkv_sglang.kv.fingerprint import prefix_fingerprints
 from slkv_sglang.kv.planner import KvPlanner

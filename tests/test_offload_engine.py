@@ -10,9 +10,9 @@ from typing import Callable
 import pytest
 
 from api.app import kv_location
-from slkv_sglang.corpus import document, prompt_ids
+from slkv_sglang.tools.corpus import document, prompt_ids
 from slkv_sglang.layer_map import LayerMap
-from slkv_sglang.model import follow_up_ids
+from slkv_sglang.tools.corpus import follow_up_ids
 from slkv_sglang.runtime import shutdown_engine
 
 from .conftest import OFFLOAD_BUDGET, TEST_SLKV, set_host_budget

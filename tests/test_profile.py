@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from slkv_sglang.calibrate import choose, pareto
+from slkv_sglang.tools.calibrate import choose, pareto
 from slkv_sglang.config import SlkvConfig, SlkvConfigError
 from slkv_sglang.profile import write_profile
 

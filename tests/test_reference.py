@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from slkv_sglang.config import SlkvConfig
-from slkv_sglang.corpus import prompt_ids
-from slkv_sglang.reference import _mass
+from slkv_sglang.tools.corpus import prompt_ids
+from slkv_sglang.tools.reference import _mass
 from slkv_sglang.scoring import head_mass
 
 QUESTION = "Which classes and functions are defined in the code above? Answer briefly."

@@ -9,7 +9,7 @@ Prints figures, no pass/fail:
 * time to first token of turn 2 three ways: lazy layers' KV reloaded from the host (offload), the whole
   history recomputed (radix cache flushed between the turns), and everything resident (SimLayerKV off);
 * the host tier's bandwidth: what the engine measured for its offloads and reloads over the run, and the
-  arena against a plain tensor copy of the same bytes (``offload.bench``) at this run's KV shapes.
+  arena against a plain tensor copy of the same bytes (``slkv_sglang.tools.bench_offload``) at this run's KV shapes.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from offload.bench import bandwidth, report
+from .bench_offload import bandwidth, report
 
 from .bench import QUESTION, _greedy, _timed
-from .config import SlkvConfig
+from ..config import SlkvConfig
 from .corpus import prompt_ids
 
 FOLLOW_UP = "And which function is the longest?"
@@ -66,8 +66,9 @@ def main(argv: list[str]) -> int:
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from .model import ensure_bundled_model, follow_up_ids
-    from .runtime import make_engine, shutdown_engine
+    from ..model import ensure_bundled_model
+    from .corpus import follow_up_ids
+    from ..runtime import make_engine, shutdown_engine
 
     config = SlkvConfig.from_env()
     config = replace(config, enabled=True, offload=True, threshold=args.threshold or config.threshold,

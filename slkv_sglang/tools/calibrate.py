@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import GRANULARITIES, SCORE_MODES, SlkvConfig
+from ..config import GRANULARITIES, SCORE_MODES, SlkvConfig
 from .evaluate import MODELS, evaluate, needle_case, settings, summarise
-from .model_layers import ModelLayers
-from .profile import write_profile
+from ..model_layers import ModelLayers
+from ..profile import write_profile
 
 # calibration haystacks: seeds and depths apart from the evaluator's (seeds 0.., depths 0.1/0.35/0.6/0.85)
 SEED_BASE = 1000
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from .runtime import make_engine, shutdown_engine
+    from ..runtime import make_engine, shutdown_engine
 
     ensure_model, answer_prefix = MODELS[args.model]
     path = ensure_model()

@@ -36,8 +36,8 @@ from typing import Any, Callable
 
 import torch
 
-from .backends.flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, WindowedDecode, plan_decode
-from .scoring import SCORE_CHUNK, gather_keys, head_mass, window_slots
+from ..backends.flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, WindowedDecode, plan_decode
+from ..scoring import SCORE_CHUNK, gather_keys, head_mass, window_slots
 
 SHAPES = {  # name -> (q heads, kv heads, head dim)
     "llama3-8b": (32, 8, 128),
@@ -254,9 +254,9 @@ def check_tracker(device: torch.device, scorings: tuple[str, ...] = ("lse", "tor
     ForwardBatch (SGLang itself cannot run on the check machine)."""
     from types import SimpleNamespace
 
-    from .config import SlkvConfig
-    from .request_params import request_params
-    from .tracker import Decision, LazyTracker
+    from ..config import SlkvConfig
+    from ..request_params import request_params
+    from ..tracker import Decision, LazyTracker
 
     heads, kv_heads, dim = SHAPES["llama3-8b"]
     layers, prompt, chunk = 4, 6000, 4096
@@ -460,7 +460,7 @@ def _roundtrip_exact(device: torch.device, dtype: torch.dtype, kv_heads: int, di
 def host_tier(device: torch.device, tokens: int, layers: int) -> dict[str, Any]:
     """The arena's offload / reload bandwidth vs plain pinned copies, and offload overlapped with a matmul."""
     from offload import HostArena
-    from offload.bench import bandwidth
+    from .bench_offload import bandwidth
 
     kv_heads, dim = SHAPES["llama3-8b"][1:]
     dtype = torch.bfloat16

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .arena import HostArena
+from offload import HostArena
 
 
 def _median_seconds(fn: Callable[[], None], repeats: int, sync: Callable[[], None],

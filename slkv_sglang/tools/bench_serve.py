@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import SlkvConfig
+from ..config import SlkvConfig
 from .serve_report import engine_totals, figures, plots, saturation, table
 from .serve_workload import STATS, Session, Workload, build_sessions
 
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 def _engines(names: set[str], path: Path, base: SlkvConfig, args: argparse.Namespace) -> dict[str, Any]:
     """One engine per kind needed, each with ``--pool-tokens`` full-KV tokens' bytes of device KV (overcommit
     gives the offload engine more token slots, not more bytes: its rows hold those bytes)."""
-    from .runtime import make_engine
+    from ..runtime import make_engine
 
     kinds = {"plain": replace(base, enabled=True, offload=False, overcommit=1.0),
              "offload": replace(base, enabled=True, offload=True, overcommit=args.overcommit),
@@ -118,8 +118,8 @@ def main(argv: list[str]) -> int:
         raise SystemExit("slkv bench-serve: --turns must be >= 2 (the last turn asks for the needle)")
     from transformers import AutoTokenizer
 
-    from .model import ensure_bundled_model
-    from .runtime import has_cuda, shutdown_engine
+    from ..model import ensure_bundled_model
+    from ..runtime import has_cuda, shutdown_engine
 
     chosen = [c for c in CONFIGURATIONS if c.name in args.configs or (c.engine == "hicache" and args.hicache)]
     if args.hicache and not has_cuda():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .model import convert_gguf, is_converted, slkv_home
+from ..model import convert_gguf, is_converted, slkv_home
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 MODEL_DIR_NAME = "gemma-3-270m-f32"

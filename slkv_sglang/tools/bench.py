@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import SlkvConfig
+from ..config import SlkvConfig
 from .corpus import prompt_ids
 
 QUESTION = "Summarise the code above in one sentence."
@@ -87,8 +87,8 @@ def main(argv: list[str]) -> int:
 
     from transformers import AutoTokenizer
 
-    from .model import ensure_bundled_model
-    from .runtime import make_engine, shutdown_engine
+    from ..model import ensure_bundled_model
+    from ..runtime import make_engine, shutdown_engine
 
     config = SlkvConfig.from_env()
     config = replace(config, enabled=True, threshold=args.threshold or config.threshold)

@@ -17,9 +17,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import SlkvConfig
-from .layer_map import LayerMap
-from .scoring import decide
+from ..config import SlkvConfig
+from ..layer_map import LayerMap
+from ..scoring import decide
 
 _IMPL = "slkv_reference"
 

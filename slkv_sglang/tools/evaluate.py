@@ -18,13 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import DECIDE_MODES, DEFAULT_SCORE, DEFAULT_THRESHOLD, GRANULARITIES, SlkvConfig
+from ..config import DECIDE_MODES, DEFAULT_SCORE, DEFAULT_THRESHOLD, GRANULARITIES, SlkvConfig
 from .corpus import document
-from .layer_map import LayerMap
+from ..layer_map import LayerMap
 from .gemma3 import ensure_gemma3_model
-from .model import chat_input_ids, ensure_bundled_model
-from .model_layers import ModelLayers
-from .profile import read_profile
+from ..model import ensure_bundled_model
+from .corpus import chat_input_ids
+from ..model_layers import ModelLayers
+from ..profile import read_profile
 
 WORDS = ["amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "krypton",
          "lagoon", "marble", "nectar", "onyx", "prairie", "quartz", "russet", "saffron", "tundra", "umber", "violet"]
@@ -271,7 +272,7 @@ def main(argv: list[str]) -> int:
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from .runtime import make_engine, shutdown_engine
+    from ..runtime import make_engine, shutdown_engine
 
     base = SlkvConfig.from_env()
     chosen = read_profile(args.profile) if args.profile else {}

@@ -15,7 +15,7 @@ from typing import Any
 
 from .corpus import document
 from .evaluate import NEW_TOKENS, needle_case
-from .model import follow_up_ids
+from .corpus import follow_up_ids
 
 
 @dataclass(frozen=True)
