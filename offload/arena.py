@@ -8,13 +8,13 @@ compares it with the reader's own fingerprints and refuses on any difference, so
 sequence whose tokens match it. No client string takes part. Two requests that share a prefix share its slots, hence
 its copies.
 
-Memory: each ``offload`` call (one decision's run of tokens in one or more units) is one *chunk*, stored as pieces
+Memory: each ``save`` call (one decision's run of tokens in one or more units) is one *chunk*, stored as pieces
 ``[k, 2, heads, dim]`` that fill recycled ``BLOCK_BYTES`` blocks, the tail in an allocation of its own. Chunks
-belong to a *group* (the decision that offloaded them); eviction drops whole groups, least recently used first (an
-offload or a reload makes a group recent). A chunk whose slots SGLang freed (``forget``) is freed with its last
-slot.
+belong to a *host entry* (the copies of the decision that saved them); eviction drops whole entries, least recently
+used first (a save or a reload makes an entry recent). A chunk whose slots SGLang freed (``forget``) is freed with
+its last slot.
 
-Budget: held bytes plus free blocks never exceed ``budget_bytes``. An offload that does not fit evicts other groups;
+Budget: held bytes plus free blocks never exceed ``budget_bytes``. A save that does not fit evicts other entries;
 units of it that would not fit even alone are refused (nothing copied, nothing evicted for them): the caller
 recomputes them later.
 
@@ -33,11 +33,11 @@ import torch
 
 # Host memory is recycled in blocks of this size: a fresh host allocation costs a page fault per 4 KiB on
 # first touch (on CUDA, a slow pinned registration), which measured as 0.3x a plain copy into memory already
-# in use. Each offload fills whole blocks from a free list and only its tail gets an allocation of its own.
-# 8 MiB, not 2: a 45 MiB offload is 6 copies instead of 23, each with its own launch and tensor views
+# in use. Each save fills whole blocks from a free list and only its tail gets an allocation of its own.
+# 8 MiB, not 2: a 45 MiB save is 6 copies instead of 23, each with its own launch and tensor views
 # (docs/evaluation.md, host tier).
 BLOCK_BYTES = 1 << 23
-# A chunk (one offload call) holds at most 2**24 tokens (a longer offload is split); chunk ids are never reused
+# A chunk (one save call) holds at most 2**24 tokens (a longer save is split); chunk ids are never reused
 # and have the other 39 bits.
 OFFSET_BITS = 24
 OFFSET_MASK = (1 << OFFSET_BITS) - 1
@@ -54,7 +54,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _run(ids: np.ndarray | slice) -> slice | np.ndarray:
     """``ids`` as a slice where they are one ascending run (a request's slots mostly are): numpy indexes a slice
-    as a view, with no gather or scatter of the index entries."""
+    as a view, with no gather or scatter of the index cells."""
     if isinstance(ids, slice):
         return ids
     if ids.size and int(ids[-1]) - int(ids[0]) + 1 == ids.size and (ids.size == 1 or bool((np.diff(ids) == 1).all())):
@@ -71,7 +71,7 @@ def _cells(units: np.ndarray | slice, slots: np.ndarray | slice) -> tuple:
 
 
 def _tally(loc: np.ndarray) -> list[tuple[int, int]]:
-    """(chunk id, copies) of the copies that ``loc`` (index entries, -1 for none) names. A forget's slots are
+    """(chunk id, copies) of the copies that ``loc`` (index cells, -1 for none) names. A forget's slots are
     mostly one chunk or a few: each round peels off the newest chunk with a few passes, no sort and no bincount
     over chunk ids (both measured at several times the cost); many chunks fall back to a sort."""
     rest, out = loc, []
@@ -79,7 +79,7 @@ def _tally(loc: np.ndarray) -> list[tuple[int, int]]:
         top = int(rest.max()) if rest.size else -1
         if top < 0:
             return out
-        floor = top >> OFFSET_BITS << OFFSET_BITS  # every entry from here to ``top`` is in chunk ``top``'s
+        floor = top >> OFFSET_BITS << OFFSET_BITS  # every cell from here to ``top`` is in chunk ``top``'s
         # the smallest held entry: -1 (none) is the largest unsigned value
         if int(rest.view(np.uint64).min()) >= floor:
             return out + [(top >> OFFSET_BITS, int(np.count_nonzero(rest >= 0)))]
@@ -92,10 +92,10 @@ def _tally(loc: np.ndarray) -> list[tuple[int, int]]:
 
 @dataclass
 class _Chunk:
-    """The copies of one offload call, unit-major: copy ``i`` (the KV of ``slots[i % len(slots)]`` in
+    """The copies of one save call, unit-major: copy ``i`` (the KV of ``slots[i % len(slots)]`` in
     ``units[i // len(slots)]``) is row ``i % step`` of ``pieces[i // step]``."""
 
-    group: int
+    entry: int
     units: np.ndarray  # [U] int64
     slots: np.ndarray  # [n] int64 (an adopted copy's new slot; ``adopt``)
     pieces: list[torch.Tensor]  # [step, 2, heads, dim] on the host (the last may be shorter)
@@ -106,8 +106,8 @@ class _Chunk:
 
 
 @dataclass
-class _Group:
-    label: str  # who offloaded it, for reporting (a chat session id, else the request id)
+class _Entry:
+    label: str  # who saved it, for reporting (a chat session id, else the request id)
     chunks: set[int] = field(default_factory=set)
     nbytes: int = 0
 
@@ -115,14 +115,14 @@ class _Group:
 @dataclass
 class ArenaStats:
     held_bytes: int = 0  # bytes the host tier holds now
-    offloaded_bytes: int = 0
+    saved_bytes: int = 0
     reloaded_bytes: int = 0
-    shared_tokens: int = 0  # (unit, token) copies reloaded by a request other than the one that offloaded them
-    offload_seconds: float = 0.0
+    shared_tokens: int = 0  # (unit, token) copies reloaded by a request other than the one that saved them
+    save_seconds: float = 0.0
     reload_seconds: float = 0.0
-    evictions: int = 0  # groups evicted to make room
+    evictions: int = 0  # entries evicted to make room
     evicted_bytes: int = 0
-    refused: int = 0  # offloads that did not fit at all
+    refused: int = 0  # saves that did not fit at all
     refused_bytes: int = 0
     mismatches: int = 0  # reloads refused because a copy's fingerprint differs from the reader's
 
@@ -138,7 +138,7 @@ class HostArena:
         self._last: torch.cuda.Event | None = None  # of the latest copies; the side stream runs them in order
         # the index, on the host: where the copy of (unit, slot) is, ``chunk id << OFFSET_BITS | offset``, -1 if
         # none. One packed tensor, unit-major as chunks and reloads order their copies, so a run of slots is a
-        # contiguous stretch of each unit's row (an offload writes it with one broadcast, a reload reads it in
+        # contiguous stretch of each unit's row (a save writes it with one broadcast, a reload reads it in
         # order); a reload finds its runs with a handful of vectorised ops, whatever its length. The arena works
         # on numpy views of both (a small numpy index op costs a quarter of torch's).
         self.loc = torch.full((num_units, num_slots + 1), -1, dtype=torch.int64)
@@ -146,7 +146,7 @@ class HostArena:
         self._loc, self._fingerprint_of = self.loc.numpy(), self.fingerprint_of.numpy()
         self._offsets = np.arange(0)  # 0, 1, 2, ...: grown on demand
         self._chunks: dict[int, _Chunk] = {}
-        self._groups: OrderedDict[int, _Group] = OrderedDict()  # least recently used first
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._next_chunk = 0
         self._spare: list[torch.Tensor] = []  # free blocks; with the held bytes, never more than the budget
         self.stats = ArenaStats()
@@ -164,20 +164,20 @@ class HostArena:
         """``[units, n]``: which of ``slots`` have a copy in each of ``units`` (any prefix)."""
         return torch.from_numpy(self._loc[_cells(np.asarray(units), _np(slots))] >= 0)
 
-    def group_bytes(self, group: int) -> int:
-        g = self._groups.get(group)
-        return g.nbytes if g else 0
+    def entry_bytes(self, entry: int) -> int:
+        e = self._entries.get(entry)
+        return e.nbytes if e else 0
 
     def __len__(self) -> int:
-        """Groups held (a per-request map that must not grow without bound)."""
-        return len(self._groups)
+        """Entries held (a per-request map that must not grow without bound)."""
+        return len(self._entries)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
-    def new_group(self) -> int:
-        """An id for the copies of one decision (the group exists once something is offloaded under it)."""
-        gid = self._next_chunk  # ids shared with chunks: never reused
+    def new_entry(self) -> int:
+        """An id for the copies of one decision (the entry exists once something is saved under it)."""
+        eid = self._next_chunk  # ids shared with chunks: never reused
         self._next_chunk += 1
-        return gid
+        return eid
 
     def forget(self, slots: torch.Tensor) -> None:
         """SGLang freed these slots: their copies go (a chunk's memory with its last slot)."""
@@ -223,12 +223,12 @@ class HostArena:
 
     def clear(self) -> None:
         """Everything goes (SGLang cleared its allocator: no slot is live)."""
-        for gid in list(self._groups):
-            self._drop_group(gid)
+        for eid in list(self._entries):
+            self._drop_entry(eid)
         self.loc.fill_(-1)
 
     def set_budget(self, budget_bytes: int) -> None:
-        """Change the budget at run time; shrinking evicts groups (LRU) until the arena fits."""
+        """Change the budget at run time; shrinking evicts entries (LRU) until the arena fits."""
         if budget_bytes < 0:
             raise ValueError(f"offload budget must be >= 0 bytes, got {budget_bytes}")
         self.budget_bytes = budget_bytes
@@ -236,13 +236,13 @@ class HostArena:
         self._recycle([])
 
     # ---- transfers -------------------------------------------------------------------------------------
-    def offload(self, group: int, label: str, units: list[int], slots: torch.Tensor, fingerprints: torch.Tensor,
-                kv: torch.Tensor) -> int:
+    def save(self, entry: int, label: str, units: list[int], slots: torch.Tensor, fingerprints: torch.Tensor,
+             kv: torch.Tensor) -> int:
         """Keep copies of ``kv`` (``[units x n, 2, H, D]``, unit-major: the KV of ``slots`` in each of ``units``)
-        under ``group``, as one chunk. Returns how many of ``units`` (the first ones) the arena holds copies of.
+        under ``entry``, as one chunk. Returns how many of ``units`` (the first ones) the arena holds copies of.
 
-        A slot held in any of ``units`` is not copied again (in none of them: the caller groups units by what they
-        hold, ``holds``). Units that would take the group's bytes past the whole budget are refused (nothing copied
+        A slot held in any of ``units`` is not copied again (in none of them: the caller sorts units by what they
+        hold, ``holds``). Units that would take the entry's bytes past the whole budget are refused (nothing copied
         for them, nothing evicted for them, counted in ``refused``)."""
         at, fingerprints, unit_ids = _np(slots), _np(fingerprints), np.asarray(units, dtype=np.int64)
         held = self._loc[_cells(unit_ids, at)]
@@ -254,7 +254,7 @@ class HostArena:
         if at.size == 0:
             return len(units)
         per_unit = kv.numel() * kv.element_size() // len(units)
-        fit = min(len(units), max(0, self.budget_bytes - self.group_bytes(group)) // per_unit)
+        fit = min(len(units), max(0, self.budget_bytes - self.entry_bytes(entry)) // per_unit)
         if fit < len(units):
             self.stats.refused += 1
             self.stats.refused_bytes += (len(units) - fit) * per_unit
@@ -262,22 +262,22 @@ class HostArena:
                 return 0
             unit_ids, kv = unit_ids[:fit], kv[: fit * at.size]
         nbytes = fit * per_unit
-        self._make_room(nbytes, keep=group)
+        self._make_room(nbytes, keep=entry)
         t0 = time.perf_counter()
         span = max(1, (OFFSET_MASK + 1) // fit)  # slots per chunk: a chunk numbers its copies in OFFSET_BITS
         for lo in range(0, at.size, span):
             hi = min(at.size, lo + span)
             part = kv if hi - lo == at.size else kv.view(fit, at.size, *kv.shape[1:])[:, lo:hi].flatten(0, 1)
-            self._store(group, label, unit_ids, at[lo:hi].copy(), part)
+            self._store(entry, label, unit_ids, at[lo:hi].copy(), part)
         self._fingerprint_of[at] = fingerprints
-        self._groups.move_to_end(group)
+        self._entries.move_to_end(entry)
         self.stats.held_bytes += nbytes
         self._trim_spare()
-        self.stats.offloaded_bytes += nbytes
-        self.stats.offload_seconds += time.perf_counter() - t0
+        self.stats.saved_bytes += nbytes
+        self.stats.save_seconds += time.perf_counter() - t0
         return fit
 
-    def _store(self, group: int, label: str, units: np.ndarray, at: np.ndarray, kv: torch.Tensor) -> None:
+    def _store(self, entry: int, label: str, units: np.ndarray, at: np.ndarray, kv: torch.Tensor) -> None:
         """One chunk: ``kv`` (unit-major, ``at`` in each of ``units``) copied into recycled blocks (a tail shorter
         than a block into its own allocation)."""
         n, nbytes = units.size * at.size, kv.numel() * kv.element_size()
@@ -295,12 +295,12 @@ class HostArena:
             copies.append((dst, src))
         cid = self._next_chunk
         self._next_chunk += 1
-        self._chunks[cid] = _Chunk(group, units, at, pieces, blocks, step, nbytes, live=n)
-        g = self._groups.get(group)
-        if g is None:
-            g = self._groups[group] = _Group(label)
-        g.chunks.add(cid)
-        g.nbytes += nbytes
+        self._chunks[cid] = _Chunk(entry, units, at, pieces, blocks, step, nbytes, live=n)
+        e = self._entries.get(entry)
+        if e is None:
+            e = self._entries[entry] = _Entry(label)
+        e.chunks.add(cid)
+        e.nbytes += nbytes
         if self._offsets.size < n:
             self._offsets = np.arange(max(n, 2 * self._offsets.size))
         self._loc[_cells(units, at)] = self._offsets[:n].reshape(units.size, at.size) + (cid << OFFSET_BITS)
@@ -309,7 +309,7 @@ class HostArena:
     def reload(self, units: list[int], slots: torch.Tensor, fingerprints: torch.Tensor, out: torch.Tensor,
                reader: str = "") -> bool:
         """Copy the host copies of ``slots`` in each of ``units`` into ``out`` (``[units x n, 2, H, D]``,
-        unit-major, as ``offload`` takes them).
+        unit-major, as ``save`` takes them).
 
         False, with ``out`` untouched, unless every (unit, slot) has a copy whose prefix fingerprint equals the
         reader's (``fingerprints``): the caller recomputes instead."""
@@ -323,7 +323,7 @@ class HostArena:
             self.stats.mismatches += 1
             return False
         t0 = time.perf_counter()
-        # runs: consecutive index entries (an offload's order, unit-major: one run per chunk read whole)
+        # runs: consecutive index cells (a save's order, unit-major: one run per chunk read whole)
         breaks = np.flatnonzero(np.diff(loc) != 1)
         copies = []
         if breaks.size < MAX_RUNS:
@@ -354,10 +354,10 @@ class HostArena:
         return True
 
     def _reloaded(self, cid: int, tokens: int, reader: str) -> _Chunk:
-        """Chunk ``cid``, whose ``tokens`` copies a reload reads: its group becomes the most recently used."""
+        """Chunk ``cid``, whose ``tokens`` copies a reload reads: its entry becomes the most recently used."""
         chunk = self._chunks[cid]
-        self._groups.move_to_end(chunk.group)
-        if self._groups[chunk.group].label != reader:
+        self._entries.move_to_end(chunk.entry)
+        if self._entries[chunk.entry].label != reader:
             self.stats.shared_tokens += tokens
         return chunk
 
@@ -393,30 +393,30 @@ class HostArena:
 
     # ---- memory ----------------------------------------------------------------------------------------
     def _drop_chunk(self, cid: int, indexed: bool = True) -> _Chunk:
-        """Chunk ``cid`` goes; ``indexed``: its index entries are cleared too (a forget cleared them already).
+        """Chunk ``cid`` goes; ``indexed``: its index cells are cleared too (a forget cleared them already).
         Returns it, for ``_recycle``."""
         chunk = self._chunks.pop(cid)
-        group = self._groups.get(chunk.group)
-        if group is not None:
-            group.chunks.discard(cid)
-            group.nbytes -= chunk.nbytes
-            if not group.chunks:
-                del self._groups[chunk.group]
+        entry = self._entries.get(chunk.entry)
+        if entry is not None:
+            entry.chunks.discard(cid)
+            entry.nbytes -= chunk.nbytes
+            if not entry.chunks:
+                del self._entries[chunk.entry]
         if indexed:
             cells = _cells(chunk.units, chunk.slots)
             block = self._loc[cells]
-            block[(block >> OFFSET_BITS) == cid] = -1  # not those re-offloaded since
+            block[(block >> OFFSET_BITS) == cid] = -1  # not those saved again since
             self._loc[cells] = block
         self.stats.held_bytes -= chunk.nbytes
         return chunk
 
-    def _drop_group(self, gid: int) -> int:
-        group = self._groups.get(gid)
-        if group is None:
+    def _drop_entry(self, eid: int) -> int:
+        entry = self._entries.get(eid)
+        if entry is None:
             return 0
-        nbytes = group.nbytes
-        self._recycle([self._drop_chunk(cid) for cid in list(group.chunks)])
-        self._groups.pop(gid, None)
+        nbytes = entry.nbytes
+        self._recycle([self._drop_chunk(cid) for cid in list(entry.chunks)])
+        self._entries.pop(eid, None)
         return nbytes
 
     def _block(self) -> torch.Tensor:
@@ -434,11 +434,11 @@ class HostArena:
         del self._spare[max(0, (self.budget_bytes - self.stats.held_bytes) // BLOCK_BYTES) :]
 
     def _make_room(self, nbytes: int, keep: int | None) -> None:
-        """Evict groups other than ``keep``, least recently used first, until ``nbytes`` more fit."""
-        for gid in list(self._groups):
+        """Evict entries other than ``keep``, least recently used first, until ``nbytes`` more fit."""
+        for eid in list(self._entries):
             if self.stats.held_bytes + nbytes <= self.budget_bytes:
                 return
-            if gid == keep:
+            if eid == keep:
                 continue
-            self.stats.evicted_bytes += self._drop_group(gid)
+            self.stats.evicted_bytes += self._drop_entry(eid)
             self.stats.evictions += 1

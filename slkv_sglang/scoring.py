@@ -50,7 +50,7 @@ class _Logits:
         """``[H, n, hi - lo]`` logits over the keys at positions ``lo..hi-1``."""
         k = gather_keys(self.k_cache, self.key_slots[lo:hi]).to(device=self.q.device, dtype=torch.float32)
         kv_heads, n = k.shape[1], self.n
-        # GQA without repeating keys: one matmul per KV head over its group's queries [Hkv, G * n, D]
+        # GQA without repeating keys: one matmul per KV head over its query heads' queries [Hkv, q_per_kv * n, D]
         qg = self.q.view(n, kv_heads, self.num_heads // kv_heads, self.dim).permute(1, 2, 0, 3)
         logits = torch.matmul(qg.reshape(kv_heads, -1, self.dim), k.permute(1, 2, 0)).view(self.num_heads, n, hi - lo)
         if hi - 1 > self.first_query:  # keys later than some query: only the last n positions can be
@@ -104,7 +104,7 @@ def reduce_heads_tensor(per_head: torch.Tensor, mode: ScoreMode, num_kv_heads: i
     """Turn per-query-head masses [..., H] into layer scores [...].
 
     ``mean``: the paper (head mean). ``kvmin``: a layer is only as lazy as its least lazy KV head (query
-    heads averaged within their KV group), which keeps layers holding a retrieval head. ``headmin``: the
+    heads averaged per KV head), which keeps layers holding a retrieval head. ``headmin``: the
     least lazy query head.
     """
     if mode == "mean":
@@ -118,9 +118,9 @@ def reduce_heads_tensor(per_head: torch.Tensor, mode: ScoreMode, num_kv_heads: i
 
 def kv_head_scores(per_head: torch.Tensor, mode: ScoreMode, num_kv_heads: int) -> torch.Tensor:
     """Per-query-head masses [..., H] to one score per KV head [..., Hkv]: what head granularity decides on. A KV
-    head serves its group of query heads, so it is as lazy as their mean (``headmin``: their least lazy one)."""
-    grouped = per_head.reshape(*per_head.shape[:-1], num_kv_heads, -1)
-    return grouped.min(dim=-1).values if mode == "headmin" else grouped.mean(dim=-1)
+    head serves its query heads, so it is as lazy as their mean (``headmin``: their least lazy one)."""
+    per_kv = per_head.reshape(*per_head.shape[:-1], num_kv_heads, -1)
+    return per_kv.min(dim=-1).values if mode == "headmin" else per_kv.mean(dim=-1)
 
 
 def decide(per_head: torch.Tensor, mode: ScoreMode, threshold: float, num_kv_heads: int, long_enough: bool,

@@ -1,8 +1,8 @@
 """Tensor parallel: each rank holds a contiguous block of the query heads; a decision needs all of them.
 
 Per-head masses are gathered across the TP group before the head reduction, so every rank reduces the same
-global ``[.., H]`` masses with the global KV-head count and takes the same decision (``kvmin`` groups query
-heads by their global KV head). Blocks may differ in size by one head; the gather pads to the largest block.
+global ``[.., H]`` masses with the global KV-head count and takes the same decision (``kvmin`` averages query
+heads per global KV head). Blocks may differ in size by one head; the gather pads to the largest block.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ An attention backend owns one ``LazyTracker``. Per forward it calls ``plan(forwa
 metadata, FlashInfer-style), then per layer ``score(...)`` after attention and, in decode,
 ``restricted_positions(layer)`` / ``window_indices(i)`` to know which requests read only sink + recent KV
 (``partial_heads(layer)``: which read it in some KV heads only, with head granularity).
-State is keyed by request row (``req_to_token`` row). A decision leaves the tracker once, as the ``Decision`` that
-``score`` returns after the last layer: the backend acts on it and reports it; nothing calls back into the tracker.
+State is keyed by ``req_pool_idx`` (the request's index in ``req_to_token``). A decision leaves the tracker once,
+as the ``Decision`` that ``score`` returns after the last layer: the backend acts on it and reports it; nothing calls back into the tracker.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ class _Scorer:
     """One request that takes its lazy decision in this forward."""
 
     pos: int  # position in the batch
-    row: int  # request-pool row
+    req_pool_idx: int  # the request's index in req_to_token
     params: RequestParams
-    q_start: int  # first row of this request's queries in the forward's q
+    q_start: int  # index of this request's first query in the forward's q
     q_end: int
     seq_len: int  # keys 0..seq_len-1 (including this forward's tokens)
     prompt_len: int  # for the short-sequence rule
@@ -53,7 +53,7 @@ class Decision:
     """A request's lazy layers and heads, decided in this forward."""
 
     rid: str
-    req_row: int
+    req_pool_idx: int
     lazy: torch.Tensor  # [layers, KV heads] bool: the heads decode reads sink + recent from
     seq_len: int
     layer_map: LayerMap
@@ -76,7 +76,7 @@ class _AwaitingDecode:
 @dataclass
 class BatchPlan:
     is_decode: bool
-    rows: list[int]
+    req_pool_indices: list[int]
     seq_lens: list[int]
     scorers: list[_Scorer]
     window: dict[int, torch.Tensor]  # decode: batch position -> KV slot ids of sink + recent
@@ -113,9 +113,9 @@ class _Clock:
 
 
 class LazyTracker:
-    def __init__(self, config: SlkvConfig, num_layers: int, num_kv_heads: int, num_rows: int, req_to_token: torch.Tensor,
-                 gather_heads: HeadGather | None = None, full_layers: Sequence[int] | None = None,
-                 head_decode: bool = True):
+    def __init__(self, config: SlkvConfig, num_layers: int, num_kv_heads: int, req_pool_size: int,
+                 req_to_token: torch.Tensor, gather_heads: HeadGather | None = None,
+                 full_layers: Sequence[int] | None = None, head_decode: bool = True):
         """``num_kv_heads``: the model's total; ``gather_heads``: under tensor parallel, this rank's per-head masses
         to all of the model's heads (``tensor_parallel.all_gather_heads``), so every rank decides alike.
         ``full_layers``: the layers scored and made lazy (``ModelLayers.full``; None: every layer); the others
@@ -131,13 +131,14 @@ class LazyTracker:
         self.gather_heads = gather_heads
         self.req_to_token = req_to_token
         self.head_decode = head_decode
-        self.lazy = torch.zeros(num_rows, num_layers, num_kv_heads, dtype=torch.bool)  # host copy, read per forward
+        # per req_pool_idx; a host copy, read per forward
+        self.lazy = torch.zeros(req_pool_size, num_layers, num_kv_heads, dtype=torch.bool)
         self._tails: dict[int, _Tail] = {}
         self._awaiting: dict[int, _AwaitingDecode] = {}
-        self._timing: dict[int, list[float]] = {}  # row -> [identification s, forward s] over its prefill
+        self._timing: dict[int, list[float]] = {}  # req_pool_idx -> [identification s, forward s] over its prefill
         self.plan_: BatchPlan | None = None
         self._staged: list[RequestParams] | None = None
-        self.running: dict[int, int] = {}  # row -> sequence length, every request seen and not yet released
+        self.running: dict[int, int] = {}  # req_pool_idx -> sequence length, every request seen and not yet released
         self._running_mask: torch.Tensor | None = None  # running_slots() of all of them, until ``running`` changes
 
     # ---- per forward -------------------------------------------------------------------------------
@@ -153,13 +154,14 @@ class LazyTracker:
             self.plan_ = None
             return None
         # host copies where SGLang keeps them, so that planning does not wait for the device
-        rows = (fb.req_pool_indices_cpu if fb.req_pool_indices_cpu is not None else fb.req_pool_indices).tolist()
-        if len(params) != len(rows):
-            raise RuntimeError(f"slkv: staged settings for {len(params)} requests, batch has {len(rows)}")
+        indices = fb.req_pool_indices_cpu if fb.req_pool_indices_cpu is not None else fb.req_pool_indices
+        req_pool_indices = indices.tolist()
+        if len(params) != len(req_pool_indices):
+            raise RuntimeError(f"slkv: staged settings for {len(params)} requests, batch has {len(req_pool_indices)}")
         seq_lens = (fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens).tolist()
-        self.running.update(zip(rows, seq_lens))
+        self.running.update(zip(req_pool_indices, seq_lens))
         self._running_mask = None
-        plan = BatchPlan(mode.is_decode(), rows, seq_lens, [], {}, time.perf_counter())
+        plan = BatchPlan(mode.is_decode(), req_pool_indices, seq_lens, [], {}, time.perf_counter())
         if plan.is_decode:
             self._plan_decode(plan, params)
         else:
@@ -170,43 +172,43 @@ class LazyTracker:
     def _plan_extend(self, plan: BatchPlan, params: list[RequestParams], prefix_lens: list[int], ext_lens: list[int]) -> None:
         cfg = self.config
         q_start = 0
-        for pos, (row, seq_len, p) in enumerate(zip(plan.rows, plan.seq_lens, params)):
+        for pos, (idx, seq_len, p) in enumerate(zip(plan.req_pool_indices, plan.seq_lens, params)):
             ext, prefix = int(ext_lens[pos]), int(prefix_lens[pos])
-            tail = self._tails.pop(row, None)
+            tail = self._tails.pop(idx, None)
             carry = tail.q if tail is not None and tail.end == prefix else None
             if carry is None:
-                self._timing[row] = [0.0, 0.0]
+                self._timing[idx] = [0.0, 0.0]
             if p.last_chunk:
-                self.lazy[row] = False
-                self._awaiting.pop(row, None)
+                self.lazy[idx] = False
+                self._awaiting.pop(idx, None)
             if p.enabled and p.mode == "prefill":
                 plan.scorers.append(
                     _Scorer(
-                        pos=pos, row=row, params=p, q_start=q_start + max(0, ext - cfg.last), q_end=q_start + ext,
-                        seq_len=seq_len, prompt_len=seq_len, key_slots=self.req_to_token[row, :seq_len],
+                        pos=pos, req_pool_idx=idx, params=p, q_start=q_start + max(0, ext - cfg.last), q_end=q_start + ext,
+                        seq_len=seq_len, prompt_len=seq_len, key_slots=self.req_to_token[idx, :seq_len],
                         carry=carry if ext < cfg.last else None, keep_tail=not p.last_chunk,
                         decide=p.last_chunk, per_head=[None] * self.num_layers,
                     )
                 )
             elif p.enabled and p.last_chunk:  # decode variant: decide at the first decode step
-                self._awaiting[row] = _AwaitingDecode(p, prompt_len=seq_len)
+                self._awaiting[idx] = _AwaitingDecode(p, prompt_len=seq_len)
             q_start += ext
 
     def _plan_decode(self, plan: BatchPlan, params: list[RequestParams]) -> None:
         cfg = self.config
-        for pos, (row, seq_len) in enumerate(zip(plan.rows, plan.seq_lens)):
-            waiting = self._awaiting.pop(row, None)
+        for pos, (idx, seq_len) in enumerate(zip(plan.req_pool_indices, plan.seq_lens)):
+            waiting = self._awaiting.pop(idx, None)
             if waiting is not None:
                 plan.scorers.append(
                     _Scorer(
-                        pos=pos, row=row, params=waiting.params, q_start=pos, q_end=pos + 1, seq_len=seq_len,
-                        prompt_len=waiting.prompt_len, key_slots=self.req_to_token[row, :seq_len], carry=None,
+                        pos=pos, req_pool_idx=idx, params=waiting.params, q_start=pos, q_end=pos + 1, seq_len=seq_len,
+                        prompt_len=waiting.prompt_len, key_slots=self.req_to_token[idx, :seq_len], carry=None,
                         keep_tail=False, decide=True, per_head=[None] * self.num_layers,
                     )
                 )
-            if seq_len > cfg.kept_tokens and bool(self.lazy[row].any()):
-                plan.window[pos] = window_slots(self.req_to_token[row], seq_len, cfg.sink, cfg.recent)
-                lazy = plan.heads[pos] = self.lazy[row].clone()
+            if seq_len > cfg.kept_tokens and bool(self.lazy[idx].any()):
+                plan.window[pos] = window_slots(self.req_to_token[idx], seq_len, cfg.sink, cfg.recent)
+                lazy = plan.heads[pos] = self.lazy[idx].clone()
                 plan.whole[pos], plan.some[pos] = lazy.all(dim=1).tolist(), lazy.any(dim=1).tolist()
 
     # ---- per layer ---------------------------------------------------------------------------------
@@ -246,14 +248,14 @@ class LazyTracker:
         cfg = self.config
         deciding: list[tuple[_Scorer, torch.Tensor, torch.Tensor | None]] = []
         for s in plan.scorers:
-            q_rows = q[s.q_start : s.q_end]
-            lse_rows = None if lse is None else lse[:, s.q_start : s.q_end]
+            q_last = q[s.q_start : s.q_end]
+            lse_last = None if lse is None else lse[:, s.q_start : s.q_end]
             if s.carry is not None:  # queries of an earlier forward: their log-sum-exp is not in this one's
-                q_rows, lse_rows = torch.cat([s.carry[layer_id], q_rows])[-cfg.last :], None
+                q_last, lse_last = torch.cat([s.carry[layer_id], q_last])[-cfg.last :], None
             if s.keep_tail:
-                self._tails.setdefault(s.row, _Tail(s.seq_len, {})).q[layer_id] = q_rows[-cfg.last :].clone()
+                self._tails.setdefault(s.req_pool_idx, _Tail(s.seq_len, {})).q[layer_id] = q_last[-cfg.last :].clone()
             if s.decide:
-                deciding.append((s, q_rows, lse_rows))
+                deciding.append((s, q_last, lse_last))
         if deciding:
             masses = mass([d[1] for d in deciding], [d[0].key_slots for d in deciding], [d[2] for d in deciding])
             for (s, _, _), per_head in zip(deciding, masses):
@@ -276,12 +278,12 @@ class LazyTracker:
         elapsed = time.perf_counter() - plan.started  # after the sync: the forward has run
         spent = sum(clock.seconds() for clock in plan.clocks)
         for s in plan.scorers:
-            timing = self._timing.setdefault(s.row, [0.0, 0.0])
+            timing = self._timing.setdefault(s.req_pool_idx, [0.0, 0.0])
             timing[0] += spent / len(plan.scorers)
             timing[1] += elapsed
         decisions = []
         for s, per_head in zip(deciding, masses):
-            timing = self._timing[s.row]
+            timing = self._timing[s.req_pool_idx]
             p = s.params
             lazy, scores, heads = decide(per_head, p.score, p.threshold, self.num_kv_heads,
                                          s.prompt_len >= self.config.min_trim_len, p.force_lazy, self.config.protect,
@@ -289,12 +291,12 @@ class LazyTracker:
             lazy &= self.is_full[:, None]  # where requests enter, forcing a sliding layer is refused
             if not self.head_decode:
                 lazy &= lazy.all(dim=1, keepdim=True)
-            self.lazy[s.row] = lazy
+            self.lazy[s.req_pool_idx] = lazy
             layer_map = LayerMap.from_decision(
                 lazy.tolist(), scores.tolist(), heads.tolist(), self.is_full.tolist(), threshold=p.threshold,
                 score_mode=p.score, decide_mode=p.mode, sink=self.config.sink, recent=self.config.recent,
                 decided_at=s.seq_len, granularity=p.granularity)
-            decisions.append(Decision(p.rid, s.row, lazy, s.seq_len, layer_map, timing[0], timing[1]))
+            decisions.append(Decision(p.rid, s.req_pool_idx, lazy, s.seq_len, layer_map, timing[0], timing[1]))
             logger.debug("slkv decision rid=%s lazy=%s", p.rid, layer_map.lazy_heads)
         return decisions
 
@@ -313,22 +315,22 @@ class LazyTracker:
                 "tracker_timing": len(self._timing), "tracker_running": len(self.running)}
 
     def running_slots(self, num_slots: int, exclude: int | None = None) -> torch.Tensor:
-        """Mask over KV slots ``[num_slots + 1]``: those a running request (other than row ``exclude``) reads.
-        Read-only: without ``exclude`` it is kept for the admission checks until the next forward."""
+        """Mask over KV slots ``[num_slots + 1]``: those a running request (other than the one at req_pool_idx
+        ``exclude``) reads. Read-only: without ``exclude`` it is kept for the admission checks until the next forward."""
         if exclude is None and self._running_mask is not None:
             return self._running_mask
         mask = torch.zeros(num_slots + 1, dtype=torch.bool)
-        for row, n in self.running.items():
-            if row != exclude:
-                mask[self.req_to_token[row, :n]] = True
+        for idx, n in self.running.items():
+            if idx != exclude:
+                mask[self.req_to_token[idx, :n]] = True
         if exclude is None:
             self._running_mask = mask
         return mask
 
-    def release_row(self, row: int) -> None:
-        """The request holding ``row`` is done: drop its carried queries and pending decode decision."""
-        self._tails.pop(row, None)
-        self._awaiting.pop(row, None)
-        self._timing.pop(row, None)
-        if self.running.pop(row, None) is not None:
+    def release(self, req_pool_idx: int) -> None:
+        """The request at ``req_pool_idx`` is done: drop its carried queries and pending decode decision."""
+        self._tails.pop(req_pool_idx, None)
+        self._awaiting.pop(req_pool_idx, None)
+        self._timing.pop(req_pool_idx, None)
+        if self.running.pop(req_pool_idx, None) is not None:
             self._running_mask = None

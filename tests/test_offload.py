@@ -1,5 +1,5 @@
 """The host tier and the KV tier's parts, without an engine: bit-exact round trips of real model KV, copies
-addressed by slot and checked by prefix fingerprint, the budget, LRU eviction of groups, restores, heals and the
+addressed by slot and checked by prefix fingerprint, the budget, LRU eviction of host entries, restores, heals and the
 admission ledger. ``test_offload_engine.py`` runs the same paths inside SGLang."""
 
 from __future__ import annotations
@@ -38,14 +38,15 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def test_offload_then_reload_is_bit_exact(model_kv):
+def test_save_then_reload_is_bit_exact(model_kv):
     seq = model_kv[0].shape[0]
     slots = torch.randperm(seq) + 1  # slots are not positions: any order
     fps = prefix_fingerprints(list(range(seq)))
     arena = HostArena(1 << 30, num_units=len(model_kv), num_slots=seq)
-    group = arena.new_group()
+    entry = arena.new_entry()
     for layer, kv in enumerate(model_kv):
-        assert arena.offload(group, "a", [layer], slots[SINK : seq - RECENT], fps[SINK : seq - RECENT], kv[SINK : seq - RECENT])
+        middle = slice(SINK, seq - RECENT)
+        assert arena.save(entry, "a", [layer], slots[middle], fps[middle], kv[middle])
     for layer, kv in enumerate(model_kv):
         out = torch.empty_like(kv[SINK : seq - RECENT])
         assert arena.reload([layer], slots[SINK : seq - RECENT], fps[SINK : seq - RECENT], out, reader="b")
@@ -54,7 +55,8 @@ def test_offload_then_reload_is_bit_exact(model_kv):
     assert arena.reload([7], slots[100:300].flip(0), fps[100:300].flip(0), part) and torch.equal(part, model_kv[7][100:300].flip(0))
     assert arena.reload([7], slots[:0], fps[:0], part[:0])  # nothing to read: nothing missing
     assert arena.stats.held_bytes == sum(_bytes(kv[SINK : seq - RECENT]) for kv in model_kv)
-    assert arena.stats.shared_tokens > 0  # read by another label than the one that offloaded
+    # read by other labels than the one that saved ("b", then no label): every copy once, then the 200 again
+    assert arena.stats.shared_tokens == len(model_kv) * (seq - SINK - RECENT) + 200
 
 
 def test_a_copy_is_never_restored_into_another_prefix(model_kv):
@@ -64,7 +66,7 @@ def test_a_copy_is_never_restored_into_another_prefix(model_kv):
     slots = torch.arange(1, 101)
     ids = list(range(100))
     arena = HostArena(1 << 30, num_units=1, num_slots=200)
-    arena.offload(arena.new_group(), "session-1", [0], slots, prefix_fingerprints(ids), kv)
+    arena.save(arena.new_entry(), "session-1", [0], slots, prefix_fingerprints(ids), kv)
     other = ids[:]
     other[10] = 999  # a branch that differs at position 10: every position from 10 on has another prefix
     out = torch.zeros_like(kv)
@@ -75,14 +77,14 @@ def test_a_copy_is_never_restored_into_another_prefix(model_kv):
     assert held[0, :10].all() and not held[0, 10:].any()
 
 
-def test_offload_skips_what_is_held_and_forget_frees_chunks(model_kv):
+def test_save_skips_what_is_held_and_forget_frees_chunks(model_kv):
     kv = model_kv[12]
     slots, fps = torch.arange(1, 1201), prefix_fingerprints(list(range(1200)))
     arena = HostArena(1 << 30, num_units=30, num_slots=1200)
-    arena.offload(arena.new_group(), "s", [12], slots[SINK:600], fps[SINK:600], kv[SINK:600])
-    before = arena.stats.offloaded_bytes
-    arena.offload(arena.new_group(), "s", [12], slots[SINK:900], fps[SINK:900], kv[SINK:900])  # the next turn
-    assert arena.stats.offloaded_bytes - before == _bytes(kv[600:900])  # only the new tokens were copied
+    arena.save(arena.new_entry(), "s", [12], slots[SINK:600], fps[SINK:600], kv[SINK:600])
+    before = arena.stats.saved_bytes
+    arena.save(arena.new_entry(), "s", [12], slots[SINK:900], fps[SINK:900], kv[SINK:900])  # the next turn
+    assert arena.stats.saved_bytes - before == _bytes(kv[600:900])  # only the new tokens were copied
     arena.forget(slots[500:])  # SGLang freed the tail's slots
     assert int(arena.hosted(slots)[12].sum()) == 500 - SINK
     assert arena.stats.held_bytes == _bytes(kv[SINK:600])  # the second turn's chunk died with its last slot
@@ -90,23 +92,23 @@ def test_offload_skips_what_is_held_and_forget_frees_chunks(model_kv):
     assert arena.stats.held_bytes == 0 and len(arena) == 0
 
 
-def test_lru_eviction_drops_whole_groups():
+def test_lru_eviction_drops_whole_entries():
     seg = torch.randn(100, 2, 3, 64)
     arena = HostArena(budget_bytes=3 * _bytes(seg), num_units=1, num_slots=500)
     fps = torch.arange(100)
-    groups = {}
+    entries = {}
     for i, name in enumerate("abc"):
-        groups[name] = arena.new_group()
-        assert arena.offload(groups[name], name, [0], torch.arange(1, 101) + 100 * i, fps, seg)
+        entries[name] = arena.new_entry()
+        assert arena.save(entries[name], name, [0], torch.arange(1, 101) + 100 * i, fps, seg)
     out = torch.empty_like(seg)
     assert arena.reload([0], torch.arange(1, 101), fps, out)  # a reload makes a the most recently used
-    assert arena.offload(arena.new_group(), "d", [0], torch.arange(301, 401), fps, seg)  # evicts b
+    assert arena.save(arena.new_entry(), "d", [0], torch.arange(301, 401), fps, seg)  # evicts b
     held = arena.hosted(torch.arange(1, 401)).view(4, 100).all(dim=1).tolist()
     assert held == [True, False, True, True] and arena.stats.evictions == 1
     arena.set_budget(_bytes(seg))  # shrink: c then a go, d (the most recent) stays
     assert arena.hosted(torch.arange(1, 401)).view(4, 100).all(dim=1).tolist() == [False, False, False, True]
-    big = arena.new_group()
-    assert not arena.offload(big, "e", [0], torch.arange(401, 501), fps, torch.randn(100, 2, 3, 65))  # > the budget
+    big = arena.new_entry()
+    assert not arena.save(big, "e", [0], torch.arange(401, 501), fps, torch.randn(100, 2, 3, 65))  # > the budget
     assert arena.stats.refused == 1 and arena.hosted(torch.arange(301, 401)).all()  # nothing evicted for it
 
 
@@ -115,9 +117,9 @@ def test_budget_is_never_exceeded():
     arena = HostArena(budget_bytes=40_000, num_units=3, num_slots=600)
     for step in range(400):
         layer, start = rng.randrange(3), rng.randrange(1, 500)
-        n = rng.randint(1, 300)  # up to 38 KB: some offloads exceed a shrunk budget alone
+        n = rng.randint(1, 300)  # up to 38 KB: some saves exceed a shrunk budget alone
         slots = torch.arange(start, min(start + n, 601))
-        arena.offload(arena.new_group(), "x", [layer], slots, slots * 3, torch.randn(slots.numel(), 2, 1, 16))
+        arena.save(arena.new_entry(), "x", [layer], slots, slots * 3, torch.randn(slots.numel(), 2, 1, 16))
         if step % 37 == 0:
             arena.set_budget(rng.randrange(10_000, 60_000))
         if step % 11 == 0:
@@ -129,7 +131,7 @@ def test_budget_is_never_exceeded():
 
 
 def test_host_blocks_are_recycled_within_the_budget(model_kv):
-    """Freed host memory is reused for the next offload (no fresh allocation to fault in), and free blocks
+    """Freed host memory is reused for the next save (no fresh allocation to fault in), and free blocks
     count against the budget like held KV."""
     from offload.arena import BLOCK_BYTES
 
@@ -138,12 +140,12 @@ def test_host_blocks_are_recycled_within_the_budget(model_kv):
     n = kv.shape[0]
     slots, fps = torch.arange(1, n + 1), torch.arange(n)
     arena = HostArena(budget_bytes=3 * _bytes(kv), num_units=1, num_slots=n)
-    arena.offload(arena.new_group(), "a", [0], slots, fps, kv)
+    arena.save(arena.new_entry(), "a", [0], slots, fps, kv)
     blocks = {b.data_ptr() for c in arena._chunks.values() for b in c.blocks}
     assert len(blocks) == _bytes(kv) // BLOCK_BYTES
     arena.forget(slots)
     assert len(arena._spare) == len(blocks)
-    arena.offload(arena.new_group(), "b", [0], slots, fps, kv)
+    arena.save(arena.new_entry(), "b", [0], slots, fps, kv)
     assert {b.data_ptr() for c in arena._chunks.values() for b in c.blocks} == blocks
     out = torch.empty_like(kv)
     assert arena.reload([0], slots, fps, out) and torch.equal(out, kv)
@@ -153,10 +155,10 @@ def test_host_blocks_are_recycled_within_the_budget(model_kv):
 
 
 # ---- the KV tier: planner and executor over real tensors -------------------------------------------------
-def _tier(layers: int = 2, host_budget: int = 1 << 20, groups: int = 1) -> KvTier:
-    """Two KV heads per layer, in one row per layer (``groups`` 1) or one row per head (2)."""
-    return KvTier.build(layers, groups, 100, num_rows=layers * groups * 101, heads=2, dim=4, dtype=torch.float32,
-                        device="cpu", host_budget=host_budget, poison=True)
+def _tier(layers: int = 2, host_budget: int = 1 << 20, units_per_layer: int = 1) -> KvTier:
+    """Two KV heads per layer, in one row per layer (``units_per_layer`` 1) or one row per head (2)."""
+    return KvTier.build(layers, units_per_layer, 100, num_rows=layers * units_per_layer * 101, heads=2, dim=4,
+                        dtype=torch.float32, device="cpu", host_budget=host_budget, poison=True)
 
 
 def _kv(tier: KvTier, layer: int, slots: torch.Tensor) -> torch.Tensor:
@@ -170,17 +172,18 @@ def _lazy(*layers: bool) -> torch.Tensor:
     return torch.tensor([[lazy, lazy] for lazy in layers])
 
 
-def _step(row: int, ids: list[int], heal: Heal | None = None) -> KvStep:
-    req = SimpleNamespace(rid="r", discard_output_reason=None, skip_radix_cache_insert=False)
-    return KvStep([RequestStep(req, "r", "s", row, prefix_fingerprints(ids), heal)])
+def _step(req_pool_idx: int, ids: list[int], heal: Heal | None = None) -> KvStep:
+    req = SimpleNamespace(rid="r")
+    return KvStep([RequestStep(req, "r", "s", req_pool_idx, prefix_fingerprints(ids), heal)])
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_tier_offloads_restores_and_falls_back_to_recompute(groups):
+@pytest.mark.parametrize("units_per_layer", [1, 2])
+def test_tier_releases_restores_and_falls_back_to_recompute(units_per_layer):
     """A lazy layer's middle goes to the host and its rows are freed; the next prefill restores it exactly. A
     budget too small frees the rows all the same, the planner cuts the prefix there, and the recomputing
     prefill heals the cached slots. The same with a row per layer and a row per KV head."""
-    tier, ids = _tier(host_budget=10 * 2 * 2 * 4 * 4, groups=groups), list(range(40))  # 10 tokens of one layer
+    # a budget of 10 tokens of one layer
+    tier, ids = _tier(host_budget=10 * 2 * 2 * 4 * 4, units_per_layer=units_per_layer), list(range(40))
     planner, ex = KvPlanner(tier, strict=True), KvExecutor(tier, sink=4, recent=10, strict=True)
     req_to_token = torch.zeros(4, 100, dtype=torch.int64)
     req_to_token[1, :40] = slots = torch.arange(1, 41)
@@ -188,17 +191,18 @@ def test_tier_offloads_restores_and_falls_back_to_recompute(groups):
     ex.begin(_step(1, ids))
     for layer in range(2):
         ex.write(layer, slots, kv[:, 0], kv[:, 1])
-    ex.offload(1, "r", _lazy(True, False), 16, req_to_token, shared=None)  # middle 4..5: fits
-    assert tier.rows.held(slots).tolist() == [38] * groups + [40] * groups
+    ex.release_lazy(1, "r", _lazy(True, False), 16, req_to_token, shared=None)  # middle 4..5: fits
+    assert tier.rows.held(slots).tolist() == [38] * units_per_layer + [40] * units_per_layer
     assert planner.restorable(slots, prefix_fingerprints(ids)) == 40
     assert planner.restorable(slots, prefix_fingerprints([7] + ids[1:])) == 4  # another prefix: not restorable
     ex.begin(_step(2, ids + [1]))
     req_to_token[2, :40] = slots
     ex.restore(0, req_to_token, [40])
-    assert torch.equal(_kv(tier, 0, slots), kv) and tier.stats.restored_rows == 2 * groups
+    assert torch.equal(_kv(tier, 0, slots), kv) and tier.stats.restored_rows == 2 * units_per_layer
     ex.begin(_step(1, ids))
-    ex.offload(1, "r", _lazy(False, True), 40, req_to_token, shared=None)  # 26 tokens: refused, lost
-    assert tier.stats.lost_rows == 26 * groups and tier.rows.held(slots).tolist() == [40] * groups + [14] * groups
+    ex.release_lazy(1, "r", _lazy(False, True), 40, req_to_token, shared=None)  # 26 tokens: refused, lost
+    assert tier.stats.lost_rows == 26 * units_per_layer
+    assert tier.rows.held(slots).tolist() == [40] * units_per_layer + [14] * units_per_layer
     assert planner.restorable(slots, prefix_fingerprints(ids)) == 4
     fresh = torch.arange(41, 81)
     req_to_token[3, :40] = fresh
@@ -206,7 +210,7 @@ def test_tier_offloads_restores_and_falls_back_to_recompute(groups):
     for layer in range(2):
         ex.write(layer, fresh[4:], kv[4:, 0], kv[4:, 1])
         ex.heal(layer, req_to_token, [4], [36])
-    assert planner.restorable(slots, prefix_fingerprints(ids)) == 40 and tier.stats.healed_rows == 26 * groups
+    assert planner.restorable(slots, prefix_fingerprints(ids)) == 40 and tier.stats.healed_rows == 26 * units_per_layer
     assert torch.equal(_kv(tier, 1, slots), kv)
 
 
@@ -221,19 +225,21 @@ def test_a_restore_that_cannot_complete_fails_the_request_not_the_engine():
         ex.begin(_step(1, ids))
         for layer in range(2):
             ex.write(layer, slots, torch.randn(40, 2, 4), torch.randn(40, 2, 4))
-        ex.offload(1, "r", _lazy(True, True), 40, req_to_token, shared=None)
+        ex.release_lazy(1, "r", _lazy(True, True), 40, req_to_token, shared=None)
         tier.host.set_budget(0)
-        step = _step(1, ids)
-        ex.begin(step)
+        planner, req = KvPlanner(tier, strict=strict), SimpleNamespace(rid="r")
+        ex.begin(planner.plan([req], [1], ["s"], [ids], [40]))
         if strict:
             with pytest.raises(LostKv):
                 ex.restore(0, req_to_token, [40])
             continue
         ex.restore(0, req_to_token, [40])
-        req = step.requests[0].req
         assert ex.failed(0) and tier.stats.failed_requests == 1
-        assert req.skip_radix_cache_insert and "could not be made whole" in req.discard_output_reason.message
         assert ex.read(0, 0, slots) is None  # a read of lost rows computes nothing for the request
+        # the executor only reports; the scheduler side finishes the request, once
+        (failed, why), = planner.settle()
+        assert failed is req and why.startswith("slkv: KV of request r could not be made whole (layer 0:")
+        assert planner.settle() == []
 
 
 def test_ledger_counts_promised_rows():
@@ -249,7 +255,7 @@ def test_ledger_counts_promised_rows():
     for layer in range(2):
         ex.write(layer, slots, torch.randn(8, 2, 4), torch.randn(8, 2, 4))
     assert (tier.rows.free, tier.spare_rows) == (186, 186)
-    ex.offload(1, "r", _lazy(False, True), 8, req_to_token, shared=None)  # a lazy layer gives 4 back
+    ex.release_lazy(1, "r", _lazy(False, True), 8, req_to_token, shared=None)  # a lazy layer gives 4 back
     planner = KvPlanner(tier, strict=True)
     need = planner.prefix_rows(SimpleNamespace(), slots)
     assert tier.spare_rows == 190 and need == 4
@@ -280,11 +286,11 @@ def test_cached_slots_adopt_what_a_duplicate_holds():
     ex.begin(_step(1, ids))
     for layer in range(2):
         ex.write(layer, tree, kv[:, 0], kv[:, 1])
-    ex.offload(1, "r", _lazy(True, False), 40, req_to_token, shared=None)  # layer 0: middle 4..29 to host
+    ex.release_lazy(1, "r", _lazy(True, False), 40, req_to_token, shared=None)  # layer 0: middle 4..29 to host
     own = torch.arange(41, 81)  # a second request recomputed the same tokens into its own slots
     for layer in range(2):
         ex.write(layer, own, kv[:, 0], kv[:, 1])
-    tier.host.offload(tier.host.new_group(), "x", [1], own[:2], prefix_fingerprints(ids)[:2], kv[:2])
+    tier.host.save(tier.host.new_entry(), "x", [1], own[:2], prefix_fingerprints(ids)[:2], kv[:2])
     tier.adopt(own, tree)
     tier.free_slots(own)
     assert tier.rows.held(tree).tolist() == [40, 40] and tier.stats.adopted_rows == 26
@@ -303,14 +309,14 @@ def test_lazy_heads_free_their_own_rows():
     req_to_token[1, :40] = slots
     kv = torch.randn(40, 2, 2, 4)
     one_head = torch.tensor([[True, False], [False, False]])
-    for groups, freed in ((1, 0), (2, 26)):
-        tier = _tier(groups=groups)
+    for units_per_layer, freed in ((1, 0), (2, 26)):
+        tier = _tier(units_per_layer=units_per_layer)
         ex = KvExecutor(tier, sink=4, recent=10, strict=True)
         ex.begin(_step(1, ids))
         for layer in range(2):
             ex.write(layer, slots, kv[:, 0], kv[:, 1])
-        ex.offload(1, "r", one_head, 40, req_to_token, shared=None)
-        assert tier.stats.released_rows == freed and tier.rows.free == tier.rows.num_rows - 80 * groups + freed
+        ex.release_lazy(1, "r", one_head, 40, req_to_token, shared=None)
+        assert tier.stats.released_rows == freed and tier.rows.free == tier.rows.num_rows - 80 * units_per_layer + freed
         window = torch.cat([slots[:4], slots[30:]])
         k, v = ex.read(0, 0, slots, torch.tensor([False, True]))  # the kept head: everything
         assert torch.equal(k, kv[:, 0, 1:]) and torch.equal(v, kv[:, 1, 1:])
@@ -330,7 +336,7 @@ def test_lazy_heads_free_their_own_rows():
 
 
 def test_per_head_round_trip_of_model_kv_is_bit_exact(model_kv):
-    """Real KV of every layer in rows of one KV head each: a random per-head lazy set offloads its middles (the
+    """Real KV of every layer in rows of one KV head each: a random per-head lazy set releases its middles (the
     host copy of each lazy head, the device rows of each freed), and restoring every layer gives back exactly the
     KV written, head by head."""
     layers, (seq, _, heads, dim) = len(model_kv), model_kv[0].shape
@@ -344,7 +350,7 @@ def test_per_head_round_trip_of_model_kv_is_bit_exact(model_kv):
     for layer, kv in enumerate(model_kv):
         ex.write(layer, slots, kv[:, 0], kv[:, 1])
     lazy = torch.rand(layers, heads, generator=torch.Generator().manual_seed(5)) < 0.5
-    ex.offload(1, "r", lazy, seq, req_to_token, shared=None)
+    ex.release_lazy(1, "r", lazy, seq, req_to_token, shared=None)
     middle = seq - SINK - RECENT
     assert tier.stats.released_rows == int(lazy.sum()) * middle
     assert tier.report(slots)["device_tokens"] == torch.where(lazy, seq - middle, seq).tolist()
@@ -356,22 +362,22 @@ def test_per_head_round_trip_of_model_kv_is_bit_exact(model_kv):
         assert torch.equal(_kv(tier, layer, slots), kv), layer
 
 
-def test_one_offload_call_holds_several_units_within_the_budget(model_kv):
-    """A decision offloads all its lazy units in one call, one chunk: each unit reloads bit for bit; the units past
+def test_one_save_call_holds_several_units_within_the_budget(model_kv):
+    """A decision saves all its lazy units in one call, one chunk: each unit reloads bit for bit; the units past
     the budget (the last ones) are refused and counted; the chunk's memory goes with its last forgotten slot."""
     n = 500
     kv = torch.cat([layer[SINK : SINK + n] for layer in model_kv[:5]])  # units 0..4, unit-major
     unit_bytes = _bytes(kv) // 5
     slots, fps = torch.arange(1, n + 1), prefix_fingerprints(list(range(n)))
     arena = HostArena(budget_bytes=3 * unit_bytes, num_units=5, num_slots=n)
-    assert arena.offload(arena.new_group(), "a", [0, 1, 2, 3, 4], slots, fps, kv) == 3
+    assert arena.save(arena.new_entry(), "a", [0, 1, 2, 3, 4], slots, fps, kv) == 3
     assert (arena.stats.refused, arena.stats.refused_bytes, arena.stats.held_bytes) == (1, 2 * unit_bytes, 3 * unit_bytes)
     assert len(arena._chunks) == 1
     for unit in range(3):
         out = torch.empty_like(model_kv[unit][SINK : SINK + n])
         assert arena.reload([unit], slots, fps, out) and torch.equal(out, model_kv[unit][SINK : SINK + n])
     assert arena.hosted(slots).sum(dim=1).tolist() == [n, n, n, 0, 0]
-    # several units in one reload, unit-major as offloaded: in order (one run over the chunk) and reversed (scattered)
+    # several units in one reload, unit-major as saved: in order (one run over the chunk) and reversed (scattered)
     want = {u: model_kv[u][SINK : SINK + n] for u in range(3)}
     out = torch.empty((3 * n, *kv.shape[1:]))
     assert arena.reload([0, 1, 2], slots, fps, out) and torch.equal(out, torch.cat([want[u] for u in (0, 1, 2)]))
@@ -385,8 +391,8 @@ def test_one_offload_call_holds_several_units_within_the_budget(model_kv):
     assert arena.stats.held_bytes == 0 and not arena._chunks
 
 
-def test_an_offload_past_a_chunks_numbering_splits_and_reloads_whole(monkeypatch):
-    """A chunk numbers its copies in OFFSET_BITS (shrunk here to 3: 8 copies): a longer offload becomes several
+def test_a_save_past_a_chunks_numbering_splits_and_reloads_whole(monkeypatch):
+    """A chunk numbers its copies in OFFSET_BITS (shrunk here to 3: 8 copies): a longer save becomes several
     chunks, and a reload whose run of index entries goes on from one chunk's last copy into the next chunk's first
     reads each from its own chunk."""
     import offload.arena as arena_module
@@ -397,7 +403,7 @@ def test_an_offload_past_a_chunks_numbering_splits_and_reloads_whole(monkeypatch
     for units in ([0], [0, 1]):  # 8 slots then 4 in one unit; 4 slots per chunk in two
         arena = HostArena(1 << 30, num_units=2, num_slots=100)
         kv = torch.randn(len(units) * 12, 2, 1, 4)
-        assert arena.offload(arena.new_group(), "a", units, slots, fps, kv) == len(units)
+        assert arena.save(arena.new_entry(), "a", units, slots, fps, kv) == len(units)
         assert len(arena._chunks) == (2 if len(units) == 1 else 3)
         out = torch.empty_like(kv)
         assert arena.reload(units, slots, fps, out) and torch.equal(out, kv)
@@ -410,14 +416,14 @@ def test_adopted_copies_survive_their_chunk_being_evicted():
     fps = torch.arange(3)
     kv_own, kv_tree = torch.randn(6, 2, 1, 4), torch.randn(3, 2, 1, 4)
     own, tree = torch.tensor([10, 11, 12]), torch.tensor([50, 51, 52])
-    arena.offload(arena.new_group(), "own", [0, 1], own, fps, kv_own)
-    arena.offload(arena.new_group(), "tree", [1], tree, fps, kv_tree)  # tree holds unit 1 already
+    arena.save(arena.new_entry(), "own", [0, 1], own, fps, kv_own)
+    arena.save(arena.new_entry(), "tree", [1], tree, fps, kv_tree)  # tree holds unit 1 already
     arena.adopt(own, tree)
     assert not bool(arena.hosted(own).any())
     out = torch.empty(6, 2, 1, 4)
     assert arena.reload([0, 1], tree, fps, out)
     assert torch.equal(out[:3], kv_own[:3]) and torch.equal(out[3:], kv_tree)  # unit 0 adopted, unit 1 tree's own
-    arena.set_budget(0)  # every group evicted, the adopted copies' chunk with them
+    arena.set_budget(0)  # every entry evicted, the adopted copies' chunk with them
     arena.forget(own)
     arena.forget(tree)
     assert arena.stats.held_bytes == 0 and not arena._chunks and int((arena.loc >= 0).sum()) == 0

@@ -34,7 +34,7 @@ def make_tracker(model_runner: Any, config: SlkvConfig, head_decode: bool) -> La
         config,
         num_layers=hf.num_hidden_layers,
         num_kv_heads=hf.get_total_num_kv_heads(),
-        num_rows=req_to_token.shape[0],
+        req_pool_size=req_to_token.shape[0],
         req_to_token=req_to_token,
         gather_heads=gather,
         full_layers=layers.full,

@@ -2,7 +2,7 @@
 
 Decode: lazy heads differ per request, so one FlashInfer decode wrapper is planned per distinct *lazy
 pattern* (which KV heads of which requests read only sink + recent in a layer): its ``kv_indices`` hold sink +
-recent slots where a request is lazy and its whole row elsewhere; with head granularity a partly lazy request
+recent slots where a request is lazy and all its slots elsewhere; with head granularity a partly lazy request
 is planned per (request, KV head) pair (``flashinfer_ops.WindowedDecode``). Laziness is mostly a property of
 the layer (docs/design.md), so a batch needs few patterns. ``plan()`` runs once per batch in
 ``init_forward_metadata``; each layer only picks its wrapper and runs it. Scoring uses FlashInfer's prefill
@@ -63,7 +63,7 @@ class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
             self._windowed.plan([], {}, {})
             return
         req_to_token = self.req_to_token_pool.req_to_token
-        self._windowed.plan([req_to_token[row, :seq_len] for row, seq_len in zip(plan.rows, plan.seq_lens)],
+        self._windowed.plan([req_to_token[idx, :seq_len] for idx, seq_len in zip(plan.req_pool_indices, plan.seq_lens)],
                             plan.window, plan.heads)
 
     def _new_decode_wrapper(self) -> BatchDecodeWithPagedKVCacheWrapper:

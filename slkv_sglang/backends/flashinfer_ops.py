@@ -44,9 +44,9 @@ def _indptr(lengths: Sequence[int]) -> torch.Tensor:
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
 
 
-def plan_decode(wrapper: Any, kv_rows: Sequence[torch.Tensor], shape: AttnShape, **plan_kwargs: Any) -> None:
-    """Plan ``wrapper`` (a ``BatchDecodeWithPagedKVCacheWrapper``) so request i reads the slots ``kv_rows[i]``."""
-    _plan_pages(wrapper, _indptr([len(r) for r in kv_rows]), torch.cat(list(kv_rows)).to(torch.int32), shape,
+def plan_decode(wrapper: Any, kv_slots: Sequence[torch.Tensor], shape: AttnShape, **plan_kwargs: Any) -> None:
+    """Plan ``wrapper`` (a ``BatchDecodeWithPagedKVCacheWrapper``) so request i reads the slots ``kv_slots[i]``."""
+    _plan_pages(wrapper, _indptr([len(r) for r in kv_slots]), torch.cat(list(kv_slots)).to(torch.int32), shape,
                 **plan_kwargs)
 
 
@@ -65,16 +65,16 @@ def _plan_pages(wrapper: Any, indptr: torch.Tensor, pages: torch.Tensor, shape: 
     )
 
 
-def head_pages(rows: Sequence[torch.Tensor], lazy: torch.Tensor, sink: int,
+def head_pages(req_slots: Sequence[torch.Tensor], lazy: torch.Tensor, sink: int,
                recent: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The pages of every (request, KV head) pair, request-major, in a cache viewed with one KV head per page
     (page = slot x KV heads + head): a pair reads its request's sink + recent slots where ``lazy``
-    ``[requests, KV heads]`` is set, all of ``rows[i]`` (the request's slot ids by position) elsewhere.
-    Returns (indptr ``[pairs + 1]`` int32 on the host, pages int32 on the rows' device). The per-pair facts are
+    ``[requests, KV heads]`` is set, all of ``req_slots[i]`` (the request's slot ids by position) elsewhere.
+    Returns (indptr ``[pairs + 1]`` int32 on the host, pages int32 on the slots' device). The per-pair facts are
     host facts (lengths, flags) and go to the device in one asynchronous copy, so building the pages never waits
     for the device: a few vector ops whatever the batch."""
     heads = lazy.shape[1]
-    n = torch.tensor([len(r) for r in rows])
+    n = torch.tensor([len(r) for r in req_slots])
     kept = n.clamp(max=sink + recent)  # a window covering the whole sequence is the whole sequence
     lens = torch.where(lazy, kept[:, None], n[:, None]).flatten()
     indptr = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
@@ -82,17 +82,17 @@ def head_pages(rows: Sequence[torch.Tensor], lazy: torch.Tensor, sink: int,
     per_pair = torch.stack([
         lens,
         indptr[:-1],  # the pair's first entry
-        (n.cumsum(0) - n)[pairs // heads],  # its request's first position in the concatenated rows
+        (n.cumsum(0) - n)[pairs // heads],  # its request's first position in the concatenated slots
         torch.where(lazy.flatten(), (n - kept)[pairs // heads], 0),  # positions a lazy pair skips after the sink
         pairs % heads,
     ])
-    device = rows[0].device
+    device = req_slots[0].device
     if device.type == "cuda":
         per_pair = per_pair.pin_memory()
     lens_d, first, base, skip, head = per_pair.to(device, non_blocking=True)
     pair = torch.repeat_interleave(torch.arange(len(lens), device=device), lens_d, output_size=int(indptr[-1]))
     j = torch.arange(len(pair), device=device) - first[pair]  # position in the pair's read
-    slots = torch.cat(list(rows)).long()[base[pair] + j + skip[pair] * (j >= sink)]
+    slots = torch.cat(list(req_slots)).long()[base[pair] + j + skip[pair] * (j >= sink)]
     return indptr.to(torch.int32), (slots * heads + head[pair]).to(torch.int32)
 
 
@@ -104,12 +104,12 @@ MAX_PATTERNS = 16
 class WindowedDecode:
     """The restricted reads of one decode batch, FlashInfer-style: ``plan`` once per step, ``run`` per layer.
 
-    ``plan`` groups the layers by lazy pattern (which KV heads of which requests read only sink + recent) and
+    ``plan`` sorts the layers by lazy pattern (which KV heads of which requests read only sink + recent) and
     plans one wrapper per pattern. In a pattern where each request is lazy in all or none of a layer's KV heads,
     a request reads its sink + recent slots or all of them. In a pattern where some request is lazy in part of
     them, every (request, KV head) pair is planned as its own request (``head_pages``) and the layer's call
-    sees the query as ``[requests x KV heads, group, dim]`` and the cache as one KV head per page: both are
-    views. Layers without a lazy head are not planned here (the caller runs its usual decode).
+    sees the query as ``[requests x KV heads, q_per_kv, dim]`` (``q_per_kv``: query heads per KV head) and the
+    cache as one KV head per page: both are views. Layers without a lazy head are not planned here (the caller runs its usual decode).
 
     At most ``max_patterns`` wrappers per step, for the patterns most layers share. A layer whose pattern is left
     out runs the largest planned pattern that restricts only heads it has lazy, or none (it reads everything):
@@ -124,9 +124,9 @@ class WindowedDecode:
         self._layers: dict[int, tuple[Any, bool]] = {}  # layer -> (its pattern's wrapper, planned per KV head)
         self.coarsened = 0
 
-    def plan(self, rows: Sequence[torch.Tensor], windows: dict[int, torch.Tensor],
+    def plan(self, req_slots: Sequence[torch.Tensor], windows: dict[int, torch.Tensor],
              lazy: dict[int, torch.Tensor]) -> None:
-        """``rows``: each batch request's slot ids by position, in batch order; for the requests that read sink +
+        """``req_slots``: each batch request's slot ids by position, in batch order; for the requests that read sink +
         recent in some head, by batch position: ``windows``, those slot ids (the tracker's, built once per step),
         and ``lazy``, ``[layers, KV heads]`` (host)."""
         self._layers, self.coarsened = {}, 0
@@ -146,16 +146,17 @@ class WindowedDecode:
                 max(fits, key=lambda p: int(stacked[:, p[0]].sum())).extend(layers)
             self.coarsened += len(layers)
         for n, layers in enumerate(planned):
-            mask = torch.zeros(len(rows), stacked.shape[2], dtype=torch.bool)
+            mask = torch.zeros(len(req_slots), stacked.shape[2], dtype=torch.bool)
             mask[positions] = stacked[:, layers[0]]
             by_head = bool((mask.any(dim=1) != mask.all(dim=1)).any())
             wrapper = self._wrapper(n)
             if by_head:
-                group = self.shape.num_qo_heads // self.shape.num_kv_heads
-                _plan_pages(wrapper, *head_pages(rows, mask, self.sink, self.recent),
-                            replace(self.shape, num_qo_heads=group, num_kv_heads=1), **self._plan_kwargs)
+                q_per_kv = self.shape.num_qo_heads // self.shape.num_kv_heads
+                _plan_pages(wrapper, *head_pages(req_slots, mask, self.sink, self.recent),
+                            replace(self.shape, num_qo_heads=q_per_kv, num_kv_heads=1), **self._plan_kwargs)
             else:
-                plan_decode(wrapper, [windows[i] if bool(m.all()) else r for i, (r, m) in enumerate(zip(rows, mask))],
+                plan_decode(wrapper,
+                            [windows[i] if bool(m.all()) else r for i, (r, m) in enumerate(zip(req_slots, mask))],
                             self.shape, **self._plan_kwargs)
             self._layers.update(dict.fromkeys(layers, (wrapper, by_head)))
 
@@ -170,12 +171,12 @@ class WindowedDecode:
         if not by_head:
             return wrapper.forward(q, kv_cache, **run_kwargs)
         k, v = kv_cache
-        heads, group = k.shape[1], q.shape[1] // k.shape[1]
+        heads, q_per_kv = k.shape[1], q.shape[1] // k.shape[1]
         assert k.dim() == 3 and k.is_contiguous() and v.is_contiguous() and heads == self.shape.num_kv_heads, \
             "per-head decode views an NHD cache [slots, KV heads, dim] as one head per page"
-        o = wrapper.forward(q.view(-1, group, q.shape[2]), (k.view(-1, 1, k.shape[2]), v.view(-1, 1, v.shape[2])),
+        o = wrapper.forward(q.view(-1, q_per_kv, q.shape[2]), (k.view(-1, 1, k.shape[2]), v.view(-1, 1, v.shape[2])),
                             **run_kwargs)
-        return o.view(q.shape[0], heads * group, -1)
+        return o.view(q.shape[0], heads * q_per_kv, -1)
 
     def _wrapper(self, n: int) -> Any:
         while len(self._pool) <= n:
@@ -203,16 +204,16 @@ class LseScorer:
 
     def plan(self, num_queries: Sequence[int], key_slots: Sequence[torch.Tensor], sm_scale: float,
              logits_soft_cap: float | None = None) -> None:
-        kv_rows: list[torch.Tensor] = []
+        kv_slots: list[torch.Tensor] = []
         q_lens: list[int] = []
         for n, slots in zip(num_queries, key_slots):
-            kv_rows += [slots, window_slots(slots, len(slots), self.sink, self.recent)]
+            kv_slots += [slots, window_slots(slots, len(slots), self.sink, self.recent)]
             q_lens += [n, n]
         self.wrapper.plan(
             _indptr(q_lens),
-            _indptr([len(r) for r in kv_rows]),
-            torch.cat(kv_rows).to(torch.int32),
-            torch.ones(len(kv_rows), dtype=torch.int32),
+            _indptr([len(r) for r in kv_slots]),
+            torch.cat(kv_slots).to(torch.int32),
+            torch.ones(len(kv_slots), dtype=torch.int32),
             self.shape.num_qo_heads,
             self.shape.num_kv_heads,
             self.shape.head_dim,
@@ -234,8 +235,8 @@ class LseScorer:
         q = torch.cat([x for q in queries for x in (q, q)]).to(self.shape.q_dtype)
         _, lse = self.wrapper.run(q, kv_cache, k_scale=k_scale, v_scale=v_scale, return_lse=True)
         out, at = [], 0
-        for q_rows in queries:
-            n = len(q_rows)
+        for q_req in queries:
+            n = len(q_req)
             lse_all, lse_sub = lse[at : at + n], lse[at + n : at + 2 * n]
             out.append(torch.exp2(lse_sub - lse_all).mean(dim=0).float())
             at += 2 * n

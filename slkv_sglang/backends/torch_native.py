@@ -135,7 +135,7 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
             else:
                 slots = self.req_to_token_pool.req_to_token[row, :seq_len]
             if pos in partial:
-                o_pos = self._decode_head_groups(q_pos, pos, lid, slots, self.tracker.window_indices(pos),
+                o_pos = self._decode_split_heads(q_pos, pos, lid, slots, self.tracker.window_indices(pos),
                                                  partial[pos], layer)
             else:
                 kv = self._read(pos, lid, slots)
@@ -157,15 +157,15 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
             return keys, values
         return keys[:, heads], values[:, heads]  # a mask index copies: contiguous, as the tier's reads
 
-    def _decode_head_groups(self, q: torch.Tensor, pos: int, layer_id: int, full: torch.Tensor, window: torch.Tensor,
+    def _decode_split_heads(self, q: torch.Tensor, pos: int, layer_id: int, full: torch.Tensor, window: torch.Tensor,
                             lazy: torch.Tensor, layer: Any) -> torch.Tensor | None:
         """Decode with head granularity: the query heads of lazy KV heads (``lazy`` ``[kv heads]``) attend to their
-        KV at the ``window`` slots (sink + recent), the others to all of it (``full``). Two head groups, each one
-        attention call over the KV it reads (the layout a FlashInfer decode would plan as two wrappers); with
+        KV at the ``window`` slots (sink + recent), the others to all of it (``full``). The heads split in two, each
+        part one attention call over the KV it reads (the layout a FlashInfer decode would plan as two wrappers); with
         offload each reads only its own heads' rows, so lazy heads' middle rows may be gone. None: the request
         failed."""
-        group = q.shape[0] // lazy.shape[0]
-        lazy_q = lazy.repeat_interleave(group)
+        q_per_kv = q.shape[0] // lazy.shape[0]
+        lazy_q = lazy.repeat_interleave(q_per_kv)
         out = q.new_empty((1, q.shape[0], layer.v_head_dim))
         for kv_heads, q_heads, slots in ((lazy, lazy_q, window), (~lazy, ~lazy_q, full)):
             kv = self._read(pos, layer_id, slots, kv_heads)
@@ -179,8 +179,8 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         """With offload: the decision's lazy layers free their middle rows; the record reports the request's KV."""
         if self.executor is None:
             return {}
-        shared = self.tracker.running_slots(self.executor.tier.rows.num_slots, exclude=decision.req_row)
-        return self.executor.offload(decision.req_row, decision.rid, decision.lazy, decision.seq_len,
+        shared = self.tracker.running_slots(self.executor.tier.rows.num_slots, exclude=decision.req_pool_idx)
+        return self.executor.release_lazy(decision.req_pool_idx, decision.rid, decision.lazy, decision.seq_len,
                                      self.req_to_token_pool.req_to_token, shared)
 
 
@@ -240,15 +240,15 @@ def _attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 
 def _take_over_kv_pool(kv_pool: Any, config: SlkvConfig) -> KvTier:
-    """Replace SGLang's per-layer KV buffers (created one page long, ``plugin._no_kv_buffers``) by the rows of a
+    """Replace SGLang's per-layer KV buffers (created one page long, ``hooks.admission.no_kv_buffers``) by the rows of a
     KV tier of the bytes SGLang sized them for: with ``--slkv-overcommit F`` the tier has F times more slots than
     those bytes hold in full-KV tokens."""
     k0 = kv_pool.get_key_buffer(0)
     layers, slots, heads = kv_pool.layer_num, kv_pool.size, k0.shape[1]
-    groups = heads if config.granularity == "head" else 1  # a row per KV head: each lazy head frees its own
-    rows = layers * groups * (int(slots / config.overcommit) + 1)  # the bytes SGLang sized its pool for
-    tier = KvTier.build(layers, groups, slots, rows, heads=heads, dim=k0.shape[2], dtype=k0.dtype, device=k0.device,
-                        host_budget=config.offload_budget, poison=config.poison)
+    units_per_layer = heads if config.granularity == "head" else 1  # a row per KV head: each lazy head frees its own
+    rows = layers * units_per_layer * (int(slots / config.overcommit) + 1)  # the bytes SGLang sized its pool for
+    tier = KvTier.build(layers, units_per_layer, slots, rows, heads=heads, dim=k0.shape[2], dtype=k0.dtype,
+                        device=k0.device, host_budget=config.offload_budget, poison=config.poison)
     empty = k0.new_empty((0, *k0.shape[1:]))
     kv_pool.k_buffer = [empty] * layers  # nothing else reads them on this backend; their memory goes back
     kv_pool.v_buffer = [empty] * layers

@@ -2,7 +2,7 @@
 
 Called by the attention backend, per layer (each of its units: ``rows.py``): ``restore`` before a prefill attends to
 its prefix, ``write`` for new tokens, ``heal`` after it, ``read`` for every read; after the forward's decisions,
-``offload`` frees the middle tokens of lazy units. A request whose KV cannot be made whole (a bug of ours: the
+``release_lazy`` frees the middle tokens of lazy units. A request whose KV cannot be made whole (a bug of ours: the
 planner found it restorable) is never served: in strict mode (``--slkv-poison-freed``) it raises, otherwise the
 request finishes with an error, its KV is not cached, and the engine goes on.
 """
@@ -39,7 +39,7 @@ class KvExecutor:
         for pos, (r, prefix) in enumerate(zip(self.step.requests, prefix_lens)):
             if not prefix or self.failed(pos):
                 continue
-            slots = req_to_token[r.req_row, :prefix].to(torch.int64)
+            slots = req_to_token[r.req_pool_idx, :prefix].to(torch.int64)
             missing = rows.rows_of(layer, slots) < 0  # [units of the layer, n]
             if not bool(missing.any()):
                 continue
@@ -64,7 +64,7 @@ class KvExecutor:
                 rows.kv[taken] = out
                 for unit, mine in zip(members, taken.view(len(members), -1)):
                     rows.place(unit, need, mine)
-                self.tier.ledger.taken(r.req_row, taken.numel())
+                self.tier.ledger.taken(r.req_pool_idx, taken.numel())
                 self.tier.stats.restored_rows += taken.numel()
 
     def heal(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int], ext_lens: Sequence[int]) -> None:
@@ -83,7 +83,7 @@ class KvExecutor:
             missing = at < 0
             if not bool(missing.any()):
                 continue
-            fresh = rows.lookup(layer, req_to_token[r.req_row, lo:hi].to(torch.int64))
+            fresh = rows.lookup(layer, req_to_token[r.req_pool_idx, lo:hi].to(torch.int64))
             taken = rows.take(int(missing.sum()))
             if taken is None:  # none of the layer's units heals: the next match cuts here again, recomputed
                 self.tier.stats.row_shortfalls += 1
@@ -91,7 +91,7 @@ class KvExecutor:
             rows.kv[taken] = rows.kv[fresh[missing]]
             at[missing] = taken
             rows.fill(layer, targets, at, missing)
-            self.tier.ledger.taken(r.req_row, taken.numel())
+            self.tier.ledger.taken(r.req_pool_idx, taken.numel())
             self.tier.stats.healed_rows += taken.numel()
 
     # ---- every forward ------------------------------------------------------------------------------
@@ -113,7 +113,8 @@ class KvExecutor:
         shape = rows.kv.shape[2:]  # a unit's heads, dim
         at = at.flatten()
         for part, new in ((0, k), (1, v)):
-            rows.kv[at, part] = new.reshape(-1, rows.groups, *shape).movedim(1, 0).reshape(-1, *shape).to(rows.kv.dtype)
+            per_unit = new.reshape(-1, rows.units_per_layer, *shape).movedim(1, 0)  # unit-major, as ``at``
+            rows.kv[at, part] = per_unit.reshape(-1, *shape).to(rows.kv.dtype)
 
     def lookup(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """``[units, n]``: the rows of ``slots`` in ``layer`` (``DeviceRows.lookup``)."""
@@ -133,23 +134,26 @@ class KvExecutor:
             return None
 
     # ---- after a decision ---------------------------------------------------------------------------
-    def offload(self, req_row: int, rid: str, lazy: torch.Tensor, seq_len: int, req_to_token: torch.Tensor,
+    def release_lazy(self, req_pool_idx: int, rid: str, lazy: torch.Tensor, seq_len: int, req_to_token: torch.Tensor,
                 shared: torch.Tensor | None) -> dict:
         """Lazy units (``lazy`` ``[layers, KV heads]``: a unit goes when all its heads are lazy) give back the rows
         of their middle tokens ``[sink, seq_len - recent)`` (a host copy first, where the budget allows). Slots in
         ``shared`` (a mask over slots: what other running requests read) keep their rows. Returns the request's KV
         report (``kv`` in its layer map)."""
-        pos = self.step.position(req_row)
+        pos = self.step.position(req_pool_idx)
         r = None if pos is None else self.step.requests[pos]
-        slots = r.slots(req_to_token, seq_len) if r is not None else req_to_token[req_row, :seq_len].to(torch.int64)
+        if r is not None:
+            slots = r.slots(req_to_token, seq_len)
+        else:
+            slots = req_to_token[req_pool_idx, :seq_len].to(torch.int64)
         if r is None or self.failed(pos) or r.fingerprints is None:
             return {"kv": self.tier.report(slots)}
-        units = lazy.view(self.tier.rows.num_layers, self.tier.rows.groups, -1).all(dim=2).flatten()
+        units = lazy.view(self.tier.rows.num_layers, self.tier.rows.units_per_layer, -1).all(dim=2).flatten()
         if bool(units.any()) and seq_len > self.sink + self.recent:
-            self._offload_middle(r, units, slots, seq_len, shared)
+            self._release_middle(r, units, slots, seq_len, shared)
         return {"kv": self.tier.report(slots)}
 
-    def _offload_middle(self, r: RequestStep, units: torch.Tensor, slots: torch.Tensor, seq_len: int,
+    def _release_middle(self, r: RequestStep, units: torch.Tensor, slots: torch.Tensor, seq_len: int,
                         shared: torch.Tensor | None) -> None:
         tier = self.tier
         middle = slots[self.sink : seq_len - self.recent]
@@ -163,7 +167,7 @@ class KvExecutor:
         lazy = units.nonzero().flatten().to(middle.device)
         at = tier.rows.row_of[lazy[:, None], middle[None, :]]  # [lazy units, n]
         fresh = (at >= 0).cpu() & ~tier.host.holds(lazy.tolist(), middle)
-        group = tier.host.new_group()
+        entry = tier.host.new_entry()
         # one host chunk per set of units with the same copies to make (usually all of them: the same new tokens)
         patterns, which = torch.unique(fresh, dim=0, return_inverse=True)
         for p, mask in enumerate(patterns):
@@ -172,23 +176,19 @@ class KvExecutor:
             members = (which == p).nonzero().flatten().to(at.device)
             keep = mask.to(at.device)
             kv = tier.rows.kv[at[members][:, keep].flatten()]
-            held = tier.host.offload(group, r.label, lazy[members].tolist(), middle[keep], fps[mask], kv)
+            held = tier.host.save(entry, r.label, lazy[members].tolist(), middle[keep], fps[mask], kv)
             tier.stats.lost_rows += (members.numel() - held) * int(mask.sum())
         tier.stats.released_rows += tier.rows.release(lazy, middle)
 
     # ---- failures -----------------------------------------------------------------------------------
     def _fail(self, pos: int, r: RequestStep, why: str) -> None:
+        """Skip the request for the rest of the forward and say why in the step; the scheduler side finishes it
+        with an error (``KvPlanner.settle``)."""
         if pos in self.step.failed:
             return
         message = f"slkv: KV of request {r.rid} could not be made whole ({why})"
         if self.strict:
             raise LostKv(message)
-        from http import HTTPStatus
-
-        from sglang.srt.managers.schedule_batch import FINISH_ABORT
-
         logger.error("%s: finished with an error, nothing served from it", message)
-        self.step.failed.add(pos)
+        self.step.failed[pos] = message
         self.tier.stats.failed_requests += 1
-        r.req.skip_radix_cache_insert = True
-        r.req.discard_output_reason = FINISH_ABORT(f"{message}; retry the request", HTTPStatus.SERVICE_UNAVAILABLE)

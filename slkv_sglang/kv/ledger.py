@@ -2,7 +2,7 @@
 
 SGLang admits requests by token slots; the device holds (unit, slot) rows (``rows.py``). A slot SGLang allocates is
 owed one row per unit until that unit is written (``unwritten``); a prefill that restores or heals its prefix is
-owed those rows until it takes them (``promised``, per request row). ``reserved`` sums both, so ``free - reserved``
+owed those rows until it takes them (``promised``, per ``req_pool_idx``). ``reserved`` sums both, so ``free - reserved``
 rows (``spare``) are what admission may hand out.
 """
 
@@ -15,7 +15,7 @@ class Ledger:
     def __init__(self, num_units: int, num_slots: int, device: torch.device | str):
         self.num_units = num_units
         self.unwritten = torch.zeros((num_units, num_slots + 1), dtype=torch.bool, device=device)
-        self.promised: dict[int, int] = {}  # request row -> rows promised and not taken
+        self.promised: dict[int, int] = {}  # req_pool_idx -> rows promised and not taken
         self.reserved = 0
 
     def clear(self) -> None:
@@ -41,17 +41,17 @@ class Ledger:
         """Set rows aside while a batch's slots are allocated (``promise`` hands them to its requests after)."""
         self.reserved += n
 
-    def promise(self, req_row: int, n: int) -> None:
-        self.promised[req_row] = self.promised.get(req_row, 0) + n
+    def promise(self, req_pool_idx: int, n: int) -> None:
+        self.promised[req_pool_idx] = self.promised.get(req_pool_idx, 0) + n
         self.reserved += n
 
-    def taken(self, req_row: int | None, n: int) -> None:
+    def taken(self, req_pool_idx: int | None, n: int) -> None:
         """A request took ``n`` of the rows promised to it."""
-        if req_row is not None and req_row in self.promised:
-            used = min(n, self.promised[req_row])
-            self.promised[req_row] -= used
+        if req_pool_idx is not None and req_pool_idx in self.promised:
+            used = min(n, self.promised[req_pool_idx])
+            self.promised[req_pool_idx] -= used
             self.reserved -= used
 
-    def retire(self, req_row: int) -> None:
+    def retire(self, req_pool_idx: int) -> None:
         """The request left (or its prefill is done): what it did not take goes back."""
-        self.reserved -= self.promised.pop(req_row, 0)
+        self.reserved -= self.promised.pop(req_pool_idx, 0)

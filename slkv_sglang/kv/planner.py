@@ -20,12 +20,16 @@ from .tier import KvTier
 
 logger = logging.getLogger("slkv.kv")
 
+# Results are processed at most one forward late (overlap scheduling); a step is kept for a few more in case a
+# forward's result is never processed (an idle batch), so that the list stays bounded.
+UNSETTLED = 4
 HEAL_ATTR = "slkv_heal"  # on SGLang's Req: its Heal from the latest match (None: nothing recomputed)
 
 
 class KvPlanner:
     def __init__(self, tier: KvTier, strict: bool):
         self.tier, self.strict = tier, strict
+        self._handed: list[KvStep] = []  # steps whose results SGLang has not processed yet (``settle``)
 
     # ---- prefix match ---------------------------------------------------------------------------------
     def restorable(self, cached: torch.Tensor, fingerprints: torch.Tensor) -> int:
@@ -62,7 +66,7 @@ class KvPlanner:
         return missing
 
     def allocate(self, needs: list[int], evict: Callable[[int], None], new_tokens: int, alloc: Callable[[], Any],
-                 req_rows: Callable[[], list[int]]) -> Any:
+                 req_pool_indices: Callable[[], list[int]]) -> Any:
         """Around SGLang's allocation for a prefill batch: evict for and promise the rows its prefixes take (per
         request, ``needs``) so that the forward's restores and heals find them."""
         tier, total = self.tier, sum(needs)
@@ -81,30 +85,43 @@ class KvPlanner:
             result = alloc()
         finally:
             tier.ledger.hold(-total)
-        for row, n in zip(req_rows(), needs):
+        for idx, n in zip(req_pool_indices(), needs):
             if n:
-                tier.ledger.promise(row, n)
+                tier.ledger.promise(idx, n)
         return result
 
     # ---- per forward ----------------------------------------------------------------------------------
-    def plan(self, reqs: Sequence[Any], req_rows: Sequence[int], labels: Sequence[str],
-             tokens: Sequence[Sequence[int] | None], first_chunk: Sequence[bool]) -> KvStep:
+    def plan(self, reqs: Sequence[Any], req_pool_indices: Sequence[int], labels: Sequence[str],
+             tokens: Sequence[Sequence[int] | None], prefixes: Sequence[int] | None) -> KvStep:
         """The step of one forward. ``tokens``: per request the ids of positions 0..seq_len-1 where the forward
-        restores, heals or offloads (None elsewhere); ``first_chunk``: this forward starts the request's prefill."""
+        restores, heals or releases (None elsewhere); ``prefixes``: each request's tokens already computed
+        before this forward, None for a decode step.
+
+        A heal's tokens count as recomputed once, in the forward that starts at its first position: the first
+        chunk of the prefill (SGLang re-enters a chunked request without a new match, so the heal stays for the
+        later chunks, which heal their part of it)."""
         step = KvStep([])
-        for req, req_row, label, ids, first in zip(reqs, req_rows, labels, tokens, first_chunk):
+        for i, (req, req_pool_idx, label, ids) in enumerate(zip(reqs, req_pool_indices, labels, tokens)):
             heal: Heal | None = getattr(req, HEAL_ATTR, None)
-            if heal is not None and first:
+            if heal is not None and prefixes is not None and prefixes[i] == heal.first:
                 self.tier.stats.recomputed_tokens += len(heal.cached)
             step.requests.append(RequestStep(
-                req=req, rid=req.rid, label=label, req_row=int(req_row),
+                req=req, rid=req.rid, label=label, req_pool_idx=int(req_pool_idx),
                 fingerprints=None if ids is None else prefix_fingerprints(ids), heal=heal))
+        self._handed = [*self._handed[-(UNSETTLED - 1):], step]
         return step
 
-    def retire(self, req: Any, req_row: int | None) -> None:
+    def settle(self) -> list[tuple[Any, str]]:
+        """The requests whose KV the forwards since the last call could not make whole, with why: SGLang is about
+        to process those forwards' results, and the caller finishes these requests with an error."""
+        failed = [(step.requests[pos].req, why) for step in self._handed for pos, why in step.failed.items()]
+        self._handed = []
+        return failed
+
+    def retire(self, req: Any, req_pool_idx: int | None) -> None:
         """The request left (finished, aborted or retracted): its promise and its heal go."""
-        if req_row is not None:
-            self.tier.ledger.retire(req_row)
+        if req_pool_idx is not None:
+            self.tier.ledger.retire(req_pool_idx)
         setattr(req, HEAL_ATTR, None)
 
 

@@ -4,10 +4,10 @@ SGLang's pool gives a token slot one entry in *every* layer, so a lazy layer cou
 tokens. Here SGLang keeps allocating slots (radix cache, ``req_to_token`` and admission are untouched) while each
 (unit, slot) with KV on the device owns one row of ``kv [rows, 2, heads per unit, dim]`` (``row_of``).
 
-A *unit* is what one row holds of a token: the KV heads of one layer split into ``groups`` equal parts. With one
-group a row is a whole layer (a layer's middle goes back only when every head of it is lazy); with one group per
-KV head (``--slkv-granularity head``) each lazy KV head gives its own rows back. Unit ``layer * groups + g`` holds
-KV heads ``g * heads .. (g + 1) * heads - 1`` of ``layer``.
+A *unit* is what one row holds of a token: the KV heads of one layer split into ``units_per_layer`` equal parts.
+With one unit per layer a row is a whole layer (a layer's middle goes back only when every head of it is lazy);
+with one unit per KV head (``--slkv-granularity head``) each lazy KV head gives its own rows back. Unit
+``layer * units_per_layer + u`` holds KV heads ``u * heads .. (u + 1) * heads - 1`` of ``layer``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ class LostKv(RuntimeError):
 
 
 class DeviceRows:
-    def __init__(self, num_layers: int, groups: int, num_slots: int, num_rows: int, heads: int, dim: int,
+    def __init__(self, num_layers: int, units_per_layer: int, num_slots: int, num_rows: int, heads: int, dim: int,
                  dtype: torch.dtype, device: torch.device | str, poison: bool = False):
-        """``heads``: KV heads per unit (a layer has ``groups * heads``)."""
-        self.num_layers, self.groups, self.num_slots, self.num_rows = num_layers, groups, num_slots, num_rows
-        self.num_units = num_layers * groups
+        """``heads``: KV heads per unit (a layer has ``units_per_layer * heads``)."""
+        self.num_layers, self.units_per_layer = num_layers, units_per_layer
+        self.num_slots, self.num_rows = num_slots, num_rows
+        self.num_units = num_layers * units_per_layer
         self.kv = torch.zeros(num_rows, 2, heads, dim, dtype=dtype, device=device)
         self.row_of = torch.full((self.num_units, num_slots + 1), -1, dtype=torch.int64, device=device)
         # per slot, how many units hold a row for it (``row_of >= 0`` summed over units, kept as it changes):
@@ -64,11 +65,11 @@ class DeviceRows:
         self._n_free = end
 
     def units(self, layer: int) -> range:
-        return range(layer * self.groups, (layer + 1) * self.groups)
+        return range(layer * self.units_per_layer, (layer + 1) * self.units_per_layer)
 
     def rows_of(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """``[groups, n]``: the rows of ``slots`` in ``layer``'s units, -1 where there is none."""
-        return self.row_of[layer * self.groups : (layer + 1) * self.groups, slots]
+        """``[units_per_layer, n]``: the rows of ``slots`` in ``layer``'s units, -1 where there is none."""
+        return self.row_of[layer * self.units_per_layer : (layer + 1) * self.units_per_layer, slots]
 
     def held(self, slots: torch.Tensor) -> torch.Tensor:
         """``[units]``: how many of ``slots`` each unit holds on the device."""
@@ -104,7 +105,7 @@ class DeviceRows:
         rows = self.rows_of(layer, slots)
         within = None
         if heads is not None:
-            per_unit = heads.view(self.groups, -1)
+            per_unit = heads.view(self.units_per_layer, -1)
             used = per_unit.any(dim=1)
             if not bool(used.all()):
                 rows = rows[used.to(rows.device)]
@@ -126,9 +127,9 @@ class DeviceRows:
         return store.index_select(0, rows[0]) if rows.shape[0] == 1 else store[rows].movedim(0, 1).flatten(1, 2)
 
     def fill(self, layer: int, slots: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
-        """``rows`` (``[groups, n]``) become the rows of ``slots`` in ``layer``'s units, ``new`` (a mask of them)
-        being rows the slots did not hold before."""
-        self.row_of[layer * self.groups : (layer + 1) * self.groups, slots] = rows
+        """``rows`` (``[units_per_layer, n]``) become the rows of ``slots`` in ``layer``'s units, ``new`` (a mask
+        of them) being rows the slots did not hold before."""
+        self.row_of[layer * self.units_per_layer : (layer + 1) * self.units_per_layer, slots] = rows
         self.held_by_slot[slots] += new.sum(dim=0, dtype=torch.int32)
 
     def place(self, unit: int, slots: torch.Tensor, rows: torch.Tensor) -> None:

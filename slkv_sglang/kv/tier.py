@@ -39,14 +39,15 @@ class KvTier:
     stats: TierStats
 
     @classmethod
-    def build(cls, num_layers: int, groups: int, num_slots: int, num_rows: int, heads: int, dim: int,
+    def build(cls, num_layers: int, units_per_layer: int, num_slots: int, num_rows: int, heads: int, dim: int,
               dtype: torch.dtype, device: torch.device | str, host_budget: int, poison: bool = False) -> "KvTier":
-        """``heads``: KV heads per layer, split into ``groups`` units (``rows.py``)."""
-        if heads % groups:
-            raise ValueError(f"{heads} KV heads do not split into {groups} equal units")
-        units = num_layers * groups
-        return cls(DeviceRows(num_layers, groups, num_slots, num_rows, heads // groups, dim, dtype, device, poison),
-                   Ledger(units, num_slots, device), HostArena(host_budget, units, num_slots, device), TierStats())
+        """``heads``: KV heads per layer, split into ``units_per_layer`` units (``rows.py``)."""
+        if heads % units_per_layer:
+            raise ValueError(f"{heads} KV heads do not split into {units_per_layer} equal units")
+        units = num_layers * units_per_layer
+        rows = DeviceRows(num_layers, units_per_layer, num_slots, num_rows, heads // units_per_layer, dim, dtype, device,
+                          poison)
+        return cls(rows, Ledger(units, num_slots, device), HostArena(host_budget, units, num_slots, device), TierStats())
 
     @property
     def rows_per_slot(self) -> int:
@@ -83,7 +84,7 @@ class KvTier:
     def sizes(self) -> dict[str, int]:
         """Entries of each per-request map, and what the tier holds (a soak test checks none of them grows)."""
         return {"ledger_promised": len(self.ledger.promised), "ledger_reserved": self.ledger.reserved,
-                "host_groups": len(self.host), "host_held_bytes": self.host.stats.held_bytes,
+                "host_entries": len(self.host), "host_held_bytes": self.host.stats.held_bytes,
                 "device_rows_used": self.rows.num_rows - self.rows.free,
                 "slots_miscounted": self.rows.miscounted()}
 
@@ -95,7 +96,7 @@ class KvTier:
         per_head = rows.kv.shape[2]
 
         def by_head(per_unit: torch.Tensor) -> list[list[int]]:
-            return per_unit.view(rows.num_layers, rows.groups).repeat_interleave(per_head, dim=1).tolist()
+            return per_unit.view(rows.num_layers, rows.units_per_layer).repeat_interleave(per_head, dim=1).tolist()
 
         return {
             "device_tokens": by_head(rows.held(slots)),

@@ -22,14 +22,14 @@ from .corpus import prompt_ids
 QUESTION = "Summarise the code above in one sentence."
 
 
-def _greedy(n: int, **slkv: Any) -> dict[str, Any]:
+def greedy(n: int, **slkv: Any) -> dict[str, Any]:
     params: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": n, "ignore_eos": True}
     if slkv:
         params["custom_params"] = {"slkv": slkv}
     return params
 
 
-def _timed(engine: Any, ids: list[int] | list[list[int]], params: Any) -> tuple[float, Any]:
+def timed(engine: Any, ids: list[int] | list[list[int]], params: Any) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = engine.generate(input_ids=ids, sampling_params=params)
     return time.perf_counter() - t0, out
@@ -41,7 +41,7 @@ def identification(engine: Any, tokenizer: Any, lengths: list[int], repeats: int
         fractions, lazy = [], []
         for r in range(repeats):
             engine.flush_cache()
-            _, out = _timed(engine, prompt_ids(tokenizer, n, seed=100 + r, question=QUESTION), _greedy(1))
+            _, out = timed(engine, prompt_ids(tokenizer, n, seed=100 + r, question=QUESTION), greedy(1))
             meta = out["meta_info"]["slkv"]
             fractions.append(meta["timing"]["identification_s"] / meta["timing"]["prefill_forward_s"])
             lazy.append(len(meta["lazy_layers"]))
@@ -54,13 +54,13 @@ def decode_steps(engine: Any, tokenizer: Any, n_prompt: int, n_new: int, batch: 
     """Median over ``repeats`` alternating runs, so drift on a shared machine hits both configurations."""
     prompts = [prompt_ids(tokenizer, n_prompt, seed=200 + b, question=QUESTION) for b in range(batch)]
     engine.flush_cache()
-    engine.generate(input_ids=prompts, sampling_params=[_greedy(1, enabled=False)] * batch)  # fill the radix cache
+    engine.generate(input_ids=prompts, sampling_params=[greedy(1, enabled=False)] * batch)  # fill the radix cache
     steps: dict[str, list[float]] = {"full": [], "simlayerkv": []}
     lazy: list[int] = []
     for _ in range(repeats):
         for name, slkv in (("full", {"enabled": False}), ("simlayerkv", {})):
-            t1, _ = _timed(engine, prompts, [_greedy(1, **slkv)] * batch)
-            tn, out = _timed(engine, prompts, [_greedy(1 + n_new, **slkv)] * batch)
+            t1, _ = timed(engine, prompts, [greedy(1, **slkv)] * batch)
+            tn, out = timed(engine, prompts, [greedy(1 + n_new, **slkv)] * batch)
             steps[name].append((tn - t1) / n_new)
             if name == "simlayerkv":
                 lazy += [len(o["meta_info"]["slkv"]["lazy_layers"]) for o in out]

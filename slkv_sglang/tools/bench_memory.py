@@ -23,7 +23,7 @@ import torch
 
 from .bench_offload import bandwidth, report
 
-from .bench import QUESTION, _greedy, _timed
+from .bench import QUESTION, greedy, timed
 from ..config import SlkvConfig
 from .corpus import prompt_ids
 
@@ -31,7 +31,7 @@ FOLLOW_UP = "And which function is the longest?"
 
 
 def _generate(engine: Any, ids: list[int], n: int, **slkv: Any) -> tuple[float, dict[str, Any]]:
-    return _timed(engine, ids, _greedy(n, **slkv))
+    return timed(engine, ids, greedy(n, **slkv))
 
 
 def cached_sessions(engine: Any, tokenizer: Any, n: int, tokens: int, follow: list[int], last: int,
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
     for way in ("offload", "reload"):
         moved, secs = transfers[f"host_{way}ed_bytes"], transfers[f"host_{way}_seconds"]
         print(f"  {way:<8} {moved / 2**20:8.1f} MiB in {secs:6.3f} s  {moved / max(secs, 1e-9) / 2**30:6.2f} GiB/s")
-    units_lazy = max(1, round(statistics.mean(lazy) / heads_per_row))  # offloads are per row's unit
+    units_lazy = max(1, round(statistics.mean(lazy) / heads_per_row))  # rows are released per unit
     nbytes, figures = bandwidth(args.tokens, config.sink + config.recent, units_lazy, heads_per_row, dim, repeats=21,
                                 device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                                 per_layer=heads // heads_per_row)

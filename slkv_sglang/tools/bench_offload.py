@@ -59,15 +59,15 @@ def bandwidth(tokens: int, window: int, units: int, kv_heads: int, head_dim: int
     fingerprints = torch.arange(middle)  # any: the reload below passes the same
     every = list(range(units))
 
-    def offload() -> None:
-        arena.offload(arena.new_group(), "bench", every, passing, fingerprints, kv)
+    def save() -> None:
+        arena.save(arena.new_entry(), "bench", every, passing, fingerprints, kv)
         arena.wait()
 
-    def offload_and_forget() -> None:  # SGLang frees the slots later (the request ends, or eviction)
-        offload()
+    def save_and_forget() -> None:  # SGLang frees the slots later (the request ends, or eviction)
+        save()
         arena.forget(passing)
 
-    arena.offload(arena.new_group(), "bench", every, resident, fingerprints, kv)  # the session reloaded below
+    arena.save(arena.new_entry(), "bench", every, resident, fingerprints, kv)  # the session reloaded below
 
     def reload(per_call: int) -> None:
         for lo in range(0, units, per_call):
@@ -77,8 +77,8 @@ def bandwidth(tokens: int, window: int, units: int, kv_heads: int, head_dim: int
 
     figures = {
         "plain device->host": _median_seconds(plain_down, repeats, sync),
-        "offload": _median_seconds(offload, repeats, sync, after=lambda: arena.forget(passing)),
-        "offload + forget": _median_seconds(offload_and_forget, repeats, sync),
+        "offload": _median_seconds(save, repeats, sync, after=lambda: arena.forget(passing)),
+        "offload + forget": _median_seconds(save_and_forget, repeats, sync),
         "plain host->device": _median_seconds(plain_up, repeats, sync),
         "reload": _median_seconds(lambda: reload(1), repeats, sync),
     }

@@ -94,10 +94,10 @@ def check_decode(name: str, device: torch.device, kv_dtype: torch.dtype = torch.
     slots_total = sum(seq_lens) + 64
     k_cache, v_cache = _rand_cache(slots_total, kv_heads, dim, device, kv_dtype)
     scales = _scales(kv_dtype)
-    perm = torch.randperm(slots_total, generator=gen).to(device)  # rows scattered over the pool, like SGLang's
-    rows, at = [], 0
+    perm = torch.randperm(slots_total, generator=gen).to(device)  # slots scattered over the pool, like SGLang's
+    req_slots, at = [], 0
     for n in seq_lens:
-        rows.append(perm[at : at + n])
+        req_slots.append(perm[at : at + n])
         at += n
     q = torch.randn(len(seq_lens), heads, dim, device=device, dtype=torch.bfloat16)
     scale = 1 / math.sqrt(dim)
@@ -107,12 +107,12 @@ def check_decode(name: str, device: torch.device, kv_dtype: torch.dtype = torch.
     for tensor_cores in (False, True) if kv_dtype == torch.bfloat16 else (True,):  # SGLang: fp8 KV -> tensor cores
         wrapper = _decode_wrapper(device, tensor_cores)
         for label, restricted in patterns.items():
-            kv_rows = [window_slots(r, n, SINK, RECENT) if i in restricted else r
-                       for i, (r, n) in enumerate(zip(rows, seq_lens))]
-            plan_decode(wrapper, kv_rows, shape)
+            kv_slots = [window_slots(r, n, SINK, RECENT) if i in restricted else r
+                        for i, (r, n) in enumerate(zip(req_slots, seq_lens))]
+            plan_decode(wrapper, kv_slots, shape)
             got = wrapper.forward(q, (k_cache, v_cache), sm_scale=scale, **scales).float()  # the backend's call
             err = 0.0
-            for i, slots in enumerate(kv_rows):
+            for i, slots in enumerate(kv_slots):
                 ref = _dense_decode(q[i], gather_keys(k_cache, slots), gather_keys(v_cache, slots), scale,
                                     scales["k_scale"] or 1.0)
                 err = max(err, float(((got[i] - ref).abs() / (1 + ref.abs())).max()))
@@ -147,14 +147,14 @@ def check_decode_heads(name: str, device: torch.device, kv_dtype: torch.dtype = 
     where that head is lazy, all of them elsewhere. Then again with two wrappers allowed, where layer 4 must run
     layer 1's pattern. ``emulate``: torch in place of FlashInfer (dry run)."""
     heads, kv_heads, dim = SHAPES[name]
-    group = heads // kv_heads
+    q_per_kv = heads // kv_heads
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [300, 1100, 2000, 4100, 3000, 1777]
     slots_total = sum(seq_lens) + 64
     k_cache, v_cache = _rand_cache(slots_total, kv_heads, dim, device, kv_dtype)
     scales = _scales(kv_dtype)
     perm = torch.randperm(slots_total, generator=gen).to(device)
-    rows = list(perm[: sum(seq_lens)].split(seq_lens))
+    req_slots = list(perm[: sum(seq_lens)].split(seq_lens))
     q = torch.randn(len(seq_lens), heads, dim, device=device, dtype=torch.bfloat16)
     scale = 1 / math.sqrt(dim)
     lazy = torch.zeros(len(seq_lens), 5, kv_heads, dtype=torch.bool)
@@ -179,7 +179,7 @@ def check_decode_heads(name: str, device: torch.device, kv_dtype: torch.dtype = 
         new_wrapper = _TorchPagedDecode if emulate else lambda: _decode_wrapper(device, bool(tensor_cores), shared)
         decode = WindowedDecode(new_wrapper, shape, SINK, RECENT, **({"max_patterns": cap} if cap else {}))
         restricted = [pos for pos in range(len(seq_lens)) if bool(lazy[pos].any())]
-        decode.plan(rows, {pos: window_slots(rows[pos], seq_lens[pos], SINK, RECENT) for pos in restricted},
+        decode.plan(req_slots, {pos: window_slots(req_slots[pos], seq_lens[pos], SINK, RECENT) for pos in restricted},
                     {pos: lazy[pos] for pos in restricted})
         label = "torch emulation" if emulate else "tensor cores" if tensor_cores else "cuda cores"
         label += f", {cap} wrappers" if cap else ""
@@ -193,12 +193,13 @@ def check_decode_heads(name: str, device: torch.device, kv_dtype: torch.dtype = 
                 continue
             got = decode.run(layer, q, (k_cache, v_cache), sm_scale=scale, **scales).float()
             err = 0.0
-            for i, (r, n) in enumerate(zip(rows, seq_lens)):
+            for i, (r, n) in enumerate(zip(req_slots, seq_lens)):
                 for h in range(kv_heads):
                     slots = window_slots(r, n, SINK, RECENT) if expected[cap][i, layer, h] else r
-                    ref = _dense_decode(q[i, h * group : (h + 1) * group], gather_keys(k_cache, slots)[:, h : h + 1],
+                    qh = slice(h * q_per_kv, (h + 1) * q_per_kv)  # the query heads of KV head h
+                    ref = _dense_decode(q[i, qh], gather_keys(k_cache, slots)[:, h : h + 1],
                                         gather_keys(v_cache, slots)[:, h : h + 1], scale, scales["k_scale"] or 1.0)
-                    err = max(err, float(((got[i, h * group : (h + 1) * group] - ref).abs() / (1 + ref.abs())).max()))
+                    err = max(err, float(((got[i, qh] - ref).abs() / (1 + ref.abs())).max()))
             out[f"{label}, layer {layer}"] = err
             errs.append(err)
     return {"max_rel_err": out, "tolerance": DECODE_TOL,
@@ -267,7 +268,7 @@ def check_tracker(device: torch.device, scorings: tuple[str, ...] = ("lse", "tor
     req_to_token[1, :prompt + 1] = torch.randperm(prompt + 1, generator=gen).to(device, torch.int32)
     caches = [_rand_cache(prompt + 1, kv_heads, dim, device) for _ in range(layers)]
     queries = [torch.randn(prompt, heads, dim, device=device, dtype=torch.bfloat16) for _ in range(layers)]
-    for layer in (0, 2):  # lazy layers: every query points at its group's sink keys
+    for layer in (0, 2):  # lazy layers: every query points at its KV head's sink keys
         u = torch.randn(kv_heads, dim, device=device)
         queries[layer][:] = u.repeat_interleave(heads // kv_heads, dim=0).to(torch.bfloat16)
         caches[layer][0][req_to_token[1, : cfg.sink].long()] = (4 * u).to(torch.bfloat16)
@@ -354,20 +355,20 @@ def decode_time(device: torch.device, batches: tuple[int, ...] = (16, 64), layer
     out: dict[str, Any] = {"layers": layers, "lazy_share": lazy_share, "tensor_cores": tensor_cores}
     for batch, ctx in ((b, c) for b in batches for c in (4096, 16384, 32768)):
         k_cache, v_cache = _rand_cache(batch * ctx, kv_heads, dim, device)
-        rows = list(torch.arange(batch * ctx, device=device, dtype=torch.int32).view(batch, ctx))
+        req_slots = list(torch.arange(batch * ctx, device=device, dtype=torch.int32).view(batch, ctx))
         q = torch.randn(batch, heads, dim, device=device, dtype=torch.bfloat16)
         full, lazy = _decode_wrapper(device, tensor_cores), _decode_wrapper(device, tensor_cores)
-        windows = [window_slots(r, ctx, SINK, RECENT) for r in rows]
-        plan_decode(full, rows, shape)
+        windows = [window_slots(r, ctx, SINK, RECENT) for r in req_slots]
+        plan_decode(full, req_slots, shape)
         plan_decode(lazy, windows, shape)
         t_full = _cuda_ms(lambda: full.forward(q, (k_cache, v_cache), sm_scale=scale), 50)
         t_lazy = _cuda_ms(lambda: lazy.forward(q, (k_cache, v_cache), sm_scale=scale), 50)
         t_plan = _host_ms(lambda: plan_decode(lazy, windows, shape), 20)
         by_head = WindowedDecode(lambda: _decode_wrapper(device, tensor_cores), shape, SINK, RECENT)
         half = {pos: (torch.arange(kv_heads) % 2 == 0).expand(1, kv_heads) for pos in range(batch)}  # half the heads
-        by_head.plan(rows, dict(enumerate(windows)), half)
+        by_head.plan(req_slots, dict(enumerate(windows)), half)
         t_heads = _cuda_ms(lambda: by_head.run(0, q, (k_cache, v_cache), sm_scale=scale), 50)
-        t_plan_heads = _host_ms(lambda: by_head.plan(rows, dict(enumerate(windows)), half), 20)
+        t_plan_heads = _host_ms(lambda: by_head.plan(req_slots, dict(enumerate(windows)), half), 20)
         n_lazy = round(layers * lazy_share)
         step_full = layers * t_full + t_plan  # SGLang plans its one wrapper per step too
         step_slkv = (layers - n_lazy) * t_full + n_lazy * t_lazy + 2 * t_plan  # + one wrapper per lazy pattern
@@ -448,8 +449,8 @@ def _roundtrip_exact(device: torch.device, dtype: torch.dtype, kv_heads: int, di
     arena = HostArena(1 << 30, num_units=1, num_slots=5000, device=device)
     kv = torch.randn(5000, 2, kv_heads, dim, device=device).to(dtype)
     slots, fps = torch.arange(5000), torch.arange(5000) * 7
-    arena.offload(arena.new_group(), "a", [0], slots[4:3000], fps[4:3000], kv[4:3000])
-    arena.offload(arena.new_group(), "a", [0], slots[4:4800], fps[4:4800], kv[4:4800])  # only [3000, 4800) copied
+    arena.save(arena.new_entry(), "a", [0], slots[4:3000], fps[4:3000], kv[4:3000])
+    arena.save(arena.new_entry(), "a", [0], slots[4:4800], fps[4:4800], kv[4:4800])  # only [3000, 4800) copied
     arena.forget(slots[4000:4800])  # while those copies may still be in flight
     back = torch.empty_like(kv[4:4000])
     ok = arena.reload([0], slots[4:4000], fps[4:4000], back, reader="a")
@@ -481,10 +482,10 @@ def host_tier(device: torch.device, tokens: int, layers: int) -> dict[str, Any]:
         for _ in range(8):
             a @ a
 
-    def offload() -> torch.Tensor:
-        group = arena.new_group()
+    def save() -> torch.Tensor:
+        entry = arena.new_entry()
         for layer, t in enumerate(kv):
-            arena.offload(group, "bench", [layer], slots, fps, t)
+            arena.save(entry, "bench", [layer], slots, fps, t)
         return slots
 
     def finish(held: torch.Tensor) -> None:
@@ -492,14 +493,14 @@ def host_tier(device: torch.device, tokens: int, layers: int) -> dict[str, Any]:
         arena.forget(held)
 
     def both() -> None:
-        sid = offload()  # copies queue on the side stream first, then the matmuls on the compute stream
+        sid = save()  # copies queue on the side stream first, then the matmuls on the compute stream
         matmuls()
         torch.cuda.synchronize()
         finish(sid)
 
-    finish(offload())  # the arena's pinned blocks exist from here on, as in a running engine
+    finish(save())  # the arena's pinned blocks exist from here on, as in a running engine
     t_mm = _host_ms(lambda: (matmuls(), torch.cuda.synchronize()), 5)
-    t_off = _host_ms(lambda: finish(offload()), 5)
+    t_off = _host_ms(lambda: finish(save()), 5)
     t_both = _host_ms(both, 5)
     out["overlap"] = {"matmul_ms": t_mm, "offload_ms": t_off, "both_ms": t_both,
                       "hidden_share": (t_mm + t_off - t_both) / min(t_mm, t_off)}
@@ -536,12 +537,12 @@ def scoring_memory(device: torch.device, lengths: tuple[int, ...]) -> dict[str, 
         k_cache = torch.randn(n, kv_heads, dim, device=device).to(dtype)
         slots = torch.arange(n, device=device)
         q = torch.randn(LAST, heads, dim, device=device).to(dtype)
-        row: dict[str, Any] = {
+        rec: dict[str, Any] = {
             "unchunked_MiB": _peak_bytes(lambda: head_mass(q, k_cache, slots, SINK, RECENT, scale, chunk=n), device),
             "chunked_MiB": _peak_bytes(lambda: head_mass(q, k_cache, slots, SINK, RECENT, scale), device),
         }
         same = head_mass(q, k_cache, slots, SINK, RECENT, scale, chunk=n) - head_mass(q, k_cache, slots, SINK, RECENT, scale)
-        row["chunked_vs_unchunked_max_abs"] = float(same.abs().max())
+        rec["chunked_vs_unchunked_max_abs"] = float(same.abs().max())
         if device.type == "cuda":
             from flashinfer import BatchPrefillWithPagedKVCacheWrapper
 
@@ -549,8 +550,8 @@ def scoring_memory(device: torch.device, lengths: tuple[int, ...]) -> dict[str, 
                                AttnShape(heads, kv_heads, dim, dtype, dtype), SINK, RECENT)
             v_cache = torch.randn_like(k_cache)
             scorer.plan([LAST], [slots], sm_scale=scale)
-            row["lse_MiB"] = _peak_bytes(lambda: scorer.mass([q], (k_cache, v_cache)), device)
-        out[str(n)] = {k: (v / 2**20 if k.endswith("MiB") else v) for k, v in row.items()}
+            rec["lse_MiB"] = _peak_bytes(lambda: scorer.mass([q], (k_cache, v_cache)), device)
+        out[str(n)] = {k: (v / 2**20 if k.endswith("MiB") else v) for k, v in rec.items()}
     return out
 
 

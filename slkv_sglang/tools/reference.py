@@ -42,9 +42,6 @@ class _Run:
     per_head: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-_run: _Run | None = None
-
-
 def _mass(query: torch.Tensor, key: torch.Tensor, n: int, sink: int, recent: int, scaling: float) -> torch.Tensor:
     """Per head, the mean over the last ``n`` queries of their softmax probability on sink + recent keys."""
     q = query[0, :, -n:, :]  # [H, n, D]
@@ -58,10 +55,12 @@ def _mass(query: torch.Tensor, key: torch.Tensor, n: int, sink: int, recent: int
     return probs[:, :, in_window].sum(dim=-1).mean(dim=-1)
 
 
-def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-               dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention interface: query [1, H, q, D], key/value [1, Hkv, S, D] (cache included)."""
-    run, layer = _run, module.layer_idx
+def _attention(run: _Run | None, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
+               **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: query [1, H, q, D], key/value [1, Hkv, S, D] (cache included); ``run``:
+    the generate call in progress."""
+    layer = module.layer_idx
     assert run is not None and query.shape[0] == 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len, seq = query.shape[2], key.shape[2]
@@ -93,9 +92,11 @@ class ReferenceModel:
     def __init__(self, model_path: str | Path, device: str = "cpu"):
         from transformers import AttentionInterface, AutoModelForCausalLM
 
-        AttentionInterface.register(_IMPL, _attention)
+        self._run: _Run | None = None  # the generate call in progress, read by this model's attention function
+        impl = f"{_IMPL}_{id(self)}"  # transformers keeps attention functions by name: one per model
+        AttentionInterface.register(impl, lambda *args, **kwargs: _attention(self._run, *args, **kwargs))
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_path), dtype=torch.float32, attn_implementation=_IMPL
+            str(model_path), dtype=torch.float32, attn_implementation=impl
         ).to(device).eval()
         self.device = device
         cfg = self.model.config
@@ -134,10 +135,9 @@ class ReferenceModel:
         force_lazy: Sequence[int] | None = None,
         force_lazy_heads: Sequence[tuple[int, int]] | None = None,
     ) -> ReferenceResult:
-        global _run
         stops = set() if ignore_eos else set(self.eos_ids if stop_ids is None else stop_ids)
         run = _Run(config, score_now=config.enabled and config.mode == "prefill")
-        _run = run
+        self._run = run
         layer_map: LayerMap | None = None
         try:
             token, logprob, cache = self._forward(list(input_ids), None)
@@ -155,7 +155,7 @@ class ReferenceModel:
                 output.append(token)
                 logprobs.append(logprob)
         finally:
-            _run = None
+            self._run = None
         per_head = [run.per_head[layer].tolist() for layer in sorted(run.per_head)]
         return ReferenceResult(output, logprobs, layer_map, per_head)
 

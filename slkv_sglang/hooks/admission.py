@@ -1,0 +1,221 @@
+"""Scheduler side: SimLayerKV in SGLang's radix cache, slot allocator and admission.
+
+Radix: a prefix match leaves the queries that score a prompt, and with ``--slkv-offload`` stops where some unit's
+KV is on neither tier. With ``--slkv-offload`` SGLang counts token slots while the device holds rows (a unit's KV
+of one slot, ``docs/memory.md``): allocation, eviction and admission are made to count rows, so the rows lazy
+units give back admit more requests. The KV tier's parts come from ``SchedulerSide``; without offload these hooks
+return at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import SlkvConfigError
+from ..request_params import request_params
+from .scheduler import SchedulerSide, req_pool_idx
+
+
+# ---- radix cache ------------------------------------------------------------------------------------------
+def cap_prefix(side: SchedulerSide, result: int, req: Any, input_len: int) -> int | None:
+    """Leave at least ``last`` prompt tokens to extend, so a radix hit still has the queries that score: for
+    requests that score their prompt (SimLayerKV on, deciding at prefill); the others take the whole match."""
+    if not side.config.enabled:
+        return None
+    params = request_params(side.config, req.rid, req.sampling_params.custom_params, last_chunk=True)
+    if not params.enabled or params.mode != "prefill":
+        return None
+    return max(0, min(result, input_len - side.config.last))
+
+
+def match_prefix(side: SchedulerSide, _result: Any, req: Any, tree_cache: Any = None, *args: Any, **kwargs: Any) -> None:
+    """Req.init_next_round_input: with --slkv-offload, the matched prefix stops where some layer's KV is on neither
+    tier (``KvPlanner.match``); the prefill recomputes the rest from the tokens."""
+    if side.planner is None or tree_cache is None:
+        return None
+    if not req.prefix_len:
+        side.planner.retire(req, None)
+        return None
+    cached = tree_cache.prefix_device_indices(req)
+    keep = side.planner.match(req, cached, list(req.full_untruncated_fill_ids[: req.prefix_len]), tree_cache.page_size)
+    if keep < req.prefix_len:
+        req.prefix_len = keep
+        req.num_matched_prefix_tokens = min(req.num_matched_prefix_tokens, keep)
+        req.kv.cache_protected_len = min(req.kv.cache_protected_len, keep)
+    return None
+
+
+def adopt_duplicates(side: SchedulerSide, original: Any, tree_cache: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+    """UnifiedRadixCache.insert: where the tree already holds the request's tokens in other slots, the insert frees
+    the request's own and SGLang points the request at the tree's; first those take over the rows and host copies
+    they lack (``KvTier.adopt``): a lazy layer may have released them, and the request's window reads them next."""
+    tier = side.tier
+    if tier is not None and params.key is not None and params.value is not None and len(params.key):
+        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+
+        probe = tree_cache.tree_core.match_prefix(MatchPrefixParams(key=params.key))  # a walk, as touch_prefix does
+        tree_cache._apply_cache_actions(probe.cache_actions)
+        n = min(probe.device_prefix_len, len(params.value))
+        if n:
+            tree = tree_cache.path_device_indices(probe.last_device_node)[:n].to(torch.int64)
+            own = params.value[:n].to(tree.device, torch.int64)
+            dup = tree != own
+            if bool(dup.any()):
+                tier.adopt(own[dup], tree[dup])
+    return original(tree_cache, params, *args, **kwargs)
+
+
+# ---- slots and their rows -------------------------------------------------------------------------------
+def free_slots(side: SchedulerSide, allocator: Any, free_index: Any, *args: Any, **kwargs: Any) -> None:
+    """TokenToKVPoolAllocator.free: SGLang frees slots (radix eviction, aborts), so do their rows and host copies.
+    Without offload, ``--slkv-poison-freed`` fills the freed slots of SGLang's own per-layer buffers with NaN.
+
+    Inside a free group the slots arrive again, concatenated, at the group's end."""
+    if allocator.free_group is not None or not free_index.numel():
+        return None
+    tier = side.tier
+    if tier is not None:
+        tier.free_slots(free_index)
+    elif side.config.enabled and side.config.poison:
+        kv = allocator._kvcache
+        for layer in range(kv.layer_num):
+            kv.get_key_buffer(layer)[free_index] = float("nan")
+            kv.get_value_buffer(layer)[free_index] = float("nan")
+    return None
+
+
+def reset_rows(side: SchedulerSide, _result: Any, _allocator: Any, *args: Any, **kwargs: Any) -> None:
+    """TokenToKVPoolAllocator.clear (flush_cache): no slot is live any more."""
+    tier = side.tier
+    if tier is not None:
+        tier.clear()
+    return None
+
+
+def alloc_with_rows(side: SchedulerSide, original: Any, allocator: Any, need_size: int, *args: Any, **kwargs: Any) -> Any:
+    """TokenToKVPoolAllocator.alloc: refuse (None, as for no free slots) without a row per unit
+    for each slot (``KvTier.rows_per_slot``); on success
+    the slots are owed their rows until written."""
+    tier = side.tier
+    if tier is not None and need_size * tier.rows_per_slot > tier.spare_rows:
+        return None
+    slots = original(allocator, need_size, *args, **kwargs)
+    if slots is not None and tier is not None:
+        tier.ledger.owe_slots(slots)
+    return slots
+
+
+def _evict_for_rows(side: SchedulerSide, tree_cache: Any, rows_needed: int) -> None:
+    """Evict the radix tree (LRU) until ``rows_needed`` rows are spare or nothing is left to evict: an
+    evicted token frees only the rows it still holds, fewer than one per unit where lazy layers or heads
+    released it."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    tier = side.tier
+    while tier is not None and tier.spare_rows < rows_needed:
+        short = -(-(rows_needed - tier.spare_rows) // tier.rows_per_slot)
+        if tree_cache.evict(EvictParams(num_tokens=short)).num_tokens_evicted == 0:
+            break
+
+
+def evict_more(side: SchedulerSide, _result: Any, allocator: Any, tree_cache: Any, num_tokens: int) -> None:
+    """evict_to_free_tokens: SGLang evicts ``num_tokens`` tokens; keep going until their rows are there."""
+    tier = side.tier
+    if tier is not None and tree_cache is not None and tree_cache.supports_prefix_sharing():
+        _evict_for_rows(side, tree_cache, num_tokens * tier.rows_per_slot)
+    return None
+
+
+def decode_fits_rows(side: SchedulerSide, result: bool, allocator: Any, *args: Any, num_tokens: int = 0, **kwargs: Any) -> bool | None:
+    """check_decode_capacity: the next decode step also needs a spare row per unit and token, or SGLang
+    retracts."""
+    tier = side.tier
+    if tier is None or not result:
+        return None
+    return tier.spare_rows >= num_tokens * tier.rows_per_slot
+
+
+# ---- admission counts rows ------------------------------------------------------------------------------
+def evictable_by_rows(side: SchedulerSide, result: int, budget: Any) -> int | None:
+    """PrefillBudget._available_and_evictable: SGLang adds free slots and the tree's evictable *tokens*;
+    admission needs rows: spare rows plus the rows evictable slots hold, a row per unit to a
+    token.
+
+    Which slots are evictable (unlocked in the tree) is not known here, only how many (k) and that they are among
+    the allocated slots no running request reads; a request admitted earlier in this round locks its prefix
+    without running yet. So the rows counted are those of the k idle slots holding the fewest: never more than
+    eviction can free (counting all idle slots admitted more than the rows allowed, and SGLang's allocation then
+    failed)."""
+    tier = side.tier
+    if tier is None or side.tracker is None:
+        return None
+    allocator = budget.allocator
+    idle = ~side.tracker.running_slots(tier.rows.num_slots)  # allocated slots no running request reads
+    idle[0] = False
+    for free in (allocator.free_pages, allocator.release_pages):
+        idle[free] = False
+    k = int(budget.tree_cache.evictable_size())
+    return min(result, (tier.spare_rows + tier.rows.fewest(idle, k)) // tier.rows_per_slot)
+
+
+def _prefix_rows(side: SchedulerSide, tree_cache: Any, req: Any) -> int:
+    """Rows a new request's prefill takes before it runs (``KvPlanner.prefix_rows``)."""
+    assert side.planner is not None
+    restores = req.prefix_len and not req.kv.holds_kv  # else an earlier chunk restored its prefix
+    return side.planner.prefix_rows(req, tree_cache.prefix_device_indices(req) if restores else None)
+
+
+def promise_prefix_rows(side: SchedulerSide, original: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    """alloc_for_extend: evict for, and promise, the rows the batch's prefixes take before they are read."""
+    if side.planner is None:
+        return original(batch, *args, **kwargs)
+    tree_cache = batch.tree_cache
+    return side.planner.allocate(
+        [_prefix_rows(side, tree_cache, req) for req in batch.reqs], lambda n: _evict_for_rows(side, tree_cache, n),
+        batch.extend_num_tokens, lambda: original(batch, *args, **kwargs),
+        lambda: [int(req_pool_idx(req)) for req in batch.reqs])
+
+
+def charge_prefix_rows(side: SchedulerSide, original: Any, adder: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    """PrefillAdder.add_one_req: admission charges a request the rows its prefix takes (as tokens of a row
+    per unit)
+    on top of its new tokens, through SGLang's per-request overhead."""
+    extra = 0
+    tier = side.tier
+    if tier is not None:
+        extra = -(-_prefix_rows(side, adder.tree_cache, req) // tier.rows_per_slot)
+    adder.per_req_token_overhead += extra
+    try:
+        return original(adder, req, *args, **kwargs)
+    finally:
+        adder.per_req_token_overhead -= extra
+
+
+# ---- the KV pool's size ---------------------------------------------------------------------------------
+def overcommit_pool(side: SchedulerSide, result: Any, *args: Any, **kwargs: Any) -> Any:
+    """KVCacheConfigurator.config_from_budget: with ``--slkv-overcommit F`` SGLang gets F times the token
+    slots its KV bytes hold; the KV tier keeps those bytes (``_take_over_kv_pool``)."""
+    cfg = side.config
+    if not (cfg.enabled and cfg.offload and cfg.overcommit > 1.0):
+        return None
+    if result.swa_max_total_num_tokens:
+        raise SlkvConfigError("--slkv-overcommit does not support sliding-window KV pools")
+    from sglang.srt.runtime_context import get_schedule
+
+    page = get_schedule().page_size
+    result.max_total_num_tokens = int(result.max_total_num_tokens * cfg.overcommit) // page * page
+    return result
+
+
+def no_kv_buffers(side: SchedulerSide, original: Any, kv_pool: Any, *args: Any, **kwargs: Any) -> Any:
+    """MHATokenToKVPool._create_buffers: with offload the KV tier holds the KV, so SGLang's per-layer
+    buffers are created one page long instead of at the (possibly overcommitted) pool size."""
+    if not (side.config.enabled and side.config.offload):
+        return original(kv_pool, *args, **kwargs)
+    size, kv_pool.size = kv_pool.size, 0
+    try:
+        return original(kv_pool, *args, **kwargs)
+    finally:
+        kv_pool.size = size

@@ -1,0 +1,156 @@
+"""Scheduler side: the state of SimLayerKV in a scheduler process (``SchedulerSide``), how it gets the attention
+backend's parts, and what it hands the backend per forward.
+
+The scheduler process also runs the model (its ModelRunner builds the attention backend). The hand-off between
+the two sides is explicit and one way: the backend factory ``attach``es the backend's tracker and KV executor to
+the ``SchedulerSide``; before each forward ``stage_forward`` stages every request's settings on the tracker and,
+with ``--slkv-offload``, hands the executor the planner's ``KvStep``; after it, ``settle_failures`` finishes the
+requests the executor reported in that step. The worker side never touches SGLang's ``Req``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from http import HTTPStatus
+from typing import Any
+
+from ..config import SlkvConfig, SlkvConfigError
+from ..kv.executor import KvExecutor
+from ..kv.planner import KvPlanner
+from ..kv.tier import KvTier
+from ..report import Outbox
+from ..request_params import RequestParams, request_params
+from ..tracker import LazyTracker
+
+logger = logging.getLogger("slkv.plugin")
+
+
+@dataclass
+class SchedulerSide:
+    """One per process, made by ``register()`` and handed to the hooks that read it; filled in the scheduler
+    process when SGLang builds the attention backend (``attach``)."""
+
+    outbox: Outbox = field(default_factory=Outbox)
+    tracker: LazyTracker | None = None
+    planner: KvPlanner | None = None  # with --slkv-offload
+    executor: KvExecutor | None = None  # with --slkv-offload
+
+    @cached_property
+    def config(self) -> SlkvConfig:
+        """This process's SimLayerKV config, read once from ``SLKV_*`` (the flags set them before SGLang spawns
+        its processes)."""
+        return SlkvConfig.from_env()
+
+    @property
+    def tier(self) -> KvTier | None:
+        return self.executor.tier if self.executor is not None else None
+
+    def attach(self, tracker: LazyTracker, executor: KvExecutor | None) -> None:
+        """The attention backend's parts the scheduler-side hooks act on; the planner shares the executor's tier."""
+        self.tracker, self.executor = tracker, executor
+        if executor is not None:
+            self.planner = KvPlanner(executor.tier, strict=self.config.poison)
+
+
+def install_backends(side: SchedulerSide) -> None:
+    """Wrap SGLang's torch_native and FlashInfer backend factories (``ATTENTION_BACKENDS`` captured the
+    originals before any hook, so they are replaced in the dict): with SimLayerKV on they build ours."""
+    from sglang.srt.layers.attention import attention_registry as reg
+
+    plain_torch = reg.ATTENTION_BACKENDS["torch_native"]
+    plain_flashinfer = reg.ATTENTION_BACKENDS["flashinfer"]
+
+    def torch_native(runner: Any) -> Any:
+        if not side.config.enabled:
+            return plain_torch(runner)
+        from ..backends.torch_native import SlkvTorchNativeBackend
+
+        backend = SlkvTorchNativeBackend(runner, side.config, side.outbox)
+        side.attach(backend.tracker, backend.executor)
+        logger.info("SimLayerKV on torch_native: %s", side.config)
+        return backend
+
+    def flashinfer(runner: Any) -> Any:
+        if not side.config.enabled or runner.use_mla_backend:
+            return plain_flashinfer(runner)
+        from ..backends.flashinfer import SlkvFlashInferBackend
+
+        backend = SlkvFlashInferBackend(runner, side.config, side.outbox)
+        side.attach(backend.tracker, None)
+        logger.info("SimLayerKV on flashinfer: %s", side.config)
+        return backend
+
+    reg.ATTENTION_BACKENDS["torch_native"] = torch_native
+    reg.ATTENTION_BACKENDS["flashinfer"] = flashinfer
+
+
+def req_pool_idx(req: Any) -> int | None:
+    """The request's index in ``req_to_token`` (SGLang 0.5.23 keeps it on ``req.kv``), None once released."""
+    return getattr(getattr(req, "kv", None), "req_pool_idx", None)
+
+
+def stage_forward(side: SchedulerSide, result: Any, _cls: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    """ForwardBatch.init_new: stage each request's settings for the backend's next ``plan``, and with offload
+    hand the executor this forward's ``KvStep``.
+
+    The eager runner copies the ForwardBatch into static buffers before planning, dropping extra
+    attributes, so the settings go to the tracker, which checks they match the batch it plans.
+    """
+    if (not side.config.enabled or side.tracker is None
+            or not (batch.forward_mode.is_extend() or batch.forward_mode.is_decode())):
+        return None
+    decode = batch.forward_mode.is_decode()
+    params = []
+    for req in batch.reqs:
+        last = decode or req.extend_end == len(req.full_untruncated_fill_ids)
+        try:
+            params.append(request_params(side.config, req.rid, req.sampling_params.custom_params, last))
+        except SlkvConfigError as exc:  # validated in the tokenizer process; never expected here
+            raise RuntimeError(f"slkv: invalid overrides reached the scheduler for {req.rid}: {exc}") from exc
+    side.outbox.tick()
+    side.tracker.stage(params)
+    if side.planner is not None and side.executor is not None:
+        # the token ids whose fingerprints the forward's KV work needs: a prefill's positions 0..seq_len-1
+        if decode:
+            prefixes, tokens = None, [_decode_tokens(req, p) for req, p in zip(batch.reqs, params)]
+        else:
+            prefixes = [int(n) for n in batch.prefix_lens]
+            tokens = [list(req.full_untruncated_fill_ids[: prefix + int(ext)])
+                      for req, prefix, ext in zip(batch.reqs, prefixes, batch.extend_lens)]
+        step = side.planner.plan(batch.reqs, [int(req_pool_idx(r)) for r in batch.reqs], [p.session for p in params],
+                                 tokens, prefixes)
+        side.executor.begin(step)
+    return None
+
+
+def _decode_tokens(req: Any, params: RequestParams) -> list[int] | None:
+    """In decode, only a request deciding at its first decode step (mode ``decode``) needs its whole sequence's
+    fingerprints."""
+    if params.enabled and params.mode == "decode" and len(req.output_ids) == 1:
+        return list(req.origin_input_ids) + list(req.output_ids)
+    return None
+
+
+def settle_failures(side: SchedulerSide, _scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """Scheduler.process_batch_result (before): requests whose KV the executor could not make whole in the
+    forwards since the last results finish with a 503-style error, and nothing of theirs is cached."""
+    if side.planner is None:
+        return None
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    for req, why in side.planner.settle():
+        req.skip_radix_cache_insert = True
+        req.discard_output_reason = FINISH_ABORT(f"{why}; retry the request", HTTPStatus.SERVICE_UNAVAILABLE)
+    return None
+
+
+def release_request(side: SchedulerSide, req: Any, *args: Any, **kwargs: Any) -> None:
+    """release_kv_cache: the request leaves (finished, aborted, retracted); its per-request state goes."""
+    idx = req_pool_idx(req)
+    if idx is not None and side.tracker is not None:
+        side.tracker.release(int(idx))
+    if side.planner is not None:
+        side.planner.retire(req, None if idx is None else int(idx))
+    return None
