@@ -32,7 +32,11 @@ def too_large() -> ApiError:
 
 class BodyLimit:
     """ASGI middleware: a body over MAX_BODY_BYTES is refused by its Content-Length, or, when chunked or
-    mislabelled, as soon as the bytes read pass the limit (the route reading it gets a 413)."""
+    mislabelled, as soon as the bytes read pass the limit (the route reading it gets a 413).
+
+    A request framed both ways (Content-Length and Transfer-Encoding) is refused before anything reads it: a
+    proxy in front that trusts the other header would see a different request boundary (request smuggling).
+    The answer closes the connection, as RFC 9112 section 6.3 asks, so no bytes after it are read as a request."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -40,6 +44,11 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        names = {name for name, _ in scope["headers"]}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            error = ApiError(400, "invalid_request", "both Content-Length and Transfer-Encoding: send one")
+            await error.response(headers={"Connection": "close"})(scope, receive, send)
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from slkv_sglang.admin import HOST_BUDGET
+from slkv_sglang.config import HOST_BUDGET
 
 from .errors import ApiError, EngineUnavailable, clip
 from .store import Session
@@ -73,7 +73,7 @@ class EngineClient:
             yield chunk
 
     async def set_host_budget(self, nbytes: int) -> bool:
-        """The engine's host budget through SGLang's admin channel (``slkv_sglang.admin``); False: refused
+        """The engine's host budget through SGLang's admin channel (the plugin's update handler); False: refused
         (an engine without --slkv-offload has no host tier)."""
         from sglang.srt.managers.io_struct import SetInternalStateReq
 

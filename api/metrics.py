@@ -35,18 +35,19 @@ class Metrics:
         # The engine's offload counters as of the last turn it reported (--slkv-offload; cumulative there).
         self.engine_kv = {
             key: Gauge(f"slkv:{name}", help_, registry=r) for key, name, help_ in (
-                ("host_held_bytes", "host_kv_bytes", "Host bytes of offloaded KV (engine, last report)"),
-                ("host_offloaded_bytes", "offloaded_bytes", "KV bytes copied to the host so far (engine)"),
+                ("host_held_bytes", "host_kv_bytes", "Bytes of KV the host tier holds (engine, last report)"),
+                ("host_saved_bytes", "host_saved_bytes", "KV bytes copied to the host so far (engine)"),
                 ("host_reloaded_bytes", "reloaded_bytes", "KV bytes copied back from the host so far (engine)"),
-                ("host_offload_seconds", "offload_seconds", "Seconds spent copying KV to the host (engine)"),
+                ("host_save_seconds", "host_save_seconds", "Seconds spent copying KV to the host (engine)"),
                 ("host_reload_seconds", "reload_seconds", "Seconds spent copying KV back (engine)"),
-                ("host_evictions", "host_evictions", "Groups of host copies (one decision's each) evicted, least "
+                ("host_evictions", "host_evictions", "Host entries (one decision's host copies each) evicted, least "
                  "recently used first (engine)"),
-                ("host_refused", "host_refusals", "Offloads the host budget refused; that KV is recomputed when needed"),
-                ("lost_rows", "lost_kv_rows", "(layer, token) KV rows freed without a host copy (engine)"),
+                ("host_refused", "host_refusals", "Saves to the host the budget refused in part or whole; that KV is "
+                 "recomputed when needed (engine)"),
+                ("lost_rows", "lost_kv_rows", "KV rows (one unit's KV of one slot) freed without a host copy (engine)"),
                 ("recomputed_tokens", "recomputed_tokens", "Cached tokens recomputed because their KV was on "
                  "neither tier (engine)"),
-                ("free_rows", "device_free_kv_rows", "Free (layer, token) KV rows of the device pool (engine)"),
+                ("free_rows", "device_free_kv_rows", "Free KV rows (one unit's KV of one slot) of the device pool (engine)"),
             )
         }
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slkv_sglang.admin import MAX_HOST_BUDGET
+from slkv_sglang.config import MAX_HOST_BUDGET
 from slkv_sglang.model_layers import ModelLayers
 from slkv_sglang.request_params import RequestParamsError, parse_overrides
 

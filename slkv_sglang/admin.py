@@ -19,26 +19,15 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol, Sequence
 
-logger = logging.getLogger("slkv.admin")
+from .config import HOST_BUDGET, host_budget_problem
 
-HOST_BUDGET = "slkv_host_budget"
-MAX_HOST_BUDGET = 1 << 50  # far past any host's memory, and an integer every JSON client reads exactly
+logger = logging.getLogger("slkv.admin")
 
 
 class HostTier(Protocol):
     budget_bytes: int
 
     def set_budget(self, nbytes: int) -> None: ...
-
-
-def host_budget_problem(value: Any, has_host_tier: bool = True) -> str | None:
-    """Why ``value`` cannot become the host budget, or None (the chat API checks with this too)."""
-    if not has_host_tier:
-        return "cannot be set: this engine has no host tier (start it with --slkv-offload)"
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_HOST_BUDGET:
-        shown = "a larger integer" if isinstance(value, int) and abs(value) >> 64 else f"{value!r:.40}"
-        return f"must be a whole number of bytes in [0, 2**50], got {shown}"
-    return None
 
 
 def add_handlers(handlers: dict[str, Any], tiers: Sequence[HostTier]) -> dict[str, Any]:

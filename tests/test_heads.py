@@ -19,6 +19,8 @@ from slkv_sglang.layer_map import LayerMap
 
 from .conftest import CHUNK, TEST_SLKV
 
+pytestmark = pytest.mark.engine  # every test here starts an SGLang engine or a server with one
+
 NEW_TOKENS = 8
 QUESTION = "Which classes and functions are defined in the code above? Answer briefly."
 LENGTHS = [600, 800, 950, CHUNK + 16, 1200, 1350, 1500, 1700, 1900, 2200]
@@ -35,7 +37,7 @@ def _layer_map(out: dict) -> LayerMap:
 
 def _forced_heads(seed: int) -> list[tuple[int, int]]:
     """About a third of the (layer, KV head) pairs, with at least one layer lazy in every head and one in one
-    head only: both decode paths (the whole-layer window and the two head groups) run."""
+    head only: both decode paths (the whole-layer window and the heads split in two) run."""
     rng = random.Random(seed)
     pairs = {(layer, head) for layer in range(NUM_LAYERS) for head in range(KV_HEADS) if rng.random() < 0.33}
     whole, partial = rng.sample(range(NUM_LAYERS), 2)

@@ -20,7 +20,7 @@ THRESHOLD = 0.9
 
 
 def _masses(layers: int, heads: int, requests: int = 3) -> torch.Tensor:
-    """[R, L, H] masses around the threshold, so that a mis-grouped head changes decisions."""
+    """[R, L, H] masses around the threshold, so that a head counted under the wrong KV head changes decisions."""
     gen = torch.Generator().manual_seed(layers * heads)
     return (0.8 + 0.2 * torch.rand(requests, layers, heads, generator=gen)).float()
 
@@ -74,10 +74,10 @@ def test_head_blocks_are_the_ranks_heads():
 
 
 def test_a_rank_alone_would_decide_otherwise():
-    """Why the gather exists: one rank's heads grouped as if they were the model's miss the retrieval group."""
+    """Why the gather exists: one rank's heads reduced as if they were the model's miss the retrieval KV head."""
     layers, heads, kv_heads = LAYOUTS["smollm2-135m"]
     full = _masses(layers, heads)
-    full[:, :, 6:9] = 0.5  # the last KV group (a retrieval head) keeps every layer
+    full[:, :, 6:9] = 0.5  # the last KV head's query heads (a retrieval head) keeps every layer
     start, end = head_block(heads, 0, 2)
     alone = [decide(m[:, start:end], "mean", THRESHOLD, 1, True)[0].all(dim=1).tolist() for m in full]
     assert alone != _decisions(full, kv_heads, "kvmin")
