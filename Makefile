@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.slkv-ready
 
-.PHONY: setup serve test redis
+.PHONY: setup serve test test-fast redis
 
 setup: $(READY)
 
@@ -26,3 +26,7 @@ serve: setup
 # Two pytest-xdist workers, each one half of the suite (tests/conftest.py), each engine on one core.
 test: setup redis
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+
+# Every test that starts no SGLang engine (no `engine` marker, tests/conftest.py), over both cores.
+test-fast: setup redis
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not engine"

@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import pytest
 
-from slkv_sglang.config import SlkvConfig
+from slkv_sglang.config import HOST_BUDGET, SlkvConfig
 from slkv_sglang.model import ensure_bundled_model
 from slkv_sglang.runtime import shutdown_engine
 
-from .servers import engine_start_lock
+from .servers import EngineGuard, engine_start_lock
 
 # The engines under test. recent=256 (not the paper's 1020) so 1-4K prompts really lose most of their KV in
 # lazy layers and a wrong window shows in the tokens; chunked prefill at 1024 so long prompts are chunked.
@@ -64,6 +64,46 @@ def start_engine(slkv: SlkvConfig, model_path: str, **overrides):
                            **{"chunked_prefill_size": CHUNK, "mem_fraction_static": MEM_FRACTION, **overrides})
 
 
+# ---- the `engine` marker: `make test-fast` (-m "not engine") must start no engine -----------------------------
+ENGINE = "engine"  # registered in pyproject.toml
+
+
+def _engine_marked(item) -> bool:
+    return item.get_closest_marker(ENGINE) is not None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test not marked ``engine`` fails where it starts an engine (``engine_start_lock``, the way every engine of
+    the suite starts), in its setup, call or teardown."""
+    EngineGuard.forbidden_for = None if _engine_marked(item) else item.nodeid
+    try:
+        return (yield)
+    finally:
+        EngineGuard.forbidden_for = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Notes the fixtures whose setup starts an engine."""
+    before = EngineGuard.starts
+    try:
+        return (yield)
+    finally:
+        if EngineGuard.starts > before:
+            EngineGuard.fixtures.add(fixturedef.argname)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A test not marked ``engine`` that uses an engine an earlier test started fails too: run alone, or in ``make
+    test-fast``, it would start that engine itself."""
+    used = sorted(EngineGuard.fixtures.intersection(item.fixturenames))
+    if used and not _engine_marked(item):
+        pytest.fail(f"{item.nodeid} uses {used}, which start an SGLang engine, but is not marked `engine`: add "
+                    "@pytest.mark.engine (or `pytestmark = pytest.mark.engine` for a whole module)", pytrace=False)
+
+
 def pytest_sessionstart(session):
     """multiprocessing's resource tracker started by this process itself, not by its first engine (whose
     shutdown, ``shutdown_engine``, ends the processes that engine started)."""
@@ -77,10 +117,24 @@ def set_host_budget(engine, nbytes: int) -> list[bool]:
     it: one answer per scheduler, False where refused."""
     from sglang.srt.managers.io_struct import SetInternalStateReq
 
-    from slkv_sglang.admin import HOST_BUDGET
-
     return engine.loop.run_until_complete(
         engine.tokenizer_manager.set_internal_state(SetInternalStateReq(server_args={HOST_BUDGET: nbytes})))
+
+
+def page_size(engine) -> int:
+    """The engine's KV page, as SGLang resolved it (1 on CPU)."""
+    return engine.server_args.resolved_dict()["page_size"]
+
+
+def recomputed_tokens(history: int, prompt: int, whole: int, page: int) -> int:
+    """What a prefill adds to ``recomputed_tokens`` (once per request, however many chunks it takes): its radix match
+    (``history`` cached tokens of the conversation: a turn caches its prompt and its output tokens but the last,
+    which has no KV yet) capped so that ``TEST_SLKV.last`` prompt tokens are extended and score
+    (``_cap_prefix``), cut where some unit's KV is on neither tier (after ``whole`` tokens), rounded down to the
+    page (``KvPlanner.match``)."""
+    matched = min(history, prompt - TEST_SLKV.last)
+    keep = min(whole, matched)
+    return matched - (keep - keep % page)
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +164,8 @@ def offload_engine(model_path):
 # every user of the session's engines (test_api's two tests on its offload server among them, ``TO_SECOND``: the
 # one that compares with ``slkv_engine`` and the other user of that server); test_bench_serve runs just before
 # test_offload_engine, the other user of ``offload_engine``. A file named in neither list runs at the end of
-# SECOND. Tests do not depend on this order or split; it is about memory and wall-clock time.
+# SECOND. In each half the files that start no engine (no test marked ``engine``) run first. Tests do not depend
+# on this order or split; it is about memory and wall-clock time.
 FIRST = ["test_kv_tier.py", "test_api.py", "test_launch_server.py", "test_hybrid_engine.py", "test_reference.py",
          "test_startup.py", "test_config.py", "test_api_store.py", "test_api_hostile.py", "test_api_server.py",
          "test_deploy.py", "test_gpu_check.py", "test_tensor_parallel.py", "test_offload.py", "test_profile.py",
@@ -130,18 +185,19 @@ def _half(nodeid: str) -> str:
     return "first" if name in FIRST else "second"
 
 
-def _position(item) -> tuple[int, int]:
-    name = item.path.name
-    if _half(item.nodeid) == "first":
-        return 0, FIRST.index(name)
-    return 1, SECOND.index(name) if name in SECOND else len(SECOND)
+def _position(item, engine_files: set[tuple[str, str]]) -> tuple[int, bool, int]:
+    name, half = item.path.name, _half(item.nodeid)
+    listed = FIRST if half == "first" else SECOND
+    return int(half == "second"), (half, name) in engine_files, listed.index(name) if name in listed else len(listed)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """The halves' files in their listed order (a stable sort: the tests of a file keep theirs), each test marked
-    with its half as its ``xdist_group``."""
-    items.sort(key=_position)
+    """The halves' files, in each half first those whose tests start no engine (none marked ``engine``: quick
+    failures come first), then the others, each group in its listed order (a stable sort: the tests of a file keep
+    theirs); each test marked with its half as its ``xdist_group``."""
+    engine_files = {(_half(x.nodeid), x.path.name) for x in items if _engine_marked(x)}
+    items.sort(key=lambda item: _position(item, engine_files))
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_half(item.nodeid)))
 

@@ -12,6 +12,17 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import pytest
+
+
+class EngineGuard:
+    """Which test may start an engine: ``tests/conftest.py`` sets ``forbidden_for`` to the running test's node id
+    around the setup, call and teardown of every test not marked ``engine`` (None otherwise), and counts
+    ``starts`` around fixture setups to learn which ``fixtures`` start engines."""
+
+    forbidden_for: str | None = None
+    starts = 0
+    fixtures: set[str] = set()
 
 
 @contextmanager
@@ -19,7 +30,15 @@ def engine_start_lock() -> Iterator[None]:
     """Held while an engine starts (in this process or in a server's): one start at a time on this machine, across
     the suite's pytest-xdist workers (and any other run of the suite). An SGLang CPU engine sizes its memory from
     the free memory it measures before and after loading the weights, and refuses to start ("Loaded weights leave
-    no GPU memory for the KV cache") when another engine allocated its pool in between."""
+    no GPU memory for the KV cache") when another engine allocated its pool in between.
+
+    Every engine start of the suite goes through here, so here a test not marked ``engine`` fails: ``make
+    test-fast`` (``-m "not engine"``) would otherwise start engines after all."""
+    if EngineGuard.forbidden_for is not None:
+        pytest.fail(f"{EngineGuard.forbidden_for} starts an SGLang engine (or a server with one) but is not marked "
+                    "`engine`: add @pytest.mark.engine (or `pytestmark = pytest.mark.engine` for a whole module)",
+                    pytrace=False)
+    EngineGuard.starts += 1
     with open(Path(tempfile.gettempdir()) / "slkv-tests-engine-start.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

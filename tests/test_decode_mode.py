@@ -17,6 +17,8 @@ from slkv_sglang.layer_map import LayerMap
 
 from .conftest import CHUNK, TEST_SLKV
 
+pytestmark = pytest.mark.engine  # every test here starts an SGLang engine or a server with one
+
 NEW_TOKENS = 8
 QUESTION = "Which classes and functions are defined in the code above? Answer briefly."
 LENGTHS = [700, CHUNK + 16, 1300, 1600, 2 * CHUNK + 8, 2400]  # two end with a chunk shorter than `last`

@@ -16,6 +16,8 @@ from slkv_sglang.runtime import shutdown_engine
 from .conftest import CHUNK, TEST_SLKV, start_engine
 from .slkv_payloads import SEED, malformed
 
+pytestmark = pytest.mark.engine  # every test here starts an SGLang engine or a server with one
+
 NEW_TOKENS = 12
 QUESTION = "Which classes and functions are defined in the code above? Answer briefly."
 # 10 prompts of 1-4K tokens; two end with a chunk shorter than `last` (the carried-queries path).

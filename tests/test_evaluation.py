@@ -49,6 +49,7 @@ def test_needle_sits_at_its_depth(tokenizer, length, depth, seed):
     assert abs(before / (before + after) - depth) <= 1 / (before + after)
 
 
+@pytest.mark.engine
 def test_small_evaluation_run(slkv_engine, tokenizer, tmp_path):
     cases = [needle_case(tokenizer, 1536, d, seed=0) for d in (0.3, 0.7)]
     plan = settings(["mean", "kvmin"], [0.9], full_layers=range(30), granularities=("layer", "head"))

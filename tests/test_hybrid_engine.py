@@ -65,6 +65,7 @@ def _run(engine, ids: list[int], **slkv) -> tuple[dict, list[float]]:
     return out, [lp for lp, _tok, _txt in out["meta_info"]["output_token_logprobs"]]
 
 
+@pytest.mark.engine
 def test_full_layers_are_scored_and_made_lazy(gemma_engine, prompts):
     """Scores exist for full-attention layers only (null in the JSON map for sliding ones); at a low threshold
     the full layers are lazy and their decode reads sink + recent (the logprobs move), sliding ones never are."""
@@ -81,6 +82,7 @@ def test_full_layers_are_scored_and_made_lazy(gemma_engine, prompts):
         assert max(abs(a - b) for a, b in zip(lazy_lp[1:], full_lp[1:])) > 1e-3
 
 
+@pytest.mark.engine
 def test_nothing_lazy_equals_simlayerkv_off(gemma_engine, prompts):
     """Every full layer kept (threshold above 1): scored, and tokens equal SGLang's own attention path
     (SimLayerKV off for the request) token for token."""
@@ -93,6 +95,7 @@ def test_nothing_lazy_equals_simlayerkv_off(gemma_engine, prompts):
         assert kept["output_ids"] == off["output_ids"]
 
 
+@pytest.mark.engine
 def test_force_lazy_on_a_sliding_layer_is_refused(gemma_engine, prompts):
     """Refused in the tokenizer process with the field and the layers named; the engine keeps serving."""
     with pytest.raises(SlkvConfigError, match=r"custom_params.slkv.force_lazy\[0\] names sliding-window layer 0"):

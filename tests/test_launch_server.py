@@ -18,6 +18,8 @@ from .conftest import MEM_FRACTION
 from .servers import engine_start_lock, free_port, spawn, start_server, stop_server, wait_healthy
 from .slkv_payloads import KINDS, SEED, malformed
 
+pytestmark = pytest.mark.engine  # every test here starts an SGLang engine or a server with one
+
 
 def _worker_cmd(model_path: str, port: int) -> list[str]:
     return [

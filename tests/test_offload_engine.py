@@ -15,8 +15,10 @@ from slkv_sglang.layer_map import LayerMap
 from slkv_sglang.tools.corpus import follow_up_ids
 from slkv_sglang.runtime import shutdown_engine
 
-from .conftest import OFFLOAD_BUDGET, TEST_SLKV, set_host_budget
+from .conftest import OFFLOAD_BUDGET, TEST_SLKV, page_size, recomputed_tokens, set_host_budget
 from .servers import engine_start_lock
+
+pytestmark = pytest.mark.engine  # every test here starts an SGLang engine or a server with one
 
 QUESTIONS = [
     "Which classes are defined in the code above? Answer briefly.",
@@ -110,19 +112,30 @@ def _moved(after: dict, before: dict, key: str) -> int:
     return after[key] - before[key]
 
 
+def _middles(out: dict) -> int:
+    """Rows the request's lazy heads give back: the middle ``[sink, decided_at - recent)`` of each."""
+    lm = LayerMap.from_dict(out["meta_info"]["slkv"])
+    return len(lm.lazy_heads) * (lm.decided_at - TEST_SLKV.sink - TEST_SLKV.recent)
+
+
+def _history(out: dict) -> int:
+    """Tokens a finished turn leaves cached: its prompt and its output but the last token (no KV yet)."""
+    return out["meta_info"]["prompt_tokens"] + len(out["output_ids"]) - 1
+
+
 def test_four_turns_with_offload_match_without(offload_engine, baseline, tokenizer):
     before = _fresh(offload_engine, tokenizer, BUDGET)
     first = _conversation(offload_engine, tokenizer, 11, "conv-a", 4)
     _assert_same(first, baseline()[0])
-    last = before
+    last, given_back = before, 0
     for turn, got in enumerate(first):
         _assert_device_follows_layer_map(got, hosted=True)
         kv = got["meta_info"]["slkv"]["kv"]
-        assert _moved(kv, last, "released_rows") > 0
+        assert _moved(kv, last, "released_rows") == _middles(got)  # each lazy head gives back its middle
         if turn:  # the prefix's offloaded KV came back for the prefill, and only new tokens were copied out
-            assert _moved(kv, last, "restored_rows") > 0
-            assert _moved(kv, before, "host_offloaded_bytes") < (turn + 1) * kv["host_held_bytes"]
-        last = kv
+            assert _moved(kv, last, "restored_rows") == given_back  # what the turn before gave back, all of it
+            assert _moved(kv, before, "host_saved_bytes") < (turn + 1) * kv["host_held_bytes"]
+        last, given_back = kv, _middles(got)
     for counter in ("host_evictions", "lost_rows", "recomputed_tokens"):
         assert _moved(kv, before, counter) == 0, counter
     assert kv["host_held_bytes"] <= BUDGET
@@ -142,11 +155,14 @@ def test_budget_too_small_for_one_session_recomputes(offload_engine, baseline, t
     second = _conversation(offload_engine, tokenizer, 12, "conv-b", 2, budget=TINY)
     _assert_same(second, baseline()[1])
     turn1, turn2 = (out["meta_info"]["slkv"]["kv"] for out in second)
-    assert turn1["host_budget"] == TINY and _moved(turn1, held, "host_evictions") >= 1  # the other session went
-    assert _moved(turn1, held, "lost_rows") > 0 and _moved(turn1, held, "host_refused") > 0
+    assert turn1["host_budget"] == TINY and _moved(turn1, held, "host_evictions") == 1  # the other session's entry
+    # conv-b's lazy heads give back their middles with no copy: the one save of its decision is refused
+    assert _moved(turn1, held, "lost_rows") == _middles(second[0]) and _moved(turn1, held, "host_refused") == 1
     assert turn1["host_bytes"] == 0
-    assert _moved(turn2, turn1, "recomputed_tokens") > 2500  # nearly the whole history
-    assert _moved(turn2, turn1, "healed_rows") > 0
+    # the second turn's match is cut at the sink (where the lost middles start), and the prefill heals them
+    assert _moved(turn2, turn1, "recomputed_tokens") == recomputed_tokens(
+        _history(second[0]), second[1]["meta_info"]["prompt_tokens"], TEST_SLKV.sink, page_size(offload_engine))
+    assert _moved(turn2, turn1, "healed_rows") == _middles(second[0])
     assert _moved(turn2, turn1, "restored_rows") == 0  # nothing came from the host
     for out in second:
         _assert_device_follows_layer_map(out, hosted=False)
@@ -165,8 +181,10 @@ def test_evicted_session_recomputes_its_next_turn(offload_engine, baseline, toke
     fifth = _conversation(offload_engine, tokenizer, 11, "conv-a", 5, budget=BUDGET, history=tuple(baseline()[0][:4]))
     _assert_same(fifth, baseline()[0][4:], first_turn=4)
     before, kv = fourth[0]["meta_info"]["slkv"]["kv"], fifth[0]["meta_info"]["slkv"]["kv"]
-    assert _moved(kv, before, "host_evictions") >= 1
-    assert kv["host_budget"] == BUDGET and _moved(kv, before, "recomputed_tokens") > 2500
+    assert _moved(kv, before, "host_evictions") == 1  # the fourth turn's entry
+    # its lazy heads' middles went with it: the fifth turn's match is cut at the sink
+    assert kv["host_budget"] == BUDGET and _moved(kv, before, "recomputed_tokens") == recomputed_tokens(
+        _history(fourth[0]), fifth[0]["meta_info"]["prompt_tokens"], TEST_SLKV.sink, page_size(offload_engine))
     assert _moved(kv, before, "restored_rows") == 0
     assert kv["host_bytes"] > 0 and kv["host_held_bytes"] <= BUDGET
     _assert_device_follows_layer_map(fifth[0], hosted=True)
@@ -229,8 +247,10 @@ def test_freed_rows_admit_more_sessions(overcommit_engine, slkv_engine, tokenize
 
     base = slkv_engine.loop.create_task(without_offload())
     seconds = [overcommit_engine.generate(input_ids=s[2], sampling_params=s[3]) for s in sessions[::-1]][::-1]
-    for (ids, _, _, _), second in zip(sessions, seconds):
-        assert second["meta_info"]["cached_tokens"] >= len(ids) - TEST_SLKV.last  # the whole history was there
+    for (ids, first, ids2, _), second in zip(sessions, seconds):
+        # the whole history was there: all a radix match can give (the first turn's prompt and output but its last
+        # token, capped so that the ``last`` prompt tokens score), nothing cut
+        assert second["meta_info"]["cached_tokens"] == min(_history(first), len(ids2) - TEST_SLKV.last)
     assert seconds[0]["meta_info"]["slkv"]["kv"]["restored_rows"] > kv["restored_rows"]
     for (_, first, _, _), second, (want1, want2) in zip(sessions, seconds, slkv_engine.loop.run_until_complete(base)):
         assert first["output_ids"] == want1["output_ids"]
