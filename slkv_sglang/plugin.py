@@ -51,6 +51,8 @@ def hook_table(side: SchedulerSide) -> list[tuple[str, Callable[..., Any], HookT
         # scheduler side: each forward, and a request leaving
         ("model_executor.forward_batch_info.ForwardBatch.init_new", bound(stage_forward), HookType.AFTER),
         ("managers.scheduler.Scheduler.process_batch_result", bound(settle_failures), HookType.BEFORE),
+        # overlap scheduling caches a chunk (stash) before the previous forward's result is processed
+        ("managers.scheduler.Scheduler.stash_chunked_request", bound(settle_failures), HookType.BEFORE),
         ("mem_cache.common.release_kv_cache", bound(release_request), HookType.BEFORE),
         # the radix cache, the allocator and admission
         ("managers.schedule_batch.Req._compute_max_prefix_len", bound(admission.cap_prefix), HookType.AFTER),

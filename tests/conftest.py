@@ -130,8 +130,8 @@ def recomputed_tokens(history: int, prompt: int, whole: int, page: int) -> int:
     """What a prefill adds to ``recomputed_tokens`` (once per request, however many chunks it takes): its radix match
     (``history`` cached tokens of the conversation: a turn caches its prompt and its output tokens but the last,
     which has no KV yet) capped so that ``TEST_SLKV.last`` prompt tokens are extended and score
-    (``_cap_prefix``), cut where some unit's KV is on neither tier (after ``whole`` tokens), rounded down to the
-    page (``KvPlanner.match``)."""
+    (``hooks.admission.cap_prefix``), cut where some unit's KV is on neither tier (after ``whole`` tokens),
+    rounded down to the page (``KvPlanner.match``)."""
     matched = min(history, prompt - TEST_SLKV.last)
     keep = min(whole, matched)
     return matched - (keep - keep % page)

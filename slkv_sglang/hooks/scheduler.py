@@ -134,8 +134,10 @@ def _decode_tokens(req: Any, params: RequestParams) -> list[int] | None:
 
 
 def settle_failures(side: SchedulerSide, _scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """Scheduler.process_batch_result (before): requests whose KV the executor could not make whole in the
-    forwards since the last results finish with a 503-style error, and nothing of theirs is cached."""
+    """Scheduler.process_batch_result and Scheduler.stash_chunked_request (before): requests whose KV the executor
+    could not make whole in the forwards run so far finish with a 503-style error, and nothing of theirs is cached
+    (with overlap scheduling a chunked request's chunk is cached before the previous forward's result is
+    processed, so the stash settles too; settling twice is a no-op)."""
     if side.planner is None:
         return None
     from sglang.srt.managers.schedule_batch import FINISH_ABORT

@@ -20,8 +20,8 @@ from .tier import KvTier
 
 logger = logging.getLogger("slkv.kv")
 
-# Results are processed at most one forward late (overlap scheduling); a step is kept for a few more in case a
-# forward's result is never processed (an idle batch), so that the list stays bounded.
+# Results are processed at most one forward late (overlap scheduling) and every result settles the steps handed
+# out so far; the list is capped all the same, so that it stays bounded whatever SGLang calls.
 UNSETTLED = 4
 HEAL_ATTR = "slkv_heal"  # on SGLang's Req: its Heal from the latest match (None: nothing recomputed)
 
