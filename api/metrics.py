@@ -50,6 +50,18 @@ class Metrics:
                 ("free_rows", "device_free_kv_rows", "Free KV rows (one unit's KV of one slot) of the device pool (engine)"),
             )
         }
+        # The shared tier's counters (--slkv-shared-store), where the engine reports them.
+        self.engine_shared = {
+            key: Gauge(f"slkv:{key}", help_, registry=r) for key, help_ in (
+                ("shared_written_bytes", "KV bytes written back to the shared store so far (engine)"),
+                ("shared_restored_tokens", "Prefix tokens restored from the shared store so far (engine)"),
+                ("shared_restored_bytes", "KV bytes restored from the shared store so far (engine)"),
+                ("shared_hits", "Shared-store lookups that restored a prefix (engine)"),
+                ("shared_misses", "Shared-store lookups that found nothing past the radix match (engine)"),
+                ("shared_failures", "Shared-store operations that failed or timed out; recomputed (engine)"),
+                ("shared_write_dropped", "Blocks not written back because the queue was full (engine)"),
+            )
+        }
 
     @staticmethod
     def device_bytes(layer_map: dict[str, Any] | None, seq_len: int, bytes_per_token_layer: int) -> int:
@@ -70,6 +82,9 @@ class Metrics:
             if "kv" in layer_map:
                 for key, gauge in self.engine_kv.items():
                     gauge.set(layer_map["kv"][key])
+                for key, gauge in self.engine_shared.items():
+                    if key in layer_map["kv"]:
+                        gauge.set(layer_map["kv"][key])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("slkv_sglang.tools.bench", "identification overhead and decode step time, SimLayerKV vs full KV"),
     "bench-offload": ("slkv_sglang.tools.bench_offload", "host-tier offload/reload bandwidth vs a plain tensor copy"),
     "bench-memory": ("slkv_sglang.tools.bench_memory", "device KV per session and next-turn latency with --slkv-offload"),
+    "bench-shared": ("slkv_sglang.tools.bench_shared", "next-turn TTFT after a worker switch: shared-tier restore vs recompute"),
     "bench-serve": ("slkv_sglang.tools.bench_serve", "multi-turn chat under a fixed device KV budget: plain SGLang vs SimLayerKV (+ offload)"),
     "gpu-check": ("slkv_sglang.tools.gpu_check", "the CUDA path's FlashInfer calls, decode time, host tier (torch + FlashInfer)"),
 }

@@ -32,6 +32,12 @@ DEFAULT_MODE: DecideMode = "prefill"
 # saved 1.54x KV at 4K against 1.29x for whole layers (docs/evaluation.md, "Head granularity").
 DEFAULT_GRANULARITY: Granularity = "head"
 DEFAULT_OFFLOAD_BUDGET = 4 << 30
+# The shared tier (kv/shared.py): how long a prefix lookup may take before the prefill recomputes instead (a
+# 4K-token SmolLM2 prefix is ~190 MB in float32, read from Mooncake over loopback TCP in well under a second), and
+# the bytes the write-back queue may hold before it drops blocks (written again by a later turn).
+DEFAULT_SHARED_TIMEOUT_MS = 2000
+DEFAULT_SHARED_QUEUE_BYTES = 1 << 30
+SHARED_WRITE_BACK: tuple[str, ...] = ("finished", "off")
 
 # The host budget changes at run time through SGLang's admin channel under this internal-state name. Kept here,
 # not in ``admin.py``, so the chat API takes the name and the limit from the config it shares with the engine;
@@ -72,6 +78,11 @@ class SlkvConfig:
     # with offload: SGLang gets this many times more token slots than its KV bytes hold in full-KV tokens;
     # admission then counts device rows, so the rows lazy layers free admit more tokens (docs/memory.md)
     overcommit: float = 1.0
+    # the shared tier: a store every worker reaches (``mooncake://...``, ``offload.store.open_store``); needs offload
+    shared_store: str = ""
+    shared_timeout_ms: int = DEFAULT_SHARED_TIMEOUT_MS  # time budget of one prefix lookup
+    shared_queue_bytes: int = DEFAULT_SHARED_QUEUE_BYTES  # write-back queue bound
+    shared_write_back: str = "finished"  # write a request's KV when it finishes, or never (a read-only worker)
     # a calibrated profile (``slkv calibrate``): its settings are the defaults that the other SLKV_* variables override
     profile: str = ""
 
@@ -94,6 +105,23 @@ class SlkvConfig:
             raise SlkvConfigError(f"slkv overcommit must be >= 1, got {self.overcommit}")
         if self.overcommit > 1.0 and not self.offload:
             raise SlkvConfigError("slkv overcommit > 1 needs offload (--slkv-offload): only then do lazy layers free rows")
+        if self.shared_store and not self.offload:
+            raise SlkvConfigError("slkv shared store needs offload (--slkv-offload): the shared tier writes and "
+                                  "restores the KV tier's rows")
+        if self.shared_store:
+            from offload.store import parse_store_url
+
+            try:
+                parse_store_url(self.shared_store)
+            except ValueError as exc:
+                raise SlkvConfigError(f"slkv shared store: {exc}") from None
+        if self.shared_timeout_ms < 1:
+            raise SlkvConfigError(f"slkv shared timeout must be >= 1 ms, got {self.shared_timeout_ms}")
+        if self.shared_queue_bytes < 0:
+            raise SlkvConfigError(f"slkv shared queue must be >= 0 bytes, got {self.shared_queue_bytes}")
+        if self.shared_write_back not in SHARED_WRITE_BACK:
+            raise SlkvConfigError(f"slkv shared write-back must be one of {SHARED_WRITE_BACK}, "
+                                  f"got {self.shared_write_back!r}")
         if self.granularity not in GRANULARITIES:
             raise SlkvConfigError(f"slkv granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.score not in SCORE_MODES:

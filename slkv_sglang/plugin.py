@@ -56,6 +56,7 @@ def hook_table(side: SchedulerSide) -> list[tuple[str, Callable[..., Any], HookT
         ("mem_cache.common.release_kv_cache", bound(release_request), HookType.BEFORE),
         # the radix cache, the allocator and admission
         ("managers.schedule_batch.Req._compute_max_prefix_len", bound(admission.cap_prefix), HookType.AFTER),
+        ("managers.schedule_batch.Req.init_next_round_input", bound(admission.restore_shared), HookType.BEFORE),
         ("managers.schedule_batch.Req.init_next_round_input", bound(admission.match_prefix), HookType.AFTER),
         ("mem_cache.unified_radix_cache.UnifiedRadixCache.insert", bound(admission.adopt_duplicates), HookType.AROUND),
         (_ALLOCATOR + "token.TokenToKVPoolAllocator.free", bound(admission.free_slots), HookType.BEFORE),

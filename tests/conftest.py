@@ -138,6 +138,17 @@ def recomputed_tokens(history: int, prompt: int, whole: int, page: int) -> int:
 
 
 @pytest.fixture(scope="session")
+def mooncake():
+    """A Mooncake Store on loopback (master and store service) for the session: the shared tier of the engines
+    that name it, and the store the store tests talk to. Tests that stop or clear it start it again."""
+    from slkv_sglang.tools.local_mooncake import LocalMooncake
+
+    store = LocalMooncake()
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
 def slkv_engine(model_path):
     engine = start_engine(TEST_SLKV, model_path)
     yield engine

@@ -1,6 +1,7 @@
 """Deployment files, each checked by the real tool: Docker Compose, the Kubernetes JSON schemas,
-systemd-analyze, hadolint; the sizing script against independent arithmetic; the operations guide and the
-Grafana dashboard against the code. A test skips only when its tool is absent, and says how to get it.
+systemd-analyze, hadolint, the Mooncake binaries' own flags; the sizing script against independent arithmetic; the
+operations guide and the Grafana dashboard against the code. A test skips only when its tool is absent, and says how
+to get it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
-UNITS = ("slkv-worker.service", "slkv-api.service")
+UNITS = ("slkv-worker.service", "slkv-api.service", "slkv-mooncake-master.service", "slkv-mooncake-store.service")
 SLKV_FLAGS = ("--slkv-threshold", "--slkv-sink", "--slkv-recent", "--slkv-last", "--slkv-mode", "--slkv-score")
 ADMIN_KEY = "worker-admin-key-3f9c"  # the value the tests give SLKV_SGLANG_ADMIN_KEY, to find it again
+MOONCAKE = "mooncake-transfer-engine-non-cuda"  # the wheel whose mooncake_master and mooncake_client the deploys run
 
 
 def _which(name: str) -> str | None:
@@ -57,6 +60,102 @@ def _api_admin_key(argv: list[str], env: dict[str, str], monkeypatch) -> str | N
     return build_parser().parse_args(argv).sglang_admin_key
 
 
+# ---- the shared KV tier (Mooncake), as each deploy wires it ---------------------------------------------------
+def _mooncake_scripts() -> set[str]:
+    """The console scripts of the installed Mooncake wheel."""
+    try:
+        dist = metadata.distribution(MOONCAKE)
+    except metadata.PackageNotFoundError:
+        pytest.skip(f"{MOONCAKE} not installed (pip install '{MOONCAKE}==0.3.13.post1')")
+    return {ep.name for ep in dist.entry_points if ep.group == "console_scripts"}
+
+
+def _mooncake_flags(binary: str) -> set[str]:
+    """The gflags ``binary`` of the installed wheel defines, from its ``--help`` (it refuses any other flag)."""
+    assert binary in _mooncake_scripts(), binary
+    result = _run([_which(binary) or binary, "--help"])
+    flags = set(re.findall(r"^\s+-(\w+) \(", result.stdout + result.stderr, re.M))
+    assert "help" in flags, result.stdout + result.stderr
+    return flags
+
+
+def _gflags(argv: list[str]) -> dict[str, str]:
+    """Mooncake arguments, each ``--name=value``, as a mapping."""
+    out = {}
+    for arg in argv:
+        m = re.fullmatch(r"--(\w+)=(.*)", arg)
+        assert m, f"{arg!r}: give Mooncake's flags as --name=value"
+        out[m[1]] = m[2]
+    return out
+
+
+def _mooncake_bytes(size: str) -> int:
+    """A size as Mooncake's ``string_to_byte_size`` reads it: binary units (GB = GiB); 0 where it cannot read it."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", size, re.I)
+    return int(float(m[1]) * 1024 ** " KMGT".index(m[2].upper() or " ")) if m else 0
+
+
+def _k8s_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity in bytes (the binary suffixes the manifests use)."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", quantity)
+    assert m, quantity
+    return int(m[1]) * 1024 ** ("", "Ki", "Mi", "Gi", "Ti").index(m[2] or "")
+
+
+def _check_mooncake(master_argv: list[str], store_argv: list[str], master_host: str) -> tuple[int, int]:
+    """The master and the storage node take only flags of the installed binaries, and the storage node meets the
+    master at ``master_host`` on the master's own RPC and metadata ports; returns those two ports."""
+    master, store = _gflags(master_argv), _gflags(store_argv)
+    for given, binary in ((master, "mooncake_master"), (store, "mooncake_client")):
+        unknown = set(given) - _mooncake_flags(binary)
+        assert not unknown, f"{binary} has no flag {sorted(unknown)}"
+    assert master["enable_http_metadata_server"] == "true"
+    rpc, meta = int(master["rpc_port"]), int(master["http_metadata_server_port"])
+    assert store["master_server_address"] == f"{master_host}:{rpc}"
+    assert store["metadata_server"] == f"http://{master_host}:{meta}/metadata"
+    assert store["protocol"] == "tcp"
+    assert _mooncake_bytes(store["global_segment_size"]) >= 1 << 30, store["global_segment_size"]
+    return rpc, meta
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value ``flag`` has in ``argv`` (``--flag=v`` or ``--flag v``; ``""`` when bare), None when absent."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag:
+            following = argv[i + 1] if i + 1 < len(argv) else "--"
+            return "" if following.startswith("--") else following
+    return None
+
+
+def _check_worker_shared(argv: list[str], master_host: str, rpc: int, meta: int) -> None:
+    """A worker started with ``argv`` (after ``-m sglang.launch_server``) passes the plugin's start-up checks (offload
+    on torch_native, the store URL) and names the master at ``master_host`` on ports ``rpc`` and ``meta``."""
+    from sglang.srt.server_args import ServerArgs
+
+    from offload.store import parse_store_url
+    from slkv_sglang import startup
+    from slkv_sglang.config import SlkvConfig
+    from slkv_sglang.hooks.flags import add_cli_args
+
+    plugin = argparse.ArgumentParser()
+    add_cli_args(None, plugin)
+    known = {o for a in plugin._actions for o in a.option_strings}
+    ours = [a.split("=", 1)[0] for a in argv if a.startswith(("--slkv", "--enable-simlayerkv"))]
+    assert set(ours) <= known, set(ours) - known
+    assert _flag_value(argv, "--slkv-offload") == ""
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    resolved = vars(parser.parse_known_args(argv)[0])
+    url = _flag_value(argv, "--slkv-shared-store") or ""
+    config = SlkvConfig(enabled=True, offload=True, shared_store=url)  # SlkvConfigError on a URL it refuses
+    startup.check_resolved({n: resolved.get(n) for n in startup.BACKEND_FIELDS}, config)
+    store = parse_store_url(url)
+    assert (store.master_host, store.master_port) == (master_host, rpc), url
+    assert store.metadata == f"http://{master_host}:{meta}/metadata", url
+
+
 # ---- docker compose --------------------------------------------------------------------------------------
 def _compose() -> list[str]:
     docker = shutil.which("docker")
@@ -75,7 +174,8 @@ def _compose() -> list[str]:
 
 def _compose_config(env_keys: str | None, path: Path = COMPOSE_FILE, *extra: str,
                     admin_key: str | None = ADMIN_KEY) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("SLKV_API_KEYS", "SLKV_SGLANG_ADMIN_KEY", "MODEL")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SLKV_API_KEYS", "SLKV_SGLANG_ADMIN_KEY", "MODEL", "MOONCAKE_SEGMENT_SIZE")}
     if env_keys is not None:
         env["SLKV_API_KEYS"] = env_keys
     if admin_key is not None:
@@ -111,7 +211,7 @@ def test_compose_services(monkeypatch):
     result = _compose_config("k1", COMPOSE_FILE, "--format", "json")
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
-    assert set(services) == {"worker", "api", "redis"}
+    assert set(services) == {"worker", "api", "redis", "mooncake-master", "mooncake-store"}
     worker = services["worker"]
     assert worker["command"][:3] == ["python3", "-m", "sglang.launch_server"]
     for flag in ("--enable-simlayerkv", "--disable-cuda-graph", *SLKV_FLAGS):
@@ -131,6 +231,24 @@ def test_compose_services(monkeypatch):
     assert redis["volumes"][0]["target"] == "/data"
     for name, service in services.items():
         assert service["healthcheck"]["test"], name
+
+
+def test_compose_shared_tier():
+    """The Mooncake master and storage node run the wheel's binaries from the worker's image, unpublished; the
+    storage node and the worker reach the master by its service name and ports, and start after it."""
+    result = _compose_config("k", COMPOSE_FILE, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    master, store, worker = services["mooncake-master"], services["mooncake-store"], services["worker"]
+    assert master["command"][0] == "mooncake_master" and store["command"][0] == "mooncake_client"
+    assert master["image"] == store["image"] == worker["image"]
+    assert "ports" not in master and "ports" not in store  # no authentication: compose network only
+    rpc, meta = _check_mooncake(master["command"][1:], store["command"][1:], "mooncake-master")
+    assert _gflags(store["command"][1:])["host"] == "mooncake-store"
+    assert _mooncake_bytes(_gflags(store["command"][1:])["global_segment_size"]) == 16 << 30
+    _check_worker_shared(worker["command"][3:], "mooncake-master", rpc, meta)
+    assert worker["depends_on"]["mooncake-store"]["condition"] == "service_healthy"
+    assert store["depends_on"]["mooncake-master"]["condition"] == "service_healthy"
 
 
 # ---- Kubernetes ------------------------------------------------------------------------------------------
@@ -173,6 +291,9 @@ def _container_argv(container: dict, secret: dict) -> tuple[list[str], dict[str,
     for var in container.get("env", []):
         ref = var.get("valueFrom", {})
         key = (ref.get("secretKeyRef") or ref.get("configMapKeyRef") or {}).get("key")
+        if "fieldRef" in ref:  # known in the pod only: shown as <fieldPath>
+            env[var["name"]] = f"<{ref['fieldRef']['fieldPath']}>"
+            continue
         env[var["name"]] = var["value"] if "value" in var else source(ref)[key]
     args = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), a) for a in container.get("args", [])]
     return args, env
@@ -262,6 +383,91 @@ def test_k8s_workers_and_api_share_the_admin_key_from_the_secret(monkeypatch):
     assert api["command"] == ["slkv", "serve"] and _api_admin_key(args, env, monkeypatch) == ADMIN_KEY
 
 
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels, matchExpressions with In) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_k8s_shared_tier():
+    """One master behind its Service, one storage node with its memory as request and limit, both running the
+    wheel's binaries from the workers' image; every worker's store and the storage node name the master's Service
+    and ports; only workers (and the storage node) reach Mooncake."""
+    secret = _docs(K8S / "secret.example.yaml")[0]
+    master_set, store_set = _find("Deployment", "slkv-mooncake-master"), _find("Deployment", "slkv-mooncake-store")
+    workers = _find("StatefulSet", "slkv-worker")
+    for deployment in (master_set, store_set):
+        assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    master = master_set["spec"]["template"]["spec"]["containers"][0]
+    store = store_set["spec"]["template"]["spec"]["containers"][0]
+    worker = workers["spec"]["template"]["spec"]["containers"][0]
+    assert master["command"] == ["mooncake_master"] and store["command"] == ["mooncake_client"]
+    assert master["image"] == store["image"] == worker["image"]
+    store_args, store_env = _container_argv(store, secret)
+    rpc, meta = _check_mooncake(master["args"], store_args, "slkv-mooncake-master")
+
+    service = _find("Service", "slkv-mooncake-master")
+    assert _selects({"matchLabels": service["spec"]["selector"]}, master_set["spec"]["template"]["metadata"]["labels"])
+    container_ports = {p["name"]: p["containerPort"] for p in master["ports"]}
+    ports = {p["port"]: container_ports[p["targetPort"]] for p in service["spec"]["ports"]}
+    assert ports == {rpc: rpc, meta: meta}
+
+    store_flags = _gflags(store_args)
+    assert store_flags["host"] == "<status.podIP>" and store_env["MC_TCP_BIND_ADDRESS"] == "$(POD_IP)"
+    names = [v["name"] for v in store["env"]]
+    assert names.index("POD_IP") < names.index("MC_TCP_BIND_ADDRESS")  # Kubernetes expands earlier variables only
+    segment = _mooncake_bytes(store_flags["global_segment_size"])
+    memory = store["resources"]["requests"]["memory"]
+    assert store["resources"]["limits"]["memory"] == memory and _k8s_bytes(memory) >= segment + (1 << 30), memory
+
+    _check_worker_shared(_container_argv(worker, secret)[0], "slkv-mooncake-master", rpc, meta)  # every replica's
+
+    policy = _find("NetworkPolicy", "slkv-mooncake")["spec"]
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in _resources()
+            if d["kind"] in ("Deployment", "StatefulSet")}
+    assert {n for n, labels in pods.items() if _selects(policy["podSelector"], labels)} == {
+        "slkv-mooncake-master", "slkv-mooncake-store"}
+    (peers,) = [r for r in policy["ingress"] if "from" in r]
+    admitted = {n for n, labels in pods.items() if any(_selects(f["podSelector"], labels) for f in peers["from"])}
+    assert admitted == {"slkv-worker", "slkv-mooncake-store"}
+    assert all("from" not in r and {p["port"] for p in r["ports"]} == {9003, 9300} for r in policy["ingress"]
+               if r is not peers)
+
+
+def test_shared_tier_checks_catch_mistakes():
+    """The checks above fail on what they are there for: offload on FlashInfer, no --slkv-offload, a store URL or
+    a storage node that misses the master's ports, a flag the Mooncake binary does not have."""
+    from slkv_sglang.config import SlkvConfigError
+
+    secret = _docs(K8S / "secret.example.yaml")[0]
+    worker = _find("StatefulSet", "slkv-worker")["spec"]["template"]["spec"]["containers"][0]
+    args = _container_argv(worker, secret)[0]
+    master = _find("Deployment", "slkv-mooncake-master")["spec"]["template"]["spec"]["containers"][0]["args"]
+    store = _container_argv(_find("Deployment", "slkv-mooncake-store")["spec"]["template"]["spec"]["containers"][0],
+                            secret)[0]
+    rpc, meta = _check_mooncake(master, store, "slkv-mooncake-master")
+    _check_worker_shared(args, "slkv-mooncake-master", rpc, meta)
+    with pytest.raises(SlkvConfigError, match="torch_native"):
+        _check_worker_shared([a.replace("torch_native", "flashinfer") for a in args], "slkv-mooncake-master", rpc, meta)
+    with pytest.raises(AssertionError):
+        _check_worker_shared([a for a in args if a != "--slkv-offload"], "slkv-mooncake-master", rpc, meta)
+    with pytest.raises(AssertionError):
+        _check_worker_shared(args, "slkv-mooncake-master", rpc + 1, meta)
+    with pytest.raises(AssertionError):
+        _check_worker_shared(args, "slkv-mooncake-master", rpc, meta + 1)
+    with pytest.raises(AssertionError):
+        _check_mooncake([a.replace("8080", "8081") for a in master], store, "slkv-mooncake-master")
+    with pytest.raises(AssertionError):
+        _check_mooncake([*master, "--rpc-port=50051"], store, "slkv-mooncake-master")
+    with pytest.raises(AssertionError):
+        _check_mooncake(master, [a.replace("32GB", "32GiB") for a in store], "slkv-mooncake-master")  # 0 bytes
+
+
 def test_router_cli_accepts_the_manifest_flags():
     """sglang-router's own parser (installed where the router runs; optional here)."""
     try:
@@ -283,13 +489,13 @@ def _unit_values(text: str, key: str) -> list[str]:
 
 
 def _exec_start(name: str, env: dict[str, str]) -> list[str]:
-    """A unit's ExecStart as systemd expands a word that is one variable: ``${NAME}`` is one argument,
-    ``$NAME`` its value split at whitespace (an empty value: no argument)."""
+    """A unit's ExecStart as systemd expands variables: ``${NAME}`` its value within one argument (alone in a word:
+    one argument, even empty), a word ``$NAME`` its value split at whitespace (an empty value: no argument)."""
     (line,) = _unit_values((DEPLOY / "systemd" / name).read_text(), "ExecStart")
     argv: list[str] = []
     for word in line.split():
-        braced, bare = re.fullmatch(r"\$\{(\w+)\}", word), re.fullmatch(r"\$(\w+)", word)
-        argv += [env.get(braced[1], "")] if braced else env.get(bare[1], "").split() if bare else [word]
+        bare = re.fullmatch(r"\$(\w+)", word)
+        argv += env.get(bare[1], "").split() if bare else [re.sub(r"\$\{(\w+)\}", lambda m: env.get(m[1], ""), word)]
     return argv
 
 
@@ -365,6 +571,21 @@ def test_systemd_worker_and_api_share_the_admin_key(monkeypatch):
         _worker_admin_key(_exec_start("slkv-worker.service", _env_file())[3:])
 
 
+def test_systemd_shared_tier():
+    """The master and storage node units run the wheel's binaries from the venv; the storage node and the worker
+    meet the master at MOONCAKE_MASTER (a value unlike the example's, so that only its expansion passes)."""
+    env = _env_file(MOONCAKE_MASTER="10.1.2.3", SLKV_SGLANG_ADMIN_KEY=ADMIN_KEY)
+    master, store = _exec_start("slkv-mooncake-master.service", env), _exec_start("slkv-mooncake-store.service", env)
+    scripts = _mooncake_scripts()
+    for argv, script in ((master, "mooncake_master"), (store, "mooncake_client")):
+        assert argv[0] == f"/opt/slkv/.venv/bin/{script}" and script in scripts
+    rpc, meta = _check_mooncake(master[1:], store[1:], "10.1.2.3")
+    assert _gflags(store[1:])["host"] == "10.1.2.3"  # the store runs on the master's host
+    worker = _exec_start("slkv-worker.service", env)
+    _check_worker_shared(worker[3:], "10.1.2.3", rpc, meta)
+    assert _env_file()["MOONCAKE_MASTER"] == "127.0.0.1" and _mooncake_bytes(_env_file()["MOONCAKE_SEGMENT_SIZE"]) > 0
+
+
 # ---- Dockerfile ------------------------------------------------------------------------------------------
 def test_dockerfile_contents():
     text = (DEPLOY / "Dockerfile").read_text()
@@ -394,6 +615,19 @@ def test_dockerfile_worker_needs_the_admin_key(tmp_path, admin_key):
         assert argv[:2] == ["-m", "sglang.launch_server"] and _worker_admin_key(argv[2:]) == admin_key
     else:
         assert result.returncode != 0 and "SLKV_SGLANG_ADMIN_KEY" in result.stderr and not result.stdout
+
+
+def test_dockerfile_installs_the_tested_mooncake():
+    """The image's Mooncake (master, storage node, the workers' client) is the wheel installed here, whatever the
+    base image brought."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    try:
+        installed = metadata.version(MOONCAKE)
+    except metadata.PackageNotFoundError:
+        pytest.skip(f"{MOONCAKE} not installed (pip install '{MOONCAKE}==0.3.13.post1')")
+    assert re.search(rf"^ARG MOONCAKE_VERSION={re.escape(installed)}$", text, re.M)
+    assert f'"{MOONCAKE}==${{MOONCAKE_VERSION}}"' in text
+    assert re.search(r"pip uninstall -y mooncake-transfer-engine\s", text)
 
 
 def test_dockerfile_lint():

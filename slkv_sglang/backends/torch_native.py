@@ -20,11 +20,12 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
-from sglang.srt.runtime_context import get_parallel
+from sglang.srt.runtime_context import get_parallel, get_serving
 from torch.nn.functional import scaled_dot_product_attention
 
 from ..config import SlkvConfig
 from ..kv.executor import KvExecutor
+from ..kv.shared import SharedTier
 from ..kv.tier import KvTier
 from ..report import Outbox
 from ..tracker import Decision
@@ -53,7 +54,7 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         self._full = frozenset(self.tracker.full_layers)  # the layers scored (sliding windows are left to SGLang)
         self.executor: KvExecutor | None = None
         if config.offload:
-            tier = _take_over_kv_pool(self.token_to_kv_pool, config)
+            tier = _take_over_kv_pool(self.token_to_kv_pool, config, get_serving().served_model_name)
             self.executor = KvExecutor(tier, config.sink, config.recent, strict=config.poison)
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
@@ -239,16 +240,20 @@ def _attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return out, lse[0]
 
 
-def _take_over_kv_pool(kv_pool: Any, config: SlkvConfig) -> KvTier:
+def _take_over_kv_pool(kv_pool: Any, config: SlkvConfig, model: str) -> KvTier:
     """Replace SGLang's per-layer KV buffers (created one page long, ``hooks.admission.no_kv_buffers``) by the rows of a
     KV tier of the bytes SGLang sized them for: with ``--slkv-overcommit F`` the tier has F times more slots than
-    those bytes hold in full-KV tokens."""
+    those bytes hold in full-KV tokens. With ``--slkv-shared-store`` the tier gets its shared tier (keys name the
+    served ``model``)."""
     k0 = kv_pool.get_key_buffer(0)
     layers, slots, heads = kv_pool.layer_num, kv_pool.size, k0.shape[1]
     units_per_layer = heads if config.granularity == "head" else 1  # a row per KV head: each lazy head frees its own
     rows = layers * units_per_layer * (int(slots / config.overcommit) + 1)  # the bytes SGLang sized its pool for
     tier = KvTier.build(layers, units_per_layer, slots, rows, heads=heads, dim=k0.shape[2], dtype=k0.dtype,
                         device=k0.device, host_budget=config.offload_budget, poison=config.poison)
+    if config.shared_store:
+        tier.shared = SharedTier.open(config.shared_store, model, tier.rows, tier.host, config.shared_timeout_ms,
+                                      config.shared_queue_bytes, config.shared_write_back == "finished")
     empty = k0.new_empty((0, *k0.shape[1:]))
     kv_pool.k_buffer = [empty] * layers  # nothing else reads them on this backend; their memory goes back
     kv_pool.v_buffer = [empty] * layers

@@ -17,6 +17,8 @@ from ..config import SlkvConfigError
 from ..request_params import request_params
 from .scheduler import SchedulerSide, req_pool_idx
 
+SHARED_LOOKED_UP = "slkv_shared_looked_up"  # on SGLang's Req: the length its shared-tier lookup was made at
+
 
 # ---- radix cache ------------------------------------------------------------------------------------------
 def cap_prefix(side: SchedulerSide, result: int, req: Any, input_len: int) -> int | None:
@@ -44,6 +46,56 @@ def match_prefix(side: SchedulerSide, _result: Any, req: Any, tree_cache: Any = 
         req.prefix_len = keep
         req.num_matched_prefix_tokens = min(req.num_matched_prefix_tokens, keep)
         req.kv.cache_protected_len = min(req.kv.cache_protected_len, keep)
+    return None
+
+
+def restore_shared(side: SchedulerSide, req: Any, tree_cache: Any = None, *args: Any, **kwargs: Any) -> None:
+    """Req.init_next_round_input (before): with a shared tier, the blocks of the request's prefix that the store
+    holds past what the radix cache matches come back into rows of fresh slots and join the tree, so the match
+    that follows finds them (``kv/shared.py``). Looked up once per request and length (SGLang matches a waiting
+    request again at every scheduling round). Nothing found, no room or a failed store: the prefill recomputes."""
+    tier = side.tier
+    if tier is None or tier.shared is None or tree_cache is None or not tree_cache.supports_prefix_sharing():
+        return None
+    ids = [*req.origin_input_ids, *req.output_ids]
+    if getattr(req, SHARED_LOOKED_UP, None) == len(ids):
+        return None
+    setattr(req, SHARED_LOOKED_UP, len(ids))
+    from array import array
+
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    limit = req._compute_max_prefix_len(len(ids))  # SGLang's cap, and ``cap_prefix``'s
+    key = array("q", ids[:limit])
+    probe = tree_cache.tree_core.match_prefix(MatchPrefixParams(
+        key=RadixKey(key, extra_key=req.extra_key, cache_salt=req.cache_salt)))
+    tree_cache._apply_cache_actions(probe.cache_actions)
+    matched = probe.device_prefix_len
+    kv = tier.shared.lookup(ids, matched, limit)
+    if kv is None:
+        return None
+    # the matched prefix stays while rows are made for the rest
+    lock = tree_cache.lock(probe.last_device_node) if matched else None
+    try:
+        n = kv.shape[1]
+        _evict_for_rows(side, tree_cache, n * tier.rows_per_slot)
+        slots = tree_cache.token_to_kv_pool_allocator.alloc(n)
+        if slots is None:
+            tier.shared.stats.no_room += 1
+            return None
+        if not tier.fill_slots(slots.to(torch.int64), kv):
+            tree_cache.token_to_kv_pool_allocator.free(slots)
+            tier.shared.stats.no_room += 1
+            return None
+        prefix = tree_cache.path_device_indices(probe.last_device_node)[:matched]
+        # prev_prefix_len: the matched part is the tree's own, not duplicates for the insert to free
+        tree_cache.insert(InsertParams(key=RadixKey(key[: matched + n], extra_key=req.extra_key,
+                                                    cache_salt=req.cache_salt),
+                                       value=torch.cat([prefix.to(slots.device, slots.dtype), slots]),
+                                       prev_prefix_len=matched))
+    finally:
+        tree_cache.unlock(lock)
     return None
 
 

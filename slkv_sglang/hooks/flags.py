@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from .. import startup
-from ..config import DECIDE_MODES, GRANULARITIES, SCORE_MODES, SlkvConfig, SlkvConfigError
+from ..config import DECIDE_MODES, GRANULARITIES, SCORE_MODES, SHARED_WRITE_BACK, SlkvConfig, SlkvConfigError
 from ..model_layers import ModelLayers, check_servable
 
 logger = logging.getLogger("slkv.plugin")
@@ -70,6 +70,16 @@ def add_cli_args(_result: Any, parser: argparse.ArgumentParser) -> None:
     _add_flag(parser_, "--slkv-overcommit", "SLKV_OVERCOMMIT", type=float, default=None,
               help="With --slkv-offload: give SGLang this many times the token slots its KV memory holds in "
                    "full KV (default 1); admission counts device rows, so rows lazy layers free admit more.")
+    _add_flag(parser_, "--slkv-shared-store", "SLKV_SHARED_STORE", default=None,
+              help="With --slkv-offload: a store every worker reaches, mooncake://MASTER_HOST:PORT?metadata=URL; "
+                   "finished requests' KV is written there and a prefix missing here is restored from it.")
+    _add_flag(parser_, "--slkv-shared-timeout-ms", "SLKV_SHARED_TIMEOUT_MS", type=int, default=None,
+              help="Time budget of one shared-store lookup (default 2000); past it the prefix is recomputed.")
+    _add_flag(parser_, "--slkv-shared-queue-bytes", "SLKV_SHARED_QUEUE_BYTES", type=int, default=None,
+              help="Bytes of KV waiting to be written to the shared store (default 1 GiB); past it blocks are "
+                   "dropped (counted) and written by a later turn.")
+    _add_flag(parser_, "--slkv-shared-write-back", "SLKV_SHARED_WRITE_BACK", choices=SHARED_WRITE_BACK, default=None,
+              help="finished (default): write a request's KV when it finishes; off: only read the store.")
 
 
 def validate_startup(*args: Any, **kwargs: Any) -> None:

@@ -16,8 +16,11 @@ from functools import cached_property
 from http import HTTPStatus
 from typing import Any
 
+import torch
+
 from ..config import SlkvConfig, SlkvConfigError
 from ..kv.executor import KvExecutor
+from ..kv.fingerprint import prefix_fingerprints
 from ..kv.planner import KvPlanner
 from ..kv.tier import KvTier
 from ..report import Outbox
@@ -148,9 +151,18 @@ def settle_failures(side: SchedulerSide, _scheduler: Any, *args: Any, **kwargs: 
     return None
 
 
-def release_request(side: SchedulerSide, req: Any, *args: Any, **kwargs: Any) -> None:
-    """release_kv_cache: the request leaves (finished, aborted, retracted); its per-request state goes."""
+def release_request(side: SchedulerSide, req: Any, tree_cache: Any = None, *args: Any, **kwargs: Any) -> None:
+    """release_kv_cache: the request leaves (finished, aborted, retracted); its per-request state goes. A finished
+    request that SGLang caches is first written back to the shared tier (``--slkv-shared-store``)."""
     idx = req_pool_idx(req)
+    tier = side.tier
+    if (tier is not None and tier.shared is not None and idx is not None and tree_cache is not None
+            and kwargs.get("checkpoint") and req.finished() and not req.skip_radix_cache_insert):
+        n = req.owned_kv_len()
+        ids = [*req.origin_input_ids, *req.output_ids][:n]
+        label = request_params(side.config, req.rid, req.sampling_params.custom_params, True).session
+        tier.shared.save(ids, tree_cache.req_to_token_pool.req_to_token[int(idx), :n].to(torch.int64),
+                         prefix_fingerprints(ids), label)
     if idx is not None and side.tracker is not None:
         side.tracker.release(int(idx))
     if side.planner is not None:

@@ -1,7 +1,8 @@
 """The KV tier of one attention backend with ``--slkv-offload``: its parts, its counters, its report.
 
 Who owns what (``docs/memory.md``): ``DeviceRows`` the device store and ``row_of``; ``Ledger`` the rows admission
-promised; ``offload.HostArena`` the host copies and their index; ``TierStats`` the counters. ``KvPlanner``
+promised; ``offload.HostArena`` the host copies and their index; ``SharedTier`` (``--slkv-shared-store``) the
+write-back queue and what the shared store holds; ``TierStats`` the counters. ``KvPlanner``
 (scheduler side) decides, ``KvExecutor`` (worker side, inside the attention backend) moves KV; both act on the parts
 of one ``KvTier``, and nothing else does.
 """
@@ -17,6 +18,7 @@ from offload import HostArena
 
 from .ledger import Ledger
 from .rows import DeviceRows
+from .shared import SharedTier
 
 
 @dataclass
@@ -37,6 +39,7 @@ class KvTier:
     ledger: Ledger
     host: HostArena
     stats: TierStats
+    shared: SharedTier | None = None
 
     @classmethod
     def build(cls, num_layers: int, units_per_layer: int, num_slots: int, num_rows: int, heads: int, dim: int,
@@ -75,6 +78,19 @@ class KvTier:
         self.stats.adopted_rows += self.rows.adopt(own, tree)
         self.host.adopt(own, tree)
 
+    def fill_slots(self, slots: torch.Tensor, kv: torch.Tensor) -> bool:
+        """Fresh ``slots`` (allocated, owed their rows) take the KV ``kv`` ``[units, n, 2, heads, dim]`` in every
+        unit (a prefix restored from the shared tier). False, nothing taken, if the rows are not there."""
+        rows, n = self.rows, slots.numel()
+        taken = rows.take(rows.num_units * n)
+        if taken is None:
+            return False
+        rows.kv[taken] = kv.reshape(-1, *rows.kv.shape[1:]).to(rows.kv.device, rows.kv.dtype)
+        for unit, mine in enumerate(taken.view(rows.num_units, n)):
+            rows.place(unit, slots, mine)
+        self.ledger.written(range(rows.num_units), slots)
+        return True
+
     def clear(self) -> None:
         """SGLang cleared its allocator (flush_cache): no slot is live."""
         self.rows.clear()
@@ -86,7 +102,8 @@ class KvTier:
         return {"ledger_promised": len(self.ledger.promised), "ledger_reserved": self.ledger.reserved,
                 "host_entries": len(self.host), "host_held_bytes": self.host.stats.held_bytes,
                 "device_rows_used": self.rows.num_rows - self.rows.free,
-                "slots_miscounted": self.rows.miscounted()}
+                "slots_miscounted": self.rows.miscounted(),
+                **({"shared_queued_bytes": self.shared.queued_bytes} if self.shared is not None else {})}
 
     def report(self, slots: torch.Tensor) -> dict[str, Any]:
         """A request's KV in its layer map: its device and host tokens per (layer, KV head) whatever the rows'
@@ -106,4 +123,5 @@ class KvTier:
             "free_rows": rows.free, "rows": rows.num_rows, "row_bytes": rows.row_bytes,
             "host_budget": self.host.budget_bytes,
             **asdict(self.stats), **{f"host_{k}": v for k, v in asdict(self.host.stats).items()},
+            **(self.shared.report() if self.shared is not None else {}),
         }
