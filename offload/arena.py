@@ -307,9 +307,11 @@ class HostArena:
         self._copy(copies, kv)
 
     def reload(self, units: list[int], slots: torch.Tensor, fingerprints: torch.Tensor, out: torch.Tensor,
-               reader: str = "") -> bool:
+               reader: str | None = "") -> bool:
         """Copy the host copies of ``slots`` in each of ``units`` into ``out`` (``[units x n, 2, H, D]``,
-        unit-major, as ``save`` takes them).
+        unit-major, as ``save`` takes them). ``reader``: the label of the conversation that reads them (counted in
+        ``shared_tokens`` where it is not the saver's); None for a read that is no reload (the shared tier's
+        write-back): no counter moves and no entry becomes recent.
 
         False, with ``out`` untouched, unless every (unit, slot) has a copy whose prefix fingerprint equals the
         reader's (``fingerprints``): the caller recomputes instead."""
@@ -349,16 +351,18 @@ class HostArena:
                     out[torch.from_numpy(mine[sel]).to(out.device)] = \
                         chunk.pieces[p][torch.from_numpy(row[sel])].to(out.device)
         self._copy(copies, out)
-        self.stats.reloaded_bytes += out.numel() * out.element_size()
-        self.stats.reload_seconds += time.perf_counter() - t0
+        if reader is not None:
+            self.stats.reloaded_bytes += out.numel() * out.element_size()
+            self.stats.reload_seconds += time.perf_counter() - t0
         return True
 
-    def _reloaded(self, cid: int, tokens: int, reader: str) -> _Chunk:
+    def _reloaded(self, cid: int, tokens: int, reader: str | None) -> _Chunk:
         """Chunk ``cid``, whose ``tokens`` copies a reload reads: its entry becomes the most recently used."""
         chunk = self._chunks[cid]
-        self._entries.move_to_end(chunk.entry)
-        if self._entries[chunk.entry].label != reader:
-            self.stats.shared_tokens += tokens
+        if reader is not None:
+            self._entries.move_to_end(chunk.entry)
+            if self._entries[chunk.entry].label != reader:
+                self.stats.shared_tokens += tokens
         return chunk
 
     def wait(self) -> None:

@@ -1,19 +1,16 @@
-"""The KV tier inside the engine: a differential fuzz test over its three tiers, each recoverable state, and a soak.
+"""The KV tier inside the engine: a differential fuzz test, each recoverable state, and a soak.
 
 The fuzz test runs a seeded random sequence of chat operations on an engine with ``--slkv-offload
---slkv-poison-freed --slkv-overcommit 2 --slkv-shared-store`` (a Mooncake Store of the test's own) in a small pool
-and compares it token for token with an engine of the same
+--slkv-poison-freed --slkv-overcommit 2`` in a small pool and compares it token for token with an engine of the same
 SimLayerKV settings without offload, given the same per-request decisions (the offload engine's lazy layers,
 forced: a layer whose score sits on the threshold may flip between two prefills of the same tokens computed in
 other chunks, which is not what this test is about). Both prefill in chunks of ``FUZZ_CHUNK`` tokens, so every
 prompt is chunked.
 
 Operations: new conversations, follow-up turns, branches from an earlier turn under the same and under another
-session label, regenerations, aborts mid-decode, ``flush_cache`` (the device and host tiers emptied, as on a fresh
-worker: the next turns restore from the shared tier), host budget changes down to zero, batches of concurrent
-requests, and store failures: the Mooncake master stopped (and started again later) and every key dropped.
-``SLKV_FUZZ_SEED`` / ``SLKV_FUZZ_OPS`` change the run; a failure prints the seed and the operations that led to it
-(the failing conversation's lineage).
+session label, regenerations, aborts mid-decode, ``flush_cache``, host budget changes down to zero, batches of
+concurrent requests. ``SLKV_FUZZ_SEED`` / ``SLKV_FUZZ_OPS`` change the run; a failure prints the seed and the
+operations that led to it (the failing conversation's lineage).
 
 The engine without offload answers in the background (``Differ``): its requests wait in a queue and run, a few
 at a time, while the offload engine serves the next operations (both engines share one event loop, so every call
@@ -58,9 +55,8 @@ class Conversation:
 
 
 @pytest.fixture(scope="module")
-def fuzz_engine(model_path, mooncake):
-    config = replace(TEST_SLKV, offload=True, overcommit=2.0, poison=True, offload_budget=64 << 20,
-                     shared_store=mooncake.url, shared_timeout_ms=1000)
+def fuzz_engine(model_path):
+    config = replace(TEST_SLKV, offload=True, overcommit=2.0, poison=True, offload_budget=64 << 20)
     engine = start_engine(config, model_path, chunked_prefill_size=FUZZ_CHUNK, max_total_tokens=POOL_TOKENS)
     yield engine
     shutdown_engine(engine)
@@ -161,7 +157,7 @@ class Differ:
         return self.compared
 
 
-def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_without_offload, mooncake, tokenizer):
+def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_without_offload, tokenizer):
     rng = random.Random(SEED)
     print(f"\nKV-tier fuzz: seed {SEED}, {OPS} operations (SLKV_FUZZ_SEED to replay)")
     convs: list[Conversation] = []
@@ -190,8 +186,8 @@ def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_wit
             convs.pop(0)
 
     for step in range(OPS):
-        kind = rng.choices(["new", "turn", "branch", "regenerate", "batch", "abort", "flush", "budget", "store"],
-                           weights=[2, 8, 3, 2, 3, 1, 2, 2, 1])[0] if convs else "new"
+        kind = rng.choices(["new", "turn", "branch", "regenerate", "batch", "abort", "flush", "budget"],
+                           weights=[2, 8, 3, 2, 3, 1, 1, 2])[0] if convs else "new"
         if kind == "new":
             n = rng.choice(DOC_TOKENS)
             conv = Conversation(prompt_ids(tokenizer, n, seed=rng.randrange(10**6), question=rng.choice(QUESTIONS)),
@@ -230,17 +226,11 @@ def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_wit
         elif kind == "flush":
             op = "flush_cache"
             fuzz_engine.flush_cache()
-        elif kind == "budget":
+        else:
             nbytes = rng.choice([0, 1 << 20, 8 << 20, 64 << 20])
             op = f"host_budget({nbytes})"
             _set_host_budget(fuzz_engine, nbytes)
             budget_changes += 1
-        elif mooncake.running:  # the store fails: its master stops, or it loses every key
-            op = rng.choice(["store_down", "store_cleared"])
-            mooncake.stop() if op == "store_down" else mooncake.clear()
-        else:
-            op = "store_up"
-            mooncake.start()
         log.append(op)
         print(f"  {step:>3} {op}", flush=True)
         counts += 1
@@ -248,21 +238,16 @@ def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_wit
     compared = differ.finish()
     print(f"KV-tier fuzz: {counts} operations, {compared} answers compared, {aborts} aborts, "
           f"{budget_changes} budget changes: no difference")
-    if not mooncake.running:
-        mooncake.start()
     print("KV-tier counters:", {k: tier[k] for k in ("restored_rows", "recomputed_tokens", "healed_rows", "adopted_rows",
                                                      "lost_rows", "host_evictions", "host_shared_tokens",
-                                                     "host_mismatches", "row_shortfalls", "failed_requests",
-                                                     "shared_hits", "shared_restored_tokens", "shared_written_blocks",
-                                                     "shared_misses", "shared_failures")})
+                                                     "host_mismatches", "row_shortfalls", "failed_requests")})
     assert compared == answers and tier["failed_requests"] == 0  # every answer compared
     # every path this test exists for was taken (docs/memory.md): host copies restored, a cut prefix recomputed and
     # its cached slots healed, a duplicate's rows adopted by the tree's slots, host entries evicted, copies reloaded
-    # by a conversation other than the one that saved them, prefixes restored from the shared tier, store
-    # failures met (and recomputed). (The counters are the engine's since its start: this test is the first of
-    # the module's engine.)
+    # by a conversation other than the one that saved them. (The counters are the engine's since its start:
+    # this test is the first of the module's engine.)
     for path in ("restored_rows", "recomputed_tokens", "healed_rows", "adopted_rows", "host_evictions",
-                 "host_shared_tokens", "shared_hits", "shared_restored_tokens", "shared_failures"):
+                 "host_shared_tokens"):
         assert tier[path] > 0, f"seed {SEED}, {OPS} operations: no operation took the path counted by {path}"
     assert _sizes(fuzz_engine)["slots_miscounted"] == 0  # admission's per-slot row count agrees with the rows
 

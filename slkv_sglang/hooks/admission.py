@@ -15,7 +15,7 @@ import torch
 
 from ..config import SlkvConfigError
 from ..request_params import request_params
-from .scheduler import SchedulerSide, req_pool_idx
+from .scheduler import SchedulerSide, req_pool_idx, shared_salt
 
 SHARED_LOOKED_UP = "slkv_shared_looked_up"  # on SGLang's Req: the length its shared-tier lookup was made at
 
@@ -53,9 +53,13 @@ def restore_shared(side: SchedulerSide, req: Any, tree_cache: Any = None, *args:
     """Req.init_next_round_input (before): with a shared tier, the blocks of the request's prefix that the store
     holds past what the radix cache matches come back into rows of fresh slots and join the tree, so the match
     that follows finds them (``kv/shared.py``). Looked up once per request and length (SGLang matches a waiting
-    request again at every scheduling round). Nothing found, no room or a failed store: the prefill recomputes."""
+    request again at every scheduling round). Nothing found, no room or a failed store: the prefill recomputes.
+    Not for what SGLang does not match through its tree (embedding overrides, streaming sessions' own slots), nor
+    with pages of more than one token (the tier's rows follow SGLang's one-token slot allocator)."""
     tier = side.tier
-    if tier is None or tier.shared is None or tree_cache is None or not tree_cache.supports_prefix_sharing():
+    if (tier is None or tier.shared is None or tree_cache is None or not tree_cache.supports_prefix_sharing()
+            or tree_cache.page_size != 1 or req.positional_embed_overrides is not None
+            or getattr(req.session, "streaming", False)):
         return None
     ids = [*req.origin_input_ids, *req.output_ids]
     if getattr(req, SHARED_LOOKED_UP, None) == len(ids):
@@ -63,7 +67,7 @@ def restore_shared(side: SchedulerSide, req: Any, tree_cache: Any = None, *args:
     setattr(req, SHARED_LOOKED_UP, len(ids))
     from array import array
 
-    from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
     limit = req._compute_max_prefix_len(len(ids))  # SGLang's cap, and ``cap_prefix``'s
@@ -72,28 +76,35 @@ def restore_shared(side: SchedulerSide, req: Any, tree_cache: Any = None, *args:
         key=RadixKey(key, extra_key=req.extra_key, cache_salt=req.cache_salt)))
     tree_cache._apply_cache_actions(probe.cache_actions)
     matched = probe.device_prefix_len
-    kv = tier.shared.lookup(ids, matched, limit)
+    kv = tier.shared.lookup(ids, matched, limit, shared_salt(req))
     if kv is None:
         return None
-    # the matched prefix stays while rows are made for the rest
+    allocator = tree_cache.token_to_kv_pool_allocator
+    # the matched prefix stays while slots and rows are made for the rest
     lock = tree_cache.lock(probe.last_device_node) if matched else None
     try:
         n = kv.shape[1]
         _evict_for_rows(side, tree_cache, n * tier.rows_per_slot)
-        slots = tree_cache.token_to_kv_pool_allocator.alloc(n)
+        if allocator.available_size() < n:
+            tree_cache.evict(EvictParams(num_tokens=n - allocator.available_size()))
+        slots = allocator.alloc(n)
         if slots is None:
             tier.shared.stats.no_room += 1
             return None
         if not tier.fill_slots(slots.to(torch.int64), kv):
-            tree_cache.token_to_kv_pool_allocator.free(slots)
+            allocator.free(slots)
             tier.shared.stats.no_room += 1
             return None
         prefix = tree_cache.path_device_indices(probe.last_device_node)[:matched]
-        # prev_prefix_len: the matched part is the tree's own, not duplicates for the insert to free
-        tree_cache.insert(InsertParams(key=RadixKey(key[: matched + n], extra_key=req.extra_key,
-                                                    cache_salt=req.cache_salt),
-                                       value=torch.cat([prefix.to(slots.device, slots.dtype), slots]),
-                                       prev_prefix_len=matched))
+        try:  # prev_prefix_len: the matched part is the tree's own, not duplicates for the insert to free
+            tree_cache.insert(InsertParams(key=RadixKey(key[: matched + n], extra_key=req.extra_key,
+                                                        cache_salt=req.cache_salt),
+                                           value=torch.cat([prefix.to(slots.device, slots.dtype), slots]),
+                                           prev_prefix_len=matched))
+        except Exception:
+            allocator.free(slots)
+            raise
+        tier.shared.restored(kv)
     finally:
         tree_cache.unlock(lock)
     return None

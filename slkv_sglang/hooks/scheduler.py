@@ -89,6 +89,12 @@ def install_backends(side: SchedulerSide) -> None:
     reg.ATTENTION_BACKENDS["flashinfer"] = flashinfer
 
 
+def shared_salt(req: Any) -> str:
+    """What SGLang's radix cache keys a request by besides its tokens (its extra key, which carries the LoRA
+    adapter, and its cache salt): the shared tier's keys take it in too."""
+    return f"{req.extra_key or ''}|{req.cache_salt or ''}"
+
+
 def req_pool_idx(req: Any) -> int | None:
     """The request's index in ``req_to_token`` (SGLang 0.5.23 keeps it on ``req.kv``), None once released."""
     return getattr(getattr(req, "kv", None), "req_pool_idx", None)
@@ -160,9 +166,8 @@ def release_request(side: SchedulerSide, req: Any, tree_cache: Any = None, *args
             and kwargs.get("checkpoint") and req.finished() and not req.skip_radix_cache_insert):
         n = req.owned_kv_len()
         ids = [*req.origin_input_ids, *req.output_ids][:n]
-        label = request_params(side.config, req.rid, req.sampling_params.custom_params, True).session
         tier.shared.save(ids, tree_cache.req_to_token_pool.req_to_token[int(idx), :n].to(torch.int64),
-                         prefix_fingerprints(ids), label)
+                         prefix_fingerprints(ids), shared_salt(req))
     if idx is not None and side.tracker is not None:
         side.tracker.release(int(idx))
     if side.planner is not None:

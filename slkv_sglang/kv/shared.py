@@ -3,15 +3,19 @@ worker is drained, restarted or lost continues on another worker without recompu
 
 Below the device rows and the host arena (``tier.py``). After a request finishes, its KV (every unit's: the rows it
 holds on the device and the middles its lazy units saved on the host) is written back in blocks of ``BLOCK``
-tokens, on a thread of its own (never on the request's path). A block's key is content addressed: a hash chain
-over the token ids of every block up to it, seeded with the model, the unit layout and the dtype (``namespace``),
-so a key names one prefix's KV and is only ever restored into a sequence whose tokens match it. A request whose
+tokens: the scheduler copies the blocks not written lately to host memory (the one part on its thread), a thread
+of its own puts them. A block's key is content addressed: a hash chain over the token ids of every block up to it,
+seeded with the model, the unit layout and the dtype (``namespace``) and with what else SGLang's radix cache keys
+the request by (its extra key, which carries a LoRA adapter, and its cache salt), so a key names one prefix's KV
+and is only ever restored into a sequence whose tokens (and adapter, and salt) match it. A request whose
 prefix is not in this worker's radix cache looks up the longest run of blocks past it that the store holds and
 restores them into rows of fresh slots (``hooks.admission.restore_shared``); its prefill then computes only the
 rest.
 
-The store is an ``offload.KvStore``: a failed, missing or slow store is a miss (counted), never an error, never
-wrong KV: a value whose size is not a block's is refused.
+The store is an ``offload.KvStore``, one client per thread: a failed, missing or slow store is a miss (counted),
+never an error, never wrong KV: a value whose size is not a block's is refused. A lookup waits at most the time
+budget; while a read that went past it still runs, every lookup is a miss at once. Tensor parallel size 1 only
+(ranks that looked up on their own could restore different prefixes).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -39,7 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("slkv.kv")
 
 # Tokens per key. 64 keeps a value in the megabytes for the models served here (SmolLM2-135M in float32: 2.9 MB;
-# Llama-3-8B in bf16: 8 MB), a multiple of every page size SGLang uses, and loses at most 63 tokens of a prefix.
+# Llama-3-8B in bf16: 8 MB) and loses at most 63 tokens of a prefix.
 BLOCK = 64
 # Keys this worker wrote lately: a later turn writes only its new blocks. Bounded in number and in time, since the
 # store may lose a value (evicted when full, a restarted master): a block not remembered is gathered again and
@@ -92,6 +96,10 @@ class SharedTier:
         from offload.store import open_store
 
         par = get_parallel()
+        if par.tp_size > 1:  # each rank would look up on its own, and ranks whose trees differ hang collectives
+            from ..config import SlkvConfigError
+
+            raise SlkvConfigError("--slkv-shared-store serves tensor parallel size 1 only")
         return cls(open_store(url), open_store(url), namespace(model, rows, par.tp_rank, par.tp_size), rows, host,
                    timeout_ms / 1000, queue_bytes, write_back)
 
@@ -111,6 +119,7 @@ class SharedTier:
         self._writer = threading.Thread(target=self._write_loop, name="slkv-shared-writer", daemon=True)
         self._writer.start()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="slkv-shared-reader")
+        self._pending: Future | None = None  # the latest read
 
     @property
     def queued_bytes(self) -> int:
@@ -123,38 +132,43 @@ class SharedTier:
         return self.rows.num_units * BLOCK * self.rows.row_bytes
 
     # ---- write-back (after a request) ------------------------------------------------------------------
-    def save(self, ids: Sequence[int], slots: torch.Tensor, fingerprints: torch.Tensor, reader: str) -> int:
-        """Queue the KV of the full blocks of ``ids`` (at ``slots``) not written lately; returns the blocks queued.
-        Each unit's KV comes from its device rows or, where a lazy unit released it, from the host copy with the
-        prefix's ``fingerprints``; blocks from the first that is on neither tier on are not written."""
+    def save(self, ids: Sequence[int], slots: torch.Tensor, fingerprints: torch.Tensor, salt: str = "") -> int:
+        """Queue the KV of the full blocks of ``ids`` (at ``slots``) not written lately, as far as the queue's
+        budget allows; returns the blocks queued. Each unit's KV comes from its device rows or, where a lazy unit
+        released it, from the host copy with the prefix's ``fingerprints``; blocks from the first that is on
+        neither tier on are not written. ``salt``: what else SGLang's radix cache keys the request by (its extra
+        key, with the LoRA adapter, and cache salt), so that it takes part in the keys too."""
         if not self.write_back:
             return 0
         blocks = len(ids) // BLOCK
-        keys = block_keys(self.seed, ids, blocks)
+        keys = block_keys(self.seed + salt.encode(), ids, blocks)
         fresh = time.monotonic() - REMEMBER_S
         with self._lock:
             first = next((b for b, k in enumerate(keys) if self._written.get(k, fresh) <= fresh), blocks)
+            room = (self.queue_bytes - self._queued_bytes) // self.block_bytes
         if first == blocks:
             return 0
-        kv, whole = self._gather(slots[first * BLOCK : blocks * BLOCK], fingerprints[first * BLOCK : blocks * BLOCK],
-                                 reader)
+        if room < blocks - first:  # gathered KV the queue cannot take is never copied
+            with self._lock:
+                self.stats.write_dropped += blocks - first - max(0, room)
+            blocks = first + max(0, room)
+            if blocks == first:
+                return 0
+        kv, whole = self._gather(slots[first * BLOCK : blocks * BLOCK], fingerprints[first * BLOCK : blocks * BLOCK])
         keys = keys[first : first + whole // BLOCK]
         if not keys:
             return 0
-        kv = kv[:, : len(keys) * BLOCK]
-        nbytes = len(keys) * self.block_bytes
+        if len(keys) * BLOCK < kv.shape[1]:
+            kv = kv[:, : len(keys) * BLOCK].clone()  # not a view: the queue's bytes are what it holds
         with self._lock:
-            if self._queued_bytes + nbytes > self.queue_bytes:
-                self.stats.write_dropped += len(keys)
-                return 0
             for k in keys:
                 self._remember(k)
             self._queue.append((keys, kv))
-            self._queued_bytes += nbytes
+            self._queued_bytes += len(keys) * self.block_bytes
             self._wake.notify()
         return len(keys)
 
-    def _gather(self, slots: torch.Tensor, fingerprints: torch.Tensor, reader: str) -> tuple[torch.Tensor, int]:
+    def _gather(self, slots: torch.Tensor, fingerprints: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``[units, n, 2, heads, dim]`` on the host: the KV of ``slots`` in every unit, and how many leading slots
         are whole (on the device or on the host)."""
         rows = self.rows
@@ -170,7 +184,7 @@ class SharedTier:
                 continue
             miss = miss[miss < whole]
             got = torch.empty((miss.numel(), *rows.kv.shape[1:]), dtype=rows.kv.dtype, device=rows.kv.device)
-            if self.host.reload([unit], slots[miss.to(slots.device)], fingerprints[miss], got, reader=reader):
+            if self.host.reload([unit], slots[miss.to(slots.device)], fingerprints[miss], got, reader=None):
                 self.host.wait()
                 out[unit, miss] = got.cpu()
             else:  # some copy is gone (evicted, refused): write the blocks before it only
@@ -221,34 +235,36 @@ class SharedTier:
         return False
 
     # ---- restore (before a prefix match) --------------------------------------------------------------
-    def lookup(self, ids: Sequence[int], start: int, limit: int) -> torch.Tensor | None:
+    def lookup(self, ids: Sequence[int], start: int, limit: int, salt: str = "") -> torch.Tensor | None:
         """The KV ``[units, n, 2, heads, dim]`` (host) of positions ``start .. start + n`` of ``ids``: the longest
         run of whole blocks the store holds past ``start`` that ends at or before ``limit``; None where it holds
-        none, or the store fails or takes longer than the time budget."""
+        none, the store fails, or it takes longer than the time budget (then, while that read still runs, every
+        lookup is None at once). ``salt`` as for ``save``. The caller counts what it restores (``restored``)."""
         first, last = start // BLOCK, limit // BLOCK
         if last <= first:
             return None
-        keys = block_keys(self.seed, ids, last)[first:]
+        if self._pending is not None and not self._pending.done():  # a read past its budget still runs
+            self._failed()
+            return None
+        keys = block_keys(self.seed + salt.encode(), ids, last)[first:]
         t0 = time.perf_counter()
-        failures = self.reads.stats.failures
+        self._pending = self._reader.submit(self._fetch, keys)
         try:
-            values = self._reader.submit(self._fetch, keys).result(timeout=self.timeout_s)
+            values, failed = self._pending.result(timeout=self.timeout_s)
         except FutureTimeout:
-            self.stats.failures += 1
+            self._failed()
             logger.warning("slkv: the shared store took more than %.1fs; the prefix is recomputed", self.timeout_s)
             return None
         self.stats.restore_seconds += time.perf_counter() - t0
-        failed = self.reads.stats.failures > failures  # what it answered before failing is still good KV
-        if failed:
-            self.stats.failures += 1
-            with self._lock:
-                self._written.clear()
+        if failed:  # what it answered before failing is still good KV
+            self._failed()
         good = 0
         for v in values:
             if v is None:
                 break
             if len(v) != self.block_bytes:
-                self.stats.failures += 1
+                self._failed()
+                failed = True
                 break
             good += 1
         if good == 0 or (first + good) * BLOCK <= start:
@@ -258,17 +274,28 @@ class SharedTier:
         blocks = [torch.frombuffer(bytearray(v), dtype=torch.uint8).view(rows.kv.dtype)
                   .view(BLOCK, rows.num_units, *rows.kv.shape[1:]) for v in values[:good]]
         kv = torch.cat(blocks).movedim(1, 0)  # [units, tokens, 2, heads, dim]
-        kv = kv[:, start - first * BLOCK :]
+        return kv[:, start - first * BLOCK :]
+
+    def restored(self, kv: torch.Tensor) -> None:
+        """``kv`` (from ``lookup``) is in rows and in the radix cache."""
         self.stats.hits += 1
         self.stats.restored_tokens += kv.shape[1]
         self.stats.restored_bytes += kv.numel() * kv.element_size()
-        return kv
 
-    def _fetch(self, keys: list[str]) -> list[bytes | None]:
-        """The leading keys the store holds, fetched (reader thread)."""
+    def _failed(self) -> None:
+        """A store operation failed: counted, and the keys written lately are forgotten (the store may have lost
+        them)."""
+        with self._lock:
+            self.stats.failures += 1
+            self._written.clear()
+
+    def _fetch(self, keys: list[str]) -> tuple[list[bytes | None], bool]:
+        """The leading keys the store holds, fetched, and whether any store operation failed (reader thread)."""
+        failures = self.reads.stats.failures
         held = self.reads.exists_many(keys)
         run = next((i for i, h in enumerate(held) if not h), len(keys))
-        return self.reads.get_many(keys[:run]) if run else []
+        values = self.reads.get_many(keys[:run]) if run else []
+        return values, self.reads.stats.failures > failures
 
     def report(self) -> dict[str, int | float]:
         return {f"shared_{k}": v for k, v in asdict(self.stats).items()}
