@@ -55,6 +55,10 @@ def plan_server_args(requested: Mapping[str, Any], cuda: bool, cfg: SlkvConfig) 
     if requested.get("speculative_algorithm"):
         raise SlkvConfigError(f"--speculative-algorithm {requested['speculative_algorithm']} is not supported with "
                               "--enable-simlayerkv: draft and verify forwards are not scored")
+    if cfg.offload and requested.get("enable_hierarchical_cache"):
+        raise SlkvConfigError("--enable-hierarchical-cache is not supported with --slkv-offload: SGLang's host tier "
+                              "would copy and load back the token slots whose KV the plugin's rows hold; use "
+                              "--slkv-offload-budget for the host tier and --slkv-shared-store for a shared one")
     if cuda and not requested.get("disable_cuda_graph"):
         plan.declarations["disable_cuda_graph"] = True
         plan.notes.append("SimLayerKV: CUDA graphs off (decode windows differ per request and step; see docs/gpu.md)")

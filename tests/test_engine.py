@@ -20,8 +20,9 @@ pytestmark = pytest.mark.engine  # every test here starts an SGLang engine or a 
 
 NEW_TOKENS = 12
 QUESTION = "Which classes and functions are defined in the code above? Answer briefly."
-# 10 prompts of 1-4K tokens; two end with a chunk shorter than `last` (the carried-queries path).
-LENGTHS = [1100, 1400, CHUNK + 16, 1800, 2100, 2 * CHUNK + 8, 2500, 2900, 3300, 4000]
+# 8 prompts of 1-4K tokens, (seed, length); two end with a chunk shorter than `last` (the carried-queries path).
+# (Seeds 7 and 8, of 2900 and 3300 tokens, left out for the suite's time: they took no path the others do not.)
+PROMPTS = [(0, 1100), (1, 1400), (2, CHUNK + 16), (3, 1800), (4, 2100), (5, 2 * CHUNK + 8), (6, 2500), (9, 4000)]
 SCORES = ["kvmin", "mean"]
 
 
@@ -58,7 +59,7 @@ def plain_engine(model_path):
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> list[list[int]]:
-    return [prompt_ids(tokenizer, n, seed=i, question=QUESTION) for i, n in enumerate(LENGTHS)]
+    return [prompt_ids(tokenizer, n, seed=seed, question=QUESTION) for seed, n in PROMPTS]
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def test_chunked_and_radix_hit_decide_like_one_prefill(slkv_engine, prompts, ref
     """(d) chunked prefill (last chunk shorter than `last`) and radix prefix hits keep the decision. (The
     reference's decision for a whole prompt is its prefill's, ``reference_runs``: ``lazy_scores`` would run that
     same forward again.)"""
-    chunked = [i for i, n in enumerate(LENGTHS) if n > CHUNK and n % CHUNK < TEST_SLKV.last]
+    chunked = [i for i, (_, n) in enumerate(PROMPTS) if n > CHUNK and n % CHUNK < TEST_SLKV.last]
     assert chunked, "the prompt set must include a prompt whose last chunk is shorter than `last`"
     refs = reference_runs.result()  # also: the reference model is free for the call below
     for i in chunked:

@@ -1,7 +1,8 @@
 """The KV tier inside the engine: a differential fuzz test, each recoverable state, and a soak.
 
 The fuzz test runs a seeded random sequence of chat operations on an engine with ``--slkv-offload
---slkv-poison-freed --slkv-overcommit 2`` in a small pool and compares it token for token with an engine of the same
+--slkv-poison-freed --slkv-overcommit 2`` and a shared tier (``--slkv-shared-store`` on the suite's Mooncake Store) in
+a small pool, and compares it token for token with an engine of the same
 SimLayerKV settings without offload, given the same per-request decisions (the offload engine's lazy layers,
 forced: a layer whose score sits on the threshold may flip between two prefills of the same tokens computed in
 other chunks, which is not what this test is about). Both prefill in chunks of ``FUZZ_CHUNK`` tokens, so every
@@ -9,7 +10,9 @@ prompt is chunked.
 
 Operations: new conversations, follow-up turns, branches from an earlier turn under the same and under another
 session label, regenerations, aborts mid-decode, ``flush_cache``, host budget changes down to zero, batches of
-concurrent requests. ``SLKV_FUZZ_SEED`` / ``SLKV_FUZZ_OPS`` change the run; a failure prints the seed and the
+concurrent requests; and store failures at fixed steps (``STORE_EVENTS``: the master stopped, started again,
+restarted to drop every value), which draw nothing from the seed's generator, so the operations are the seed's with
+or without them. ``SLKV_FUZZ_SEED`` / ``SLKV_FUZZ_OPS`` change the run; a failure prints the seed and the
 operations that led to it (the failing conversation's lineage).
 
 The engine without offload answers in the background (``Differ``): its requests wait in a queue and run, a few
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -42,6 +46,8 @@ OPS = int(os.environ.get("SLKV_FUZZ_OPS", "200"))
 POOL_TOKENS = 3000  # the offload engine's KV bytes hold 3000 full-KV tokens (6000 slots with overcommit 2)
 FUZZ_CHUNK = 256
 NEW_TOKENS = 4
+# What happens to the shared store at these steps of every 50: ``LocalMooncake`` methods.
+STORE_EVENTS = {20: "stop", 30: "start", 45: "clear"}
 DOC_TOKENS = [280, 400, 600]  # past sink + recent (260): lazy layers release a middle
 QUESTIONS = ["Which classes are defined above?", "Name one function.", "What does it return?", "Is it tested?",
              "Summarise the code in one line.", "Which module is imported first?"]
@@ -55,8 +61,9 @@ class Conversation:
 
 
 @pytest.fixture(scope="module")
-def fuzz_engine(model_path):
-    config = replace(TEST_SLKV, offload=True, overcommit=2.0, poison=True, offload_budget=64 << 20)
+def fuzz_engine(model_path, mooncake):
+    config = replace(TEST_SLKV, offload=True, overcommit=2.0, poison=True, offload_budget=64 << 20,
+                     shared_store=mooncake.url)
     engine = start_engine(config, model_path, chunked_prefill_size=FUZZ_CHUNK, max_total_tokens=POOL_TOKENS)
     yield engine
     shutdown_engine(engine)
@@ -157,7 +164,7 @@ class Differ:
         return self.compared
 
 
-def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_without_offload, tokenizer):
+def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_without_offload, tokenizer, mooncake):
     rng = random.Random(SEED)
     print(f"\nKV-tier fuzz: seed {SEED}, {OPS} operations (SLKV_FUZZ_SEED to replay)")
     convs: list[Conversation] = []
@@ -186,6 +193,11 @@ def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_wit
             convs.pop(0)
 
     for step in range(OPS):
+        event = STORE_EVENTS.get(step % 50)
+        if event is not None:
+            getattr(mooncake, event)()
+            log.append(f"store_{event}")
+            print(f"  {step:>3} store_{event}", flush=True)
         kind = rng.choices(["new", "turn", "branch", "regenerate", "batch", "abort", "flush", "budget"],
                            weights=[2, 8, 3, 2, 3, 1, 1, 2])[0] if convs else "new"
         if kind == "new":
@@ -235,19 +247,24 @@ def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_wit
         print(f"  {step:>3} {op}", flush=True)
         counts += 1
         differ.check()
+    if not mooncake.running:  # a shorter run (SLKV_FUZZ_OPS) may end while it is stopped
+        mooncake.start()
     compared = differ.finish()
     print(f"KV-tier fuzz: {counts} operations, {compared} answers compared, {aborts} aborts, "
           f"{budget_changes} budget changes: no difference")
     print("KV-tier counters:", {k: tier[k] for k in ("restored_rows", "recomputed_tokens", "healed_rows", "adopted_rows",
                                                      "lost_rows", "host_evictions", "host_shared_tokens",
-                                                     "host_mismatches", "row_shortfalls", "failed_requests")})
+                                                     "host_mismatches", "row_shortfalls", "failed_requests",
+                                                     "shared_written_blocks", "shared_hits", "shared_restored_tokens",
+                                                     "shared_misses", "shared_failures", "shared_no_room")})
     assert compared == answers and tier["failed_requests"] == 0  # every answer compared
     # every path this test exists for was taken (docs/memory.md): host copies restored, a cut prefix recomputed and
     # its cached slots healed, a duplicate's rows adopted by the tree's slots, host entries evicted, copies reloaded
-    # by a conversation other than the one that saved them. (The counters are the engine's since its start:
-    # this test is the first of the module's engine.)
+    # by a conversation other than the one that saved them, prefixes restored from the shared store (after a
+    # flush), store operations failed (the master stopped) and recomputed. (The counters are the engine's since
+    # its start: this test is the first of the module's engine.)
     for path in ("restored_rows", "recomputed_tokens", "healed_rows", "adopted_rows", "host_evictions",
-                 "host_shared_tokens"):
+                 "host_shared_tokens", "shared_hits", "shared_failures"):
         assert tier[path] > 0, f"seed {SEED}, {OPS} operations: no operation took the path counted by {path}"
     assert _sizes(fuzz_engine)["slots_miscounted"] == 0  # admission's per-slot row count agrees with the rows
 
@@ -261,11 +278,20 @@ def _sizes(engine) -> dict[str, int]:
     return state["slkv"]
 
 
+def _written_back(engine) -> None:
+    """Until the engine's shared-tier write-back queue is empty: what it queued is in the store."""
+    deadline = time.monotonic() + 60
+    while _sizes(engine)["shared_queued_bytes"]:
+        assert time.monotonic() < deadline, "the write-back queue did not drain in 60 s"
+        time.sleep(0.05)
+
+
 def test_soak_keeps_every_map_flat(fuzz_engine, tokenizer):
     """500 short requests (24 per document, sent as three concurrent batches of 8 one after the
     other, plus one aborted mid-decode; every prompt is long enough for lazy layers to release rows): after the first
     50 and at the end, every per-request map of the scheduler is empty when idle, the host tier holds no more
-    host entries than the pool can cache, and the scheduler's RSS has not grown.
+    host entries than the pool can cache, and the scheduler's RSS has not grown but by the pool rows first used
+    since (their memory is committed on first use; the radix cache fills the pool as it caches documents).
 
     Batches rather than one request at a time: the requests are the same 500 (each its own prefill over the
     cached document, its own per-request entries in every map), and each batch still restores the shared middle
@@ -283,6 +309,7 @@ def test_soak_keeps_every_map_flat(fuzz_engine, tokenizer):
         for part in range(0, len(ids), SOAK_CONCURRENT):  # each batch restores the shared middle, then releases it
             outs = fuzz_engine.generate(input_ids=ids[part : part + SOAK_CONCURRENT], sampling_params=params)
             assert len(outs) == len(ids[part : part + SOAK_CONCURRENT])
+            row_bytes = outs[0]["meta_info"]["slkv"]["kv"]["row_bytes"]
         _abort_mid_decode(fuzz_engine, Conversation(ids[0], "soak"), f"soak-abort-{start}")
         done = start + SOAK_BATCH
         if done in (50, SOAK_REQUESTS):
@@ -294,7 +321,10 @@ def test_soak_keeps_every_map_flat(fuzz_engine, tokenizer):
                 "ledger_reserved", "slots_miscounted"):
         assert first[key] == last[key] == 0, key
     assert last["host_entries"] <= POOL_TOKENS * 2 // DOC_TOKENS[1]  # one per cached history at most
-    assert last["rss_bytes"] - first["rss_bytes"] < 64 << 20, (first["rss_bytes"], last["rss_bytes"])
+    # RSS grows by the pool's rows first used since (the radix cache fills the pool: their pages are committed
+    # then, ``DeviceRows.peak``) and by less than 64 MB else
+    pool_growth = (last["device_rows_peak"] - first["device_rows_peak"]) * row_bytes
+    assert last["rss_bytes"] - first["rss_bytes"] - pool_growth < 64 << 20, (first, last, pool_growth)
 
 
 # ---- recoverable states: each falls back to recomputation, tokens unchanged --------------------------------
@@ -331,12 +361,17 @@ def _common(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def test_recoverable_states_recompute(fuzz_engine, same_without_offload, tokenizer):
+def test_recoverable_states_recompute(fuzz_engine, same_without_offload, tokenizer, mooncake):
     """Missing host copies, a gap in them, rows short for a batch of restores, and an abort while a prefill
     restores: every one gives the tokens of the engine without offload, and the counter that says what happened.
-    (The engine without offload answers in the background, ``Differ``; every answer is compared by the end.)"""
+    (The engine without offload answers in the background, ``Differ``; every answer is compared by the end.)
+
+    The shared store starts empty: documents whose first source file is the same begin with the same tokens, and a
+    prefix an earlier test wrote back would be restored past the radix match that the expected counts start from."""
     engine, differ = fuzz_engine, Differ(same_without_offload)
     engine.flush_cache()
+    _written_back(engine)  # nothing an earlier test queued lands in the store after it is emptied
+    mooncake.clear()
     _set_host_budget(engine, 64 << 20)
     kv = lambda out: out["meta_info"]["slkv"]["kv"]  # noqa: E731
 

@@ -21,21 +21,22 @@ from .slkv_payloads import KINDS, SEED, malformed
 pytestmark = pytest.mark.engine  # every test here starts an SGLang engine or a server with one
 
 
-def _worker_cmd(model_path: str, port: int) -> list[str]:
+def _worker_cmd(model_path: str, port: int, shared_store: str) -> list[str]:
     return [
         sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "127.0.0.1",
         "--port", str(port), "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
         "--dtype", "float32", "--mem-fraction-static", str(MEM_FRACTION), "--max-total-tokens", "16384", "--watchdog-timeout", "3600",
         "--skip-server-warmup", "--sleep-on-idle", "--log-level", "warning",
         "--enable-simlayerkv", "--slkv-recent", "256", "--slkv-threshold", "0.85", "--slkv-score", "mean",
-        "--slkv-poison-freed",
+        "--slkv-poison-freed", "--slkv-offload", "--slkv-shared-store", shared_store,
     ]
 
 
 @pytest.fixture(scope="module")
-def workers(model_path):
-    """Two CPU workers (the plugin configured by flags alone), named w0 and w1, started one after the other
-    (``engine_start_lock``: an engine sizes its memory from what is free while it loads)."""
+def workers(model_path, mooncake):
+    """Two CPU workers (the plugin configured by flags alone, with a host tier and the shared tier on the test's
+    Mooncake Store), named w0 and w1, started one after the other (``engine_start_lock``: an engine sizes its
+    memory from what is free while it loads)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLKV_")}
     base.update(SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1")
     ports = [free_port(), free_port()]
@@ -44,7 +45,7 @@ def workers(model_path):
     try:
         for i, (port, url) in enumerate(zip(ports, urls)):
             with engine_start_lock():
-                procs.append(spawn(_worker_cmd(model_path, port), {**base, "SLKV_WORKER_ID": f"w{i}"}))
+                procs.append(spawn(_worker_cmd(model_path, port, mooncake.url), {**base, "SLKV_WORKER_ID": f"w{i}"}))
                 wait_healthy(procs[-1], f"{url}/health")
     except Exception:
         for proc in procs:
@@ -151,9 +152,10 @@ def test_chat_api_in_front_of_a_remote_server(server, model_path):
         for t in turns:
             assert not any(t["layer_map"]["lazy"])
             assert t["device_kv_bytes"] == (t["prompt_tokens"] + t["completion_tokens"]) * 30 * 1536
-        # the host budget goes to the worker's /set_internal_state, which refuses it: no --slkv-offload there
-        refused = httpx.put(f"{api}/admin/offload", json={"budget_bytes": 1 << 20}, timeout=60)
-        assert refused.status_code == 409 and refused.json()["error"]["code"] == "offload_unavailable", refused.text
+        # the host budget goes to the worker's /set_internal_state (it has a host tier: --slkv-offload); 2 GiB
+        # keeps every later test's middles on the host
+        changed = httpx.put(f"{api}/admin/offload", json={"budget_bytes": 2 << 30}, timeout=60)
+        assert changed.status_code == 200 and changed.json()["budget_bytes"] == 2 << 30, changed.text
     finally:
         stop_server(proc)
 
@@ -163,17 +165,47 @@ def _turn(api: str, sid: str, text: str) -> httpx.Response:
     return httpx.post(f"{api}/v1/chat/completions", json=body, timeout=300)
 
 
+def _kill(proc) -> None:
+    """SIGKILL the server and every process it started: a worker lost, not drained."""
+    import psutil
+
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+    proc.kill()
+    proc.wait(timeout=60)
+
+
+def _switches(api: str) -> float:
+    """The chat API's count of turns served by another worker than their session's last."""
+    text = httpx.get(f"{api}/metrics", timeout=10).text
+    return float(next(x for x in text.splitlines() if x.startswith("slkv:worker_switches_total ")).split()[1])
+
+
+def _written_back(url: str) -> dict:
+    """Once the worker's write-back queue is empty (what it wrote is in the store), its shared-tier state."""
+    deadline = time.time() + 60
+    while True:
+        (state,) = httpx.get(f"{url}/server_info", timeout=10).json()["internal_states"]
+        if state["slkv"]["shared_queued_bytes"] == 0 or time.time() > deadline:
+            return state["slkv"]
+        time.sleep(0.2)
+
+
 def test_router_keeps_sessions_on_their_worker(workers, model_path):
     """sglang-router (manual policy, X-SMG-Routing-Key = session id) in front of two workers: each session's
-    turns reach one worker, Redis records it, and a turn that lands elsewhere after a worker loss recomputes
-    and is counted. Runs last in this module: it stops a worker."""
+    turns reach one worker, Redis records it. When a worker is killed, its session's next turn lands on the other
+    worker (counted as a switch), which restores the history from the shared tier (Mooncake) instead of
+    recomputing it: at least 90% of the prompt cached, every layer's KV whole, and the answer of the same chat run
+    before, never interrupted. Runs last in this module: it kills a worker."""
     import redis
 
     router_port, api_port, prefix = free_port(), free_port(), f"slkv-router-test-{uuid.uuid4().hex[:8]}:"
     router = start_server(
         [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(router_port),
          "--worker-urls", *(url for url, _ in workers.values()), "--policy", "manual", "--assignment-mode", "min_group",
-         "--health-check-interval-secs", "1", "--health-failure-threshold", "1", "--log-level", "warn",
+         "--health-check-interval-secs", "1", "--health-failure-threshold", "2",
+         # a lost worker refuses at once; a busy one (a long float32 prefill on one core) may answer /health late
+         "--health-check-timeout-secs", "60", "--log-level", "warn",
          "--prometheus-port", str(free_port())],
         dict(os.environ), f"http://127.0.0.1:{router_port}/health", timeout=120)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLKV_")}
@@ -181,41 +213,70 @@ def test_router_keeps_sessions_on_their_worker(workers, model_path):
     proc = start_server([sys.executable, "-m", "slkv_sglang.cli", "serve", "--port", str(api_port), "--model-path",
                          model_path, "--sglang-url", f"http://127.0.0.1:{router_port}", "--redis-url",
                          "redis://127.0.0.1:6379/0", "--redis-prefix", prefix], env, f"{api}/healthz", timeout=120)
+    # long enough for lazy heads to release middles (sink + recent = 260): the shared tier must bring back host
+    # copies as well as device rows
+    document = "Here is a long story to remember. " + " ".join(f"Item {i} is a {['red', 'blue', 'green'][i % 3]} box "
+                                                                f"on shelf {i * 7 % 13}." for i in range(100))
+    texts = (f"{document} Name a fruit.", "And a vegetable?", "And a colour?")
     try:
         deadline = time.time() + 60  # the router answers /health before its workers are registered
         while sum(w["is_healthy"] for w in httpx.get(f"http://127.0.0.1:{router_port}/workers").json()["workers"]) < 2:
             assert time.time() < deadline, "the router did not see two healthy workers"
             time.sleep(0.5)
+        # the chat that is never interrupted: its third turn's answer is what the interrupted one must give
+        twin = httpx.post(f"{api}/v1/sessions").json()["id"]
+        for text in texts:
+            uninterrupted = _turn(api, twin, f"Guest 0 says: {text}")
+            assert uninterrupted.status_code == 200, uninterrupted.text
         sessions = [httpx.post(f"{api}/v1/sessions").json()["id"] for _ in range(4)]
-        for text in ("Name a fruit.", "And a vegetable?", "And a tree?"):
+        for text in texts[:2]:
             for n, sid in enumerate(sessions):  # distinct histories: no session's KV serves another's
-                assert _turn(api, sid, f"Guest {n} asks: {text}").status_code == 200
+                assert _turn(api, sid, f"Guest {n} says: {text}").status_code == 200
         records = {sid: httpx.get(f"{api}/v1/sessions/{sid}").json()["turns"] for sid in sessions}
         homes = []
         for sid, turns in records.items():
             assert len({t["worker"] for t in turns}) == 1, turns  # every turn of a session on one worker
             assert turns[0]["worker"] in workers
-            assert turns[0]["cached_tokens"] < turns[1]["cached_tokens"] < turns[2]["cached_tokens"]
+            assert turns[0]["cached_tokens"] < turns[1]["cached_tokens"]
             assert not any(t["worker_switched"] for t in turns)
             homes.append(turns[0]["worker"])
         stored = redis.Redis(decode_responses=True).lrange(f"{prefix}session:{sessions[0]}:turns", 0, -1)
-        assert [json.loads(t)["worker"] for t in stored] == [homes[0]] * 3
+        assert [json.loads(t)["worker"] for t in stored] == [homes[0]] * 2
 
-        # Worker loss: the first session's worker stops; its next turn is served by the other one.
+        # Worker loss: the first session's worker is killed once its write-back is done (what it had not written
+        # yet would be recomputed); the session's third turn is served by the other one, whose radix cache is
+        # flushed first (it may hold the twin's history: the history must come from the shared tier).
         lost_url, lost_proc = workers[homes[0]]
-        stop_server(lost_proc)
+        assert _written_back(lost_url)["shared_queued_bytes"] == 0
+        switches = _switches(api)
+        for url, _ in workers.values():
+            assert httpx.post(f"{url}/flush_cache", timeout=60).status_code == 200
+        _kill(lost_proc)
         deadline, reply = time.time() + 60, None
         while time.time() < deadline:
-            reply = _turn(api, sessions[0], "And a colour?")
+            reply = _turn(api, sessions[0], f"Guest 0 says: {texts[2]}")
             if reply.status_code == 200:
                 break
             assert reply.status_code == 502 and reply.json()["error"]["code"] == "engine_unavailable", reply.text
             time.sleep(1)
         assert reply is not None and reply.status_code == 200, reply.text if reply else "no reply"
         last = httpx.get(f"{api}/v1/sessions/{sessions[0]}").json()["turns"][-1]
-        assert last["turn"] == 4 and last["worker"] != homes[0] and last["worker_switched"]
-        assert last["cached_tokens"] < records[sessions[0]][2]["cached_tokens"]  # the history was recomputed
-        assert "slkv:worker_switches_total 1.0" in httpx.get(f"{api}/metrics").text
+        assert last["turn"] == 3 and last["worker"] != homes[0] and last["worker_switched"]
+        assert _switches(api) == switches + 1
+        # served from the shared tier: the history written back by the lost worker, restored in every unit
+        kv = last["layer_map"]["kv"]
+        print("turn 3 after the switch:", last["cached_tokens"], "of", last["prompt_tokens"], "cached;",
+              {k: v for k, v in kv.items() if k.startswith("shared")})
+        assert last["cached_tokens"] >= 0.9 * last["prompt_tokens"]
+        # one lookup restored it (the flushed worker's tree held nothing of it)
+        assert kv["shared_hits"] == 1 and kv["shared_failures"] == 0
+        assert kv["shared_restored_tokens"] == last["cached_tokens"]
+        # at its decision every (layer, KV head) holds the whole prompt's KV, on the device or (a lazy head's middle)
+        # on the host
+        whole = {d + h for dev, host in zip(kv["device_tokens"], kv["host_tokens"]) for d, h in zip(dev, host)}
+        assert whole == {last["prompt_tokens"]}, whole
+
+        assert reply.json()["choices"][0]["message"] == uninterrupted.json()["choices"][0]["message"]
     finally:
         stop_server(proc)
         stop_server(router)

@@ -46,6 +46,14 @@ def test_plan_refuses_what_it_does_not_serve(requested, message):
         plan_server_args(requested, True, ON)
 
 
+def test_plan_refuses_two_host_tiers():
+    """SGLang's hierarchical cache beside the plugin's host tier: refused with offload, left alone without."""
+    with pytest.raises(SlkvConfigError, match="--enable-hierarchical-cache is not supported with --slkv-offload"):
+        plan_server_args({"enable_hierarchical_cache": True}, False, OFFLOAD)
+    assert plan_server_args({"enable_hierarchical_cache": True}, False, ON).declarations == {
+        "attention_backend": "torch_native"}
+
+
 def test_check_after_resolution():
     check_resolved({"attention_backend": "flashinfer"}, ON)
     check_resolved({"attention_backend": "torch_native"}, OFFLOAD)

@@ -67,14 +67,12 @@ def restore_shared(side: SchedulerSide, req: Any, tree_cache: Any = None, *args:
     setattr(req, SHARED_LOOKED_UP, len(ids))
     from array import array
 
-    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
     limit = req._compute_max_prefix_len(len(ids))  # SGLang's cap, and ``cap_prefix``'s
     key = array("q", ids[:limit])
-    probe = tree_cache.tree_core.match_prefix(MatchPrefixParams(
-        key=RadixKey(key, extra_key=req.extra_key, cache_salt=req.cache_salt)))
-    tree_cache._apply_cache_actions(probe.cache_actions)
+    probe = _walk(tree_cache, RadixKey(key, extra_key=req.extra_key, cache_salt=req.cache_salt))
     matched = probe.device_prefix_len
     kv = tier.shared.lookup(ids, matched, limit, shared_salt(req))
     if kv is None:
@@ -110,16 +108,23 @@ def restore_shared(side: SchedulerSide, req: Any, tree_cache: Any = None, *args:
     return None
 
 
+def _walk(tree_cache: Any, key: Any) -> Any:
+    """The radix tree's match of ``key`` (``MatchResult``), walked as ``touch_prefix`` walks it: no session
+    shortcut, no finalizers, nothing loaded back."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+
+    probe = tree_cache.tree_core.match_prefix(MatchPrefixParams(key=key))
+    tree_cache._apply_cache_actions(probe.cache_actions)
+    return probe
+
+
 def adopt_duplicates(side: SchedulerSide, original: Any, tree_cache: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
     """UnifiedRadixCache.insert: where the tree already holds the request's tokens in other slots, the insert frees
     the request's own and SGLang points the request at the tree's; first those take over the rows and host copies
     they lack (``KvTier.adopt``): a lazy layer may have released them, and the request's window reads them next."""
     tier = side.tier
     if tier is not None and params.key is not None and params.value is not None and len(params.key):
-        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
-
-        probe = tree_cache.tree_core.match_prefix(MatchPrefixParams(key=params.key))  # a walk, as touch_prefix does
-        tree_cache._apply_cache_actions(probe.cache_actions)
+        probe = _walk(tree_cache, params.key)
         n = min(probe.device_prefix_len, len(params.value))
         if n:
             tree = tree_cache.path_device_indices(probe.last_device_node)[:n].to(torch.int64)

@@ -32,6 +32,9 @@ class DeviceRows:
         # admission reads it per request, which must not scan ``row_of``
         self.held_by_slot = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
         self.poison = poison  # freed rows are filled with NaN: a read of one shows in the outputs
+        # the most rows ever in use: rows are taken last-freed first, so on CPU the pool's resident memory is
+        # these rows' (its pages are committed when first written)
+        self.peak = 0
         self.clear()
 
     @property
@@ -53,6 +56,7 @@ class DeviceRows:
         if n > self._n_free:
             return None
         self._n_free -= n
+        self.peak = max(self.peak, self.num_rows - self._n_free)
         return self._stack[self._n_free : self._n_free + n].clone()
 
     def give(self, rows: torch.Tensor) -> None:

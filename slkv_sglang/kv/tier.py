@@ -101,7 +101,7 @@ class KvTier:
         """Entries of each per-request map, and what the tier holds (a soak test checks none of them grows)."""
         return {"ledger_promised": len(self.ledger.promised), "ledger_reserved": self.ledger.reserved,
                 "host_entries": len(self.host), "host_held_bytes": self.host.stats.held_bytes,
-                "device_rows_used": self.rows.num_rows - self.rows.free,
+                "device_rows_used": self.rows.num_rows - self.rows.free, "device_rows_peak": self.rows.peak,
                 "slots_miscounted": self.rows.miscounted(),
                 **({"shared_queued_bytes": self.shared.queued_bytes} if self.shared is not None else {})}
 
