@@ -69,6 +69,16 @@ def test_round_trips_of_batches(store):
         store.put_many(_keys("empty", 1), [b""])
 
 
+def test_batches_of_kv_blocks_past_the_transfer_buffer(store):
+    """Values of a shared-tier block's size (SmolLM2-135M in float32: 64 tokens x 30 layers x 3 KV heads x 2 x 64
+    x 4 bytes) whose sum is past the 64 MB transfer buffer: every one stored and read back (a 4K-token history)."""
+    values = [os.urandom(2_949_120) for _ in range(64)]
+    keys = _keys("blocks", len(values))
+    assert store.put_many(keys, values) == [True] * len(values)
+    assert store.get_many(keys) == values
+    assert store.stats.failures == 0
+
+
 def test_a_value_larger_than_the_transfer_buffer_is_a_counted_failure(store):
     keys = _keys("large", 2)
     assert store.put_many(keys, [os.urandom(65 * MB), b"small"]) == [False, True]
