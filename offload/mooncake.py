@@ -57,7 +57,7 @@ class MooncakeConfig:
     * MASTER_PORT: 50051 (Mooncake's default).
     * ``metadata``: the transfer metadata server, ``http://MASTER_HOST:8080/metadata`` (the master's built-in one).
     * ``segment_mb``: memory this client lends the store, 0 (values live in the store services, not in a worker).
-    * ``buffer_mb``: the client's transfer buffer, 64: the most one transfer moves, so also the largest value.
+    * ``buffer_mb``: the client's transfer buffer, 64: the largest value; one transfer moves at most a quarter of it.
     * ``local``: this client's address as the others reach it, 127.0.0.1 (name the host's address across hosts).
     * ``timeout_ms``: the deadline of each master RPC, 2000.
     * ``retry_ms``: how long the store answers at once with failures after one, 5000.
@@ -183,12 +183,14 @@ class MooncakeStore(KvStore):
         self._down_until = time.monotonic() + self.config.retry_ms / 1000
 
     def _batches(self, indices: list[int], sizes: list[int]) -> Iterator[list[int]]:
-        """``indices`` in runs whose values take at most half the transfer buffer together (each value fits alone:
-        one larger than half is a run of its own). Half: the client's buffer allocator rounds sizes up to its
-        classes, and a put of 21 values of 2.8 MiB (61.9 MiB) did not fit a 64 MiB buffer (measured here)."""
+        """``indices`` in runs whose values take at most a quarter of the transfer buffer together (each value fits
+        alone: a larger one is a run of its own). A quarter, measured here with 64 values of 2.8 MiB (a 4K-token
+        history's blocks) in a 64 MiB buffer: a run of 21 (61.9 MiB) failed whole; runs of half and of a third of
+        the buffer failed now and then from the second run on (13 and 14 of 384 values in six rounds: the client's
+        allocator rounds sizes up and does not have the previous run's memory back yet); quarters never did."""
         run, held = [], 0
         for i in indices:
-            if run and held + sizes[i] > self._buffer_bytes // 2:
+            if run and held + sizes[i] > self._buffer_bytes // 4:
                 yield run
                 run, held = [], 0
             run.append(i)
@@ -231,8 +233,9 @@ class MooncakeStore(KvStore):
                 break
             for i, value in zip(run, read):
                 values[i] = value or None
-        # Present a moment ago but not read: gone in between, too large for the buffer, or a failed transfer.
-        return values, failed + sum(values[i] is None for i in wanted)
+        # A key present without a complete replica is being written (by another worker, say): absent for now, a
+        # miss. Complete a moment ago but not read: gone in between, too large for the buffer, or a failed transfer.
+        return values, failed + sum(values[i] is None for i in wanted if sizes[i])
 
     def _exists_many(self, keys: list[str]) -> tuple[list[bool], int]:
         if not self._answering():

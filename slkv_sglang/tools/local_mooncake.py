@@ -35,8 +35,8 @@ class LocalMooncake:
     def __init__(self, segment_mb: int = 512, lease_ms: int = 200, timeout_ms: int = 1000, retry_ms: int = 500):
         self.segment_mb, self.lease_ms = segment_mb, lease_ms
         self.rpc_port, self.metadata_port, self.admin_port, self.service_port = (_free_port() for _ in range(4))
-        self.url = (f"mooncake://127.0.0.1:{self.rpc_port}?metadata={self.metadata}&buffer_mb=64"
-                    f"&timeout_ms={timeout_ms}&retry_ms={retry_ms}")
+        self.retry_ms = retry_ms
+        self.url = self.client_url(timeout_ms)
         self.master: subprocess.Popen | None = None
         self.service: subprocess.Popen | None = None
         self.start()
@@ -45,6 +45,11 @@ class LocalMooncake:
                                     f"--master_server_address=127.0.0.1:{self.rpc_port}",
                                     f"--metadata_server={self.metadata}"])
         self._wait_mounted()
+
+    def client_url(self, timeout_ms: int) -> str:
+        """A store URL for clients of this store with RPC deadline ``timeout_ms``."""
+        return (f"mooncake://127.0.0.1:{self.rpc_port}?metadata={self.metadata}&buffer_mb=64"
+                f"&timeout_ms={timeout_ms}&retry_ms={self.retry_ms}")
 
     @property
     def metadata(self) -> str:
