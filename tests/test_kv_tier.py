@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import time
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -36,6 +35,7 @@ from slkv_sglang.tools.corpus import prompt_ids
 from slkv_sglang.layer_map import LayerMap
 from slkv_sglang.tools.corpus import follow_up_ids
 from slkv_sglang.runtime import shutdown_engine
+from slkv_sglang.tools.bench_shared import written_back
 
 from .conftest import TEST_SLKV, page_size, recomputed_tokens, start_engine
 
@@ -278,14 +278,6 @@ def _sizes(engine) -> dict[str, int]:
     return state["slkv"]
 
 
-def _written_back(engine) -> None:
-    """Until the engine's shared-tier write-back queue is empty: what it queued is in the store."""
-    deadline = time.monotonic() + 60
-    while _sizes(engine)["shared_queued_bytes"]:
-        assert time.monotonic() < deadline, "the write-back queue did not drain in 60 s"
-        time.sleep(0.05)
-
-
 def test_soak_keeps_every_map_flat(fuzz_engine, tokenizer):
     """500 short requests (24 per document, sent as three concurrent batches of 8 one after the
     other, plus one aborted mid-decode; every prompt is long enough for lazy layers to release rows): after the first
@@ -370,7 +362,7 @@ def test_recoverable_states_recompute(fuzz_engine, same_without_offload, tokeniz
     prefix an earlier test wrote back would be restored past the radix match that the expected counts start from."""
     engine, differ = fuzz_engine, Differ(same_without_offload)
     engine.flush_cache()
-    _written_back(engine)  # nothing an earlier test queued lands in the store after it is emptied
+    written_back(engine)  # nothing an earlier test queued lands in the store after it is emptied
     mooncake.clear()
     _set_host_budget(engine, 64 << 20)
     kv = lambda out: out["meta_info"]["slkv"]["kv"]  # noqa: E731

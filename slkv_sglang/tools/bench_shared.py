@@ -30,7 +30,7 @@ def _state(engine: Any) -> dict[str, Any]:
     return state["slkv"]
 
 
-def _written_back(engine: Any, timeout_s: float = 120.0) -> None:
+def written_back(engine: Any, timeout_s: float = 120.0) -> None:
     """Until the engine's write-back queue is empty (the first turn's KV is in the store)."""
     deadline = time.monotonic() + timeout_s
     while _state(engine)["shared_queued_bytes"]:
@@ -49,7 +49,7 @@ def switch_ttft(engine: Any, store: LocalMooncake, tokenizer: Any, tokens: int, 
         ids = prompt_ids(tokenizer, tokens, seed=700 + i, question=QUESTION)
         _, first = timed(engine, ids, greedy(8, session=f"switch{i}"))
         turn2 = ids + first["output_ids"] + follow
-        _written_back(engine)
+        written_back(engine)
         engine.flush_cache()  # a worker that never saw the session
         secs, out = timed(engine, turn2, greedy(1, session=f"switch{i}"))
         restored.append(secs)
