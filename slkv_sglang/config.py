@@ -76,8 +76,9 @@ class SlkvConfig:
     offload_budget: int = DEFAULT_OFFLOAD_BUDGET  # host bytes for those copies
     poison: bool = False  # debug: freed device KV (slots, or rows with offload) is NaN-filled; any read shows
     # with offload: SGLang gets this many times more token slots than its KV bytes hold in full-KV tokens;
-    # admission then counts device rows, so the rows lazy layers free admit more tokens (docs/memory.md)
-    overcommit: float = 1.0
+    # admission then counts device rows, so the rows lazy layers free admit more tokens (docs/memory.md).
+    # 0: as many as the slots' index affords (``kv.tier.slot_factor``), an operator's value is an upper bound
+    overcommit: float = 0.0
     # the shared tier: a store every worker reaches (``mooncake://...``, ``offload.store.open_store``); needs offload
     shared_store: str = ""
     shared_timeout_ms: int = DEFAULT_SHARED_TIMEOUT_MS  # time budget of one prefix lookup
@@ -101,8 +102,8 @@ class SlkvConfig:
             raise SlkvConfigError(f"slkv protected layers must be >= 0, got {self.protect}")
         if self.offload_budget < 0:
             raise SlkvConfigError(f"slkv offload budget must be >= 0 bytes, got {self.offload_budget}")
-        if not self.overcommit >= 1.0:
-            raise SlkvConfigError(f"slkv overcommit must be >= 1, got {self.overcommit}")
+        if not (self.overcommit == 0.0 or self.overcommit >= 1.0):
+            raise SlkvConfigError(f"slkv overcommit must be >= 1 (or 0: sized by the plugin), got {self.overcommit}")
         if self.overcommit > 1.0 and not self.offload:
             raise SlkvConfigError("slkv overcommit > 1 needs offload (--slkv-offload): only then do lazy layers free rows")
         if self.shared_store and not self.offload:

@@ -30,7 +30,7 @@ MEM_FRACTION = 0.6
 # limit, so it changes nothing there (test_kv_tier has its own small-pool engine for admission). OFFLOAD_BUDGET:
 # one ~3K-token conversation's lazy middles (~40-60 MB in float32) fit.
 OFFLOAD_BUDGET = 80 << 20
-TEST_OFFLOAD = replace(TEST_SLKV, offload=True, offload_budget=OFFLOAD_BUDGET, overcommit=1.5)
+TEST_OFFLOAD = replace(TEST_SLKV, offload=True, offload_budget=OFFLOAD_BUDGET)  # slots sized by the plugin
 
 
 @pytest.fixture(scope="session")

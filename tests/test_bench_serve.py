@@ -25,7 +25,7 @@ WORKLOAD = Workload(doc_tokens=1024, turns=TURNS, stats="lmsys", reply_scale=0.0
 
 
 def test_every_configuration_completes_its_sessions(slkv_engine, offload_engine, tokenizer, tmp_path):
-    """On the session's engines (``conftest``; offload: overcommit 1.5 as bench-serve's default). ``sweep``
+    """On the session's engines (``conftest``; offload: slots sized by the plugin, as bench-serve's default). ``sweep``
     flushes each engine's cache before each configuration, so what earlier tests left there does not count; the
     host budget, which an earlier test may have shrunk, is set here."""
     assert set_host_budget(offload_engine, OFFLOAD_BUDGET) == [True]

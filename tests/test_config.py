@@ -28,7 +28,7 @@ def test_env_round_trip():
         ({"SLKV_MODE": "later"}, "mode must be one of"),
         ({"SLKV_ENABLE": "maybe"}, "SLKV_ENABLE='maybe' is not a valid bool"),
         ({"SLKV_PROTECT": "x"}, "SLKV_PROTECT='x' is not a valid"),
-        ({"SLKV_OFFLOAD": "1", "SLKV_OVERCOMMIT": "0.5"}, "overcommit must be >= 1"),
+        ({"SLKV_OFFLOAD": "1", "SLKV_OVERCOMMIT": "0.5"}, r"overcommit must be >= 1 \(or 0: sized by the plugin\), got 0.5"),
         ({"SLKV_OVERCOMMIT": "2"}, "overcommit > 1 needs offload"),
     ],
 )

@@ -17,7 +17,7 @@ from slkv_sglang.kv.fingerprint import prefix_fingerprints
 from slkv_sglang.kv.planner import KvPlanner
 from slkv_sglang.kv.rows import LostKv
 from slkv_sglang.kv.step import Heal, KvStep, RequestStep
-from slkv_sglang.kv.tier import KvTier
+from slkv_sglang.kv.tier import INDEX_BYTES, KvTier, pool_rows, slot_factor
 
 SINK, RECENT = 4, 256
 
@@ -240,6 +240,19 @@ def test_a_restore_that_cannot_complete_fails_the_request_not_the_engine():
         (failed, why), = planner.settle()
         assert failed is req and why.startswith("slkv: KV of request r could not be made whole (layer 0:")
         assert planner.settle() == []
+
+
+def test_slots_are_sized_by_what_their_index_costs():
+    """Without --slkv-overcommit a pool gets as many slots as keep their index under 1/32 of its bytes (at most 8
+    per full-KV token); an operator's factor is used as given. The index is paid out of the KV bytes."""
+    assert INDEX_BYTES == 5  # row_of int32 + the ledger's bool, per (unit, slot)
+    assert slot_factor(512, 0.0) == 3.2  # a row per KV head: 64 x 2 (K, V) x 4 bytes (float32), or 128 x 2 x 2
+    assert slot_factor(1536, 0.0) == 8.0  # a row per layer of the bundled model: capped
+    assert slot_factor(64, 0.0) == 1.0  # rows so small that no extra slot pays: never fewer slots than tokens
+    assert slot_factor(512, 2.0) == 2.0 and slot_factor(4096, 1.5) == 1.5
+    # 10 units, 320 slots at 3.2 (100 full-KV tokens): 10 x 101 rows' bytes less 10 x 321 x 5 bytes of index
+    assert pool_rows(10, 320, 3.2, 512) == 978  # 517,120 - 16,050 = 501,070 bytes: 978.6 rows
+    assert pool_rows(10, 100, 1.0, 512) == 1000  # 517,120 - 5,050 = 512,070 bytes: 1000.1 rows
 
 
 def test_ledger_counts_promised_rows():

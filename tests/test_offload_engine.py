@@ -209,7 +209,9 @@ def test_host_budget_is_an_admin_setting(offload_engine, slkv_engine, tokenizer)
 
 
 # ---- admission counts rows: --slkv-overcommit ------------------------------------------------------------
-POOL_TOKENS = 5000  # KV bytes of 5000 full-KV tokens (450,090 rows of one KV head); with overcommit 2, 10,000 token slots
+# KV bytes of 5000 full-KV tokens (90 x 5001 rows of one KV head, 512 bytes each); with overcommit 2, 10,000 token
+# slots, whose index (5 bytes per row's (unit, slot): kv.tier.INDEX_BYTES) takes 90 x 10,001 x 5 bytes: 441,300 rows
+POOL_TOKENS, POOL_ROWS = 5000, 441_300
 FORCED = list(range(20))  # 20 of 30 layers lazy: a session keeps 10 x 2K + 20 x 260 rows, not 30 x 2K
 
 
@@ -237,7 +239,7 @@ def test_freed_rows_admit_more_sessions(overcommit_engine, slkv_engine, tokenize
         sessions.append((ids, first, ids + first["output_ids"] + follow_up_ids(tokenizer, QUESTIONS[1]), params))
     kv = sessions[-1][1]["meta_info"]["slkv"]["kv"]
     units = sum(map(len, kv["device_tokens"]))  # a row per (layer, KV head) and token
-    assert kv["rows"] == units * (POOL_TOKENS + 1) < sum(len(s[0]) for s in sessions) * units  # full KV: no
+    assert units == 90 and kv["rows"] == POOL_ROWS < sum(len(s[0]) for s in sessions) * units  # full KV: no
     slkv_engine.flush_cache()
 
     async def without_offload() -> list[tuple[dict, dict]]:  # in the background, while the second turns run

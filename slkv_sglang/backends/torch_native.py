@@ -26,7 +26,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from ..config import SlkvConfig
 from ..kv.executor import KvExecutor
 from ..kv.shared import SharedTier
-from ..kv.tier import KvTier
+from ..kv.tier import KvTier, pool_rows, slot_factor, units_per_layer
 from ..report import Outbox
 from ..tracker import Decision
 from .common import ScoringMixin, make_tracker
@@ -242,14 +242,15 @@ def _attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 def _take_over_kv_pool(kv_pool: Any, config: SlkvConfig, model: str) -> KvTier:
     """Replace SGLang's per-layer KV buffers (created one page long, ``hooks.admission.no_kv_buffers``) by the rows of a
-    KV tier of the bytes SGLang sized them for: with ``--slkv-overcommit F`` the tier has F times more slots than
-    those bytes hold in full-KV tokens. With ``--slkv-shared-store`` the tier gets its shared tier (keys name the
-    served ``model``)."""
+    KV tier of the bytes SGLang sized them for, less the slots' index: SGLang's slots are ``slot_factor`` times the
+    full-KV tokens of those bytes (``hooks.admission.overcommit_pool``). With ``--slkv-shared-store`` the tier gets
+    its shared tier (keys name the served ``model``)."""
     k0 = kv_pool.get_key_buffer(0)
     layers, slots, heads = kv_pool.layer_num, kv_pool.size, k0.shape[1]
-    units_per_layer = heads if config.granularity == "head" else 1  # a row per KV head: each lazy head frees its own
-    rows = layers * units_per_layer * (int(slots / config.overcommit) + 1)  # the bytes SGLang sized its pool for
-    tier = KvTier.build(layers, units_per_layer, slots, rows, heads=heads, dim=k0.shape[2], dtype=k0.dtype,
+    per_layer = units_per_layer(config.granularity, heads)
+    row_bytes = 2 * heads // per_layer * k0.shape[2] * k0.element_size()
+    rows = pool_rows(layers * per_layer, slots, slot_factor(row_bytes, config.overcommit), row_bytes)
+    tier = KvTier.build(layers, per_layer, slots, rows, heads=heads, dim=k0.shape[2], dtype=k0.dtype,
                         device=k0.device, host_budget=config.offload_budget, poison=config.poison)
     if config.shared_store:
         tier.shared = SharedTier.open(config.shared_store, model, tier.rows, tier.host, config.shared_timeout_ms,

@@ -262,18 +262,27 @@ def charge_prefix_rows(side: SchedulerSide, original: Any, adder: Any, req: Any,
 
 
 # ---- the KV pool's size ---------------------------------------------------------------------------------
-def overcommit_pool(side: SchedulerSide, result: Any, *args: Any, **kwargs: Any) -> Any:
-    """KVCacheConfigurator.config_from_budget: with ``--slkv-overcommit F`` SGLang gets F times the token
-    slots its KV bytes hold; the KV tier keeps those bytes (``_take_over_kv_pool``)."""
+def overcommit_pool(side: SchedulerSide, result: Any, configurator: Any, *args: Any, **kwargs: Any) -> Any:
+    """KVCacheConfigurator.config_from_budget: with offload SGLang gets ``slot_factor`` times the token slots its KV
+    bytes hold in full KV (``--slkv-overcommit F``, or what the slots' index affords); the KV tier keeps those
+    bytes, less the index (``backends.torch_native._take_over_kv_pool``)."""
     cfg = side.config
-    if not (cfg.enabled and cfg.offload and cfg.overcommit > 1.0):
+    if not (cfg.enabled and cfg.offload):
+        return None
+    from sglang.srt.runtime_context import get_parallel, get_schedule
+
+    from ..kv.tier import slot_factor, units_per_layer
+
+    model = configurator.model_config
+    heads = model.get_num_kv_heads(get_parallel().attn_tp_size)
+    row_bytes = 2 * heads // units_per_layer(cfg.granularity, heads) * model.head_dim * configurator.kv_cache_dtype.itemsize
+    factor = slot_factor(row_bytes, cfg.overcommit)
+    if factor == 1.0:
         return None
     if result.swa_max_total_num_tokens:
-        raise SlkvConfigError("--slkv-overcommit does not support sliding-window KV pools")
-    from sglang.srt.runtime_context import get_schedule
-
+        raise SlkvConfigError("--slkv-offload does not support sliding-window KV pools")
     page = get_schedule().page_size
-    result.max_total_num_tokens = int(result.max_total_num_tokens * cfg.overcommit) // page * page
+    result.max_total_num_tokens = int(result.max_total_num_tokens * factor) // page * page
     return result
 
 

@@ -68,8 +68,9 @@ def add_cli_args(_result: Any, parser: argparse.ArgumentParser) -> None:
               help="Debug: fill freed device KV (SGLang's freed slots, or freed rows with offload) with NaN so "
                    "that any read of it shows in the outputs.")
     _add_flag(parser_, "--slkv-overcommit", "SLKV_OVERCOMMIT", type=float, default=None,
-              help="With --slkv-offload: give SGLang this many times the token slots its KV memory holds in "
-                   "full KV (default 1); admission counts device rows, so rows lazy layers free admit more.")
+              help="With --slkv-offload: give SGLang at most this many times the token slots its KV memory holds "
+                   "in full KV (default: as many as a 1/32 share of that memory indexes, up to 8); admission counts "
+                   "device rows, so rows lazy layers free admit more.")
     _add_flag(parser_, "--slkv-shared-store", "SLKV_SHARED_STORE", default=None,
               help="With --slkv-offload: a store every worker reaches, mooncake://MASTER_HOST:PORT?metadata=URL; "
                    "finished requests' KV is written there and a prefix missing here is restored from it.")

@@ -27,7 +27,7 @@ class DeviceRows:
         self.num_slots, self.num_rows = num_slots, num_rows
         self.num_units = num_layers * units_per_layer
         self.kv = torch.zeros(num_rows, 2, heads, dim, dtype=dtype, device=device)
-        self.row_of = torch.full((self.num_units, num_slots + 1), -1, dtype=torch.int64, device=device)
+        self.row_of = torch.full((self.num_units, num_slots + 1), -1, dtype=torch.int32, device=device)  # tier.INDEX_BYTES
         # per slot, how many units hold a row for it (``row_of >= 0`` summed over units, kept as it changes):
         # admission reads it per request, which must not scan ``row_of``
         self.held_by_slot = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
@@ -46,7 +46,7 @@ class DeviceRows:
         return self._n_free
 
     def clear(self) -> None:
-        self._stack = torch.arange(self.num_rows - 1, -1, -1, dtype=torch.int64, device=self.kv.device)
+        self._stack = torch.arange(self.num_rows - 1, -1, -1, dtype=torch.int32, device=self.kv.device)
         self._n_free = self.num_rows
         self.row_of.fill_(-1)
         self.held_by_slot.zero_()

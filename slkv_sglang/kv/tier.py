@@ -20,6 +20,36 @@ from .ledger import Ledger
 from .rows import DeviceRows
 from .shared import SharedTier
 
+# Device bytes per (unit, slot) besides KV: ``DeviceRows.row_of`` (int32) and ``Ledger.unwritten`` (bool). The
+# pool pays them out of its KV bytes, so a token slot costs this much per unit whether it holds KV or not.
+INDEX_BYTES = 5
+# Without ``--slkv-overcommit``: as many slots as keep the index under this share of the KV bytes (so the
+# default loses at most ~3% of rows against any hand-picked factor below it), and at most MAX_SLOT_FACTOR
+# per full-KV token. A row per KV head of 512 bytes (Llama-3-8B in bf16, the bundled model in float32) gets
+# 3.2 slots per full-KV token: room for savings up to 69%.
+INDEX_SHARE = 1 / 32
+MAX_SLOT_FACTOR = 8.0
+
+
+def units_per_layer(granularity: str, heads: int) -> int:
+    """A row per KV head with head granularity (each lazy head frees its own), else a row per layer."""
+    return heads if granularity == "head" else 1
+
+
+def slot_factor(row_bytes: int, overcommit: float) -> float:
+    """Token slots SGLang gets per full-KV token its KV bytes hold: the operator's ``--slkv-overcommit``, or (0)
+    what the index affords at ``row_bytes`` per row."""
+    if overcommit:
+        return overcommit
+    return max(1.0, min(MAX_SLOT_FACTOR, row_bytes * INDEX_SHARE / INDEX_BYTES))
+
+
+def pool_rows(units: int, slots: int, factor: float, row_bytes: int) -> int:
+    """Rows of a pool that SGLang sized at ``slots`` token slots, ``factor`` to a full-KV token of its bytes:
+    those bytes, less every slot's index."""
+    kv_bytes = units * (int(slots / factor) + 1) * row_bytes
+    return (kv_bytes - units * (slots + 1) * INDEX_BYTES) // row_bytes
+
 
 @dataclass
 class TierStats:

@@ -75,13 +75,14 @@ class Outcome:
 
 
 def needle_case(tokenizer: Any, length: int, depth: float, seed: int, answer_prefix: str = "",
-                ask: str | None = None) -> Case:
+                ask: str | None = None, hay: Callable[[int, int], list[int]] | None = None) -> Case:
     """A prompt of exactly ``length`` tokens with the needle starting at ``depth`` of the haystack.
 
     ``answer_prefix``: the start of the answer, after the chat template's generation prompt, for base models that
     do not answer a question in chat turns but complete a primed answer (passkey-retrieval style).
     ``ask``: what the prompt asks after the haystack instead of the passcode (a chat whose last turn asks for it,
-    ``slkv bench-serve``); the passcode question is in ``Case.question`` either way."""
+    ``slkv bench-serve``); the passcode question is in ``Case.question`` either way.
+    ``hay``: the haystack's ids, given their count and the seed (default: a stdlib document)."""
     rng = random.Random(seed * 1000 + int(depth * 100) + length)
     word, code = rng.choice(WORDS), f"{rng.randrange(10_000, 100_000)}"
     needle = tokenizer(f"\nThe secret passcode for the {word} vault is {code}.\n", add_special_tokens=False)["input_ids"]
@@ -92,9 +93,10 @@ def needle_case(tokenizer: Any, length: int, depth: float, seed: int, answer_pre
     at = next(i for i in range(len(frame)) if frame[i : i + len(mark_ids)] == mark_ids)
     head, tail = frame[:at], frame[at + len(mark_ids) :] + tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
     budget = length - len(head) - len(tail) - len(needle)
-    hay = tokenizer(document(seed, min_chars=budget * 6), add_special_tokens=False)["input_ids"][:budget]
+    filler = (hay(budget, seed) if hay is not None
+              else tokenizer(document(seed, min_chars=budget * 6), add_special_tokens=False)["input_ids"][:budget])
     cut = int(depth * budget)
-    ids = head + hay[:cut] + needle + hay[cut:] + tail
+    ids = head + filler[:cut] + needle + filler[cut:] + tail
     return Case(f"needle-{length}-d{int(depth * 100)}-s{seed}", length, depth, ids, code, len(head) + cut, question)
 
 

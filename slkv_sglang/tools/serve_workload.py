@@ -4,7 +4,9 @@ A session's first turn is a stdlib document (``corpus.document``) with a planted
 (``evaluate.needle_case``) and a question about the code; the middle turns paste another excerpt and ask about
 it; the last turn asks for the passcode, so every session also checks retrieval. User-turn and reply lengths
 are drawn (seeded) around published means; replies are scaled down and capped because decode is slow on CPU.
-Built once per run and replayed identically for every configuration.
+With the ``random`` filler, documents and pasted excerpts are random tokens instead (the needle and the questions
+stay text): a workload whose laziness differs from text's. Built once per run and replayed identically for every
+configuration.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ STATS = {"lmsys": ChatStats(2.0, 69.5, 214.5), "sharegpt": ChatStats(3.5, 94.9, 
 QUESTIONS = ["Summarise the code above in one sentence.", "Which function above is the longest?",
              "What does the first class above do?", "Is there any error handling above? Where?",
              "Which modules does the code above import?", "Name two functions above that could be merged."]
+FILLERS = ("text", "random")  # what documents and pasted excerpts are made of
 MAX_USER_TOKENS = 512  # a drawn prompt length's cap (the exponential's tail would paste whole files)
 
 
@@ -60,6 +63,7 @@ class Workload:
     reply_cap: int
     rate: float | None  # sessions per second (Poisson arrivals); None: all start at once
     seed: int
+    filler: str = "text"  # FILLERS
 
 
 def _exponential(rng: random.Random, mean: float, low: int, high: int) -> int:
@@ -67,11 +71,26 @@ def _exponential(rng: random.Random, mean: float, low: int, high: int) -> int:
     return max(low, min(high, round(rng.expovariate(1.0 / mean))))
 
 
-def _user_turn(tokenizer: Any, rng: random.Random, tokens: int, seed: int) -> list[int]:
-    """A follow-up of about ``tokens`` tokens: a pasted excerpt of another stdlib document and a question."""
+def random_ids(tokenizer: Any, n: int, seed: int) -> list[int]:
+    """``n`` random token ids (seeded), none of them a special token."""
+    rng, special = random.Random(seed), set(tokenizer.all_special_ids)
+    out: list[int] = []
+    while len(out) < n:
+        token = rng.randrange(len(tokenizer))
+        if token not in special:
+            out.append(token)
+    return out
+
+
+def _user_turn(tokenizer: Any, rng: random.Random, tokens: int, seed: int, filler: str) -> list[int]:
+    """A follow-up of about ``tokens`` tokens: a pasted excerpt (of another stdlib document, or random tokens)
+    and a question."""
     question = rng.choice(QUESTIONS)
     room = tokens - len(tokenizer(question, add_special_tokens=False)["input_ids"])
-    excerpt = tokenizer(document(seed, min_chars=max(room, 1) * 6), add_special_tokens=False)["input_ids"][:room]
+    if filler == "random":
+        excerpt = random_ids(tokenizer, max(room, 0), seed)
+    else:
+        excerpt = tokenizer(document(seed, min_chars=max(room, 1) * 6), add_special_tokens=False)["input_ids"][:room]
     text = f"{tokenizer.decode(excerpt)}\n\n{question}" if room > 0 else question
     return follow_up_ids(tokenizer, text)
 
@@ -87,10 +106,11 @@ def build_sessions(tokenizer: Any, count: int, w: Workload) -> list[Session]:
         rng = random.Random(w.seed * 7919 + i)
         replies = [_exponential(rng, reply_mean, 1, w.reply_cap) for _ in range(w.turns - 1)]
         replies.append(NEW_TOKENS)  # the needle's answer: the model repeats the question before the digits
+        hay = (lambda n, seed: random_ids(tokenizer, n, seed)) if w.filler == "random" else None
         case = needle_case(tokenizer, w.doc_tokens, depth=rng.uniform(0.1, 0.9), seed=w.seed * 1000 + i,
-                           ask=rng.choice(QUESTIONS))
+                           ask=rng.choice(QUESTIONS), hay=hay)
         middle = [_user_turn(tokenizer, rng, _exponential(rng, stats.prompt_tokens, 8, MAX_USER_TOKENS),
-                             seed=w.seed * 1000 + 500 + i * 16 + k) for k in range(w.turns - 2)]
+                             seed=w.seed * 1000 + 500 + i * 16 + k, filler=w.filler) for k in range(w.turns - 2)]
         ids = [case.input_ids, *middle, follow_up_ids(tokenizer, case.question)]
         sessions.append(Session(f"s{i}", tuple(Turn(t, r) for t, r in zip(ids, replies)), case.answer, start))
         if w.rate:
