@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key:<28} {value:.3f}")
         else:
             print(f"{key:<28} {value} B ({human(value)})")
-    print("note: the simlayerkv lines are device KV with --slkv-offload (torch_native backend), where lazy"
-          " layers' middle tokens move to the host tier (host_offload_* lines); without it, and on FlashInfer,"
-          " the engine keeps full KV for every layer and lazy layers only read less.")
+    print("note: the simlayerkv lines are device KV with --slkv-offload, where lazy"
+          " layers' middle tokens move to the host tier (host_offload_* lines); without it the engine keeps full KV"
+          " for every layer and lazy layers only read less.")
     return 0
 
 

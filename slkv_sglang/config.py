@@ -75,6 +75,8 @@ class SlkvConfig:
     offload: bool = False  # lazy layers give their middle tokens' device rows back (host copy first)
     offload_budget: int = DEFAULT_OFFLOAD_BUDGET  # host bytes for those copies
     poison: bool = False  # debug: freed device KV (slots, or rows with offload) is NaN-filled; any read shows
+    # check: on torch_native, run the FlashInfer backend's reads with torch kernels in place of FlashInfer's
+    flashinfer_standin: bool = False
     # with offload: SGLang gets this many times more token slots than its KV bytes hold in full-KV tokens;
     # admission then counts device rows, so the rows lazy layers free admit more tokens (docs/memory.md).
     # 0: as many as the slots' index affords (``kv.tier.slot_factor``), an operator's value is an upper bound

@@ -72,7 +72,8 @@ def hook_table(side: SchedulerSide) -> list[tuple[str, Callable[..., Any], HookT
         ("managers.schedule_policy.PrefillAdder.add_one_req", bound(admission.charge_prefix_rows), HookType.AROUND),
         ("mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget", bound(admission.overcommit_pool),
          HookType.AFTER),
-        ("mem_cache.memory_pool.MHATokenToKVPool._create_buffers", bound(admission.no_kv_buffers), HookType.AROUND),
+        ("mem_cache.kv_cache_configurator.KVCacheConfigurator._resolve_kv_pool_class", bound(admission.kv_pool_class),
+         HookType.AROUND),
         # reporting
         (_SCHEDULER + "batch_result_processor.SchedulerBatchResultProcessor._maybe_collect_customized_info",
          bound(reporting.report_decision), HookType.AFTER),

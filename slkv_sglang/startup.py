@@ -33,8 +33,6 @@ def plan_server_args(requested: Mapping[str, Any], cuda: bool, cfg: SlkvConfig) 
     """The declarations SimLayerKV makes on the user's arguments; raises on what it cannot serve."""
     plan = StartupPlan()
     default = "flashinfer" if cuda else "torch_native"
-    if cfg.offload:
-        default = "torch_native"
     for name in BACKEND_FIELDS:
         backend = requested.get(name)
         if backend is not None and backend not in COVERED_BACKENDS:
@@ -66,8 +64,8 @@ def plan_server_args(requested: Mapping[str, Any], cuda: bool, cfg: SlkvConfig) 
 
 
 def check_resolved(resolved: Mapping[str, Any], cfg: SlkvConfig, cuda_graphs: Sequence[str] = ()) -> None:
-    """After SGLang's resolution: prefill and decode run on one covered backend (torch_native for offload), and
-    no CUDA graph phase is on (``cuda_graphs``: the phases whose graphs the resolution left on)."""
+    """After SGLang's resolution: prefill and decode run on one covered backend, and no CUDA graph phase is on
+    (``cuda_graphs``: the phases whose graphs the resolution left on)."""
     chosen = {name: resolved.get(name) for name in BACKEND_FIELDS if resolved.get(name) is not None}
     for name, backend in chosen.items():
         if backend not in COVERED_BACKENDS:
@@ -82,6 +80,3 @@ def check_resolved(resolved: Mapping[str, Any], cfg: SlkvConfig, cuda_graphs: Se
     if cuda_graphs:
         raise SlkvConfigError(f"CUDA graphs are on for {', '.join(cuda_graphs)} (a --cuda-graph-* flag overrides "
                               "--disable-cuda-graph); SimLayerKV plans decode windows per step: drop those flags")
-    if cfg.offload and set(chosen.values()) != {"torch_native"}:
-        raise SlkvConfigError("--slkv-offload runs on --attention-backend torch_native only (docs/memory.md), not "
-                              + ", ".join(f"{_flag(k)} {v}" for k, v in chosen.items()))

@@ -23,6 +23,11 @@ def test_dry_run_end_to_end(tmp_path):
     # the backend's per-step decode plans with lazy KV heads, run by a torch stand-in for FlashInfer's kernel
     for name in ("decode_heads_llama3-8b", "decode_heads_smollm2-135m", "decode_heads_llama3-8b_fp8"):
         assert report[name]["ok"] is True, report[name]
+    # --slkv-offload's reads: decode and extend through per-layer row indices, the same stand-in
+    for name in ("rows_llama3-8b", "rows_llama3-8b_fp8"):
+        assert report[name]["ok"] is True, report[name]
+        assert set(report[name]["max_err"]) == {f"a row per {unit}, {part}" for unit in ("KV head", "layer")
+                                                for part in ("extend", "extend lse", "decode")}
     memory = report["scoring_memory"]["8192"]
     assert memory["chunked_vs_unchunked_max_abs"] <= 1e-6
     print(f"scoring peak at 8K keys: unchunked {memory['unchunked_MiB']:.1f} MiB, chunked {memory['chunked_MiB']:.1f} MiB")

@@ -6,7 +6,9 @@ a small pool, and compares it token for token with an engine of the same
 SimLayerKV settings without offload, given the same per-request decisions (the offload engine's lazy layers,
 forced: a layer whose score sits on the threshold may flip between two prefills of the same tokens computed in
 other chunks, which is not what this test is about). Both prefill in chunks of ``FUZZ_CHUNK`` tokens, so every
-prompt is chunked.
+prompt is chunked. The fuzz and the recoverable states run twice: on the torch_native backend, and on the FlashInfer
+backend's code path (``--slkv-flashinfer-standin``: its plans and per-layer row pages, with torch kernels in place
+of FlashInfer's); the soak on the first.
 
 Operations: new conversations, follow-up turns, branches from an earlier turn under the same and under another
 session label, regenerations, aborts mid-decode, ``flush_cache``, host budget changes down to zero, batches of
@@ -60,11 +62,24 @@ class Conversation:
     lineage: list[str] = field(default_factory=list)  # the operations that built it
 
 
+def _offload_engine(model_path, mooncake, **config):
+    config = replace(TEST_SLKV, offload=True, overcommit=2.0, poison=True, offload_budget=64 << 20,
+                     shared_store=mooncake.url, **config)
+    return start_engine(config, model_path, chunked_prefill_size=FUZZ_CHUNK, max_total_tokens=POOL_TOKENS)
+
+
 @pytest.fixture(scope="module")
 def fuzz_engine(model_path, mooncake):
-    config = replace(TEST_SLKV, offload=True, overcommit=2.0, poison=True, offload_budget=64 << 20,
-                     shared_store=mooncake.url)
-    engine = start_engine(config, model_path, chunked_prefill_size=FUZZ_CHUNK, max_total_tokens=POOL_TOKENS)
+    engine = _offload_engine(model_path, mooncake)
+    yield engine
+    shutdown_engine(engine)
+
+
+@pytest.fixture(scope="module")
+def standin_engine(model_path, mooncake):
+    """The same engine on the FlashInfer backend's code path (``--slkv-flashinfer-standin``: its plans and
+    per-layer row pages, torch kernels in place of FlashInfer's)."""
+    engine = _offload_engine(model_path, mooncake, flashinfer_standin=True)
     yield engine
     shutdown_engine(engine)
 
@@ -165,8 +180,20 @@ class Differ:
 
 
 def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_without_offload, tokenizer, mooncake):
+    _fuzz(fuzz_engine, same_without_offload, tokenizer, mooncake, OPS)
+
+
+def test_flashinfer_path_matches_the_engine_without_offload(standin_engine, same_without_offload, tokenizer,
+                                                            mooncake):
+    """The same operations on the FlashInfer backend's code path: every read through per-layer row pages."""
+    _fuzz(standin_engine, same_without_offload, tokenizer, mooncake, OPS)
+
+
+def _fuzz(fuzz_engine, same_without_offload, tokenizer, mooncake, ops: int) -> None:
+    """``ops`` seeded operations on ``fuzz_engine`` (its first test: the counters it asserts count since its
+    start), every answer compared with the engine without offload given the same decisions."""
     rng = random.Random(SEED)
-    print(f"\nKV-tier fuzz: seed {SEED}, {OPS} operations (SLKV_FUZZ_SEED to replay)")
+    print(f"\nKV-tier fuzz: seed {SEED}, {ops} operations (SLKV_FUZZ_SEED to replay)")
     convs: list[Conversation] = []
     log: list[str] = []
     differ = Differ(same_without_offload)
@@ -192,7 +219,7 @@ def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_wit
         if len(convs) > 10:
             convs.pop(0)
 
-    for step in range(OPS):
+    for step in range(ops):
         event = STORE_EVENTS.get(step % 50)
         if event is not None:
             getattr(mooncake, event)()
@@ -265,7 +292,7 @@ def test_offload_engine_matches_the_engine_without_offload(fuzz_engine, same_wit
     # its start: this test is the first of the module's engine.)
     for path in ("restored_rows", "recomputed_tokens", "healed_rows", "adopted_rows", "host_evictions",
                  "host_shared_tokens", "shared_hits", "shared_failures"):
-        assert tier[path] > 0, f"seed {SEED}, {OPS} operations: no operation took the path counted by {path}"
+        assert tier[path] > 0, f"seed {SEED}, {ops} operations: no operation took the path counted by {path}"
     assert _sizes(fuzz_engine)["slots_miscounted"] == 0  # admission's per-slot row count agrees with the rows
 
 
@@ -353,14 +380,15 @@ def _common(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def test_recoverable_states_recompute(fuzz_engine, same_without_offload, tokenizer, mooncake):
+@pytest.mark.parametrize("backend", ["fuzz_engine", "standin_engine"])
+def test_recoverable_states_recompute(backend, request, same_without_offload, tokenizer, mooncake):
     """Missing host copies, a gap in them, rows short for a batch of restores, and an abort while a prefill
     restores: every one gives the tokens of the engine without offload, and the counter that says what happened.
     (The engine without offload answers in the background, ``Differ``; every answer is compared by the end.)
 
     The shared store starts empty: documents whose first source file is the same begin with the same tokens, and a
     prefix an earlier test wrote back would be restored past the radix match that the expected counts start from."""
-    engine, differ = fuzz_engine, Differ(same_without_offload)
+    engine, differ = request.getfixturevalue(backend), Differ(same_without_offload)
     engine.flush_cache()
     written_back(engine)  # nothing an earlier test queued lands in the store after it is emptied
     mooncake.clear()

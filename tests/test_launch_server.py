@@ -184,6 +184,15 @@ def _switches(api: str) -> float:
     return float(next(x for x in text.splitlines() if x.startswith("slkv:worker_switches_total ")).split()[1])
 
 
+def _flush(url: str) -> None:
+    """SGLang refuses a flush while any request is pending, and the router's health checks are requests (``/health``
+    generates a token every second): retried until one lands between them."""
+    deadline = time.time() + 60
+    while httpx.post(f"{url}/flush_cache", timeout=60).status_code != 200:
+        assert time.time() < deadline, f"{url} never idle enough to flush"
+        time.sleep(0.2)
+
+
 def _written_back(url: str) -> dict:
     """Once the worker's write-back queue is empty (what it wrote is in the store), its shared-tier state."""
     deadline = time.time() + 60
@@ -253,7 +262,7 @@ def test_router_keeps_sessions_on_their_worker(workers, model_path):
         assert _written_back(lost_url)["shared_queued_bytes"] == 0
         switches = _switches(api)
         for url, _ in workers.values():
-            assert httpx.post(f"{url}/flush_cache", timeout=60).status_code == 200
+            _flush(url)
         _kill(lost_proc)
         deadline, reply = time.time() + 60, None
         while time.time() < deadline:

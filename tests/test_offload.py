@@ -191,7 +191,7 @@ def test_tier_releases_restores_and_falls_back_to_recompute(units_per_layer):
     ex.begin(_step(1, ids))
     for layer in range(2):
         ex.write(layer, slots, kv[:, 0], kv[:, 1])
-    ex.release_lazy(1, "r", _lazy(True, False), 16, req_to_token, shared=None)  # middle 4..5: fits
+    ex.release_lazy(1, _lazy(True, False), 16, req_to_token, shared=None)  # middle 4..5: fits
     assert tier.rows.held(slots).tolist() == [38] * units_per_layer + [40] * units_per_layer
     assert planner.restorable(slots, prefix_fingerprints(ids)) == 40
     assert planner.restorable(slots, prefix_fingerprints([7] + ids[1:])) == 4  # another prefix: not restorable
@@ -200,7 +200,7 @@ def test_tier_releases_restores_and_falls_back_to_recompute(units_per_layer):
     ex.restore(0, req_to_token, [40])
     assert torch.equal(_kv(tier, 0, slots), kv) and tier.stats.restored_rows == 2 * units_per_layer
     ex.begin(_step(1, ids))
-    ex.release_lazy(1, "r", _lazy(False, True), 40, req_to_token, shared=None)  # 26 tokens: refused, lost
+    ex.release_lazy(1, _lazy(False, True), 40, req_to_token, shared=None)  # 26 tokens: refused, lost
     assert tier.stats.lost_rows == 26 * units_per_layer
     assert tier.rows.held(slots).tolist() == [40] * units_per_layer + [14] * units_per_layer
     assert planner.restorable(slots, prefix_fingerprints(ids)) == 4
@@ -225,7 +225,7 @@ def test_a_restore_that_cannot_complete_fails_the_request_not_the_engine():
         ex.begin(_step(1, ids))
         for layer in range(2):
             ex.write(layer, slots, torch.randn(40, 2, 4), torch.randn(40, 2, 4))
-        ex.release_lazy(1, "r", _lazy(True, True), 40, req_to_token, shared=None)
+        ex.release_lazy(1, _lazy(True, True), 40, req_to_token, shared=None)
         tier.host.set_budget(0)
         planner, req = KvPlanner(tier, strict=strict), SimpleNamespace(rid="r")
         ex.begin(planner.plan([req], [1], ["s"], [ids], [40]))
@@ -268,7 +268,7 @@ def test_ledger_counts_promised_rows():
     for layer in range(2):
         ex.write(layer, slots, torch.randn(8, 2, 4), torch.randn(8, 2, 4))
     assert (tier.rows.free, tier.spare_rows) == (186, 186)
-    ex.release_lazy(1, "r", _lazy(False, True), 8, req_to_token, shared=None)  # a lazy layer gives 4 back
+    ex.release_lazy(1, _lazy(False, True), 8, req_to_token, shared=None)  # a lazy layer gives 4 back
     planner = KvPlanner(tier, strict=True)
     need = planner.prefix_rows(SimpleNamespace(), slots)
     assert tier.spare_rows == 190 and need == 4
@@ -299,7 +299,7 @@ def test_cached_slots_adopt_what_a_duplicate_holds():
     ex.begin(_step(1, ids))
     for layer in range(2):
         ex.write(layer, tree, kv[:, 0], kv[:, 1])
-    ex.release_lazy(1, "r", _lazy(True, False), 40, req_to_token, shared=None)  # layer 0: middle 4..29 to host
+    ex.release_lazy(1, _lazy(True, False), 40, req_to_token, shared=None)  # layer 0: middle 4..29 to host
     own = torch.arange(41, 81)  # a second request recomputed the same tokens into its own slots
     for layer in range(2):
         ex.write(layer, own, kv[:, 0], kv[:, 1])
@@ -328,7 +328,7 @@ def test_lazy_heads_free_their_own_rows():
         ex.begin(_step(1, ids))
         for layer in range(2):
             ex.write(layer, slots, kv[:, 0], kv[:, 1])
-        ex.release_lazy(1, "r", one_head, 40, req_to_token, shared=None)
+        ex.release_lazy(1, one_head, 40, req_to_token, shared=None)
         assert tier.stats.released_rows == freed and tier.rows.free == tier.rows.num_rows - 80 * units_per_layer + freed
         window = torch.cat([slots[:4], slots[30:]])
         k, v = ex.read(0, 0, slots, torch.tensor([False, True]))  # the kept head: everything
@@ -363,7 +363,7 @@ def test_per_head_round_trip_of_model_kv_is_bit_exact(model_kv):
     for layer, kv in enumerate(model_kv):
         ex.write(layer, slots, kv[:, 0], kv[:, 1])
     lazy = torch.rand(layers, heads, generator=torch.Generator().manual_seed(5)) < 0.5
-    ex.release_lazy(1, "r", lazy, seq, req_to_token, shared=None)
+    ex.release_lazy(1, lazy, seq, req_to_token, shared=None)
     middle = seq - SINK - RECENT
     assert tier.stats.released_rows == int(lazy.sum()) * middle
     assert tier.report(slots)["device_tokens"] == torch.where(lazy, seq - middle, seq).tolist()

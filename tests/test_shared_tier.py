@@ -60,7 +60,7 @@ def test_round_trip_of_device_rows_and_host_copies(mooncake):
     # unit 1's middle goes to the host and leaves the device, as a lazy unit's release does
     middle = slots[4 : 2 * BLOCK]
     at = writer.rows.row_of[1, middle]
-    assert writer.host.save(writer.host.new_entry(), "s", [1], middle, fps[4 : 2 * BLOCK], writer.rows.kv[at]) == 1
+    assert writer.host.save(writer.host.new_entry(), "s", [1], middle, fps[4 : 2 * BLOCK], writer.rows.get(at)) == 1
     writer.rows.release(torch.tensor([1]), middle)
     reloads = writer.host.stats.reloaded_bytes
     assert writer.shared.save(ids, slots, fps, "lora-a|") == 3  # three whole blocks; the 10 tokens past them are not

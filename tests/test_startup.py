@@ -20,7 +20,8 @@ OFFLOAD = SlkvConfig(enabled=True, offload=True)
     # nothing named: the covered backend for the machine; CUDA graphs off on CUDA
     (True, ON, {}, {"attention_backend": "flashinfer", "disable_cuda_graph": True}),
     (False, ON, {}, {"attention_backend": "torch_native"}),
-    (True, OFFLOAD, {}, {"attention_backend": "torch_native", "disable_cuda_graph": True}),
+    (True, OFFLOAD, {}, {"attention_backend": "flashinfer", "disable_cuda_graph": True}),  # rows on FlashInfer
+    (False, OFFLOAD, {}, {"attention_backend": "torch_native"}),
     # a covered backend named: kept as it is
     (True, ON, {"attention_backend": "flashinfer"}, {"disable_cuda_graph": True}),
     (True, ON, {"attention_backend": "flashinfer", "disable_cuda_graph": True}, {}),
@@ -57,10 +58,9 @@ def test_plan_refuses_two_host_tiers():
 def test_check_after_resolution():
     check_resolved({"attention_backend": "flashinfer"}, ON)
     check_resolved({"attention_backend": "torch_native"}, OFFLOAD)
+    check_resolved({"attention_backend": "flashinfer"}, OFFLOAD)  # both backends read the pool's rows
     with pytest.raises(SlkvConfigError, match="resolved --decode-attention-backend to fa3"):
         check_resolved({"attention_backend": "flashinfer", "decode_attention_backend": "fa3"}, ON)
-    with pytest.raises(SlkvConfigError, match="--slkv-offload runs on --attention-backend torch_native only"):
-        check_resolved({"attention_backend": "flashinfer"}, OFFLOAD)
     with pytest.raises(SlkvConfigError, match="one backend for prefill and decode, got prefill torch_native and decode flashinfer"):
         check_resolved({"prefill_attention_backend": "torch_native", "decode_attention_backend": "flashinfer"}, ON)
     with pytest.raises(SlkvConfigError, match="CUDA graphs are on for prefill"):
@@ -96,7 +96,7 @@ def test_engine_kwargs_per_machine():
 
 @pytest.mark.parametrize("flags, message", [
     (["--attention-backend", "triton"], "covers the flashinfer and torch_native attention backends, not --attention-backend triton"),
-    (["--attention-backend", "flashinfer", "--slkv-offload"], "--slkv-offload runs on --attention-backend torch_native"),
+    (["--attention-backend", "triton", "--slkv-offload"], "not --attention-backend triton: start with --attention-backend torch_native"),
 ])
 def test_launch_server_refuses_at_startup(flags, message, model_path):
     """Refused in the launcher, before a scheduler exists, with the flag to use."""

@@ -43,11 +43,12 @@ def make_tracker(model_runner: Any, config: SlkvConfig, head_decode: bool) -> La
 
 
 class ScoringMixin:
-    """Put before an SGLang backend class: after each extend layer wrote its KV, score the deciders; their
-    decisions' records go to the ``outbox`` the batch result ships them from."""
+    """Put before an SGLang backend class: after each layer wrote its KV, score the deciders; their decisions'
+    records go to the ``outbox`` the batch result ships them from."""
 
     tracker: LazyTracker
-    token_to_kv_pool: Any
+    token_to_kv_pool: Any  # the plugin's KV pool (``kv/pool.py``)
+    req_to_token_pool: Any
     outbox: Outbox
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[no-untyped-def]
@@ -55,13 +56,14 @@ class ScoringMixin:
         self._score(q, layer)
         return o
 
-    def _key_reader(self, layer_id: int) -> Any:
-        """The layer's keys, indexable by KV slot ids."""
-        return self.token_to_kv_pool.get_key_buffer(layer_id)
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[no-untyped-def]
+        o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)  # type: ignore[misc]
+        self._score(q, layer)
+        return o
 
     def _mass(self, layer: Any) -> MassFn:
         """Per-head masses of the deciding requests in this layer: chunked torch scoring over the key cache."""
-        k_cache = self._key_reader(layer.layer_id)
+        k_cache = self.token_to_kv_pool.key_reader(layer.layer_id)  # indexable by slot ids, whatever the pool
         cfg = self.tracker.config
 
         def mass(queries: list[torch.Tensor], key_slots: list[torch.Tensor],
@@ -78,5 +80,9 @@ class ScoringMixin:
             self.outbox.put(decision.rid, record(decision, self._act_on(decision)))
 
     def _act_on(self, decision: Decision) -> dict[str, Any]:
-        """What the backend does with a decision beyond restricting decode; returns fields for its record."""
-        return {}
+        """Beyond restricting decode: lazy units free their middle rows where the pool holds rows (slots other
+        running requests read keep theirs); returns fields for the decision's record (the request's KV report)."""
+        idx = decision.req_pool_idx
+        return self.token_to_kv_pool.release_lazy(idx, decision.lazy, decision.seq_len,
+                                                  self.req_to_token_pool.req_to_token,
+                                                  lambda slots: self.tracker.running_slots(slots, exclude=idx))

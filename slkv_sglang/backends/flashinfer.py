@@ -1,15 +1,24 @@
 """SimLayerKV on SGLang's FlashInfer backend (CUDA).
 
+KV is read through the pool the plugin installed (``kv/pool.py``). Where its pages are slot ids (SGLang's buffers)
+SGLang's own kernels run every unrestricted read; where each layer's pages differ (``--slkv-offload``'s rows:
+``page_map``), every full-attention layer runs the plugin's wrappers (``paged.PagedReads``), planned once per step
+or forward over slots, each layer writing its rows into the plan, and the prefill also gives the all-keys
+log-sum-exp that scoring needs.
+
 Decode: lazy heads differ per request, so one FlashInfer decode wrapper is planned per distinct *lazy
 pattern* (which KV heads of which requests read only sink + recent in a layer): its ``kv_indices`` hold sink +
 recent slots where a request is lazy and all its slots elsewhere; with head granularity a partly lazy request
 is planned per (request, KV head) pair (``flashinfer_ops.WindowedDecode``). Laziness is mostly a property of
 the layer (docs/design.md), so a batch needs few patterns. ``plan()`` runs once per batch in
 ``init_forward_metadata``; each layer only picks its wrapper and runs it. Scoring uses FlashInfer's prefill
-with ``return_lse`` (``flashinfer_ops.LseScorer``), planned once per forward. The calls themselves live in
+with ``return_lse`` (``flashinfer_ops.LseScorer``), planned once per forward, over slot pages; over rows, torch
+scores the sink + recent keys against the prefill's log-sum-exp. The calls themselves live in
 ``flashinfer_ops``, which the device check (``slkv gpu-check``) runs against torch references without SGLang.
 
 CUDA graphs are off (``startup.py``): the decode windows are planned per step.
+
+Not yet run on a GPU over rows (docs/gpu.md): the device check runs its reads through a torch stand-in.
 """
 
 from __future__ import annotations
@@ -24,12 +33,14 @@ from sglang.srt.runtime_context import get_parallel
 
 from ..config import SlkvConfig, SlkvConfigError
 from ..report import Outbox
+from ..kv.pool import SlotKVPool
 from ..tracker import MassFn
 from .common import ScoringMixin, make_tracker
-from .flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, WindowedDecode
+from .flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer
+from .paged import PagedForward, PagedReads
 
 
-class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
+class SlkvFlashInferBackend(PagedForward, ScoringMixin, FlashInferAttnBackend):
     def __init__(self, model_runner: Any, config: SlkvConfig, outbox: Outbox):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
         self.outbox = outbox
@@ -44,13 +55,15 @@ class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
         self.tracker = make_tracker(model_runner, config, head_decode=get_parallel().tp_size == 1)
         upd = self.indices_updater_decode
         self._shape = AttnShape(upd.num_qo_heads, upd.num_kv_heads, upd.head_dim, upd.q_data_type, upd.data_type)
+        self.pool: SlotKVPool = self.token_to_kv_pool
+        prefill = BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=PREFILL_BACKEND)
         # deterministic inference pins the KV split, as SGLang plans its own decode
-        self._windowed = WindowedDecode(self._new_decode_wrapper, self._shape, config.sink, config.recent,
-                                        fixed_split_size=self.decode_split_tile_size)
-        self._scorer = LseScorer(
+        self._paged = PagedReads(self.pool, self.tracker, config, self._shape, self._new_decode_wrapper, prefill,
+                                 fixed_split_size=self.decode_split_tile_size)
+        # over slot pages FlashInfer scores; over rows the prefill gives the all-keys lse and torch the rest
+        self._scorer = None if self.pool.page_map is not None else LseScorer(
             BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=PREFILL_BACKEND),
-            self._shape, config.sink, config.recent,
-        )
+            self._shape, config.sink, config.recent)
 
     def init_cuda_graph_state(self, *args: Any, **kwargs: Any) -> None:
         raise SlkvConfigError("SimLayerKV plans decode windows per step: start SGLang with --disable-cuda-graph")
@@ -58,47 +71,34 @@ class SlkvFlashInferBackend(ScoringMixin, FlashInferAttnBackend):
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)
         plan = self.tracker.plan(forward_batch)
-        self._scorer.reset()
-        if plan is None or not plan.is_decode or not plan.window:
-            self._windowed.plan([], {}, {})
-            return
-        req_to_token = self.req_to_token_pool.req_to_token
-        self._windowed.plan([req_to_token[idx, :seq_len] for idx, seq_len in zip(plan.req_pool_indices, plan.seq_lens)],
-                            plan.window, plan.heads)
+        if self._scorer is not None:
+            self._scorer.reset()
+        self._paged.plan(forward_batch, plan, self.req_to_token_pool.req_to_token)
 
     def _new_decode_wrapper(self) -> BatchDecodeWithPagedKVCacheWrapper:
         return BatchDecodeWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=self.decode_backend,
                                                   use_tensor_cores=self.decode_use_tensor_cores)
 
     def _mass(self, layer: Any) -> MassFn:
-        """FlashInfer scoring, planned at the forward's first scored layer; torch when the window is too short."""
-        kv_cache = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        """FlashInfer scoring, planned at the forward's first scored layer; torch when the window is too short,
+        and over rows (against the prefill's log-sum-exp where it gave one)."""
+        scorer, torch_mass = self._scorer, super()._mass(layer)
+        if scorer is None:
+            return torch_mass
+        kv_cache = self.pool.page_buffers(layer.layer_id)
 
         def mass(queries: list[torch.Tensor], key_slots: list[torch.Tensor],
                  lses: list[torch.Tensor | None]) -> list[torch.Tensor]:
-            if not all(self._scorer.supports(len(q)) for q in queries):
-                return super(SlkvFlashInferBackend, self)._mass(layer)(queries, key_slots, lses)
-            if not self._scorer.matches(queries, key_slots):
-                self._scorer.plan([len(q) for q in queries], key_slots, layer.scaling, layer.logit_cap or None)
-            return self._scorer.mass(queries, kv_cache, layer.k_scale_float, layer.v_scale_float)
+            if not all(scorer.supports(len(q)) for q in queries):
+                return torch_mass(queries, key_slots, lses)
+            if not scorer.matches(queries, key_slots):
+                scorer.plan([len(q) for q in queries], key_slots, layer.scaling, layer.logit_cap or None)
+            return scorer.mass(queries, kv_cache, layer.k_scale_float, layer.v_scale_float)
 
         return mass
 
-    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[override]
-        if not self._windowed.restricts(layer.layer_id):
-            o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        else:
-            if k is not None and save_kv_cache:
-                loc = KVWriteLoc.for_layer(forward_batch, layer, swa_loc=self.forward_metadata.swa_out_cache_loc)
-                self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v, *self._kv_write_scales(layer))
-            o = self._windowed.run(  # SGLang's own decode call, through the rewritten indices
-                layer.layer_id,
-                q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim),
-                self.token_to_kv_pool.get_kv_buffer(layer.layer_id),
-                sm_scale=layer.scaling,
-                logits_soft_cap=layer.logit_cap,
-                k_scale=layer.k_scale_float,
-                v_scale=layer.v_scale_float,
-            ).view(-1, layer.tp_q_head_num * layer.head_dim)
-        self._score(q, layer)
-        return o
+    def _write(self, layer: Any, forward_batch: Any, k: torch.Tensor | None, v: torch.Tensor | None,
+               save: bool) -> None:
+        if save and k is not None and v is not None:
+            loc = KVWriteLoc.for_layer(forward_batch, layer, swa_loc=self.forward_metadata.swa_out_cache_loc)
+            self.pool.set_kv_buffer(layer, loc, k, v, *self._kv_write_scales(layer))

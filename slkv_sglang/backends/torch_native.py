@@ -1,15 +1,15 @@
 """SimLayerKV on SGLang's ``torch_native`` backend (CPU and any device without FlashInfer).
 
 Prefill attention calls the CPU flash-attention kernel that ``scaled_dot_product_attention`` dispatches to
-directly, for its log-sum-exp: scoring then reads only sink + recent keys. Without offload it computes what the
-parent computes (the query padded to the whole sequence: the same bits as plain SGLang); with offload only the
-new tokens' queries. Afterwards each layer scores the requests that decide in this forward from the KV just
+directly, for its log-sum-exp: scoring then reads only sink + recent keys. Over SGLang's buffers it computes what
+the parent computes (the query padded to the whole sequence: the same bits as plain SGLang); over a pool that
+restores prefixes (``pads_prefill`` False) only the new tokens' queries. Afterwards each layer scores the requests that decide in this forward from the KV just
 written. Decode reads, per request and per layer, either the whole row or only sink + recent slots, with the same
 per-request SDPA call as the parent, so non-lazy requests are bit-identical to plain SGLang.
 
-With ``offload`` on, KV lives in the rows of a ``KvTier`` instead of SGLang's per-layer buffers (which are
-released): the ``KvExecutor`` restores a prefill's prefix before each layer reads it, writes new tokens, heals
-recomputed ones, translates every read from slots to rows, and after a decision frees lazy layers' middle rows.
+Every read and write goes through the KV pool the plugin installed (``kv/pool.py``): SGLang's buffers, or with
+``--slkv-offload`` the rows of a KV tier, which restores a prefill's prefix before each layer reads it, heals
+recomputed tokens, and after a decision frees lazy units' middle rows. This file does not know which.
 """
 
 from __future__ import annotations
@@ -20,29 +20,16 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
-from sglang.srt.runtime_context import get_parallel, get_serving
+from sglang.srt.runtime_context import get_parallel
 from torch.nn.functional import scaled_dot_product_attention
 
 from ..config import SlkvConfig
-from ..kv.executor import KvExecutor
-from ..kv.shared import SharedTier
-from ..kv.tier import KvTier, pool_rows, slot_factor, units_per_layer
+from ..kv.pool import SlotKVPool
 from ..report import Outbox
-from ..tracker import Decision
 from .common import ScoringMixin, make_tracker
-
-
-class _RowKeys:
-    """A layer's keys indexed by slot ids, read through the tier's rows (what scoring indexes)."""
-
-    def __init__(self, executor: KvExecutor, layer: int):
-        self.executor, self.layer = executor, layer
-
-    def __getitem__(self, slots: torch.Tensor) -> torch.Tensor:
-        rows = self.executor.tier.rows
-        if self.executor.step.failed:  # a failed request's scores are never acted on: read any row for it
-            return rows.gather(rows.rows_of(self.layer, slots).clamp(min=0), 0)
-        return rows.gather(self.executor.lookup(self.layer, slots), 0)
+from .flashinfer_ops import AttnShape
+from .paged import PagedForward, PagedReads
+from .torch_paged import TorchPagedDecode, TorchPagedPrefill
 
 
 class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
@@ -52,52 +39,38 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         # single lazy KV heads: on one rank (under tensor parallel a rank's heads are a block of the model's)
         self.tracker = make_tracker(model_runner, config, head_decode=get_parallel().tp_size == 1)
         self._full = frozenset(self.tracker.full_layers)  # the layers scored (sliding windows are left to SGLang)
-        self.executor: KvExecutor | None = None
-        if config.offload:
-            tier = _take_over_kv_pool(self.token_to_kv_pool, config, get_serving().served_model_name)
-            self.executor = KvExecutor(tier, config.sink, config.recent, strict=config.poison)
+        self.pool: SlotKVPool = self.token_to_kv_pool
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)
         self.tracker.plan(forward_batch)
 
     # ---- reads and writes ----------------------------------------------------------------------------
-    def _key_reader(self, layer_id: int) -> Any:
-        if self.executor is None:
-            return super()._key_reader(layer_id)
-        return _RowKeys(self.executor, layer_id)
-
     def _write(self, layer: Any, forward_batch: Any, k: torch.Tensor | None, v: torch.Tensor | None, save: bool) -> None:
-        if not save or k is None or v is None:
-            return
-        if self.executor is None:
-            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
-        else:
-            self.executor.write(layer.layer_id, forward_batch.out_cache_loc, k, v)
+        if save and k is not None and v is not None:
+            self.pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[override]
         if (layer.is_cross_attention or layer.attn_type == AttentionType.ENCODER_ONLY
                 or layer.layer_id not in self._full):
-            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)  # never scored nor offloaded
-        ex, lid = self.executor, layer.layer_id
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)  # SGLang's, never offloaded
+        pool, lid = self.pool, layer.layer_id
         req_to_token = self.req_to_token_pool.req_to_token
         prefixes, exts = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu
-        if ex is not None:
-            ex.restore(lid, req_to_token, prefixes)  # the prefill attends to its whole prefix: bring it back first
+        pool.restore(lid, req_to_token, prefixes)  # the prefill attends to its whole prefix: bring it back first
         self._write(layer, forward_batch, k, v, save_kv_cache)
-        if ex is not None:
-            ex.heal(lid, req_to_token, prefixes, exts)
+        pool.heal(lid, req_to_token, prefixes, exts)
         o = _new_output(q, layer)
         out = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
         lse: torch.Tensor | None = torch.zeros(layer.tp_q_head_num, q.shape[0], device=q.device)
         start = 0
         for pos, (row, prefix, ext) in enumerate(zip(forward_batch.req_pool_indices.tolist(), prefixes, exts)):
-            kv = self._read(pos, lid, req_to_token[row, : prefix + ext])
+            kv = pool.read(pos, lid, req_to_token[row, : prefix + ext])
             if kv is None:  # finished with an error: nothing computed from it is served
                 out[start : start + ext] = 0
             else:
                 out[start : start + ext], req_lse = _attend_new_tokens(q[start : start + ext], *kv, prefix, layer,
-                                                                       pad=ex is None)
+                                                                       pad=pool.pads_prefill)
                 if req_lse is None or lse is None:
                     lse = None
                 else:
@@ -107,21 +80,21 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[override]
-        restricted = self.tracker.restricted_positions(layer.layer_id)
-        partial = self.tracker.partial_heads(layer.layer_id)
-        if restricted or partial or self.executor is not None:
-            o = self._decode_with_windows(q, k, v, layer, forward_batch, save_kv_cache, set(restricted), partial)
-        else:
-            o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        lid = layer.layer_id
+        if lid not in self._full:  # a sliding-window layer: SGLang's own (never restricted; offload refuses such models)
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        o = self._decode_with_windows(q, k, v, layer, forward_batch, save_kv_cache,
+                                      set(self.tracker.restricted_positions(lid)), self.tracker.partial_heads(lid))
         self._score(q, layer)
         return o
 
     def _decode_with_windows(self, q, k, v, layer, forward_batch, save_kv_cache, restricted: set[int],
                              partial: dict[int, torch.Tensor]):
-        """The parent's decode loop, with sink + recent slot ids for the restricted requests (in the lazy heads
-        only for ``partial`` ones: batch position -> lazy KV heads), reading through the tier's rows when offload
-        is on. Only full-attention layers are restricted, and offload is refused on models with sliding-window
-        layers (``model_layers``), so no sliding window is applied here."""
+        """The parent's decode loop (its per-request SDPA call: an unrestricted request gets the parent's bits),
+        with sink + recent slot ids for the restricted requests (in the lazy heads only for ``partial`` ones: batch
+        position -> lazy KV heads), reading through the pool. Only full-attention layers are restricted, and
+        offload is refused on models with sliding-window layers (``model_layers``), so no sliding window is applied
+        here."""
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         o = _new_output(q, layer)
         self._write(layer, forward_batch, k, v, save_kv_cache)
@@ -139,24 +112,10 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
                 o_pos = self._decode_split_heads(q_pos, pos, lid, slots, self.tracker.window_indices(pos),
                                                  partial[pos], layer)
             else:
-                kv = self._read(pos, lid, slots)
+                kv = self.pool.read(pos, lid, slots)
                 o_pos = None if kv is None else _decode_one(q_pos, *kv, layer)
             out[pos : pos + 1] = 0 if o_pos is None else o_pos  # None: finished with an error, nothing served
         return o
-
-    def _read(self, pos: int, layer_id: int, slots: torch.Tensor,
-              heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Keys and values ``[n, heads, dim]`` of one request's ``slots`` in a layer (its KV heads in ``heads``,
-        a mask; None: all), from SGLang's buffers or, with offload, the tier's rows (None: the request failed)."""
-        ex = self.executor
-        if ex is not None:
-            return None if ex.failed(pos) else ex.read(pos, layer_id, slots, heads)
-        pool = self.token_to_kv_pool
-        keys = pool.get_key_buffer(layer_id).index_select(0, slots)
-        values = pool.get_value_buffer(layer_id).index_select(0, slots)
-        if heads is None:
-            return keys, values
-        return keys[:, heads], values[:, heads]  # a mask index copies: contiguous, as the tier's reads
 
     def _decode_split_heads(self, q: torch.Tensor, pos: int, layer_id: int, full: torch.Tensor, window: torch.Tensor,
                             lazy: torch.Tensor, layer: Any) -> torch.Tensor | None:
@@ -169,20 +128,29 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         lazy_q = lazy.repeat_interleave(q_per_kv)
         out = q.new_empty((1, q.shape[0], layer.v_head_dim))
         for kv_heads, q_heads, slots in ((lazy, lazy_q, window), (~lazy, ~lazy_q, full)):
-            kv = self._read(pos, layer_id, slots, kv_heads)
+            kv = self.pool.read(pos, layer_id, slots, kv_heads)
             if kv is None:
                 return None
             out[:, q_heads] = _decode_one(q[q_heads], *kv, layer)
         return out
 
-    # ---- offload -------------------------------------------------------------------------------------
-    def _act_on(self, decision: Decision) -> dict[str, Any]:
-        """With offload: the decision's lazy layers free their middle rows; the record reports the request's KV."""
-        if self.executor is None:
-            return {}
-        shared = self.tracker.running_slots(self.executor.tier.rows.num_slots, exclude=decision.req_pool_idx)
-        return self.executor.release_lazy(decision.req_pool_idx, decision.rid, decision.lazy, decision.seq_len,
-                                     self.req_to_token_pool.req_to_token, shared)
+class SlkvFlashInferStandinBackend(PagedForward, SlkvTorchNativeBackend):
+    """``--slkv-flashinfer-standin``, a check rather than a way to serve: the FlashInfer backend's reads
+    (``paged.PagedReads``: restricted decode per lazy pattern, and over rows every full-attention layer's decode
+    and prefill through per-layer pages) with torch kernels in place of FlashInfer's (``torch_paged``), so that the
+    CPU engine exercises that code path's plans, pages and plan sharing. What FlashInfer's parent backend would
+    read over slot ids stays torch_native's."""
+
+    def __init__(self, model_runner: Any, config: SlkvConfig, outbox: Outbox):
+        super().__init__(model_runner, config, outbox)
+        pool = self.pool
+        q_heads = model_runner.model_config.num_attention_heads // get_parallel().tp_size
+        shape = AttnShape(q_heads, pool.head_num, pool.head_dim, pool.dtype, pool.dtype)
+        self._paged = PagedReads(pool, self.tracker, config, shape, TorchPagedDecode, TorchPagedPrefill())
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        super().init_forward_metadata(forward_batch)
+        self._paged.plan(forward_batch, self.tracker.plan_, self.req_to_token_pool.req_to_token)
 
 
 def _new_output(q: torch.Tensor, layer: Any) -> torch.Tensor:
@@ -238,24 +206,3 @@ def _attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, k, v, 0.0, mask is None, attn_mask=additive, scale=layer.scaling)
     return out, lse[0]
-
-
-def _take_over_kv_pool(kv_pool: Any, config: SlkvConfig, model: str) -> KvTier:
-    """Replace SGLang's per-layer KV buffers (created one page long, ``hooks.admission.no_kv_buffers``) by the rows of a
-    KV tier of the bytes SGLang sized them for, less the slots' index: SGLang's slots are ``slot_factor`` times the
-    full-KV tokens of those bytes (``hooks.admission.overcommit_pool``). With ``--slkv-shared-store`` the tier gets
-    its shared tier (keys name the served ``model``)."""
-    k0 = kv_pool.get_key_buffer(0)
-    layers, slots, heads = kv_pool.layer_num, kv_pool.size, k0.shape[1]
-    per_layer = units_per_layer(config.granularity, heads)
-    row_bytes = 2 * heads // per_layer * k0.shape[2] * k0.element_size()
-    rows = pool_rows(layers * per_layer, slots, slot_factor(row_bytes, config.overcommit), row_bytes)
-    tier = KvTier.build(layers, per_layer, slots, rows, heads=heads, dim=k0.shape[2], dtype=k0.dtype,
-                        device=k0.device, host_budget=config.offload_budget, poison=config.poison)
-    if config.shared_store:
-        tier.shared = SharedTier.open(config.shared_store, model, tier.rows, tier.host, config.shared_timeout_ms,
-                                      config.shared_queue_bytes, config.shared_write_back == "finished")
-    empty = k0.new_empty((0, *k0.shape[1:]))
-    kv_pool.k_buffer = [empty] * layers  # nothing else reads them on this backend; their memory goes back
-    kv_pool.v_buffer = [empty] * layers
-    return tier

@@ -265,7 +265,7 @@ def charge_prefix_rows(side: SchedulerSide, original: Any, adder: Any, req: Any,
 def overcommit_pool(side: SchedulerSide, result: Any, configurator: Any, *args: Any, **kwargs: Any) -> Any:
     """KVCacheConfigurator.config_from_budget: with offload SGLang gets ``slot_factor`` times the token slots its KV
     bytes hold in full KV (``--slkv-overcommit F``, or what the slots' index affords); the KV tier keeps those
-    bytes, less the index (``backends.torch_native._take_over_kv_pool``)."""
+    bytes, less the index (``kv.pool.RowKVPool``)."""
     cfg = side.config
     if not (cfg.enabled and cfg.offload):
         return None
@@ -286,13 +286,17 @@ def overcommit_pool(side: SchedulerSide, result: Any, configurator: Any, *args: 
     return result
 
 
-def no_kv_buffers(side: SchedulerSide, original: Any, kv_pool: Any, *args: Any, **kwargs: Any) -> Any:
-    """MHATokenToKVPool._create_buffers: with offload the KV tier holds the KV, so SGLang's per-layer
-    buffers are created one page long instead of at the (possibly overcommitted) pool size."""
-    if not (side.config.enabled and side.config.offload):
-        return original(kv_pool, *args, **kwargs)
-    size, kv_pool.size = kv_pool.size, 0
-    try:
-        return original(kv_pool, *args, **kwargs)
-    finally:
-        kv_pool.size = size
+def kv_pool_class(side: SchedulerSide, original: Any, configurator: Any, *args: Any, kind: str = "", **kwargs: Any) -> Any:
+    """KVCacheConfigurator._resolve_kv_pool_class: with SimLayerKV on, an MHA model's pool is the plugin's
+    (``kv/pool.py``): SGLang's own class with the reads and writes the backends make, its KV in rows with offload."""
+    cls = original(configurator, *args, kind=kind, **kwargs)
+    if not side.config.enabled or kind != "mha":
+        return cls
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from ..kv.pool import pool_class
+
+    if cls is not MHATokenToKVPool:
+        raise SlkvConfigError(f"--enable-simlayerkv reads KV through SGLang's MHATokenToKVPool; this platform or layout "
+                              f"builds {cls.__name__}")
+    return pool_class(side.config)

@@ -67,6 +67,9 @@ def add_cli_args(_result: Any, parser: argparse.ArgumentParser) -> None:
     _add_flag(parser_, "--slkv-poison-freed", "SLKV_POISON", nargs="?", const=True, default=None,
               help="Debug: fill freed device KV (SGLang's freed slots, or freed rows with offload) with NaN so "
                    "that any read of it shows in the outputs.")
+    _add_flag(parser_, "--slkv-flashinfer-standin", "SLKV_FLASHINFER_STANDIN", nargs="?", const=True, default=None,
+              help="Check: on torch_native, run the FlashInfer backend's reads (plans, per-layer pages) with torch "
+                   "kernels in place of FlashInfer's (slow; for tests on machines without a GPU).")
     _add_flag(parser_, "--slkv-overcommit", "SLKV_OVERCOMMIT", type=float, default=None,
               help="With --slkv-offload: give SGLang at most this many times the token slots its KV memory holds "
                    "in full KV (default: as many as a 1/32 share of that memory indexes, up to 8); admission counts "

@@ -50,11 +50,11 @@ class SchedulerSide:
     def tier(self) -> KvTier | None:
         return self.executor.tier if self.executor is not None else None
 
-    def attach(self, tracker: LazyTracker, executor: KvExecutor | None) -> None:
-        """The attention backend's parts the scheduler-side hooks act on; the planner shares the executor's tier."""
-        self.tracker, self.executor = tracker, executor
-        if executor is not None:
-            self.planner = KvPlanner(executor.tier, strict=self.config.poison)
+    def attach(self, tracker: LazyTracker, pool: Any) -> None:
+        """The attention backend's tracker and the KV pool it reads; with offload the planner shares the pool's
+        tier and the executor that moves its KV."""
+        self.tracker, self.executor = tracker, pool.executor
+        self.planner = None if pool.executor is None else KvPlanner(pool.executor.tier, strict=self.config.poison)
 
 
 def install_backends(side: SchedulerSide) -> None:
@@ -68,10 +68,11 @@ def install_backends(side: SchedulerSide) -> None:
     def torch_native(runner: Any) -> Any:
         if not side.config.enabled:
             return plain_torch(runner)
-        from ..backends.torch_native import SlkvTorchNativeBackend
+        from ..backends.torch_native import SlkvFlashInferStandinBackend, SlkvTorchNativeBackend
 
-        backend = SlkvTorchNativeBackend(runner, side.config, side.outbox)
-        side.attach(backend.tracker, backend.executor)
+        cls = SlkvFlashInferStandinBackend if side.config.flashinfer_standin else SlkvTorchNativeBackend
+        backend = cls(runner, side.config, side.outbox)
+        side.attach(backend.tracker, backend.token_to_kv_pool)
         logger.info("SimLayerKV on torch_native: %s", side.config)
         return backend
 
@@ -81,7 +82,7 @@ def install_backends(side: SchedulerSide) -> None:
         from ..backends.flashinfer import SlkvFlashInferBackend
 
         backend = SlkvFlashInferBackend(runner, side.config, side.outbox)
-        side.attach(backend.tracker, None)
+        side.attach(backend.tracker, backend.token_to_kv_pool)
         logger.info("SimLayerKV on flashinfer: %s", side.config)
         return backend
 

@@ -1,8 +1,8 @@
 """Worker side of the KV tier: moves KV between device rows and the host tier as the ``KvStep`` says.
 
-Called by the attention backend, per layer (each of its units: ``rows.py``): ``restore`` before a prefill attends to
-its prefix, ``write`` for new tokens, ``heal`` after it, ``read`` for every read; after the forward's decisions,
-``release_lazy`` frees the middle tokens of lazy units. A request whose KV cannot be made whole (a bug of ours: the
+Owned by the ``RowKVPool`` (``pool.py``), through which the attention backend calls it per layer (each of its units:
+``rows.py``): ``restore`` before a prefill attends to its prefix, ``write`` for new tokens, ``heal`` after it, ``read``
+for every read; after the forward's decisions, ``release_lazy`` frees the middle tokens of lazy units. A request whose KV cannot be made whole (a bug of ours: the
 planner found it restorable) is never served: in strict mode (``--slkv-poison-freed``) it raises, otherwise the
 request finishes with an error, its KV is not cached, and the engine goes on.
 """
@@ -52,16 +52,15 @@ class KvExecutor:
                 members = [units[i] for i in (which == p).nonzero().flatten().tolist()]
                 need = slots[mask]
                 taken = rows.take(len(members) * need.numel())
-                out = torch.empty((len(members) * need.numel(), *rows.kv.shape[1:]), dtype=rows.kv.dtype,
-                                  device=rows.kv.device)
+                out = rows.kv.new_empty((len(members) * need.numel(), *rows.row_shape))
                 fps = None if r.fingerprints is None else r.fingerprints[:prefix][mask.cpu()]
                 if taken is None or fps is None or not host.reload(members, need, fps, out, reader=r.label):
                     if taken is not None:
                         rows.give(taken)
                     self._fail(pos, r, f"layer {layer}: {need.numel()} prefix rows could not be restored")
                     break
-                host.join()  # the copy into ``rows.kv`` is queued after the reload
-                rows.kv[taken] = out
+                host.join()  # the copy into the rows is queued after the reload
+                rows.put(taken, out)
                 for unit, mine in zip(members, taken.view(len(members), -1)):
                     rows.place(unit, need, mine)
                 self.tier.ledger.taken(r.req_pool_idx, taken.numel())
@@ -88,7 +87,7 @@ class KvExecutor:
             if taken is None:  # none of the layer's units heals: the next match cuts here again, recomputed
                 self.tier.stats.row_shortfalls += 1
                 continue
-            rows.kv[taken] = rows.kv[fresh[missing]]
+            rows.put(taken, rows.get(fresh[missing]))
             at[missing] = taken
             rows.fill(layer, targets, at, missing)
             self.tier.ledger.taken(r.req_pool_idx, taken.numel())
@@ -110,11 +109,11 @@ class KvExecutor:
                 return
             at[missing] = taken
             rows.fill(layer, slots, at, missing)
-        shape = rows.kv.shape[2:]  # a unit's heads, dim
+        shape = rows.row_shape[1:]  # a unit's heads, dim
         at = at.flatten()
         for part, new in ((0, k), (1, v)):
             per_unit = new.reshape(-1, rows.units_per_layer, *shape).movedim(1, 0)  # unit-major, as ``at``
-            rows.kv[at, part] = per_unit.reshape(-1, *shape).to(rows.kv.dtype)
+            rows.kv[part][at] = per_unit.reshape(-1, *shape).to(rows.kv.dtype)
 
     def lookup(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """``[units, n]``: the rows of ``slots`` in ``layer`` (``DeviceRows.lookup``)."""
@@ -134,8 +133,8 @@ class KvExecutor:
             return None
 
     # ---- after a decision ---------------------------------------------------------------------------
-    def release_lazy(self, req_pool_idx: int, rid: str, lazy: torch.Tensor, seq_len: int, req_to_token: torch.Tensor,
-                shared: torch.Tensor | None) -> dict:
+    def release_lazy(self, req_pool_idx: int, lazy: torch.Tensor, seq_len: int, req_to_token: torch.Tensor,
+                     shared: torch.Tensor | None) -> dict:
         """Lazy units (``lazy`` ``[layers, KV heads]``: a unit goes when all its heads are lazy) give back the rows
         of their middle tokens ``[sink, seq_len - recent)`` (a host copy first, where the budget allows). Slots in
         ``shared`` (a mask over slots: what other running requests read) keep their rows. Returns the request's KV
@@ -175,12 +174,18 @@ class KvExecutor:
                 continue
             members = (which == p).nonzero().flatten().to(at.device)
             keep = mask.to(at.device)
-            kv = tier.rows.kv[at[members][:, keep].flatten()]
+            kv = tier.rows.get(at[members][:, keep].flatten())
             held = tier.host.save(entry, r.label, lazy[members].tolist(), middle[keep], fps[mask], kv)
             tier.stats.lost_rows += (members.numel() - held) * int(mask.sum())
         tier.stats.released_rows += tier.rows.release(lazy, middle)
 
     # ---- failures -----------------------------------------------------------------------------------
+    def fail_step(self, why: str) -> None:
+        """KV the forward reads is on neither tier and the reader is not known (a paged kernel's batch): every
+        request of the step fails."""
+        for pos, r in enumerate(self.step.requests):
+            self._fail(pos, r, why)
+
     def _fail(self, pos: int, r: RequestStep, why: str) -> None:
         """Skip the request for the rest of the forward and say why in the step; the scheduler side finishes it
         with an error (``KvPlanner.settle``)."""

@@ -2,7 +2,8 @@
 
 SGLang's pool gives a token slot one entry in *every* layer, so a lazy layer could not give back its middle
 tokens. Here SGLang keeps allocating slots (radix cache, ``req_to_token`` and admission are untouched) while each
-(unit, slot) with KV on the device owns one row of ``kv [rows, 2, heads per unit, dim]`` (``row_of``).
+(unit, slot) with KV on the device owns one row of ``kv [2, rows, heads per unit, dim]`` (``row_of``): keys and
+values each a contiguous ``[rows, heads per unit, dim]`` store, the paged layout FlashInfer reads (a row is a page).
 
 A *unit* is what one row holds of a token: the KV heads of one layer split into ``units_per_layer`` equal parts.
 With one unit per layer a row is a whole layer (a layer's middle goes back only when every head of it is lazy);
@@ -26,7 +27,8 @@ class DeviceRows:
         self.num_layers, self.units_per_layer = num_layers, units_per_layer
         self.num_slots, self.num_rows = num_slots, num_rows
         self.num_units = num_layers * units_per_layer
-        self.kv = torch.zeros(num_rows, 2, heads, dim, dtype=dtype, device=device)
+        self.kv = torch.zeros(2, num_rows, heads, dim, dtype=dtype, device=device)
+        self.row_shape = (2, heads, dim)  # what ``get`` gives per row (and the host tier's pieces hold)
         self.row_of = torch.full((self.num_units, num_slots + 1), -1, dtype=torch.int32, device=device)  # tier.INDEX_BYTES
         # per slot, how many units hold a row for it (``row_of >= 0`` summed over units, kept as it changes):
         # admission reads it per request, which must not scan ``row_of``
@@ -39,7 +41,7 @@ class DeviceRows:
 
     @property
     def row_bytes(self) -> int:
-        return self.kv[0].numel() * self.kv.element_size()
+        return self.kv[:, 0].numel() * self.kv.element_size()
 
     @property
     def free(self) -> int:
@@ -63,10 +65,18 @@ class DeviceRows:
         if rows.numel() == 0:
             return
         if self.poison:
-            self.kv[rows] = float("nan")
+            self.kv[:, rows] = float("nan")
         end = self._n_free + rows.numel()
         self._stack[self._n_free : end] = rows
         self._n_free = end
+
+    def get(self, rows: torch.Tensor) -> torch.Tensor:
+        """The KV of ``rows``, ``[n, 2, heads, dim]`` (a copy)."""
+        return self.kv[:, rows].movedim(0, 1)
+
+    def put(self, rows: torch.Tensor, kv: torch.Tensor) -> None:
+        """``rows`` take ``kv`` (``[n, 2, heads, dim]``, as ``get`` gives)."""
+        self.kv[:, rows] = kv.movedim(1, 0).to(self.kv.device, self.kv.dtype)
 
     def units(self, layer: int) -> range:
         return range(layer * self.units_per_layer, (layer + 1) * self.units_per_layer)
@@ -74,6 +84,11 @@ class DeviceRows:
     def rows_of(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """``[units_per_layer, n]``: the rows of ``slots`` in ``layer``'s units, -1 where there is none."""
         return self.row_of[layer * self.units_per_layer : (layer + 1) * self.units_per_layer, slots]
+
+    def page_ids(self, layer: int, slots: torch.Tensor, units: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows of ``slots`` in ``layer``, each in its unit ``units`` (within the layer; None: unit 0), -1
+        where there is none: a paged kernel's page ids into ``kv[0]`` and ``kv[1]``."""
+        return self.row_of[layer * self.units_per_layer + (0 if units is None else units), slots]
 
     def held(self, slots: torch.Tensor) -> torch.Tensor:
         """``[units]``: how many of ``slots`` each unit holds on the device."""
@@ -127,7 +142,7 @@ class DeviceRows:
 
     def gather(self, rows: torch.Tensor, part: int) -> torch.Tensor:
         """Keys (``part`` 0) or values (1) ``[n, heads, dim]`` at ``rows`` (``[units, n]``, from ``lookup``)."""
-        store = self.kv[:, part]
+        store = self.kv[part]
         return store.index_select(0, rows[0]) if rows.shape[0] == 1 else store[rows].movedim(0, 1).flatten(1, 2)
 
     def fill(self, layer: int, slots: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:

@@ -173,17 +173,17 @@ class SharedTier:
         are whole (on the device or on the host)."""
         rows = self.rows
         n = slots.numel()
-        out = torch.empty((rows.num_units, n, *rows.kv.shape[1:]), dtype=rows.kv.dtype)
+        out = torch.empty((rows.num_units, n, *rows.row_shape), dtype=rows.kv.dtype)
         at = rows.row_of[:, slots]  # [units, n]
         on_device = at >= 0
-        out[on_device.cpu()] = rows.kv[at[on_device]].cpu()
+        out[on_device.cpu()] = rows.get(at[on_device]).cpu()
         whole = n
         for unit in (~on_device).any(dim=1).nonzero().flatten().tolist():
             miss = (~on_device[unit]).nonzero().flatten().cpu()
             if int(miss[0]) >= whole:
                 continue
             miss = miss[miss < whole]
-            got = torch.empty((miss.numel(), *rows.kv.shape[1:]), dtype=rows.kv.dtype, device=rows.kv.device)
+            got = rows.kv.new_empty((miss.numel(), *rows.row_shape))
             if self.host.reload([unit], slots[miss.to(slots.device)], fingerprints[miss], got, reader=None):
                 self.host.wait()
                 out[unit, miss] = got.cpu()
@@ -272,7 +272,7 @@ class SharedTier:
             return None
         rows = self.rows
         blocks = [torch.frombuffer(bytearray(v), dtype=torch.uint8).view(rows.kv.dtype)
-                  .view(BLOCK, rows.num_units, *rows.kv.shape[1:]) for v in values[:good]]
+                  .view(BLOCK, rows.num_units, *rows.row_shape) for v in values[:good]]
         kv = torch.cat(blocks).movedim(1, 0)  # [units, tokens, 2, heads, dim]
         return kv[:, start - first * BLOCK :]
 

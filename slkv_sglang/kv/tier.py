@@ -115,7 +115,7 @@ class KvTier:
         taken = rows.take(rows.num_units * n)
         if taken is None:
             return False
-        rows.kv[taken] = kv.reshape(-1, *rows.kv.shape[1:]).to(rows.kv.device, rows.kv.dtype)
+        rows.put(taken, kv.reshape(-1, *rows.row_shape))
         for unit, mine in enumerate(taken.view(rows.num_units, n)):
             rows.place(unit, slots, mine)
         self.ledger.written(range(rows.num_units), slots)
@@ -140,7 +140,7 @@ class KvTier:
         layout, its host bytes, the totals."""
         rows = self.rows
         host_tokens = self.host.hosted(slots).sum(dim=1)
-        per_head = rows.kv.shape[2]
+        per_head = rows.row_shape[1]
 
         def by_head(per_unit: torch.Tensor) -> list[list[int]]:
             return per_unit.view(rows.num_layers, rows.units_per_layer).repeat_interleave(per_head, dim=1).tolist()

@@ -205,8 +205,10 @@ def _report_runs(workload: Workload, runs: list[dict[str, Any]]) -> None:
 
 def _sizing(results: list[tuple[Workload, list[dict[str, Any]]]]) -> str:
     """The plugin's slot sizing against the operators' factors, side by side: per workload and session count,
-    ``simlayerkv-offload``'s turns/s over the best ``simlayerkv-offload@F``'s."""
-    lines = ["", "| filler | sessions | simlayerkv-offload turns/s | best @F turns/s (F) | ratio |", "|---|---|---|---|---|"]
+    ``simlayerkv-offload``'s turns/s over the best ``simlayerkv-offload@F``'s, and the history each recomputed (the
+    work the memory decides, free of the machine's noise)."""
+    lines = ["", "| filler | sessions | simlayerkv-offload turns/s | best @F turns/s (F) | ratio | recomputed tokens: "
+             "plugin's / each F |", "|---|---|---|---|---|---|"]
     for workload, runs in results:
         for n in sorted({r["sessions"] for r in runs}):
             auto = next((r for r in runs if r["sessions"] == n and r["config"] == AUTO), None)
@@ -215,5 +217,7 @@ def _sizing(results: list[tuple[Workload, list[dict[str, Any]]]]) -> str:
                 continue
             best = max(picked, key=lambda r: r["figures"]["turns_per_s"])
             a, b = auto["figures"]["turns_per_s"], best["figures"]["turns_per_s"]
-            lines.append(f"| {workload.filler} | {n} | {a:.3f} | {b:.3f} ({best['config'].split('@')[1]}) | {a / b:.2f} |")
+            each = ", ".join(f"{r['config'].split('@')[1]}: {r['figures']['recomputed_tokens']}" for r in picked)
+            lines.append(f"| {workload.filler} | {n} | {a:.3f} | {b:.3f} ({best['config'].split('@')[1]}) | {a / b:.2f} "
+                         f"| {auto['figures']['recomputed_tokens']} / {each} |")
     return "\n".join(lines) if len(lines) > 3 else ""

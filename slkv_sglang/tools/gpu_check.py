@@ -8,6 +8,9 @@ references, on Llama-3-8B's attention shapes (32 q / 8 kv heads, head dim 128, b
   rewritten ``kv_indices`` (``flashinfer_ops.plan_decode``) — equals dense attention over the same slots;
 - ``decode_heads``: the backend's per-step plans (``flashinfer_ops.WindowedDecode``) with lazy KV heads, whole
   requests and single (request, KV head) pairs, equal dense attention per KV head over that head's slots;
+- ``rows``: ``--slkv-offload``'s reads (``kv.pool.RowKVPool``): decode (``WindowedDecode``) and extend
+  (``flashinfer_ops.PagedExtend``, with its log-sum-exp) through per-layer row indices written into one plan per
+  pattern, a row per KV head and a row per layer, against torch over the same KV;
 - ``scoring``: the backend's scoring (``flashinfer_ops.LseScorer``, prefill with ``return_lse``) equals the
   chunked torch scoring (``scoring.head_mass``) on the same bf16 cache;
 - ``scoring_time``: identification per layer (lse and torch scoring) against the layer's prefill;
@@ -36,7 +39,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..backends.flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer, WindowedDecode, plan_decode
+from ..backends.flashinfer_ops import (PREFILL_BACKEND, AttnShape, LseScorer, PagedExtend, WindowedDecode,
+                                      plan_decode)
+from ..backends.torch_paged import TorchPagedDecode, TorchPagedPrefill, dense_decode
 from ..scoring import SCORE_CHUNK, gather_keys, head_mass, window_slots
 
 SHAPES = {  # name -> (q heads, kv heads, head dim)
@@ -65,13 +70,9 @@ def _scales(dtype: torch.dtype) -> dict[str, float | None]:
     return {"k_scale": FP8_SCALE, "v_scale": FP8_SCALE} if dtype.itemsize == 1 else {"k_scale": None, "v_scale": None}
 
 
-def _dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kv_scale: float = 1.0) -> torch.Tensor:
-    """q [H, D], k/v [L, Hkv, D] (stored / kv_scale) -> [H, D], fp32."""
-    heads, kv_heads = q.shape[0], k.shape[1]
-    kk = k.float().repeat_interleave(heads // kv_heads, dim=1) * kv_scale  # [L, H, D]
-    vv = v.float().repeat_interleave(heads // kv_heads, dim=1) * kv_scale
-    p = torch.softmax(torch.einsum("hd,lhd->hl", q.float(), kk) * scale, dim=-1)
-    return torch.einsum("hl,lhd->hd", p, vv)
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / (1 + |ref|), infinite where ``got`` is NaN (a read of poisoned KV)."""
+    return float(((got.float() - ref).abs() / (1 + ref.abs())).nan_to_num(nan=math.inf).max())
 
 
 def _workspace(device: torch.device) -> torch.Tensor:
@@ -113,97 +114,110 @@ def check_decode(name: str, device: torch.device, kv_dtype: torch.dtype = torch.
             got = wrapper.forward(q, (k_cache, v_cache), sm_scale=scale, **scales).float()  # the backend's call
             err = 0.0
             for i, slots in enumerate(kv_slots):
-                ref = _dense_decode(q[i], gather_keys(k_cache, slots), gather_keys(v_cache, slots), scale,
+                ref = dense_decode(q[i], gather_keys(k_cache, slots), gather_keys(v_cache, slots), scale,
                                     scales["k_scale"] or 1.0)
-                err = max(err, float(((got[i] - ref).abs() / (1 + ref.abs())).max()))
+                err = max(err, _rel_err(got[i], ref))
             out[f"{'tensor cores' if tensor_cores else 'cuda cores'}, {label}"] = err
     return {"max_rel_err": out, "tolerance": DECODE_TOL, "ok": all(e <= DECODE_TOL for e in out.values())}
 
 
-class _TorchPagedDecode:
-    """FlashInfer's paged decode (page size 1) written in torch, for the dry run only: FlashInfer does not run
-    on a CPU, and this lets CI check ``WindowedDecode``'s plans and views, which the device runs through
-    FlashInfer itself."""
+def _prefill_wrapper(device: torch.device, workspace: torch.Tensor | None = None) -> Any:
+    from flashinfer import BatchPrefillWithPagedKVCacheWrapper
 
-    def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor, num_qo_heads: int,
-             num_kv_heads: int, head_dim: int, page_size: int, **_: Any) -> None:
-        assert page_size == 1 and bool((last_page_len == 1).all())
-        self._pages = [indices[a:b].long() for a, b in zip(indptr[:-1].tolist(), indptr[1:].tolist())]
-        self._heads = (num_qo_heads, num_kv_heads)
-
-    def forward(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], sm_scale: float,
-                k_scale: float | None = None, v_scale: float | None = None, **_: Any) -> torch.Tensor:
-        k, v = kv_cache
-        assert q.shape[:2] == (len(self._pages), self._heads[0]) and k.shape[1] == self._heads[1]
-        return torch.stack([_dense_decode(q[i], gather_keys(k, pages), gather_keys(v, pages), sm_scale, k_scale or 1.0)
-                            for i, pages in enumerate(self._pages)]).to(q.dtype)
+    return BatchPrefillWithPagedKVCacheWrapper(_workspace(device) if workspace is None else workspace, "NHD",
+                                               backend=PREFILL_BACKEND)
 
 
-def check_decode_heads(name: str, device: torch.device, kv_dtype: torch.dtype = torch.bfloat16, seed: int = 4,
-                       emulate: bool = False) -> dict[str, Any]:
-    """``WindowedDecode`` as the backend plans a step: layer 0 has no lazy head (not planned), layer 1 whole
-    requests lazy, layers 2 and 3 the same per-(request, KV head) pattern (one wrapper), layer 4 another. Each
-    (request, KV head) is compared with dense attention of its query heads over its own slots: sink + recent
-    where that head is lazy, all of them elsewhere. Then again with two wrappers allowed, where layer 4 must run
-    layer 1's pattern. ``emulate``: torch in place of FlashInfer (dry run)."""
+def check_rows(name: str, device: torch.device, kv_dtype: torch.dtype = torch.bfloat16, seed: int = 5,
+               emulate: bool = False) -> dict[str, Any]:
+    """Decode and extend through per-layer row indices, as the backend runs them over ``--slkv-offload``'s KV pool
+    (``kv.pool.RowKVPool``): ``WindowedDecode`` and ``PagedExtend`` with the page map of a ``DeviceRows``, one plan
+    per pattern or forward, each layer's rows written into the plan before it runs. A row per KV head and a row
+    per layer; rows differ per layer. The extend is checked (output and log-sum-exp) before the lazy units give
+    their middle rows back, the decode after (freed rows are NaN: a read of one shows): every (request, KV head)
+    against dense attention over its own slots of the same KV. ``emulate``: torch in place of FlashInfer."""
+    from ..kv.rows import DeviceRows
+
     heads, kv_heads, dim = SHAPES[name]
-    q_per_kv = heads // kv_heads
+    q_per_kv, layers = heads // kv_heads, 3
     gen = torch.Generator().manual_seed(seed)
-    seq_lens = [300, 1100, 2000, 4100, 3000, 1777]
-    slots_total = sum(seq_lens) + 64
-    k_cache, v_cache = _rand_cache(slots_total, kv_heads, dim, device, kv_dtype)
-    scales = _scales(kv_dtype)
-    perm = torch.randperm(slots_total, generator=gen).to(device)
+    seq_lens, ext = [300, 1100, 2000, 1500], [1, 64, 200, 37]
+    num_slots = sum(seq_lens) + 64
+    perm = torch.randperm(num_slots, generator=gen).to(device)
     req_slots = list(perm[: sum(seq_lens)].split(seq_lens))
-    q = torch.randn(len(seq_lens), heads, dim, device=device, dtype=torch.bfloat16)
+    used = perm[: sum(seq_lens)]
+    caches = [_rand_cache(num_slots, kv_heads, dim, device, kv_dtype) for _ in range(layers)]
+    scales = _scales(kv_dtype)
+    kv_scale = scales["k_scale"] or 1.0
     scale = 1 / math.sqrt(dim)
-    lazy = torch.zeros(len(seq_lens), 5, kv_heads, dtype=torch.bool)
+    lazy = torch.zeros(len(seq_lens), layers, kv_heads, dtype=torch.bool)  # layer 0: none lazy
     lazy[[1, 3], 1] = True
     lazy[:, 2] = torch.rand(len(seq_lens), kv_heads, generator=gen) < 0.5
-    lazy[:, 2, 1] = ~lazy[:, 2, 0]  # every request partly lazy, whatever the draw ...
-    lazy[5, 2] = True  # ... but one, lazy in all its heads
-    lazy[:, 3] = lazy[:, 2]
-    lazy[4, 4, 1:] = True
-    lazy[[1, 3], 4] = True  # layer 4's pattern holds layer 1's
+    lazy[2, 2] = True
     shape = AttnShape(heads, kv_heads, dim, torch.bfloat16, kv_dtype)
     out: dict[str, Any] = {}
-    errs, planned, coarsened = [], [], []
-    runs = [(tc, None) for tc in ((None,) if emulate else (False, True) if kv_dtype == torch.bfloat16 else (True,))]
-    # capped at two wrappers: layers 2-3's pattern (two layers) and layer 1's are planned; layer 4's is left
-    # out and runs layer 1's, the planned pattern inside it (request 4's heads read everything)
-    runs.append((runs[0][0], 2))
-    expected = {None: lazy, 2: lazy.clone()}
-    expected[2][:, 4] = lazy[:, 1]
-    for tensor_cores, cap in runs:
-        shared = None if emulate else _workspace(device)  # the backend's wrappers share SGLang's workspace
-        new_wrapper = _TorchPagedDecode if emulate else lambda: _decode_wrapper(device, bool(tensor_cores), shared)
-        decode = WindowedDecode(new_wrapper, shape, SINK, RECENT, **({"max_patterns": cap} if cap else {}))
-        restricted = [pos for pos in range(len(seq_lens)) if bool(lazy[pos].any())]
-        decode.plan(req_slots, {pos: window_slots(req_slots[pos], seq_lens[pos], SINK, RECENT) for pos in restricted},
-                    {pos: lazy[pos] for pos in restricted})
-        label = "torch emulation" if emulate else "tensor cores" if tensor_cores else "cuda cores"
-        label += f", {cap} wrappers" if cap else ""
-        if cap:
-            out[f"{label}, coarsened layers"] = decode.coarsened
-            coarsened.append(decode.coarsened)
-        for layer in range(5):
-            if not bool(expected[cap][:, layer].any()):  # the backend runs SGLang's own decode here
-                out[f"{label}, layer {layer} planned"] = decode.restricts(layer)
-                planned.append(decode.restricts(layer))
-                continue
-            got = decode.run(layer, q, (k_cache, v_cache), sm_scale=scale, **scales).float()
-            err = 0.0
+    for per_layer in (kv_heads, 1):
+        label = "a row per KV head" if per_layer > 1 else "a row per layer"
+        per_unit = kv_heads // per_layer
+        rows = DeviceRows(layers, per_layer, num_slots, layers * per_layer * (num_slots + 1), per_unit, dim,
+                          kv_dtype, device, poison=True)
+        rows.give(rows.take(rows.num_rows)[torch.randperm(rows.num_rows, generator=gen).to(device)])  # scattered
+        for layer, (k, v) in enumerate(caches):
+            taken = rows.take(per_layer * used.numel()).view(per_layer, -1)
+            rows.fill(layer, used, taken, torch.ones_like(taken, dtype=torch.bool))
+            for u in range(per_layer):
+                rows.kv[0][taken[u]] = k[used][:, u * per_unit : (u + 1) * per_unit]
+                rows.kv[1][taken[u]] = v[used][:, u * per_unit : (u + 1) * per_unit]
+        page_map = rows.page_ids
+        # extend: each request's last ``ext`` tokens attend causally to all its KV
+        extend = PagedExtend(TorchPagedPrefill() if emulate else _prefill_wrapper(device), shape, page_map, per_unit)
+        extend.plan(ext, req_slots, scale)
+        q = torch.randn(sum(ext), heads, dim, device=device, dtype=torch.bfloat16)
+        o_err = lse_err = 0.0
+        for layer, (k, v) in enumerate(caches):
+            o, lse = extend.run(layer, q, (rows.kv[0], rows.kv[1]), **scales)
+            at = 0
+            for r, n in zip(req_slots, ext):
+                kk = gather_keys(k, r).float().repeat_interleave(q_per_kv, dim=1) * kv_scale
+                vv = gather_keys(v, r).float().repeat_interleave(q_per_kv, dim=1) * kv_scale
+                logits = torch.einsum("qhd,khd->hqk", q[at : at + n].float(), kk) * scale
+                logits.masked_fill_(torch.arange(len(r), device=device) > torch.arange(len(r) - n, len(r),
+                                                                                      device=device)[:, None],
+                                    float("-inf"))
+                ref = torch.einsum("hqk,khd->qhd", torch.softmax(logits, dim=-1), vv)
+                o_err = max(o_err, _rel_err(o[at : at + n], ref))
+                lse_err = max(lse_err, float((lse[:, at : at + n].float() - torch.logsumexp(logits, -1)).abs()
+                                             .nan_to_num(nan=math.inf).max()))
+                at += n
+        out[f"{label}, extend"] = o_err
+        out[f"{label}, extend lse"] = lse_err
+        # lazy units give their middle rows back (NaN), then decode
+        for i, (r, n) in enumerate(zip(req_slots, seq_lens)):
+            middle = r[SINK : n - RECENT]
+            units = lazy[i].view(layers, per_layer, per_unit).all(dim=2).flatten().nonzero().flatten().to(device)
+            if middle.numel() and units.numel():
+                rows.release(units, middle)
+        restricted = [i for i in range(len(seq_lens)) if bool(lazy[i].any())]
+        decode = WindowedDecode(TorchPagedDecode if emulate else lambda: _decode_wrapper(device, True), shape,
+                                SINK, RECENT, page_map=page_map, heads_per_page=per_unit)
+        decode.plan(req_slots, {i: window_slots(req_slots[i], seq_lens[i], SINK, RECENT) for i in restricted},
+                    {i: lazy[i] for i in restricted}, layers=range(layers))
+        qd = torch.randn(len(seq_lens), heads, dim, device=device, dtype=torch.bfloat16)
+        err = 0.0
+        for layer, (k, v) in enumerate(caches):
+            got = decode.run(layer, qd, (rows.kv[0], rows.kv[1]), sm_scale=scale, **scales).float()
             for i, (r, n) in enumerate(zip(req_slots, seq_lens)):
                 for h in range(kv_heads):
-                    slots = window_slots(r, n, SINK, RECENT) if expected[cap][i, layer, h] else r
-                    qh = slice(h * q_per_kv, (h + 1) * q_per_kv)  # the query heads of KV head h
-                    ref = _dense_decode(q[i, qh], gather_keys(k_cache, slots)[:, h : h + 1],
-                                        gather_keys(v_cache, slots)[:, h : h + 1], scale, scales["k_scale"] or 1.0)
-                    err = max(err, float(((got[i, qh] - ref).abs() / (1 + ref.abs())).max()))
-            out[f"{label}, layer {layer}"] = err
-            errs.append(err)
-    return {"max_rel_err": out, "tolerance": DECODE_TOL,
-            "ok": max(errs) <= DECODE_TOL and not any(planned) and coarsened == [1]}
+                    # where the layer's unit kept its rows (a row per layer: unless every head is lazy) the
+                    # decode may read them all; it must read sink + recent where the decision says so
+                    slots = window_slots(r, n, SINK, RECENT) if lazy[i, layer, h] else r
+                    qh = slice(h * q_per_kv, (h + 1) * q_per_kv)
+                    ref = dense_decode(qd[i, qh], gather_keys(k, slots)[:, h : h + 1],
+                                        gather_keys(v, slots)[:, h : h + 1], scale, kv_scale)
+                    err = max(err, _rel_err(got[i, qh], ref))
+        out[f"{label}, decode"] = err
+    ok = all(v <= (MASS_TOL * 10 if "lse" in k else DECODE_TOL) for k, v in out.items())
+    return {"max_err": out, "tolerance": DECODE_TOL, "lse_tolerance": MASS_TOL * 10, "ok": ok}
 
 
 def check_scoring(name: str, device: torch.device, kv_dtype: torch.dtype = torch.bfloat16, seed: int = 1) -> dict[str, Any]:
@@ -584,6 +598,7 @@ def run(dry: bool, out_dir: Path, jit_shapes: bool) -> dict[str, Any]:
     section("decode_llama3-8b", lambda: check_decode("llama3-8b", device))
     section("decode_heads_llama3-8b", lambda: check_decode_heads("llama3-8b", device, emulate=not cuda),
             needs_cuda=False)
+    section("rows_llama3-8b", lambda: check_rows("llama3-8b", device, emulate=not cuda), needs_cuda=False)
     section("scoring_llama3-8b", lambda: check_scoring("llama3-8b", device))
     section("tracker_llama3-8b", lambda: check_tracker(device))
     section("decode_time", lambda: decode_time(device))
@@ -600,6 +615,7 @@ def run(dry: bool, out_dir: Path, jit_shapes: bool) -> dict[str, Any]:
         section("decode_llama3-8b_fp8", lambda: check_decode("llama3-8b", device, fp8))
         section("decode_heads_llama3-8b_fp8", lambda: check_decode_heads("llama3-8b", device, fp8, emulate=not cuda),
                 needs_cuda=False)
+        section("rows_llama3-8b_fp8", lambda: check_rows("llama3-8b", device, fp8, emulate=not cuda), needs_cuda=False)
     return report
 
 
