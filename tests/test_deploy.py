@@ -130,8 +130,8 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 
 def _check_worker_shared(argv: list[str], master_host: str, rpc: int, meta: int) -> None:
-    """A worker started with ``argv`` (after ``-m sglang.launch_server``) passes the plugin's start-up checks (offload
-    on torch_native, the store URL) and names the master at ``master_host`` on ports ``rpc`` and ``meta``."""
+    """A worker started with ``argv`` (after ``-m sglang.launch_server``) passes the plugin's start-up checks (a
+    covered backend, the store URL) and names the master at ``master_host`` on ports ``rpc`` and ``meta``."""
     from sglang.srt.server_args import ServerArgs
 
     from offload.store import parse_store_url
@@ -440,8 +440,9 @@ def test_k8s_shared_tier():
 
 
 def test_shared_tier_checks_catch_mistakes():
-    """The checks above fail on what they are there for: offload on FlashInfer, no --slkv-offload, a store URL or
-    a storage node that misses the master's ports, a flag the Mooncake binary does not have."""
+    """The checks above fail on what they are there for: a backend the plugin does not cover, no --slkv-offload, a
+    store URL or a storage node that misses the master's ports, a flag the Mooncake binary does not have; offload
+    on FlashInfer passes."""
     from slkv_sglang.config import SlkvConfigError
 
     secret = _docs(K8S / "secret.example.yaml")[0]
@@ -452,8 +453,9 @@ def test_shared_tier_checks_catch_mistakes():
                             secret)[0]
     rpc, meta = _check_mooncake(master, store, "slkv-mooncake-master")
     _check_worker_shared(args, "slkv-mooncake-master", rpc, meta)
-    with pytest.raises(SlkvConfigError, match="torch_native"):
-        _check_worker_shared([a.replace("torch_native", "flashinfer") for a in args], "slkv-mooncake-master", rpc, meta)
+    _check_worker_shared([a.replace("torch_native", "flashinfer") for a in args], "slkv-mooncake-master", rpc, meta)
+    with pytest.raises(SlkvConfigError, match="triton, which --enable-simlayerkv does not cover"):
+        _check_worker_shared([a.replace("torch_native", "triton") for a in args], "slkv-mooncake-master", rpc, meta)
     with pytest.raises(AssertionError):
         _check_worker_shared([a for a in args if a != "--slkv-offload"], "slkv-mooncake-master", rpc, meta)
     with pytest.raises(AssertionError):

@@ -245,14 +245,15 @@ def test_a_restore_that_cannot_complete_fails_the_request_not_the_engine():
 def test_slots_are_sized_by_what_their_index_costs():
     """Without --slkv-overcommit a pool gets as many slots as keep their index under 1/32 of its bytes (at most 8
     per full-KV token); an operator's factor is used as given. The index is paid out of the KV bytes."""
-    assert INDEX_BYTES == 5  # row_of int32 + the ledger's bool, per (unit, slot)
+    assert INDEX_BYTES == 5  # row_of int32 + the ledger's bool, per (unit, slot); 4 more per slot and per row
     assert slot_factor(512, 0.0) == 3.2  # a row per KV head: 64 x 2 (K, V) x 4 bytes (float32), or 128 x 2 x 2
     assert slot_factor(1536, 0.0) == 8.0  # a row per layer of the bundled model: capped
     assert slot_factor(64, 0.0) == 1.0  # rows so small that no extra slot pays: never fewer slots than tokens
     assert slot_factor(512, 2.0) == 2.0 and slot_factor(4096, 1.5) == 1.5
-    # 10 units, 320 slots at 3.2 (100 full-KV tokens): 10 x 101 rows' bytes less 10 x 321 x 5 bytes of index
-    assert pool_rows(10, 320, 3.2, 512) == 978  # 517,120 - 16,050 = 501,070 bytes: 978.6 rows
-    assert pool_rows(10, 100, 1.0, 512) == 1000  # 517,120 - 5,050 = 512,070 bytes: 1000.1 rows
+    # 10 units, 320 slots at 3.2 (100 full-KV tokens): 10 x 101 rows' bytes less 321 x (10 x 5 + 4) bytes of
+    # index, in rows of 512 + 4 bytes
+    assert pool_rows(10, 320, 3.2, 512) == 968  # 517,120 - 17,334 = 499,786 bytes: 968.6 rows
+    assert pool_rows(10, 100, 1.0, 512) == 991  # 517,120 - 5,454 = 511,666 bytes: 991.6 rows
 
 
 def test_ledger_counts_promised_rows():

@@ -209,9 +209,10 @@ def test_host_budget_is_an_admin_setting(offload_engine, slkv_engine, tokenizer)
 
 
 # ---- admission counts rows: --slkv-overcommit ------------------------------------------------------------
-# KV bytes of 5000 full-KV tokens (90 x 5001 rows of one KV head, 512 bytes each); with overcommit 2, 10,000 token
-# slots, whose index (5 bytes per row's (unit, slot): kv.tier.INDEX_BYTES) takes 90 x 10,001 x 5 bytes: 441,300 rows
-POOL_TOKENS, POOL_ROWS = 5000, 441_300
+# KV bytes of 5000 full-KV tokens (90 x 5001 rows of one KV head, 512 bytes each: 230,446,080); with overcommit 2,
+# 10,000 token slots, whose index (5 bytes per (unit, slot) and 4 per slot: kv.tier) takes 10,001 x 454 bytes;
+# the rest in rows of 512 + 4 bytes (a row's place in the free stack): 437,801 rows
+POOL_TOKENS, POOL_ROWS = 5000, 437_801
 FORCED = list(range(20))  # 20 of 30 layers lazy: a session keeps 10 x 2K + 20 x 260 rows, not 30 x 2K
 
 

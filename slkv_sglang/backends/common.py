@@ -47,7 +47,7 @@ class ScoringMixin:
     records go to the ``outbox`` the batch result ships them from."""
 
     tracker: LazyTracker
-    token_to_kv_pool: Any  # the plugin's KV pool (``kv/pool.py``)
+    pool: Any  # the KV pool the backend reads (``kv.pool.plugin_pool``)
     req_to_token_pool: Any
     outbox: Outbox
 
@@ -63,7 +63,7 @@ class ScoringMixin:
 
     def _mass(self, layer: Any) -> MassFn:
         """Per-head masses of the deciding requests in this layer: chunked torch scoring over the key cache."""
-        k_cache = self.token_to_kv_pool.key_reader(layer.layer_id)  # indexable by slot ids, whatever the pool
+        k_cache = self.pool.key_reader(layer.layer_id)  # indexable by slot ids, whatever the pool
         cfg = self.tracker.config
 
         def mass(queries: list[torch.Tensor], key_slots: list[torch.Tensor],
@@ -83,6 +83,5 @@ class ScoringMixin:
         """Beyond restricting decode: lazy units free their middle rows where the pool holds rows (slots other
         running requests read keep theirs); returns fields for the decision's record (the request's KV report)."""
         idx = decision.req_pool_idx
-        return self.token_to_kv_pool.release_lazy(idx, decision.lazy, decision.seq_len,
-                                                  self.req_to_token_pool.req_to_token,
-                                                  lambda slots: self.tracker.running_slots(slots, exclude=idx))
+        return self.pool.release_lazy(idx, decision.lazy, decision.seq_len, self.req_to_token_pool.req_to_token,
+                                      lambda slots: self.tracker.running_slots(slots, exclude=idx))

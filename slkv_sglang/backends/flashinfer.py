@@ -33,7 +33,7 @@ from sglang.srt.runtime_context import get_parallel
 
 from ..config import SlkvConfig, SlkvConfigError
 from ..report import Outbox
-from ..kv.pool import SlotKVPool
+from ..kv.pool import SlotReads, plugin_pool
 from ..tracker import MassFn
 from .common import ScoringMixin, make_tracker
 from .flashinfer_ops import PREFILL_BACKEND, AttnShape, LseScorer
@@ -55,7 +55,7 @@ class SlkvFlashInferBackend(PagedForward, ScoringMixin, FlashInferAttnBackend):
         self.tracker = make_tracker(model_runner, config, head_decode=get_parallel().tp_size == 1)
         upd = self.indices_updater_decode
         self._shape = AttnShape(upd.num_qo_heads, upd.num_kv_heads, upd.head_dim, upd.q_data_type, upd.data_type)
-        self.pool: SlotKVPool = self.token_to_kv_pool
+        self.pool: SlotReads = plugin_pool(self.token_to_kv_pool)
         prefill = BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=PREFILL_BACKEND)
         # deterministic inference pins the KV split, as SGLang plans its own decode
         self._paged = PagedReads(self.pool, self.tracker, config, self._shape, self._new_decode_wrapper, prefill,

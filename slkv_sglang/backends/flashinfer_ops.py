@@ -168,10 +168,10 @@ class WindowedDecode:
              lazy: dict[int, torch.Tensor], layers: Sequence[int] = ()) -> None:
         """``req_slots``: each batch request's slot ids by position, in batch order; for the requests that read sink +
         recent in some head, by batch position: ``windows``, those slot ids (the tracker's, built once per step),
-        and ``lazy``, ``[layers, KV heads]`` (host). ``layers``: the layers the caller decodes here even without a
-        lazy head (with a ``page_map``: every attention layer)."""
+        and ``lazy``, ``[layers, KV heads]`` (host). ``layers``: the layers decoded here even without a lazy head,
+        with a ``page_map`` (every full-attention layer; without one the caller's own decode reads them)."""
         self._layers, self.coarsened = {}, 0
-        if not lazy and not layers:
+        if not lazy and (not layers or self.page_map is None):
             return
         positions = sorted(lazy)
         num_layers = max([*layers, -1]) + 1
@@ -185,13 +185,13 @@ class WindowedDecode:
             patterns.setdefault(stacked[:, layer].numpy().tobytes(), []).append(layer)
         ranked = sorted(patterns.values(), key=len, reverse=True)  # stable: ties in layer order
         planned = ranked[: self.max_patterns]
-        dense = [layer for layer in layers if not bool(stacked[:, layer].any())]
+        dense = [] if self.page_map is None else [layer for layer in layers if not bool(stacked[:, layer].any())]
         for group in ranked[self.max_patterns :]:
             own = stacked[:, group[0]]
             fits = [p for p in planned if not bool((stacked[:, p[0]] & ~own).any())]
             if fits:
                 max(fits, key=lambda p: int(stacked[:, p[0]].sum())).extend(group)
-            elif layers:
+            elif self.page_map is not None:
                 dense.extend(group)
             self.coarsened += len(group)
         if dense:

@@ -16,13 +16,13 @@ from typing import Any, Callable
 import torch
 
 from ..config import SlkvConfig
-from ..kv.pool import SlotKVPool
+from ..kv.pool import SlotReads
 from ..tracker import LazyTracker
 from .flashinfer_ops import AttnShape, PagedExtend, WindowedDecode
 
 
 class PagedReads:
-    def __init__(self, pool: SlotKVPool, tracker: LazyTracker, config: SlkvConfig, shape: AttnShape,
+    def __init__(self, pool: SlotReads, tracker: LazyTracker, config: SlkvConfig, shape: AttnShape,
                  new_decode_wrapper: Callable[[], Any], prefill_wrapper: Any, **plan_kwargs: Any):
         """``plan_kwargs``: passed to every decode plan (SGLang's own, e.g. ``fixed_split_size``)."""
         self.pool, self.tracker, self.shape = pool, tracker, shape

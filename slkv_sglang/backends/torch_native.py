@@ -24,7 +24,7 @@ from sglang.srt.runtime_context import get_parallel
 from torch.nn.functional import scaled_dot_product_attention
 
 from ..config import SlkvConfig
-from ..kv.pool import SlotKVPool
+from ..kv.pool import SlotReads, plugin_pool
 from ..report import Outbox
 from .common import ScoringMixin, make_tracker
 from .flashinfer_ops import AttnShape
@@ -39,7 +39,7 @@ class SlkvTorchNativeBackend(ScoringMixin, TorchNativeAttnBackend):
         # single lazy KV heads: on one rank (under tensor parallel a rank's heads are a block of the model's)
         self.tracker = make_tracker(model_runner, config, head_decode=get_parallel().tp_size == 1)
         self._full = frozenset(self.tracker.full_layers)  # the layers scored (sliding windows are left to SGLang)
-        self.pool: SlotKVPool = self.token_to_kv_pool
+        self.pool: SlotReads = plugin_pool(self.token_to_kv_pool)
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)

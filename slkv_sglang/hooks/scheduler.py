@@ -72,7 +72,7 @@ def install_backends(side: SchedulerSide) -> None:
 
         cls = SlkvFlashInferStandinBackend if side.config.flashinfer_standin else SlkvTorchNativeBackend
         backend = cls(runner, side.config, side.outbox)
-        side.attach(backend.tracker, backend.token_to_kv_pool)
+        side.attach(backend.tracker, backend.pool)
         logger.info("SimLayerKV on torch_native: %s", side.config)
         return backend
 
@@ -82,7 +82,7 @@ def install_backends(side: SchedulerSide) -> None:
         from ..backends.flashinfer import SlkvFlashInferBackend
 
         backend = SlkvFlashInferBackend(runner, side.config, side.outbox)
-        side.attach(backend.tracker, backend.token_to_kv_pool)
+        side.attach(backend.tracker, backend.pool)
         logger.info("SimLayerKV on flashinfer: %s", side.config)
         return backend
 

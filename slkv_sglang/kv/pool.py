@@ -27,15 +27,14 @@ from typing import Any, Sequence
 import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-from ..config import SlkvConfig
+from ..config import SlkvConfig, SlkvConfigError
 from .executor import KvExecutor
 from .tier import KvTier, pool_rows, slot_factor, units_per_layer
 
 
-class SlotKVPool(MHATokenToKVPool):
-    """SGLang's pool: a slot's KV in every layer's buffer at the slot id."""
+class SlotReads:
+    """The plugin's reads of SGLang's own buffers: a slot's KV in every layer's buffer at the slot id."""
 
-    config: SlkvConfig  # set on the class the configurator builds (``pool_class``)
     executor: KvExecutor | None = None  # KV moves between tiers: none here
     # the prefill computes the query padded to the whole history, as SGLang's torch_native extend: the plugin-off
     # engine's bits. A pool that restores a prefix computes only the new tokens' queries
@@ -73,7 +72,8 @@ class SlotKVPool(MHATokenToKVPool):
 
     @property
     def heads_per_page(self) -> int:
-        return self.head_num
+        """KV heads one page holds (0: all of a layer's)."""
+        return 0
 
     def page_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ``[pages, heads_per_page, dim]`` that ``layer``'s pages index."""
@@ -83,6 +83,28 @@ class SlotKVPool(MHATokenToKVPool):
                      shared: Any) -> dict[str, Any]:
         """After a decision: fields of its record (the request's KV report where the pool has one)."""
         return {}
+
+
+class SlotKVPool(SlotReads, MHATokenToKVPool):
+    """SGLang's pool, the class its configurator builds with SimLayerKV on and no offload."""
+
+    config: SlkvConfig  # set on the class the configurator builds (``pool_class``)
+
+
+class _SlotView(SlotReads):
+    """A pool SGLang composes of sub-pools (a model with sliding-window layers: ``SWAKVPool``, whose full-attention
+    sub-pool is a ``SlotKVPool``), read through its own calls."""
+
+    def __init__(self, pool: Any):
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+def plugin_pool(pool: Any) -> SlotReads:
+    """The KV pool a backend reads: the plugin's, or a view of SGLang's composite one."""
+    return pool if isinstance(pool, SlotReads) else _SlotView(pool)
 
 
 class RowKVPool(SlotKVPool):
@@ -102,7 +124,11 @@ class RowKVPool(SlotKVPool):
         cfg = self.config
         per_layer = units_per_layer(cfg.granularity, self.head_num)
         row_bytes = 2 * self.head_num // per_layer * self.head_dim * self.dtype.itemsize
-        rows = pool_rows(self.layer_num * per_layer, size, slot_factor(row_bytes, cfg.overcommit), row_bytes)
+        factor = slot_factor(row_bytes, cfg.overcommit)
+        rows = pool_rows(self.layer_num * per_layer, size, factor, row_bytes)
+        if rows < self.layer_num * per_layer:  # not one token whole
+            raise SlkvConfigError(f"--slkv-overcommit {factor:g} leaves {max(rows, 0)} rows of {row_bytes} bytes once "
+                                  "the slots' index is paid: lower it, or leave it unset")
         self.tier = KvTier.build(self.layer_num, per_layer, size, rows, heads=self.head_num, dim=self.head_dim,
                                  dtype=self.dtype, device=self.device, host_budget=cfg.offload_budget,
                                  poison=cfg.poison)

@@ -21,8 +21,10 @@ from .rows import DeviceRows
 from .shared import SharedTier
 
 # Device bytes per (unit, slot) besides KV: ``DeviceRows.row_of`` (int32) and ``Ledger.unwritten`` (bool). The
-# pool pays them out of its KV bytes, so a token slot costs this much per unit whether it holds KV or not.
+# pool pays them out of its KV bytes, so a token slot costs this much per unit whether it holds KV or not; and
+# 4 more per slot (``DeviceRows.held_by_slot``) and per row (the free stack).
 INDEX_BYTES = 5
+COUNT_BYTES = 4
 # Without ``--slkv-overcommit``: as many slots as keep the index under this share of the KV bytes (so the
 # default loses at most ~3% of rows against any hand-picked factor below it), and at most MAX_SLOT_FACTOR
 # per full-KV token. A row per KV head of 512 bytes (Llama-3-8B in bf16, the bundled model in float32) gets
@@ -46,9 +48,9 @@ def slot_factor(row_bytes: int, overcommit: float) -> float:
 
 def pool_rows(units: int, slots: int, factor: float, row_bytes: int) -> int:
     """Rows of a pool that SGLang sized at ``slots`` token slots, ``factor`` to a full-KV token of its bytes:
-    those bytes, less every slot's index."""
+    those bytes, less every slot's index and count and every row's place in the free stack."""
     kv_bytes = units * (int(slots / factor) + 1) * row_bytes
-    return (kv_bytes - units * (slots + 1) * INDEX_BYTES) // row_bytes
+    return (kv_bytes - (units * INDEX_BYTES + COUNT_BYTES) * (slots + 1)) // (row_bytes + COUNT_BYTES)
 
 
 @dataclass
