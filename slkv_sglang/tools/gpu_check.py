@@ -121,6 +121,73 @@ def check_decode(name: str, device: torch.device, kv_dtype: torch.dtype = torch.
     return {"max_rel_err": out, "tolerance": DECODE_TOL, "ok": all(e <= DECODE_TOL for e in out.values())}
 
 
+def check_decode_heads(name: str, device: torch.device, kv_dtype: torch.dtype = torch.bfloat16, seed: int = 4,
+                       emulate: bool = False) -> dict[str, Any]:
+    """``WindowedDecode`` as the backend plans a step: layer 0 has no lazy head (not planned), layer 1 whole
+    requests lazy, layers 2 and 3 the same per-(request, KV head) pattern (one wrapper), layer 4 another. Each
+    (request, KV head) is compared with dense attention of its query heads over its own slots: sink + recent
+    where that head is lazy, all of them elsewhere. Then again with two wrappers allowed, where layer 4 must run
+    layer 1's pattern. ``emulate``: torch in place of FlashInfer (dry run)."""
+    heads, kv_heads, dim = SHAPES[name]
+    q_per_kv = heads // kv_heads
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [300, 1100, 2000, 4100, 3000, 1777]
+    slots_total = sum(seq_lens) + 64
+    k_cache, v_cache = _rand_cache(slots_total, kv_heads, dim, device, kv_dtype)
+    scales = _scales(kv_dtype)
+    perm = torch.randperm(slots_total, generator=gen).to(device)
+    req_slots = list(perm[: sum(seq_lens)].split(seq_lens))
+    q = torch.randn(len(seq_lens), heads, dim, device=device, dtype=torch.bfloat16)
+    scale = 1 / math.sqrt(dim)
+    lazy = torch.zeros(len(seq_lens), 5, kv_heads, dtype=torch.bool)
+    lazy[[1, 3], 1] = True
+    lazy[:, 2] = torch.rand(len(seq_lens), kv_heads, generator=gen) < 0.5
+    lazy[:, 2, 1] = ~lazy[:, 2, 0]  # every request partly lazy, whatever the draw ...
+    lazy[5, 2] = True  # ... but one, lazy in all its heads
+    lazy[:, 3] = lazy[:, 2]
+    lazy[4, 4, 1:] = True
+    lazy[[1, 3], 4] = True  # layer 4's pattern holds layer 1's
+    shape = AttnShape(heads, kv_heads, dim, torch.bfloat16, kv_dtype)
+    out: dict[str, Any] = {}
+    errs, planned, coarsened = [], [], []
+    runs = [(tc, None) for tc in ((None,) if emulate else (False, True) if kv_dtype == torch.bfloat16 else (True,))]
+    # capped at two wrappers: layers 2-3's pattern (two layers) and layer 1's are planned; layer 4's is left
+    # out and runs layer 1's, the planned pattern inside it (request 4's heads read everything)
+    runs.append((runs[0][0], 2))
+    expected = {None: lazy, 2: lazy.clone()}
+    expected[2][:, 4] = lazy[:, 1]
+    for tensor_cores, cap in runs:
+        shared = None if emulate else _workspace(device)  # the backend's wrappers share SGLang's workspace
+        new_wrapper = TorchPagedDecode if emulate else lambda: _decode_wrapper(device, bool(tensor_cores), shared)
+        decode = WindowedDecode(new_wrapper, shape, SINK, RECENT, **({"max_patterns": cap} if cap else {}))
+        restricted = [pos for pos in range(len(seq_lens)) if bool(lazy[pos].any())]
+        decode.plan(req_slots, {pos: window_slots(req_slots[pos], seq_lens[pos], SINK, RECENT) for pos in restricted},
+                    {pos: lazy[pos] for pos in restricted})
+        label = "torch emulation" if emulate else "tensor cores" if tensor_cores else "cuda cores"
+        label += f", {cap} wrappers" if cap else ""
+        if cap:
+            out[f"{label}, coarsened layers"] = decode.coarsened
+            coarsened.append(decode.coarsened)
+        for layer in range(5):
+            if not bool(expected[cap][:, layer].any()):  # the backend runs SGLang's own decode here
+                out[f"{label}, layer {layer} planned"] = decode.restricts(layer)
+                planned.append(decode.restricts(layer))
+                continue
+            got = decode.run(layer, q, (k_cache, v_cache), sm_scale=scale, **scales).float()
+            err = 0.0
+            for i, (r, n) in enumerate(zip(req_slots, seq_lens)):
+                for h in range(kv_heads):
+                    slots = window_slots(r, n, SINK, RECENT) if expected[cap][i, layer, h] else r
+                    qh = slice(h * q_per_kv, (h + 1) * q_per_kv)  # the query heads of KV head h
+                    ref = dense_decode(q[i, qh], gather_keys(k_cache, slots)[:, h : h + 1],
+                                        gather_keys(v_cache, slots)[:, h : h + 1], scale, scales["k_scale"] or 1.0)
+                    err = max(err, _rel_err(got[i, qh], ref))
+            out[f"{label}, layer {layer}"] = err
+            errs.append(err)
+    return {"max_rel_err": out, "tolerance": DECODE_TOL,
+            "ok": max(errs) <= DECODE_TOL and not any(planned) and coarsened == [1]}
+
+
 def _prefill_wrapper(device: torch.device, workspace: torch.Tensor | None = None) -> Any:
     from flashinfer import BatchPrefillWithPagedKVCacheWrapper
 
