@@ -56,14 +56,12 @@ class SlkvFlashInferBackend(PagedForward, ScoringMixin, FlashInferAttnBackend):
         upd = self.indices_updater_decode
         self._shape = AttnShape(upd.num_qo_heads, upd.num_kv_heads, upd.head_dim, upd.q_data_type, upd.data_type)
         self.pool: SlotReads = plugin_pool(self.token_to_kv_pool)
-        prefill = BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=PREFILL_BACKEND)
         # deterministic inference pins the KV split, as SGLang plans its own decode
-        self._paged = PagedReads(self.pool, self.tracker, config, self._shape, self._new_decode_wrapper, prefill,
-                                 fixed_split_size=self.decode_split_tile_size)
+        self._paged = PagedReads(self.pool, self.tracker, config, self._shape, self._new_decode_wrapper,
+                                 self._new_prefill_wrapper, fixed_split_size=self.decode_split_tile_size)
         # over slot pages FlashInfer scores; over rows the prefill gives the all-keys lse and torch the rest
         self._scorer = None if self.pool.page_map is not None else LseScorer(
-            BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=PREFILL_BACKEND),
-            self._shape, config.sink, config.recent)
+            self._new_prefill_wrapper(), self._shape, config.sink, config.recent)
 
     def init_cuda_graph_state(self, *args: Any, **kwargs: Any) -> None:
         raise SlkvConfigError("SimLayerKV plans decode windows per step: start SGLang with --disable-cuda-graph")
@@ -74,6 +72,9 @@ class SlkvFlashInferBackend(PagedForward, ScoringMixin, FlashInferAttnBackend):
         if self._scorer is not None:
             self._scorer.reset()
         self._paged.plan(forward_batch, plan, self.req_to_token_pool.req_to_token)
+
+    def _new_prefill_wrapper(self) -> BatchPrefillWithPagedKVCacheWrapper:
+        return BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=PREFILL_BACKEND)
 
     def _new_decode_wrapper(self) -> BatchDecodeWithPagedKVCacheWrapper:
         return BatchDecodeWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=self.decode_backend,

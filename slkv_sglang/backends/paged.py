@@ -23,13 +23,14 @@ from .flashinfer_ops import AttnShape, PagedExtend, WindowedDecode
 
 class PagedReads:
     def __init__(self, pool: SlotReads, tracker: LazyTracker, config: SlkvConfig, shape: AttnShape,
-                 new_decode_wrapper: Callable[[], Any], prefill_wrapper: Any, **plan_kwargs: Any):
+                 new_decode_wrapper: Callable[[], Any], new_prefill_wrapper: Callable[[], Any],
+                 **plan_kwargs: Any):
         """``plan_kwargs``: passed to every decode plan (SGLang's own, e.g. ``fixed_split_size``)."""
         self.pool, self.tracker, self.shape = pool, tracker, shape
         self.full = frozenset(tracker.full_layers)
         self.windowed = WindowedDecode(new_decode_wrapper, shape, config.sink, config.recent, page_map=pool.page_map,
                                        heads_per_page=pool.heads_per_page, **plan_kwargs)
-        self.extend = None if pool.page_map is None else PagedExtend(prefill_wrapper, shape, pool.page_map,
+        self.extend = None if pool.page_map is None else PagedExtend(new_prefill_wrapper(), shape, pool.page_map,
                                                                       pool.heads_per_page)
         self._extend_planned = False
 

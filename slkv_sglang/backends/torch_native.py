@@ -146,7 +146,7 @@ class SlkvFlashInferStandinBackend(PagedForward, SlkvTorchNativeBackend):
         pool = self.pool
         q_heads = model_runner.model_config.num_attention_heads // get_parallel().tp_size
         shape = AttnShape(q_heads, pool.head_num, pool.head_dim, pool.dtype, pool.dtype)
-        self._paged = PagedReads(pool, self.tracker, config, shape, TorchPagedDecode, TorchPagedPrefill())
+        self._paged = PagedReads(pool, self.tracker, config, shape, TorchPagedDecode, TorchPagedPrefill)
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)
