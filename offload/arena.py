@@ -18,11 +18,15 @@ Budget: held bytes plus free blocks never exceed ``budget_bytes``. A save that d
 units of it that would not fit even alone are refused (nothing copied, nothing evicted for them): the caller
 recomputes them later.
 
-On CUDA the host tensors are pinned and copies run on a side stream; ``wait()`` joins them (events).
+On CUDA the host tensors are pinned and copies run on a side stream (the *copy stream*), ordered by events: the
+compute stream waits only where it reads what a copy wrote (``join`` on that copy's ``fence``), never for a save;
+the host waits (``wait``) only before a block whose copies are still in flight is handed out again. A share of the
+budget is allocated (pinned) and touched at start-up (``prepin``), so early saves do not pay first touch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -128,7 +132,9 @@ class ArenaStats:
 
 
 class HostArena:
-    def __init__(self, budget_bytes: int, num_units: int, num_slots: int, device: torch.device | str = "cpu"):
+    def __init__(self, budget_bytes: int, num_units: int, num_slots: int, device: torch.device | str = "cpu",
+                 prepin: int = 0):
+        """``prepin``: bytes of blocks allocated (pinned on CUDA) and touched now, at most the budget."""
         if budget_bytes < 0:
             raise ValueError(f"offload budget must be >= 0 bytes, got {budget_bytes}")
         self.budget_bytes = budget_bytes
@@ -149,7 +155,11 @@ class HostArena:
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._next_chunk = 0
         self._spare: list[torch.Tensor] = []  # free blocks; with the held bytes, never more than the budget
+        # freed blocks that copies still in flight may touch, with the event after which they are free
+        self._cooling: list[tuple[torch.cuda.Event, list[torch.Tensor]]] = []
         self.stats = ArenaStats()
+        for _ in range(min(prepin, budget_bytes) // BLOCK_BYTES):
+            self._spare.append(self._new_block().zero_())  # first touch (and pinning) paid here, not by a save
 
     # ---- queries ---------------------------------------------------------------------------------------
     def hosted(self, slots: torch.Tensor, fingerprints: torch.Tensor | None = None) -> torch.Tensor:
@@ -370,12 +380,33 @@ class HostArena:
         if self._last is not None:
             self._last.synchronize()
             self._last = None
+        self._cooled(block=True)
 
-    def join(self) -> None:
-        """The compute stream waits for every copy issued so far; the host does not, so a reload overlaps the work
-        already queued (earlier layers) instead of stalling the next launches (a no-op on CPU)."""
-        if self._last is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._last)
+    def fence(self) -> torch.cuda.Event | None:
+        """The event after which every copy issued so far has landed (None on CPU: they have)."""
+        return self._last
+
+    def join(self, fence: torch.cuda.Event | None) -> None:
+        """The compute stream waits for the copies before ``fence`` (a ``fence()``; None: nothing to wait for); the
+        host does not, so a reload overlaps the work already queued instead of stalling the next launches."""
+        if fence is not None:
+            torch.cuda.current_stream(self.device).wait_event(fence)
+
+    @contextlib.contextmanager
+    def copy_stream(self, *inputs: torch.Tensor):
+        """Work issued inside runs on the copy stream after the copies so far (e.g. a reload's scatter into its
+        rows); ``fence`` then covers it too. ``inputs``: device tensors it reads that the compute stream made
+        (their memory is not reused before it ran). Inline on CPU."""
+        if self._stream is None:
+            yield
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            yield
+            self._last = torch.cuda.Event()
+            self._last.record(self._stream)
+        for tensor in inputs:
+            tensor.record_stream(self._stream)
 
     def _copy(self, copies: list[tuple[torch.Tensor, torch.Tensor]], device_tensor: torch.Tensor) -> None:
         """Issue ``dst.copy_(src)`` for each pair; on CUDA all on the side stream, joined by one event.
@@ -424,18 +455,54 @@ class HostArena:
         return nbytes
 
     def _block(self) -> torch.Tensor:
+        if not self._spare and self._cooling:  # reuse a cooling block, waiting if need be, before allocating more
+            self._cooled(block=False)
+            if not self._spare:
+                self._cooled(block=True)
         if self._spare:
             return self._spare.pop()
+        return self._new_block()
+
+    def _new_block(self) -> torch.Tensor:
         return torch.empty(BLOCK_BYTES, dtype=torch.uint8, pin_memory=self._pin)
 
     def _recycle(self, chunks: Iterable[_Chunk]) -> None:
-        """Freed chunks' blocks join the free list while held + free bytes stay within the budget."""
-        self.wait()  # a copy still in flight must not land in a block that is handed out again
-        self._spare.extend(block for c in chunks for block in c.blocks)
+        """Freed chunks' blocks join the free list while held + free bytes stay within the budget; blocks that
+        copies in flight may still touch wait in ``_cooling`` (the host does not block for them now)."""
+        blocks = [block for c in chunks for block in c.blocks]
+        if blocks and self._last is not None and not self._last.query():
+            self._cooling.append((self._last, blocks))
+        else:
+            self._spare.extend(blocks)
         self._trim_spare()
 
+    def _cooled(self, block: bool) -> None:
+        """Cooling blocks whose copies have landed join the free list (``block``: wait for all of them)."""
+        still = []
+        for event, blocks in self._cooling:
+            if block:
+                event.synchronize()
+            if block or event.query():
+                self._spare.extend(blocks)
+            else:
+                still.append((event, blocks))
+        self._cooling = still
+
+    def _free_bytes(self) -> int:
+        return self.budget_bytes - self.stats.held_bytes
+
     def _trim_spare(self) -> None:
-        del self._spare[max(0, (self.budget_bytes - self.stats.held_bytes) // BLOCK_BYTES) :]
+        """Free and cooling blocks beyond what the budget leaves go (the newest cooling ones first)."""
+        room = max(0, self._free_bytes() // BLOCK_BYTES)
+        del self._spare[room:]
+        room -= len(self._spare)
+        kept = []
+        for event, blocks in self._cooling:
+            blocks = blocks[: max(0, room)]
+            room -= len(blocks)
+            if blocks:
+                kept.append((event, blocks))
+        self._cooling = kept
 
     def _make_room(self, nbytes: int, keep: int | None) -> None:
         """Evict entries other than ``keep``, least recently used first, until ``nbytes`` more fit."""

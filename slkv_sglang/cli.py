@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-shared": ("slkv_sglang.tools.bench_shared", "next-turn TTFT after a worker switch: shared-tier restore vs recompute"),
     "bench-serve": ("slkv_sglang.tools.bench_serve", "multi-turn chat under a fixed device KV budget: plain SGLang vs SimLayerKV (+ offload)"),
     "gpu-check": ("slkv_sglang.tools.gpu_check", "the CUDA path's FlashInfer calls, decode time, host tier (torch + FlashInfer)"),
+    "gpu-e2e": ("slkv_sglang.tools.gpu_e2e", "the plugin in the real SGLang engine on a GPU, end to end: correctness vs the reference, serving"),
 }
 
 

@@ -32,6 +32,10 @@ DEFAULT_MODE: DecideMode = "prefill"
 # saved 1.54x KV at 4K against 1.29x for whole layers (docs/evaluation.md, "Head granularity").
 DEFAULT_GRANULARITY: Granularity = "head"
 DEFAULT_OFFLOAD_BUDGET = 4 << 30
+# The share of the host budget allocated (pinned on CUDA) and touched at start-up: a save into fresh host memory
+# measured 33 ms against 11 ms into memory already touched (docs/evaluation.md, host tier), so the first sessions'
+# offloads would pay 3x; a quarter of the default budget (1 GiB) costs well under a second at start.
+DEFAULT_OFFLOAD_PREPIN = 0.25
 # The shared tier (kv/shared.py): how long a prefix lookup may take before the prefill recomputes instead (a
 # 4K-token SmolLM2 prefix is ~190 MB in float32, read from Mooncake over loopback TCP in well under a second), and
 # the bytes the write-back queue may hold before it drops blocks (written again by a later turn).
@@ -74,6 +78,7 @@ class SlkvConfig:
     protect: tuple[int, ...] = ()  # layers never made lazy (e.g. a calibrated retrieval layer)
     offload: bool = False  # lazy layers give their middle tokens' device rows back (host copy first)
     offload_budget: int = DEFAULT_OFFLOAD_BUDGET  # host bytes for those copies
+    offload_prepin: float = DEFAULT_OFFLOAD_PREPIN  # share of that budget allocated and touched at start-up
     poison: bool = False  # debug: freed device KV (slots, or rows with offload) is NaN-filled; any read shows
     # check: on torch_native, run the FlashInfer backend's reads with torch kernels in place of FlashInfer's
     flashinfer_standin: bool = False
@@ -104,6 +109,8 @@ class SlkvConfig:
             raise SlkvConfigError(f"slkv protected layers must be >= 0, got {self.protect}")
         if self.offload_budget < 0:
             raise SlkvConfigError(f"slkv offload budget must be >= 0 bytes, got {self.offload_budget}")
+        if not 0.0 <= self.offload_prepin <= 1.0:
+            raise SlkvConfigError(f"slkv offload prepin must be a share in [0, 1], got {self.offload_prepin}")
         if not (self.overcommit == 0.0 or self.overcommit >= 1.0):
             raise SlkvConfigError(f"slkv overcommit must be >= 1 (or 0: sized by the plugin), got {self.overcommit}")
         if self.overcommit > 1.0 and not self.offload:

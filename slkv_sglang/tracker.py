@@ -86,6 +86,12 @@ class BatchPlan:
     some: dict[int, list[bool]] = field(default_factory=dict)  # decode: batch position -> per layer, some head lazy
     clocks: list["_Clock"] = field(default_factory=list)  # scoring time per layer
 
+    @property
+    def wants_lse(self) -> bool:
+        """A request decides from this forward's own last queries: the prefill's all-keys log-sum-exp serves its
+        score (queries carried over from an earlier chunk have none here)."""
+        return any(s.decide and s.carry is None for s in self.scorers)
+
 
 class _Clock:
     """Scoring time of one layer: host time on CPU, CUDA events on a GPU (read after the decision's sync)."""

@@ -171,18 +171,20 @@ def offload_engine(model_path):
 # The suite in two halves, one per pytest-xdist worker (``make test``: ``-n 2 --dist loadgroup``; each engine runs
 # with OMP_NUM_THREADS=1, so two workers use both cores of the CI machine). Each half runs its files in the order
 # listed here. The split keeps at most two engines (or engine servers) alive per worker at any time (each holds
-# ~4 GB), with ``pytest_runtest_teardown`` below: FIRST holds the modules that start engines of their own, SECOND
-# every user of the session's engines (test_api's two tests on its offload server among them, ``TO_SECOND``: the
-# one that compares with ``slkv_engine`` and the other user of that server); test_bench_serve runs just before
-# test_offload_engine, the other user of ``offload_engine``. A file named in neither list runs at the end of
-# SECOND. In each half the files that start no engine (no test marked ``engine``) run first. Tests do not depend
-# on this order or split; it is about memory and wall-clock time.
-FIRST = ["test_kv_tier.py", "test_api.py", "test_launch_server.py", "test_hybrid_engine.py", "test_reference.py",
-         "test_startup.py", "test_config.py", "test_api_store.py", "test_api_hostile.py", "test_api_server.py",
-         "test_deploy.py", "test_gpu_check.py", "test_tensor_parallel.py", "test_offload.py", "test_profile.py",
-         "test_packaging.py"]
-SECOND = ["test_engine.py", "test_heads.py", "test_decode_mode.py", "test_evaluation.py", "test_bench_serve.py",
-          "test_offload_engine.py", "test_api.py"]
+# ~4 GB; the KV-tier modules' three have small pools), with ``pytest_runtest_teardown`` below, and the halves'
+# times about equal: FIRST holds modules that start engines of their own, and test_decode_mode, whose
+# ``slkv_engine`` is stopped before test_api starts its servers; SECOND the other users of the session's engines
+# (test_api's two tests on its offload server among them, ``TO_SECOND``: the one that compares with ``slkv_engine``
+# and the other user of that server; test_bench_serve just before test_offload_engine, the other user of
+# ``offload_engine``), then, once those are stopped, the KV tier on the FlashInfer path. A file named in neither
+# list runs at the end of SECOND. In each half the files that start no engine (no test marked ``engine``) run
+# first. Tests do not depend on this order or split; it is about memory and wall-clock time.
+FIRST = ["test_kv_tier.py", "test_decode_mode.py", "test_api.py", "test_launch_server.py", "test_hybrid_engine.py",
+         "test_reference.py", "test_startup.py", "test_config.py", "test_api_store.py", "test_api_hostile.py",
+         "test_api_server.py", "test_deploy.py", "test_gpu_check.py", "test_gpu_e2e.py", "test_tensor_parallel.py",
+         "test_offload.py", "test_profile.py", "test_packaging.py"]
+SECOND = ["test_engine.py", "test_heads.py", "test_evaluation.py", "test_bench_serve.py", "test_offload_engine.py",
+          "test_api.py", "test_kv_tier_flashinfer.py"]
 TO_SECOND = {"test_api.py::test_four_turns_with_the_openai_client",
              "test_api.py::test_host_budget_through_the_admin_channel"}
 SHARED_ENGINES = ("slkv_engine", "offload_engine")

@@ -28,6 +28,11 @@ def test_dry_run_end_to_end(tmp_path):
         assert report[name]["ok"] is True, report[name]
         assert set(report[name]["max_err"]) == {f"a row per {unit}, {part}" for unit in ("KV head", "layer")
                                                 for part in ("extend", "extend lse", "decode")}
+    # --slkv-offload's moves through the plugin's executor: a layer-pipelined reload brings back exactly what left
+    pipeline = report["offload_pipeline"]
+    assert pipeline["ok"] is True and pipeline["roundtrip_exact"] is True, pipeline
+    assert pipeline["reloaded_bytes"] == pipeline["lazy_units"] * (600 - 4 - 64) * 2 * 32 * 4  # rows of [2, 1, 32] fp32
+    assert report["decode_overhead"]["batch"] == 4 and report["decode_overhead"]["step_ms"] > 0
     memory = report["scoring_memory"]["8192"]
     assert memory["chunked_vs_unchunked_max_abs"] <= 1e-6
     print(f"scoring peak at 8K keys: unchunked {memory['unchunked_MiB']:.1f} MiB, chunked {memory['chunked_MiB']:.1f} MiB")

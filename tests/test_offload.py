@@ -154,6 +154,22 @@ def test_host_blocks_are_recycled_within_the_budget(model_kv):
     assert len(arena._spare) * BLOCK_BYTES + arena.stats.held_bytes <= arena.budget_bytes
 
 
+def test_prepinned_blocks_serve_the_first_saves():
+    """A share of the budget is allocated and touched at start (``prepin``, whole blocks, at most the budget); the
+    first save fills those blocks instead of allocating."""
+    from offload.arena import BLOCK_BYTES
+
+    kv = torch.randn(2 * BLOCK_BYTES // (2 * 4 * 64 * 4), 2, 4, 64)  # exactly two blocks of float32 rows
+    slots = torch.arange(1, kv.shape[0] + 1)
+    arena = HostArena(budget_bytes=5 * BLOCK_BYTES, num_units=1, num_slots=kv.shape[0], prepin=3 * BLOCK_BYTES + 7)
+    prepinned = {b.data_ptr() for b in arena._spare}
+    assert len(prepinned) == 3
+    arena.save(arena.new_entry(), "a", [0], slots, slots, kv)
+    used = {b.data_ptr() for c in arena._chunks.values() for b in c.blocks}
+    assert len(used) == 2 and used < prepinned and len(arena._spare) == 1
+    assert len(HostArena(budget_bytes=2 * BLOCK_BYTES + 1, num_units=1, num_slots=1, prepin=9 * BLOCK_BYTES)._spare) == 2
+
+
 # ---- the KV tier: planner and executor over real tensors -------------------------------------------------
 def _tier(layers: int = 2, host_budget: int = 1 << 20, units_per_layer: int = 1) -> KvTier:
     """Two KV heads per layer, in one row per layer (``units_per_layer`` 1) or one row per head (2)."""

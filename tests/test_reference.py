@@ -10,7 +10,7 @@ import torch
 from slkv_sglang.config import SlkvConfig
 from slkv_sglang.tools.corpus import prompt_ids
 from slkv_sglang.tools.reference import _mass
-from slkv_sglang.scoring import head_mass
+from slkv_sglang.scoring import head_mass, window_masses
 
 QUESTION = "Which classes and functions are defined in the code above? Answer briefly."
 
@@ -65,6 +65,29 @@ def test_mass_from_the_attention_kernels_lse(chunk):
     got = head_mass(q[0, :, -n:].transpose(0, 1), k_cache, slots, 4, 256, 0.125, chunk=chunk,
                     lse_all=kernel_lse[0, :, -n:])
     assert torch.allclose(explicit, got, atol=1e-5)
+
+
+def test_batched_window_masses_equal_each_requests_mass():
+    """Requests of different lengths and query counts (a prompt shorter than sink + recent among them), scored
+    at once from their kernels' log-sum-exps (what a prefill gives every backend), equal the materialised
+    softmax's mass of each alone."""
+    torch.manual_seed(2)
+    cases = [(1500, 32), (300, 5), (200, 32), (2000, 17)]  # (tokens, last queries)
+    pool = torch.zeros(4100, 3, 64)
+    free = torch.randperm(4100)
+    queries, slots, lses, expected, at = [], [], [], [], 0
+    for seq, n in cases:
+        q, k, v = torch.randn(1, 9, seq, 64), torch.randn(1, 3, seq, 64), torch.randn(1, 3, seq, 64)
+        expected.append(_mass(q, k, n, sink=4, recent=256, scaling=0.125))
+        _, kernel_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=0.125)
+        slots.append(free[at : at + seq])
+        pool[slots[-1]] = k[0].transpose(0, 1)
+        queries.append(q[0, :, -n:].transpose(0, 1))
+        lses.append(kernel_lse[0, :, -n:])
+        at += seq
+    got = window_masses(queries, pool, slots, lses, sink=4, recent=256, scaling=0.125)
+    assert got.shape == (4, 9)
+    assert torch.allclose(got, torch.stack(expected), atol=1e-5)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from sglang.srt.runtime_context import get_parallel
 from ..config import SlkvConfig
 from ..model_layers import ModelLayers, check_attention_modules
 from ..report import Outbox, record
-from ..scoring import head_mass
+from ..scoring import head_mass, window_masses
 from ..tensor_parallel import all_gather_heads
 from ..tracker import Decision, LazyTracker, MassFn
 
@@ -62,12 +62,17 @@ class ScoringMixin:
         return o
 
     def _mass(self, layer: Any) -> MassFn:
-        """Per-head masses of the deciding requests in this layer: chunked torch scoring over the key cache."""
+        """Per-head masses of the deciding requests in this layer, in torch over the key cache: where the prefill
+        gave each request's all-keys log-sum-exp, only sink + recent keys are read, every request in one batch;
+        otherwise each request's keys are read in chunks."""
         k_cache = self.pool.key_reader(layer.layer_id)  # indexable by slot ids, whatever the pool
         cfg = self.tracker.config
 
         def mass(queries: list[torch.Tensor], key_slots: list[torch.Tensor],
                  lses: list[torch.Tensor | None]) -> list[torch.Tensor]:
+            if all(lse is not None for lse in lses):
+                return list(window_masses(queries, k_cache, key_slots, lses, cfg.sink, cfg.recent,  # type: ignore[arg-type]
+                                          layer.scaling, layer.k_scale_float))
             return [head_mass(q, k_cache, slots, cfg.sink, cfg.recent, layer.scaling, layer.k_scale_float, lse_all=lse)
                     for q, slots, lse in zip(queries, key_slots, lses)]
 

@@ -11,9 +11,14 @@ pattern* (which KV heads of which requests read only sink + recent in a layer): 
 recent slots where a request is lazy and all its slots elsewhere; with head granularity a partly lazy request
 is planned per (request, KV head) pair (``flashinfer_ops.WindowedDecode``). Laziness is mostly a property of
 the layer (docs/design.md), so a batch needs few patterns. ``plan()`` runs once per batch in
-``init_forward_metadata``; each layer only picks its wrapper and runs it. Scoring uses FlashInfer's prefill
-with ``return_lse`` (``flashinfer_ops.LseScorer``), planned once per forward, over slot pages; over rows, torch
-scores the sink + recent keys against the prefill's log-sum-exp. The calls themselves live in
+``init_forward_metadata``; each layer only picks its wrapper and runs it.
+
+Scoring takes the all-keys log-sum-exp from the prefill itself: in a forward where some request decides from its
+own last queries, every full-attention layer's prefill is the plugin's (``PagedExtend``, over slot pages as over
+rows), which returns it with the output, and torch scores the sink + recent keys of all deciding requests in one
+batch (``scoring.window_masses``): a few kernels per layer, not a second pass over all keys. Queries carried over
+from an earlier chunk have no log-sum-exp in this forward: FlashInfer's prefill with ``return_lse``
+(``flashinfer_ops.LseScorer``) scores them over slot pages. The calls themselves live in
 ``flashinfer_ops``, which the device check (``slkv gpu-check``) runs against torch references without SGLang.
 
 CUDA graphs are off (``startup.py``): the decode windows are planned per step.
@@ -81,8 +86,10 @@ class SlkvFlashInferBackend(PagedForward, ScoringMixin, FlashInferAttnBackend):
                                                   use_tensor_cores=self.decode_use_tensor_cores)
 
     def _mass(self, layer: Any) -> MassFn:
-        """FlashInfer scoring, planned at the forward's first scored layer; torch when the window is too short,
-        and over rows (against the prefill's log-sum-exp where it gave one)."""
+        """Where the plugin's prefill gave the all-keys log-sum-exp (a request deciding from this forward's own
+        queries), torch over the sink + recent keys, all requests in one batch (``ScoringMixin``); otherwise (queries
+        carried over from an earlier chunk) FlashInfer over slot pages, planned at the forward's first scored layer,
+        and torch when the window is too short or over rows."""
         scorer, torch_mass = self._scorer, super()._mass(layer)
         if scorer is None:
             return torch_mass
@@ -90,7 +97,7 @@ class SlkvFlashInferBackend(PagedForward, ScoringMixin, FlashInferAttnBackend):
 
         def mass(queries: list[torch.Tensor], key_slots: list[torch.Tensor],
                  lses: list[torch.Tensor | None]) -> list[torch.Tensor]:
-            if not all(scorer.supports(len(q)) for q in queries):
+            if all(lse is not None for lse in lses) or not all(scorer.supports(len(q)) for q in queries):
                 return torch_mass(queries, key_slots, lses)
             if not scorer.matches(queries, key_slots):
                 scorer.plan([len(q) for q in queries], key_slots, layer.scaling, layer.logit_cap or None)

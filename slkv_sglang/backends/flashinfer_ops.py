@@ -247,16 +247,18 @@ class WindowedDecode:
 
 class PagedExtend:
     """A prefill's attention over each request's whole KV (its prefix and its new tokens, written before), through
-    per-layer pages (a ``page_map``: the rows of ``kv.pool.RowKVPool``): planned once per forward over slots, run
-    per layer after writing the layer's pages into the wrapper's index buffer. It returns the log-sum-exp over all
-    keys too, which scoring then does not compute again.
+    per-layer pages (a ``page_map``: the rows of ``kv.pool.RowKVPool``; None: pages are slot ids in every layer):
+    planned once per forward over slots, run per layer after writing the layer's pages into the wrapper's index
+    buffer. It returns the log-sum-exp over all keys too, which scoring then does not compute again.
 
     Where a page holds fewer KV heads than the layer (``heads_per_page``: a row per KV head), each (KV head,
     request) pair is a FlashInfer request of its own, head-major, over the cache viewed with one head per page:
     the query is regrouped head-major for the call (one copy) and the output back."""
 
-    def __init__(self, wrapper: Any, shape: AttnShape, page_map: PageMap, heads_per_page: int):
-        self.wrapper, self.shape, self.page_map, self.heads_per_page = wrapper, shape, page_map, heads_per_page
+    def __init__(self, wrapper: Any, shape: AttnShape, page_map: PageMap | None, heads_per_page: int = 0):
+        """``heads_per_page``: KV heads a page holds (0: all of a layer's)."""
+        self.wrapper, self.shape, self.page_map = wrapper, shape, page_map
+        self.heads_per_page = heads_per_page or shape.num_kv_heads
         self._entries: _Entries | None = None
 
     @property

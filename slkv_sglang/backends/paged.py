@@ -2,11 +2,12 @@
 with torch kernels in its place (``torch_paged``, ``--slkv-flashinfer-standin``).
 
 Decode: restricted layers, and over a pool whose pages differ per layer (``--slkv-offload``'s rows) every
-full-attention layer, run ``WindowedDecode``: planned once per step, per lazy pattern. Prefill over such a pool
-runs ``PagedExtend``, planned at the forward's first full-attention layer and reused by the others: after the pool
+full-attention layer, run ``WindowedDecode``: planned once per step, per lazy pattern. Prefill over such a pool,
+and over SGLang's own buffers in a forward where some request decides from its own last queries, runs
+``PagedExtend``, planned at the forward's first full-attention layer and reused by the others: after the pool
 restored the layer's prefix and took its new tokens, each request's new tokens attend causally to all its KV, and
-the all-keys log-sum-exp comes with the output for scoring. Over SGLang's own buffers (pages are slot ids) the
-backend's parent runs every unrestricted read.
+the all-keys log-sum-exp comes with the output for scoring. Otherwise, over SGLang's own buffers (pages are slot
+ids), the backend's parent runs every unrestricted read.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ class PagedReads:
         self.full = frozenset(tracker.full_layers)
         self.windowed = WindowedDecode(new_decode_wrapper, shape, config.sink, config.recent, page_map=pool.page_map,
                                        heads_per_page=pool.heads_per_page, **plan_kwargs)
-        self.extend = None if pool.page_map is None else PagedExtend(new_prefill_wrapper(), shape, pool.page_map,
-                                                                      pool.heads_per_page)
+        self.extend = PagedExtend(new_prefill_wrapper(), shape, pool.page_map, pool.heads_per_page)
         self._extend_planned = False
+        self._wants_lse = False  # this forward's scoring takes the prefill's log-sum-exp
 
     def plan(self, forward_batch: Any, plan: Any, req_to_token: torch.Tensor) -> None:
         """Once per forward (``init_forward_metadata``), after the tracker planned it (``plan``)."""
         self._extend_planned = False
+        self._wants_lse = plan is not None and not plan.is_decode and plan.wants_lse
         window = plan.window if plan is not None and plan.is_decode else {}
         if not forward_batch.forward_mode.is_decode() or (not window and self.windowed.page_map is None):
             self.windowed.plan([], {}, {})
@@ -49,14 +51,14 @@ class PagedReads:
                            plan.heads if window else {}, layers=sorted(self.full))
 
     def runs_extend(self, layer: Any) -> bool:
-        """This prefill layer is the plugin's (a pool of per-layer pages), not the backend parent's."""
-        return self.extend is not None and layer.layer_id in self.full
+        """This prefill layer is the plugin's (a pool of per-layer pages, or scoring wants its log-sum-exp), not
+        the backend parent's."""
+        return layer.layer_id in self.full and (self.windowed.page_map is not None or self._wants_lse)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer: Any,
                        forward_batch: Any, write: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's prefill attention ``[tokens, heads x dim]`` and log-sum-exp ``[heads, tokens]``; ``write``
         stores the new tokens' KV (between the pool's restore and heal)."""
-        assert self.extend is not None
         pool, lid = self.pool, layer.layer_id
         req_to_token = self.tracker.req_to_token
         prefixes, exts = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu

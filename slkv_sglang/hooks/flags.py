@@ -64,6 +64,9 @@ def add_cli_args(_result: Any, parser: argparse.ArgumentParser) -> None:
     _add_flag(parser_, "--slkv-offload-budget", "SLKV_OFFLOAD_BUDGET", type=int, default=None,
               help="Host bytes for offloaded KV (default 4 GiB); when full, the least recently used sessions "
                    "are evicted, and what does not fit is recomputed when a later turn needs it.")
+    _add_flag(parser_, "--slkv-offload-prepin", "SLKV_OFFLOAD_PREPIN", type=float, default=None,
+              help="Share of the host budget allocated (pinned on CUDA) and touched at start-up, so that early "
+                   "offloads do not pay first touch (default 0.25).")
     _add_flag(parser_, "--slkv-poison-freed", "SLKV_POISON", nargs="?", const=True, default=None,
               help="Debug: fill freed device KV (SGLang's freed slots, or freed rows with offload) with NaN so "
                    "that any read of it shows in the outputs.")

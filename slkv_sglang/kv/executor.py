@@ -2,8 +2,13 @@
 
 Owned by the ``RowKVPool`` (``pool.py``), through which the attention backend calls it per layer (each of its units:
 ``rows.py``): ``restore`` before a prefill attends to its prefix, ``write`` for new tokens, ``heal`` after it, ``read``
-for every read; after the forward's decisions, ``release_lazy`` frees the middle tokens of lazy units. A request whose KV cannot be made whole (a bug of ours: the
-planner found it restorable) is never served: in strict mode (``--slkv-poison-freed``) it raises, otherwise the
+for every read; after the forward's decisions, ``release_lazy`` frees the middle tokens of lazy units.
+
+Reloads are layer-pipelined: the first layer's ``restore`` issues every layer's reloads (host copies, then the
+scatter into fresh rows, all on the host tier's copy stream), each layer's ending in its own fence; layer l's
+``restore`` only makes the compute stream wait for layer l's fence, so layer 0 computes while later layers' KV is
+still on its way (SGLang HiCache loads back layer by layer the same way). A request whose KV cannot be made whole (a
+bug of ours: the planner found it restorable) is never served: in strict mode (``--slkv-poison-freed``) it raises, otherwise the
 request finishes with an error, its KV is not cached, and the engine goes on.
 """
 
@@ -25,17 +30,30 @@ class KvExecutor:
     def __init__(self, tier: KvTier, sink: int, recent: int, strict: bool):
         self.tier, self.sink, self.recent, self.strict = tier, sink, recent, strict
         self.step = KvStep([])
+        self._fences: dict[int, object] | None = None  # layer -> its reloads' fence; None: not issued yet
 
     def begin(self, step: KvStep) -> None:
         self.step = step
+        self._fences = None
 
     def failed(self, pos: int) -> bool:
         return pos in self.step.failed
 
     # ---- prefill ------------------------------------------------------------------------------------
     def restore(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int]) -> None:
-        """Bring back from the host every prefix row this layer's units gave away, before the prefill reads it."""
+        """Before a prefill layer reads its prefix: every prefix row this layer's units gave away is back (the
+        first call of a forward issues every layer's reloads)."""
+        if self._fences is None:
+            self._fences = {}
+            for lid in range(self.tier.rows.num_layers):
+                if self._restore_layer(lid, req_to_token, prefix_lens):
+                    self._fences[lid] = self.tier.host.fence()
+        self.tier.host.join(self._fences.get(layer))
+
+    def _restore_layer(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int]) -> bool:
+        """Issue the reloads of ``layer``'s missing prefix rows; True if there were any."""
         rows, host = self.tier.rows, self.tier.host
+        issued = False
         for pos, (r, prefix) in enumerate(zip(self.step.requests, prefix_lens)):
             if not prefix or self.failed(pos):
                 continue
@@ -59,12 +77,14 @@ class KvExecutor:
                         rows.give(taken)
                     self._fail(pos, r, f"layer {layer}: {need.numel()} prefix rows could not be restored")
                     break
-                host.join()  # the copy into the rows is queued after the reload
-                rows.put(taken, out)
+                with host.copy_stream(taken, out):  # the scatter into the rows, after the reload, off the compute stream
+                    rows.put(taken, out)
+                issued = True
                 for unit, mine in zip(members, taken.view(len(members), -1)):
                     rows.place(unit, need, mine)
                 self.tier.ledger.taken(r.req_pool_idx, taken.numel())
                 self.tier.stats.restored_rows += taken.numel()
+        return issued
 
     def heal(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int], ext_lens: Sequence[int]) -> None:
         """Copy KV this prefill recomputed into the cached slots' missing rows, so the next turn finds them whole:

@@ -131,7 +131,7 @@ class RowKVPool(SlotKVPool):
                                   "the slots' index is paid: lower it, or leave it unset")
         self.tier = KvTier.build(self.layer_num, per_layer, size, rows, heads=self.head_num, dim=self.head_dim,
                                  dtype=self.dtype, device=self.device, host_budget=cfg.offload_budget,
-                                 poison=cfg.poison)
+                                 poison=cfg.poison, host_prepin=int(cfg.offload_budget * cfg.offload_prepin))
         if cfg.shared_store:  # the shared tier's keys name the served model
             from sglang.srt.runtime_context import get_serving
 

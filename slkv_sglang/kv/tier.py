@@ -75,14 +75,17 @@ class KvTier:
 
     @classmethod
     def build(cls, num_layers: int, units_per_layer: int, num_slots: int, num_rows: int, heads: int, dim: int,
-              dtype: torch.dtype, device: torch.device | str, host_budget: int, poison: bool = False) -> "KvTier":
-        """``heads``: KV heads per layer, split into ``units_per_layer`` units (``rows.py``)."""
+              dtype: torch.dtype, device: torch.device | str, host_budget: int, poison: bool = False,
+              host_prepin: int = 0) -> "KvTier":
+        """``heads``: KV heads per layer, split into ``units_per_layer`` units (``rows.py``); ``host_prepin``: host
+        bytes allocated at once (``HostArena``)."""
         if heads % units_per_layer:
             raise ValueError(f"{heads} KV heads do not split into {units_per_layer} equal units")
         units = num_layers * units_per_layer
         rows = DeviceRows(num_layers, units_per_layer, num_slots, num_rows, heads // units_per_layer, dim, dtype, device,
                           poison)
-        return cls(rows, Ledger(units, num_slots, device), HostArena(host_budget, units, num_slots, device), TierStats())
+        return cls(rows, Ledger(units, num_slots, device), HostArena(host_budget, units, num_slots, device, host_prepin),
+                   TierStats())
 
     @property
     def rows_per_slot(self) -> int:

@@ -13,12 +13,17 @@ references, on Llama-3-8B's attention shapes (32 q / 8 kv heads, head dim 128, b
   pattern, a row per KV head and a row per layer, against torch over the same KV;
 - ``scoring``: the backend's scoring (``flashinfer_ops.LseScorer``, prefill with ``return_lse``) equals the
   chunked torch scoring (``scoring.head_mass``) on the same bf16 cache;
-- ``scoring_time``: identification per layer (lse and torch scoring) against the layer's prefill;
+- ``scoring_time``: identification per layer against the layer's prefill: ``LseScorer``, torch over all keys, and
+  what the backend runs now, torch over the window against the prefill's own log-sum-exp (alone, and as the
+  increment it adds to a layer's prefill);
 - ``tracker``: the tracker's chunked-prefill decision on the device with that scoring, then decode windows;
 - ``decode_time``: decode attention per layer at 4K / 16K / 32K context, lazy (sink + recent) vs full, and the
   per-step attention time with half the layers lazy, plan included;
 - ``host_tier``: the host arena's offload / reload GB/s against a plain pinned ``copy_`` and the PCIe link the
   card reports, and how much of an offload hides behind a matmul on the side stream;
+- ``offload_pipeline`` and ``decode_overhead`` (``gpu_pipeline``): a 4K conversation's layer-pipelined reload
+  through the plugin's executor (bit-exact under compute, bandwidth, share hidden behind the prefill), and the
+  row pool's planning and page gathers per decode step at batch 64;
 - ``scoring_memory``: peak transient memory of scoring at 32K and 128K keys, unchunked vs chunked vs lse;
 - the decode and scoring checks again with an fp8 (e4m3) KV cache and ``k_scale`` / ``v_scale``.
 
@@ -42,7 +47,8 @@ import torch
 from ..backends.flashinfer_ops import (PREFILL_BACKEND, AttnShape, LseScorer, PagedExtend, WindowedDecode,
                                       plan_decode)
 from ..backends.torch_paged import TorchPagedDecode, TorchPagedPrefill, dense_decode
-from ..scoring import SCORE_CHUNK, gather_keys, head_mass, window_slots
+from ..scoring import SCORE_CHUNK, gather_keys, head_mass, window_masses, window_slots
+from . import gpu_pipeline
 
 SHAPES = {  # name -> (q heads, kv heads, head dim)
     "llama3-8b": (32, 8, 128),
@@ -499,10 +505,24 @@ def scoring_time(device: torch.device) -> dict[str, Any]:
         t_lse = _cuda_ms(lambda: scorer.mass([q_last], (k_cache, v_cache)), 50)
         t_torch = _cuda_ms(lambda: head_mass(q_last, k_cache, slots, SINK, RECENT, scale), 20)
         t_plan = _host_ms(lambda: scorer.plan([LAST], [slots], sm_scale=scale), 20)
+        # what the backend does now: the prefill's own all-keys lse (FlashInfer's is base 2), the window in torch
+        _, lse = prefill.run(q_all, (k_cache, v_cache), return_lse=True)
+        lse_last = lse[-LAST:].movedim(0, 1).float() * math.log(2)
+        long = slots.long()
+
+        def window() -> None:
+            window_masses([q_last], k_cache, [long], [lse_last], SINK, RECENT, scale)
+
+        t_window = _cuda_ms(window, 50)
+        # inside a forward the host issues ahead of a busy device: the window's cost is its increment there
+        t_layer_with = _cuda_ms(lambda: (prefill.run(q_all, (k_cache, v_cache), return_lse=True), dense(), window()), 10)
         layer = t_attn + t_dense
         out[str(ctx)] = {"prefill_attention_ms": t_attn, "prefill_dense_ms": t_dense, "lse_scoring_ms": t_lse,
                          "torch_scoring_ms": t_torch, "lse_plan_ms_per_forward": t_plan,
-                         "lse_share_of_layer_prefill": t_lse / layer, "torch_share_of_layer_prefill": t_torch / layer}
+                         "window_scoring_ms": t_window, "layer_with_window_ms": t_layer_with,
+                         "lse_share_of_layer_prefill": t_lse / layer, "torch_share_of_layer_prefill": t_torch / layer,
+                         "window_share_of_layer_prefill": t_window / layer,
+                         "window_increment_share": (t_layer_with - layer) / layer}
         del k_cache, v_cache, q_all, x, h, weights, w_down
         torch.cuda.empty_cache()
     return out
@@ -672,6 +692,12 @@ def run(dry: bool, out_dir: Path, jit_shapes: bool) -> dict[str, Any]:
     section("scoring_time", lambda: scoring_time(device))
     section("host_tier", lambda: host_tier(device, 4096, 16) if cuda else host_tier(device, 2048, 2), needs_cuda=False)
     section("scoring_memory", lambda: scoring_memory(device, (32768, 131072) if cuda else (8192,)), needs_cuda=False)
+    small = {} if cuda else {"m": gpu_pipeline.TINY, "recent": 64}  # dry: the plumbing, at small sizes
+    section("offload_pipeline", lambda: gpu_pipeline.offload_pipeline(
+        device, **small, **({} if cuda else {"history": 600, "new_tokens": 32, "iters": 1})), needs_cuda=False)
+    section("decode_overhead", lambda: gpu_pipeline.decode_overhead(
+        device, emulate=not cuda, **small, **({} if cuda else {"batch": 4, "context": 600, "iters": 1})),
+        needs_cuda=False)
     if jit_shapes:
         section("decode_smollm2-135m", lambda: check_decode("smollm2-135m", device))
         section("decode_heads_smollm2-135m", lambda: check_decode_heads("smollm2-135m", device, emulate=not cuda),

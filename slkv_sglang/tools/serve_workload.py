@@ -50,7 +50,7 @@ class Turn:
 class Session:
     name: str
     turns: tuple[Turn, ...]
-    passcode: str  # asked for by the last turn
+    passcode: str  # asked for by the last turn; "" for none (serve_driver then checks no needle)
     start: float  # seconds after the run's start at which the session sends its first turn
 
 
