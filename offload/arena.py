@@ -19,9 +19,11 @@ units of it that would not fit even alone are refused (nothing copied, nothing e
 recomputes them later.
 
 On CUDA the host tensors are pinned and copies run on a side stream (the *copy stream*), ordered by events: the
-compute stream waits only where it reads what a copy wrote (``join`` on that copy's ``fence``), never for a save;
-the host waits (``wait``) only before a block whose copies are still in flight is handed out again. A share of the
-budget is allocated (pinned) and touched at start-up (``prepin``), so early saves do not pay first touch.
+compute stream waits only where it reads what a copy wrote (``join`` on that copy's ``fence``), never for a save.
+Every copy into or out of a block runs on that one stream, in issue order, so a freed block is handed out again at
+once; the host touches a block itself only in a scattered reload, which first waits for the copies in flight. A
+share of the budget is allocated (pinned) and touched at start-up (``prepin``), so early saves do not pay first
+touch.
 """
 
 from __future__ import annotations
@@ -155,8 +157,6 @@ class HostArena:
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._next_chunk = 0
         self._spare: list[torch.Tensor] = []  # free blocks; with the held bytes, never more than the budget
-        # freed blocks that copies still in flight may touch, with the event after which they are free
-        self._cooling: list[tuple[torch.cuda.Event, list[torch.Tensor]]] = []
         self.stats = ArenaStats()
         for _ in range(min(prepin, budget_bytes) // BLOCK_BYTES):
             self._spare.append(self._new_block().zero_())  # first touch (and pinning) paid here, not by a save
@@ -350,7 +350,8 @@ class HostArena:
                         k = min(end - lo, chunk.step - row)
                         copies.append((out[lo : lo + k], chunk.pieces[piece][row : row + k]))
                         lo, off, where = lo + k, off + k, where + k
-        else:  # scattered: one gather per piece
+        else:  # scattered: one gather per piece, read by the host (after the copies still writing blocks)
+            self.wait()
             ids = loc >> OFFSET_BITS
             for cid in np.unique(ids).tolist():
                 mine = np.flatnonzero(ids == cid)
@@ -380,7 +381,6 @@ class HostArena:
         if self._last is not None:
             self._last.synchronize()
             self._last = None
-        self._cooled(block=True)
 
     def fence(self) -> torch.cuda.Event | None:
         """The event after which every copy issued so far has landed (None on CPU: they have)."""
@@ -455,10 +455,6 @@ class HostArena:
         return nbytes
 
     def _block(self) -> torch.Tensor:
-        if not self._spare and self._cooling:  # reuse a cooling block, waiting if need be, before allocating more
-            self._cooled(block=False)
-            if not self._spare:
-                self._cooled(block=True)
         if self._spare:
             return self._spare.pop()
         return self._new_block()
@@ -467,42 +463,13 @@ class HostArena:
         return torch.empty(BLOCK_BYTES, dtype=torch.uint8, pin_memory=self._pin)
 
     def _recycle(self, chunks: Iterable[_Chunk]) -> None:
-        """Freed chunks' blocks join the free list while held + free bytes stay within the budget; blocks that
-        copies in flight may still touch wait in ``_cooling`` (the host does not block for them now)."""
-        blocks = [block for c in chunks for block in c.blocks]
-        if blocks and self._last is not None and not self._last.query():
-            self._cooling.append((self._last, blocks))
-        else:
-            self._spare.extend(blocks)
+        """Freed chunks' blocks join the free list while held + free bytes stay within the budget (a copy still in
+        flight on the copy stream runs before any later copy into the block)."""
+        self._spare.extend(block for c in chunks for block in c.blocks)
         self._trim_spare()
 
-    def _cooled(self, block: bool) -> None:
-        """Cooling blocks whose copies have landed join the free list (``block``: wait for all of them)."""
-        still = []
-        for event, blocks in self._cooling:
-            if block:
-                event.synchronize()
-            if block or event.query():
-                self._spare.extend(blocks)
-            else:
-                still.append((event, blocks))
-        self._cooling = still
-
-    def _free_bytes(self) -> int:
-        return self.budget_bytes - self.stats.held_bytes
-
     def _trim_spare(self) -> None:
-        """Free and cooling blocks beyond what the budget leaves go (the newest cooling ones first)."""
-        room = max(0, self._free_bytes() // BLOCK_BYTES)
-        del self._spare[room:]
-        room -= len(self._spare)
-        kept = []
-        for event, blocks in self._cooling:
-            blocks = blocks[: max(0, room)]
-            room -= len(blocks)
-            if blocks:
-                kept.append((event, blocks))
-        self._cooling = kept
+        del self._spare[max(0, (self.budget_bytes - self.stats.held_bytes) // BLOCK_BYTES) :]
 
     def _make_room(self, nbytes: int, keep: int | None) -> None:
         """Evict entries other than ``keep``, least recently used first, until ``nbytes`` more fit."""

@@ -6,6 +6,7 @@ gives), so only the last ``w_last`` rows of logits exist, never the full attenti
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -100,6 +101,30 @@ def head_mass(
     return torch.exp(lse_win - lse_all.to(lse_win.device, torch.float32)).mean(dim=1)
 
 
+@functools.lru_cache(maxsize=8)
+def _window_layout(lengths: tuple[tuple[int, int], ...], sink: int, recent: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For requests of (last queries, tokens) ``lengths``: where each one's sink + recent keys sit in its slots
+    concatenated (``[R x width]``, padded with its last window key), which of them each query sees (``[R, n, width]``:
+    causal, padding masked) and the query counts. The same in every layer of a forward: built once, on the host with
+    a few vector ops, and sent in one asynchronous copy each."""
+    n, seq = torch.tensor(lengths).unbind(1)
+    head = seq.clamp(max=sink)  # the sink part, then the recent part from ``tail_start``, as ``window_slots``
+    tail_start = (seq - recent).clamp(min=sink)
+    width_of = head + (seq - tail_start).clamp(min=0)
+    j = torch.arange(int(width_of.max()))[None, :]
+    at = torch.minimum(j, width_of[:, None] - 1)
+    pos = torch.where(at < head[:, None], at, tail_start[:, None] + at - head[:, None])  # [R, width]
+    q = torch.arange(int(n.max()))[None, :]
+    visible = ((pos[:, None, :] <= (seq - n)[:, None, None] + q[:, :, None]) & (j < width_of[:, None])[:, None, :]
+               & (q < n[:, None])[:, :, None])
+    index = (pos + (seq.cumsum(0) - seq)[:, None]).flatten()
+    out = (index, visible, n.float())
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in out)  # type: ignore[return-value]
+    return out
+
+
 def window_masses(
     queries: Sequence[torch.Tensor],
     k_cache: torch.Tensor,
@@ -109,40 +134,31 @@ def window_masses(
     recent: int,
     scaling: float,
     k_scale: float | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """``head_mass`` of several requests at once, each with the log-sum-exp over all its keys that its prefill gave
-    (``lses[i]`` ``[H, n_i]``): one gather of every request's sink + recent keys and one batched matmul, so a
-    layer's scoring costs a fixed handful of kernels whatever the number of requests (on a GPU, launches are what
-    it costs). Requests and windows are padded to the longest, the padding masked out. Returns float32 ``[R, H]``."""
+    (``lses[i]`` ``[H, n_i]``, with the kernel's ``soft_cap`` if it had one): one gather of every request's sink +
+    recent keys and one batched matmul, so a layer's scoring costs a fixed handful of kernels whatever the number of
+    requests (on a GPU, launches are what it costs), and no host sync. Returns float32 ``[R, H]``."""
     heads, dim = queries[0].shape[1], queries[0].shape[2]
     device = queries[0].device
-    n_max = max(q.shape[0] for q in queries)
-    positions, starts, offset = [], [], 0
-    for slots in key_slots:  # each request's window positions, as ``window_slots`` takes them
-        seq_len = slots.shape[0]
-        pos = list(range(min(sink, seq_len))) + list(range(max(seq_len - recent, sink), seq_len))
-        positions.append(pos)
-        starts.append(offset)
-        offset += seq_len
-    width = max(len(p) for p in positions)
-    index = torch.tensor([[start + p[min(j, len(p) - 1)] for j in range(width)] for start, p in zip(starts, positions)])
-    visible = torch.zeros(len(queries), n_max, width, dtype=torch.bool)  # query i of a request sees key j
-    for r, (q, slots, pos) in enumerate(zip(queries, key_slots, positions)):
-        first = slots.shape[0] - q.shape[0]  # the first query's position
-        visible[r, : q.shape[0], : len(pos)] = torch.tensor(pos)[None, :] <= torch.arange(first, slots.shape[0])[:, None]
-    window = torch.cat(list(key_slots))[index.flatten().to(device)]
+    index, visible, counts = _window_layout(tuple((q.shape[0], s.shape[0]) for q, s in zip(queries, key_slots)),
+                                            sink, recent, device)
+    requests, n_max, width = visible.shape
+    window = torch.cat(list(key_slots))[index]
     keys = gather_keys(k_cache, window).to(device=device, dtype=torch.float32)  # [R x width, Hkv, D]
     kv_heads = keys.shape[1]
     q = torch.nn.utils.rnn.pad_sequence(list(queries), batch_first=True).float()  # [R, n, H, D]
     q = q * (scaling * (k_scale if k_scale is not None else 1.0))
     # GQA without repeating keys: [R, Hkv, q_per_kv * n, D] x [R, Hkv, D, width]
-    qg = q.view(len(queries), n_max, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4).flatten(2, 3)
-    logits = torch.matmul(qg, keys.view(len(queries), width, kv_heads, dim).permute(0, 2, 3, 1))
-    logits = logits.view(len(queries), heads, n_max, width).masked_fill_(~visible.to(device)[:, None], float("-inf"))
-    lse_win = torch.logsumexp(logits, dim=-1)  # [R, H, n]; padded queries: -inf
+    qg = q.view(requests, n_max, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4).flatten(2, 3)
+    logits = torch.matmul(qg, keys.view(requests, width, kv_heads, dim).permute(0, 2, 3, 1))
+    logits = logits.view(requests, heads, n_max, width)
+    if soft_cap:  # as the attention kernel caps its logits (FlashInfer's ``logits_soft_cap``)
+        logits = soft_cap * torch.tanh(logits / soft_cap)
+    lse_win = torch.logsumexp(logits.masked_fill_(~visible[:, None], float("-inf")), dim=-1)  # [R, H, n]
     lse_all = torch.nn.utils.rnn.pad_sequence([x.movedim(0, 1) for x in lses], batch_first=True).movedim(1, 2)
-    counts = torch.tensor([q.shape[0] for q in queries], device=device, dtype=torch.float32)
-    return torch.exp(lse_win - lse_all.to(device, torch.float32)).sum(dim=2) / counts[:, None]
+    return torch.exp(lse_win - lse_all.to(device, torch.float32)).sum(dim=2) / counts[:, None]  # padding: exp(-inf)
 
 
 def reduce_heads_tensor(per_head: torch.Tensor, mode: ScoreMode, num_kv_heads: int) -> torch.Tensor:

@@ -88,9 +88,10 @@ class BatchPlan:
 
     @property
     def wants_lse(self) -> bool:
-        """A request decides from this forward's own last queries: the prefill's all-keys log-sum-exp serves its
-        score (queries carried over from an earlier chunk have none here)."""
-        return any(s.decide and s.carry is None for s in self.scorers)
+        """Requests decide in this forward, all from its own last queries: the prefill's all-keys log-sum-exp serves
+        their scores (queries carried over from an earlier chunk have none here, and are scored otherwise)."""
+        deciding = [s for s in self.scorers if s.decide]
+        return bool(deciding) and all(s.carry is None for s in deciding)
 
 
 class _Clock:

@@ -48,6 +48,7 @@ class ScoringMixin:
 
     tracker: LazyTracker
     pool: Any  # the KV pool the backend reads (``kv.pool.plugin_pool``)
+    caps_logits = False  # the prefill's kernel applies the layer's logit soft cap (so its log-sum-exp has it)
     req_to_token_pool: Any
     outbox: Outbox
 
@@ -72,7 +73,8 @@ class ScoringMixin:
                  lses: list[torch.Tensor | None]) -> list[torch.Tensor]:
             if all(lse is not None for lse in lses):
                 return list(window_masses(queries, k_cache, key_slots, lses, cfg.sink, cfg.recent,  # type: ignore[arg-type]
-                                          layer.scaling, layer.k_scale_float))
+                                          layer.scaling, layer.k_scale_float,
+                                          (layer.logit_cap or None) if self.caps_logits else None))
             return [head_mass(q, k_cache, slots, cfg.sink, cfg.recent, layer.scaling, layer.k_scale_float, lse_all=lse)
                     for q, slots, lse in zip(queries, key_slots, lses)]
 

@@ -46,6 +46,7 @@ from .paged import PagedForward, PagedReads
 
 
 class SlkvFlashInferBackend(PagedForward, ScoringMixin, FlashInferAttnBackend):
+    caps_logits = True
     def __init__(self, model_runner: Any, config: SlkvConfig, outbox: Outbox):
         super().__init__(model_runner, init_new_workspace=model_runner.init_new_workspace)
         self.outbox = outbox

@@ -4,10 +4,11 @@ Owned by the ``RowKVPool`` (``pool.py``), through which the attention backend ca
 ``rows.py``): ``restore`` before a prefill attends to its prefix, ``write`` for new tokens, ``heal`` after it, ``read``
 for every read; after the forward's decisions, ``release_lazy`` frees the middle tokens of lazy units.
 
-Reloads are layer-pipelined: the first layer's ``restore`` issues every layer's reloads (host copies, then the
-scatter into fresh rows, all on the host tier's copy stream), each layer's ending in its own fence; layer l's
-``restore`` only makes the compute stream wait for layer l's fence, so layer 0 computes while later layers' KV is
-still on its way (SGLang HiCache loads back layer by layer the same way). A request whose KV cannot be made whole (a
+Reloads are layer-pipelined: layer l's ``restore`` issues the reloads of the layers up to l + ``RELOAD_AHEAD`` not
+issued yet (host copies, then the scatter into fresh rows, all on the host tier's copy stream), each layer's
+ending in its own fence, and makes the compute stream wait for layer l's fence only; so layer l computes while the
+next layers' KV is on its way (SGLang HiCache loads back layer by layer the same way), and the device buffers the
+copies land in are those of a few layers at a time, not of the whole prefix. A request whose KV cannot be made whole (a
 bug of ours: the planner found it restorable) is never served: in strict mode (``--slkv-poison-freed``) it raises, otherwise the
 request finishes with an error, its KV is not cached, and the engine goes on.
 """
@@ -15,7 +16,7 @@ request finishes with an error, its KV is not cached, and the engine goes on.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -25,35 +26,42 @@ from .tier import KvTier
 
 logger = logging.getLogger("slkv.kv")
 
+# Layers whose reloads are issued ahead of the one computing: enough to cover a layer's reload with the compute of
+# the layers before it, few enough that their staging buffers (a 32K history's lazy half is ~64 MiB per layer of
+# Llama-3-8B in bf16) stay small.
+RELOAD_AHEAD = 3
+
 
 class KvExecutor:
     def __init__(self, tier: KvTier, sink: int, recent: int, strict: bool):
         self.tier, self.sink, self.recent, self.strict = tier, sink, recent, strict
         self.step = KvStep([])
-        self._fences: dict[int, object] | None = None  # layer -> its reloads' fence; None: not issued yet
+        self._fences: dict[int, object] = {}  # this forward's layers whose reloads are issued -> their fence
+        self._layer = -1  # the layer restored last in this forward
 
     def begin(self, step: KvStep) -> None:
         self.step = step
-        self._fences = None
+        self._fences, self._layer = {}, -1
 
     def failed(self, pos: int) -> bool:
         return pos in self.step.failed
 
     # ---- prefill ------------------------------------------------------------------------------------
     def restore(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int]) -> None:
-        """Before a prefill layer reads its prefix: every prefix row this layer's units gave away is back (the
-        first call of a forward issues every layer's reloads)."""
-        if self._fences is None:
+        """Before a prefill layer reads its prefix: every prefix row this layer's units gave away is back (and the
+        next ``RELOAD_AHEAD`` layers' reloads are on their way)."""
+        if layer <= self._layer:  # layers come in order: this is another forward's (``begin`` resets them too)
             self._fences = {}
-            for lid in range(self.tier.rows.num_layers):
-                if self._restore_layer(lid, req_to_token, prefix_lens):
-                    self._fences[lid] = self.tier.host.fence()
-        self.tier.host.join(self._fences.get(layer))
+        self._layer = layer
+        for lid in range(layer, min(layer + RELOAD_AHEAD + 1, self.tier.rows.num_layers)):
+            if lid not in self._fences:
+                self._fences[lid] = self._restore_layer(lid, req_to_token, prefix_lens)
+        self.tier.host.join(self._fences[layer])
 
-    def _restore_layer(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int]) -> bool:
-        """Issue the reloads of ``layer``'s missing prefix rows; True if there were any."""
+    def _restore_layer(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int]) -> Any:
+        """Issue the reloads of ``layer``'s missing prefix rows; their fence (None: nothing to wait for)."""
         rows, host = self.tier.rows, self.tier.host
-        issued = False
+        fence = None
         for pos, (r, prefix) in enumerate(zip(self.step.requests, prefix_lens)):
             if not prefix or self.failed(pos):
                 continue
@@ -79,12 +87,12 @@ class KvExecutor:
                     break
                 with host.copy_stream(taken, out):  # the scatter into the rows, after the reload, off the compute stream
                     rows.put(taken, out)
-                issued = True
+                fence = host.fence()
                 for unit, mine in zip(members, taken.view(len(members), -1)):
                     rows.place(unit, need, mine)
                 self.tier.ledger.taken(r.req_pool_idx, taken.numel())
                 self.tier.stats.restored_rows += taken.numel()
-        return issued
+        return fence
 
     def heal(self, layer: int, req_to_token: torch.Tensor, prefix_lens: Sequence[int], ext_lens: Sequence[int]) -> None:
         """Copy KV this prefill recomputed into the cached slots' missing rows, so the next turn finds them whole:
