@@ -177,6 +177,13 @@ def _tier(layers: int = 2, host_budget: int = 1 << 20, units_per_layer: int = 1)
                         dtype=torch.float32, device="cpu", host_budget=host_budget, poison=True)
 
 
+def test_the_kv_report_has_the_counters_bench_memory_reads():
+    from slkv_sglang.tools.bench_memory import TRANSFER_COUNTERS
+
+    report = _tier().report(torch.arange(1, 5))
+    assert all(key in report for pair in TRANSFER_COUNTERS for key in pair)
+
+
 def _kv(tier: KvTier, layer: int, slots: torch.Tensor) -> torch.Tensor:
     """``[n, 2, heads, dim]``: what a read of ``slots`` in ``layer`` gets from the device rows."""
     at = tier.rows.lookup(layer, slots)

@@ -28,6 +28,8 @@ from ..config import SlkvConfig
 from .corpus import prompt_ids
 
 FOLLOW_UP = "And which function is the longest?"
+# The request's KV report (``KvTier.report``) fields the host tier's offloads and reloads are timed in
+TRANSFER_COUNTERS = (("host_saved_bytes", "host_save_seconds"), ("host_reloaded_bytes", "host_reload_seconds"))
 
 
 def _generate(engine: Any, ids: list[int], n: int, **slkv: Any) -> tuple[float, dict[str, Any]]:
@@ -122,8 +124,8 @@ def main(argv: list[str]) -> int:
         print(f"  {name:<10} {statistics.median(values):6.2f} s")
     print(f"  reload / recompute: {statistics.median(ttft['reload']) / statistics.median(ttft['recompute']):.2f}")
     print("host tier, as the engine measured it over the run:")
-    for way in ("offload", "reload"):
-        moved, secs = transfers[f"host_{way}ed_bytes"], transfers[f"host_{way}_seconds"]
+    for way, (bytes_key, seconds_key) in zip(("offload", "reload"), TRANSFER_COUNTERS):
+        moved, secs = transfers[bytes_key], transfers[seconds_key]
         print(f"  {way:<8} {moved / 2**20:8.1f} MiB in {secs:6.3f} s  {moved / max(secs, 1e-9) / 2**30:6.2f} GiB/s")
     units_lazy = max(1, round(statistics.mean(lazy) / heads_per_row))  # rows are released per unit
     nbytes, figures = bandwidth(args.tokens, config.sink + config.recent, units_lazy, heads_per_row, dim, repeats=21,
