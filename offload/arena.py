@@ -113,7 +113,7 @@ class _Chunk:
 
 @dataclass
 class _Entry:
-    label: str  # who saved it, for reporting (a chat session id, else the request id)
+    label: str  # who saved it, for reporting (a chat session id, else the request id; empty: no conversation)
     chunks: set[int] = field(default_factory=set)
     nbytes: int = 0
 
@@ -372,7 +372,8 @@ class HostArena:
         chunk = self._chunks[cid]
         if reader is not None:
             self._entries.move_to_end(chunk.entry)
-            if self._entries[chunk.entry].label != reader:
+            saver = self._entries[chunk.entry].label
+            if saver and saver != reader:  # an unlabelled copy is no conversation's (``KvTier.demote``)
                 self.stats.shared_tokens += tokens
         return chunk
 

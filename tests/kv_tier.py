@@ -253,17 +253,18 @@ def fuzz(fuzz_engine, same_without_offload, tokenizer, mooncake, ops: int) -> No
     print(f"KV-tier fuzz: {counts} operations, {compared} answers compared, {aborts} aborts, "
           f"{budget_changes} budget changes: no difference")
     print("KV-tier counters:", {k: tier[k] for k in ("restored_rows", "recomputed_tokens", "healed_rows", "adopted_rows",
-                                                     "lost_rows", "host_evictions", "host_shared_tokens",
+                                                     "demoted_rows", "lost_rows", "host_evictions", "host_shared_tokens",
                                                      "host_mismatches", "row_shortfalls", "failed_requests",
                                                      "shared_written_blocks", "shared_hits", "shared_restored_tokens",
                                                      "shared_misses", "shared_failures", "shared_no_room")})
     assert compared == answers and tier["failed_requests"] == 0  # every answer compared
     # every path this test exists for was taken (docs/memory.md): host copies restored, a cut prefix recomputed and
-    # its cached slots healed, a duplicate's rows adopted by the tree's slots, host entries evicted, copies reloaded
+    # its cached slots healed, a duplicate's rows adopted by the tree's slots, idle cached KV demoted to the host
+    # under row pressure, host entries evicted, copies reloaded
     # by a conversation other than the one that saved them, prefixes restored from the shared store (after a
     # flush), store operations failed (the master stopped) and recomputed. (The counters are the engine's since
     # its start: this test is the first of the module's engine.)
-    for path in ("restored_rows", "recomputed_tokens", "healed_rows", "adopted_rows", "host_evictions",
+    for path in ("restored_rows", "recomputed_tokens", "healed_rows", "adopted_rows", "demoted_rows", "host_evictions",
                  "host_shared_tokens", "shared_hits", "shared_failures"):
         assert tier[path] > 0, f"seed {SEED}, {ops} operations: no operation took the path counted by {path}"
     assert _sizes(fuzz_engine)["slots_miscounted"] == 0  # admission's per-slot row count agrees with the rows
@@ -310,7 +311,7 @@ def soak(fuzz_engine, tokenizer, requests: int) -> None:
     first, last = seen[50], seen[requests]
     assert last["host_entries"] > 0  # lazy layers saved copies
     for key in ("tracker_tails", "tracker_awaiting", "tracker_timing", "tracker_running", "outbox", "ledger_promised",
-                "ledger_reserved", "slots_miscounted"):
+                "ledger_reserved", "slots_miscounted", "planner_heals"):
         assert first[key] == last[key] == 0, key
     assert last["host_entries"] <= POOL_TOKENS * 2 // DOC_TOKENS[1]  # one per cached history at most
     # RSS grows by the pool's rows first used since (the radix cache fills the pool: their pages are committed
@@ -432,7 +433,8 @@ def recoverable_states(engine, same_without_offload, tokenizer, mooncake) -> Non
     print("recoverable states:", {k: kv(got)[k] for k in ("recomputed_tokens", "restored_rows", "healed_rows",
                                                           "adopted_rows", "host_evictions", "row_shortfalls",
                                                           "failed_requests")}, sizes)
-    assert sizes["ledger_reserved"] == sizes["ledger_promised"] == sizes["tracker_running"] == sizes["slots_miscounted"] == 0
+    assert (sizes["ledger_reserved"] == sizes["ledger_promised"] == sizes["tracker_running"] == sizes["slots_miscounted"]
+            == sizes["planner_heals"] == 0)
     assert kv(got)["failed_requests"] == 0
     assert differ.finish() == 2 + 1 + 2 + 8 + 8 + 1 + 1  # every answer above, compared
 

@@ -237,6 +237,46 @@ def test_tier_releases_restores_and_falls_back_to_recompute(units_per_layer):
     assert torch.equal(_kv(tier, 1, slots), kv)
 
 
+def test_demotion_moves_the_idlest_cached_kv_to_the_host_and_a_restore_brings_it_back():
+    """Under row pressure idle cached slots give their rows up, least recently decided first, with host copies,
+    so the prefix stays restorable (not recomputed); slots a running or admitted request reads are kept, and
+    without a host budget nothing is demoted (the caller evicts instead)."""
+    tier = _tier()
+    planner, ex = KvPlanner(tier, strict=True), KvExecutor(tier, sink=4, recent=10, strict=True)
+    req_to_token = torch.zeros(4, 100, dtype=torch.int64)
+    old_ids, new_ids = list(range(20)), list(range(100, 130))
+    req_to_token[1, :20] = old = torch.arange(1, 21)
+    req_to_token[2, :30] = new = torch.arange(21, 51)
+    kv = torch.randn(50, 2, 2, 4)
+    for idx, ids, slots in ((1, old_ids, old), (2, new_ids, new)):  # two decisions, old first; none lazy
+        ex.begin(_step(idx, ids))
+        for layer in range(2):
+            ex.write(layer, slots, kv[slots - 1, 0], kv[slots - 1, 1])
+        ex.release_lazy(idx, _lazy(False, False), len(ids), req_to_token, shared=None)
+    keep = torch.zeros(101, dtype=torch.bool)
+    assert _tier(host_budget=0).demote(10, keep) == 0
+    keep[old[:5]] = True  # read by a running request
+    free = tier.rows.free
+    assert tier.demote(20, keep) == 20  # ten idle slots of the old conversation, both layers
+    assert tier.rows.free == free + 20 and tier.stats.demoted_rows == 20
+    assert tier.rows.held(old).tolist() == [10, 10] and tier.rows.held(new).tolist() == [30, 30]
+    assert tier.host.hosted(old[5:15], prefix_fingerprints(old_ids)[5:15]).all()
+    assert planner.restorable(old, prefix_fingerprints(old_ids)) == 20
+    ex.begin(_step(3, old_ids + [7]))
+    req_to_token[3, :20] = old
+    for layer in range(2):
+        ex.restore(layer, req_to_token, [20])
+        assert torch.equal(_kv(tier, layer, old), kv[:20])
+    assert tier.stats.restored_rows == 20
+    # only into the host's free bytes (row_bytes 64), and never a slot whose KV some unit lost (a heal fills it)
+    tier.host.set_budget(tier.host.stats.held_bytes + 6 * 64)
+    assert tier.demote(20, keep) == 6  # old[5:8]: the oldest idle, restored above
+    tier.host.set_budget(1 << 20)
+    tier.rows.release(torch.tensor([0]), new[:2])
+    assert tier.demote(1000, keep) == 2 * 12 + 2 * 28  # old[8:20], new[2:30]
+    assert tier.rows.held(new).tolist() == [0, 2] and tier.rows.held(old[:5]).tolist() == [5, 5]
+
+
 def test_a_restore_that_cannot_complete_fails_the_request_not_the_engine():
     """A restore the planner did not foresee (here: the host copy evicted after the match) never reads wrong
     KV: strict mode raises, otherwise the request is finished with an error and nothing of it is cached."""

@@ -82,7 +82,8 @@ def restore_shared(side: SchedulerSide, req: Any, tree_cache: Any = None, *args:
     lock = tree_cache.lock(probe.last_device_node) if matched else None
     try:
         n = kv.shape[1]
-        _evict_for_rows(side, tree_cache, n * tier.rows_per_slot)
+        matched_slots = tree_cache.path_device_indices(probe.last_device_node)[:matched] if matched else None
+        _evict_for_rows(side, tree_cache, n * tier.rows_per_slot, matched_slots)
         if allocator.available_size() < n:
             tree_cache.evict(EvictParams(num_tokens=n - allocator.available_size()))
         slots = allocator.alloc(n)
@@ -175,13 +176,21 @@ def alloc_with_rows(side: SchedulerSide, original: Any, allocator: Any, need_siz
     return slots
 
 
-def _evict_for_rows(side: SchedulerSide, tree_cache: Any, rows_needed: int) -> None:
-    """Evict the radix tree (LRU) until ``rows_needed`` rows are spare or nothing is left to evict: an
-    evicted token frees only the rows it still holds, fewer than one per unit where lazy layers or heads
-    released it."""
+def _evict_for_rows(side: SchedulerSide, tree_cache: Any, rows_needed: int, admitted: torch.Tensor | None = None) -> None:
+    """Make ``rows_needed`` rows spare: first by moving idle cached KV to the host (``KvTier.demote``: the radix
+    cache keeps those prefixes, a later turn reloads them), then by evicting the radix tree (LRU) until nothing
+    is left to evict; an evicted token frees only the rows it still holds, fewer than one per unit where lazy
+    layers or heads released it. ``admitted``: slots of requests admitted but not running yet, which keep their
+    rows (admission counted them), as do running requests' slots and the cached slots heals fill."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
     tier = side.tier
+    if tier is not None and side.tracker is not None and tier.spare_rows < rows_needed:
+        keep = side.tracker.running_slots(tier.rows.num_slots).clone()
+        for slots in (admitted, None if side.planner is None else side.planner.healing()):
+            if slots is not None:
+                keep[slots.cpu()] = True
+        tier.demote(rows_needed - tier.spare_rows, keep)
     while tier is not None and tier.spare_rows < rows_needed:
         short = -(-(rows_needed - tier.spare_rows) // tier.rows_per_slot)
         if tree_cache.evict(EvictParams(num_tokens=short)).num_tokens_evicted == 0:
@@ -192,7 +201,7 @@ def evict_more(side: SchedulerSide, _result: Any, allocator: Any, tree_cache: An
     """evict_to_free_tokens: SGLang evicts ``num_tokens`` tokens; keep going until their rows are there."""
     tier = side.tier
     if tier is not None and tree_cache is not None and tree_cache.supports_prefix_sharing():
-        _evict_for_rows(side, tree_cache, num_tokens * tier.rows_per_slot)
+        _evict_for_rows(side, tree_cache, num_tokens * tier.rows_per_slot, side.admitted)
     return None
 
 
@@ -240,10 +249,17 @@ def promise_prefix_rows(side: SchedulerSide, original: Any, batch: Any, *args: A
     if side.planner is None:
         return original(batch, *args, **kwargs)
     tree_cache = batch.tree_cache
-    return side.planner.allocate(
-        [_prefix_rows(side, tree_cache, req) for req in batch.reqs], lambda n: _evict_for_rows(side, tree_cache, n),
-        batch.extend_num_tokens, lambda: original(batch, *args, **kwargs),
-        lambda: [int(req_pool_idx(req)) for req in batch.reqs])
+    # a request that holds KV already (a later chunk) is running: its slots keep their rows as it is
+    prefixes = [tree_cache.prefix_device_indices(req).to(torch.int64).cpu() for req in batch.reqs
+                if req.prefix_len and not req.kv.holds_kv]
+    side.admitted = torch.cat(prefixes) if prefixes else None
+    try:
+        return side.planner.allocate(
+            [_prefix_rows(side, tree_cache, req) for req in batch.reqs],
+            lambda n: _evict_for_rows(side, tree_cache, n, side.admitted), batch.extend_num_tokens,
+            lambda: original(batch, *args, **kwargs), lambda: [int(req_pool_idx(req)) for req in batch.reqs])
+    finally:
+        side.admitted = None
 
 
 def charge_prefix_rows(side: SchedulerSide, original: Any, adder: Any, req: Any, *args: Any, **kwargs: Any) -> Any:

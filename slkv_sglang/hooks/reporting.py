@@ -50,6 +50,8 @@ def report_sizes(side: SchedulerSide, result: Any, *args: Any, **kwargs: Any) ->
     sizes = {**side.tracker.sizes(), "outbox": len(side.outbox), "rss_bytes": psutil.Process().memory_info().rss}
     if side.tier is not None:
         sizes.update(side.tier.sizes())
+    if side.planner is not None:
+        sizes["planner_heals"] = side.planner.heals
     result.internal_state["slkv"] = sizes
     return None
 

@@ -39,6 +39,9 @@ class SchedulerSide:
     tracker: LazyTracker | None = None
     planner: KvPlanner | None = None  # with --slkv-offload
     executor: KvExecutor | None = None  # with --slkv-offload
+    # while a prefill batch's slots are allocated: its requests' prefix slots, whose rows admission counted (no
+    # eviction for rows moves them to the host, ``admission._evict_for_rows``)
+    admitted: torch.Tensor | None = None
 
     @cached_property
     def config(self) -> SlkvConfig:
@@ -141,6 +144,18 @@ def _decode_tokens(req: Any, params: RequestParams) -> list[int] | None:
     if params.enabled and params.mode == "decode" and len(req.output_ids) == 1:
         return list(req.origin_input_ids) + list(req.output_ids)
     return None
+
+
+def admit_graph(result: bool, runner: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> bool:
+    """DecodeCudaGraphRunner.can_run_graph (after): a batch SGLang would replay a decode graph for runs eagerly
+    where the SimLayerKV backend cannot serve it from the graph; one it can is kept for the replay's plan
+    (``backends.paged.PagedForward.admit_graph``)."""
+    from ..backends.paged import PagedForward
+
+    backend = runner.attn_backend
+    if not result or not isinstance(backend, PagedForward):
+        return result
+    return backend.admit_graph(forward_batch)
 
 
 def settle_failures(side: SchedulerSide, _scheduler: Any, *args: Any, **kwargs: Any) -> None:

@@ -175,6 +175,7 @@ class KvExecutor:
             slots = req_to_token[req_pool_idx, :seq_len].to(torch.int64)
         if r is None or self.failed(pos) or r.fingerprints is None:
             return {"kv": self.tier.report(slots)}
+        self.tier.decided(slots, r.fingerprints)
         units = lazy.view(self.tier.rows.num_layers, self.tier.rows.units_per_layer, -1).all(dim=2).flatten()
         if bool(units.any()) and seq_len > self.sink + self.recent:
             self._release_middle(r, units, slots, seq_len, shared)
@@ -190,22 +191,8 @@ class KvExecutor:
         if middle.numel() == 0:
             return
         assert r.fingerprints is not None
-        fps = r.fingerprints[start : start + middle.numel()]
         lazy = units.nonzero().flatten().to(middle.device)
-        at = tier.rows.row_of[lazy[:, None], middle[None, :]]  # [lazy units, n]
-        fresh = (at >= 0).cpu() & ~tier.host.holds(lazy.tolist(), middle)
-        entry = tier.host.new_entry()
-        # one host chunk per set of units with the same copies to make (usually all of them: the same new tokens)
-        patterns, which = torch.unique(fresh, dim=0, return_inverse=True)
-        for p, mask in enumerate(patterns):
-            if not bool(mask.any()):
-                continue
-            members = (which == p).nonzero().flatten().to(at.device)
-            keep = mask.to(at.device)
-            kv = tier.rows.get(at[members][:, keep].flatten())
-            held = tier.host.save(entry, r.label, lazy[members].tolist(), middle[keep], fps[mask], kv)
-            tier.stats.lost_rows += (members.numel() - held) * int(mask.sum())
-        tier.stats.released_rows += tier.rows.release(lazy, middle)
+        tier.stats.released_rows += tier.offload(r.label, lazy, middle, r.fingerprints[start : start + middle.numel()])
 
     # ---- failures -----------------------------------------------------------------------------------
     def fail_step(self, why: str) -> None:

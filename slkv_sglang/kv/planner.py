@@ -10,6 +10,7 @@ heals the cached slots it recomputed. The cut is decided again at every match, s
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -30,6 +31,9 @@ class KvPlanner:
     def __init__(self, tier: KvTier, strict: bool):
         self.tier, self.strict = tier, strict
         self._handed: list[KvStep] = []  # steps whose results SGLang has not processed yet (``settle``)
+        # SGLang's requests whose latest match left a heal (``healing``); weak: a request dropped without a retire
+        # (aborted while waiting) leaves with its heal
+        self._healing: weakref.WeakSet[Any] = weakref.WeakSet()
 
     # ---- prefix match ---------------------------------------------------------------------------------
     def restorable(self, cached: torch.Tensor, fingerprints: torch.Tensor) -> int:
@@ -46,12 +50,25 @@ class KvPlanner:
     def match(self, req: Any, cached: torch.Tensor, tokens: Sequence[int], page_size: int) -> int:
         """A request matched ``cached`` (its prefix's slots, ``tokens`` their ids): the prefix it may use."""
         setattr(req, HEAL_ATTR, None)
+        self._healing.discard(req)
         keep = self.restorable(cached, prefix_fingerprints(tokens))
         keep -= keep % page_size
         if keep < cached.numel():
             setattr(req, HEAL_ATTR, Heal(keep, cached[keep:].clone()))
+            self._healing.add(req)
             logger.debug("slkv: %s recomputes %d cached tokens whose KV is lost", req.rid, cached.numel() - keep)
         return keep
+
+    @property
+    def heals(self) -> int:
+        """Live heals (a per-request map that must not grow without bound)."""
+        return len(self._healing)
+
+    def healing(self) -> torch.Tensor | None:
+        """The cached slots live requests' heals fill: admission promised their missing rows, so they keep the rows
+        they hold (``KvTier.demote`` leaves them)."""
+        heals = [heal.cached for req in list(self._healing) if (heal := getattr(req, HEAL_ATTR, None)) is not None]
+        return torch.cat(heals) if heals else None
 
     # ---- admission ------------------------------------------------------------------------------------
     def prefix_rows(self, req: Any, cached: torch.Tensor | None) -> int:
@@ -123,6 +140,7 @@ class KvPlanner:
         if req_pool_idx is not None:
             self.tier.ledger.retire(req_pool_idx)
         setattr(req, HEAL_ATTR, None)
+        self._healing.discard(req)
 
 
 def _scale(needs: list[int], total: int) -> list[int]:

@@ -9,9 +9,10 @@ of one ``KvTier``, and nothing else does.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from offload import HostArena
@@ -30,6 +31,9 @@ COUNT_BYTES = 4
 # per full-KV token. A row per KV head of 512 bytes (Llama-3-8B in bf16, the bundled model in float32) gets
 # 3.2 slots per full-KV token: room for savings up to 69%.
 INDEX_SHARE = 1 / 32
+# The label of host copies ``demote`` makes: the radix cache's, no conversation's (``HostArena`` counts a reload
+# as shared only between two conversations).
+DEMOTED = ""
 MAX_SLOT_FACTOR = 8.0
 
 
@@ -62,6 +66,7 @@ class TierStats:
     healed_rows: int = 0  # missing rows of cached slots filled from recomputed KV
     adopted_rows: int = 0  # rows a cached slot took over from a request's duplicate of it (``adopt``)
     row_shortfalls: int = 0  # batches whose prefix restores found fewer spare rows than admission promised
+    demoted_rows: int = 0  # rows of idle cached slots moved to the host to make room (``demote``)
     failed_requests: int = 0  # requests finished with an error because their KV could not be made whole
 
 
@@ -72,6 +77,16 @@ class KvTier:
     host: HostArena
     stats: TierStats
     shared: SharedTier | None = None
+    # per slot, on the host: the prefix fingerprint of its token where a decision saw it (-1: not known) and when
+    # (the ``decisions`` count then): what ``demote`` needs to copy a slot's KV to the host and pick the idlest
+    fingerprints: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    decided_at: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    decisions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fingerprints.size == 0:
+            self.fingerprints = np.full(self.rows.num_slots + 1, -1, dtype=np.int64)
+            self.decided_at = np.zeros(self.rows.num_slots + 1, dtype=np.int64)
 
     @classmethod
     def build(cls, num_layers: int, units_per_layer: int, num_slots: int, num_rows: int, heads: int, dim: int,
@@ -104,6 +119,7 @@ class KvTier:
         self.rows.release_slots(slots)
         self.ledger.slots_freed(slots)
         self.host.forget(slots)
+        self.fingerprints[slots.cpu().numpy()] = -1
 
     def adopt(self, own: torch.Tensor, tree: torch.Tensor) -> None:
         """SGLang caches a request whose tokens the radix tree already holds in other slots (it recomputed past a
@@ -112,6 +128,10 @@ class KvTier:
         the request reads from now on is whole (same tokens, same KV)."""
         self.stats.adopted_rows += self.rows.adopt(own, tree)
         self.host.adopt(own, tree)
+        own_at, tree_at = own.cpu().numpy(), tree.cpu().numpy()
+        unknown = self.fingerprints[tree_at] < 0
+        self.fingerprints[tree_at[unknown]] = self.fingerprints[own_at[unknown]]
+        self.decided_at[tree_at] = np.maximum(self.decided_at[tree_at], self.decided_at[own_at])
 
     def fill_slots(self, slots: torch.Tensor, kv: torch.Tensor) -> bool:
         """Fresh ``slots`` (allocated, owed their rows) take the KV ``kv`` ``[units, n, 2, heads, dim]`` in every
@@ -126,11 +146,73 @@ class KvTier:
         self.ledger.written(range(rows.num_units), slots)
         return True
 
+    def decided(self, slots: torch.Tensor, fingerprints: torch.Tensor) -> None:
+        """A decision saw the tokens of ``slots`` (a request's, by position) with these prefix fingerprints."""
+        self.decisions += 1
+        at = slots.cpu().numpy()
+        self.fingerprints[at] = fingerprints[: at.size].numpy()
+        self.decided_at[at] = self.decisions
+
+    def offload(self, label: str, units: torch.Tensor, slots: torch.Tensor, fingerprints: torch.Tensor) -> int:
+        """The rows ``slots`` hold in ``units`` go back to the free rows, a host copy first where the host does not
+        hold one and the budget allows (the rest is counted in ``lost_rows``: recomputed if read again). Returns
+        the rows released."""
+        at = self.rows.row_of[units[:, None], slots[None, :]]  # [units, n]
+        fresh = (at >= 0).cpu() & ~self.host.holds(units.tolist(), slots)
+        entry = self.host.new_entry()
+        # one host chunk per set of units with the same copies to make (usually all of them: the same tokens)
+        patterns, which = torch.unique(fresh, dim=0, return_inverse=True)
+        for p, mask in enumerate(patterns):
+            if not bool(mask.any()):
+                continue
+            members = (which == p).nonzero().flatten().to(at.device)
+            keep = mask.to(at.device)
+            kv = self.rows.get(at[members][:, keep].flatten())
+            held = self.host.save(entry, label, units[members].tolist(), slots[keep], fingerprints[mask], kv)
+            self.stats.lost_rows += (members.numel() - held) * int(mask.sum())
+        return self.rows.release(units, slots)
+
+    def demote(self, rows_needed: int, keep: torch.Tensor) -> int:
+        """Free about ``rows_needed`` rows without dropping a cached prefix: idle cached slots move their KV to the
+        host, least recently decided first, and the radix cache keeps them, so the next turn that matches them
+        reloads instead of recomputing (the planner checks their fingerprints). Idle: a decision saw their tokens,
+        ``keep`` (a mask over slots: what running and admitted requests read) does not hold them, and every unit's
+        KV of theirs is on one tier (one that lost some is a heal's to fill, its rows promised). Only into the
+        host budget's free bytes: evicting other host copies could cut a prefix already matched. Returns the rows
+        freed (0 without idle slots or host room: the caller evicts)."""
+        rows, host = self.rows, self.host
+        room = (host.budget_bytes - host.stats.held_bytes) // rows.row_bytes
+        if rows_needed <= 0 or room <= 0:
+            return 0
+        held = rows.held_by_slot.cpu().numpy()
+        idle = np.flatnonzero((self.fingerprints >= 0) & (held > 0) & ~keep.cpu().numpy())
+        if idle.size:
+            at = torch.from_numpy(idle)
+            whole = ((rows.row_of[:, at.to(rows.row_of.device)] >= 0).cpu()
+                     | host.hosted(at, torch.from_numpy(self.fingerprints[idle]))).all(dim=0)
+            idle = idle[whole.numpy()]
+        if idle.size == 0:
+            return 0
+        order = idle[np.argsort(self.decided_at[idle], kind="stable")]
+        freed = np.cumsum(held[order])
+        n = min(int(np.searchsorted(freed, rows_needed)) + 1, int(np.searchsorted(freed, room, side="right")))
+        if n == 0:
+            return 0
+        chosen = np.sort(order[:n])
+        if rows.kv.is_cuda:  # a forward in flight may still write these rows, or read them on another stream
+            torch.cuda.synchronize(rows.kv.device)
+        slots = torch.from_numpy(chosen).to(rows.row_of.device)
+        units = torch.arange(rows.num_units, device=rows.row_of.device)
+        released = self.offload(DEMOTED, units, slots, torch.from_numpy(self.fingerprints[chosen]))
+        self.stats.demoted_rows += released
+        return released
+
     def clear(self) -> None:
         """SGLang cleared its allocator (flush_cache): no slot is live."""
         self.rows.clear()
         self.ledger.clear()
         self.host.clear()
+        self.fingerprints.fill(-1)
 
     def sizes(self) -> dict[str, int]:
         """Entries of each per-request map, and what the tier holds (a soak test checks none of them grows)."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from .serve_driver import TurnRecord
 
-HOST_COUNTERS = ("host_saved_bytes", "host_reloaded_bytes", "recomputed_tokens", "restored_rows")
+HOST_COUNTERS = ("host_saved_bytes", "host_reloaded_bytes", "recomputed_tokens", "restored_rows", "demoted_rows")
 
 
 def _pct(values: list[float], q: float) -> float | None:
