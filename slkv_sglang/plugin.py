@@ -7,7 +7,7 @@ hooks listed in ``hook_table``; nothing happens unless SimLayerKV is enabled (``
 - ``flags``: the ``--slkv-*`` flags and the start-up checks (launcher process);
 - ``requests``: tokenizer side, a request's settings checked against the served model;
 - ``scheduler``: the scheduler process's state (``SchedulerSide``), the attention backends, the hand-off to the
-  backend before each forward and back after it;
+  backend before each forward and back after it, which decode batches replay a CUDA graph;
 - ``admission``: the radix cache, the slot allocator and admission, counting rows with ``--slkv-offload``;
 - ``reporting``: layer maps to clients, sizes in SGLang's internal state, the admin channel's settings.
 
@@ -25,7 +25,8 @@ from typing import Any, Callable
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from .hooks import admission, flags, reporting, requests
-from .hooks.scheduler import SchedulerSide, install_backends, release_request, settle_failures, stage_forward
+from .hooks.scheduler import (SchedulerSide, admit_graph, install_backends, release_request, settle_failures,
+                              stage_forward)
 
 _SRT = "sglang.srt."
 _ALLOCATOR = "mem_cache.allocator."
@@ -50,6 +51,8 @@ def hook_table(side: SchedulerSide) -> list[tuple[str, Callable[..., Any], HookT
          HookType.BEFORE),
         # scheduler side: each forward, and a request leaving
         ("model_executor.forward_batch_info.ForwardBatch.init_new", bound(stage_forward), HookType.AFTER),
+        ("model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph", admit_graph,
+         HookType.AFTER),
         ("managers.scheduler.Scheduler.process_batch_result", bound(settle_failures), HookType.BEFORE),
         # overlap scheduling caches a chunk (stash) before the previous forward's result is processed
         ("managers.scheduler.Scheduler.stash_chunked_request", bound(settle_failures), HookType.BEFORE),

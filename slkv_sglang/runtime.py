@@ -1,6 +1,7 @@
 """How to start SGLang here: device detection and the engine arguments for the bundled model.
 
-On a CUDA machine: FlashInfer without CUDA graphs (what the plugin serves; ``startup.py``). Without CUDA the CPU
+On a CUDA machine: FlashInfer with SGLang's CUDA graphs (with SimLayerKV on, the plugin picks the decode graphs
+it serves; ``startup.py``). Without CUDA the CPU
 engine needs the torch_native backend, no CUDA graphs, float32 (bf16 measured 5-10x slower on the 2-core CI
 machine) and one OMP thread.
 """
@@ -30,9 +31,9 @@ def engine_kwargs(model_path: str | Path, cuda: bool | None = None, **overrides:
     """``sglang.Engine`` keyword arguments for this machine (CPU or CUDA; ``cuda`` None: detect)."""
     kwargs: dict[str, Any] = {"model_path": str(model_path), "log_level": "warning"}
     if has_cuda() if cuda is None else cuda:
-        # The backend the plugin wraps, and no CUDA graphs (SimLayerKV plans decode windows per step): named
-        # here too so that a plain engine (SimLayerKV off) runs the same way and comparisons are like for like.
-        kwargs.update(attention_backend="flashinfer", disable_cuda_graph=True)
+        # The backend the plugin wraps, named here too so that a plain engine (SimLayerKV off) runs the same
+        # attention; its CUDA graphs are SGLang's defaults, SimLayerKV's the breakable decode graphs.
+        kwargs.update(attention_backend="flashinfer")
     else:
         prepare_cpu_environment()
         kwargs.update(

@@ -2,9 +2,12 @@
 
 SGLang 0.5.23 resolves its arguments once (``ServerArgs.resolve_once``) in the launching process. Before that,
 ``plan_server_args`` names the attention backend the plugin covers when the user named none (on Hopper SGLang
-would pick fa3, which the plugin does not wrap, and every request would silently run with full KV) and turns
-CUDA graphs off (the decode windows are planned per step). After it, ``check_resolved`` refuses what the
-resolution chose that the plugin cannot serve. Both take plain mappings so they are testable without CUDA.
+would pick fa3, which the plugin does not wrap, and every request would silently run with full KV) and picks
+SGLang's *breakable* decode CUDA graphs, prefill graphs off: the plugin's decode attention runs as an eager
+break between captured segments, so each step's lazy patterns are planned on the host as without graphs
+(``backends/paged.py``). A full decode graph, torch.compile or the metadata glue graph would bake the capture
+step's attention branch and plan into every replay: refused. With ``--slkv-offload`` CUDA graphs stay off. After
+it, ``check_resolved`` refuses what the resolution chose that the plugin cannot serve. Both take plain mappings so they are testable without CUDA.
 Every refusal is a ``SlkvConfigError`` naming the flag to use, raised before any process is spawned.
 """
 
@@ -16,6 +19,9 @@ from typing import Any, Mapping, Sequence
 from .config import SlkvConfig, SlkvConfigError
 
 COVERED_BACKENDS = ("flashinfer", "torch_native")
+DECODE_GRAPH = "breakable"  # the decode CUDA graph backend SimLayerKV serves (SGLang's Backend.BREAKABLE)
+_BAKES = ("a captured replay repeats the capture step's attention branch and plan, while SimLayerKV plans lazy "
+          "windows per request and step")
 BACKEND_FIELDS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
 
 
@@ -57,15 +63,32 @@ def plan_server_args(requested: Mapping[str, Any], cuda: bool, cfg: SlkvConfig) 
         raise SlkvConfigError("--enable-hierarchical-cache is not supported with --slkv-offload: SGLang's host tier "
                               "would copy and load back the token slots whose KV the plugin's rows hold; use "
                               "--slkv-offload-budget for the host tier and --slkv-shared-store for a shared one")
-    if cuda and not requested.get("disable_cuda_graph"):
+    if not cuda or requested.get("disable_cuda_graph"):
+        return plan
+    if cfg.offload:  # the capture would read SGLang's one-page buffers, which the row pool leaves empty
         plan.declarations["disable_cuda_graph"] = True
-        plan.notes.append("SimLayerKV: CUDA graphs off (decode windows differ per request and step; see docs/gpu.md)")
+        plan.notes.append("SimLayerKV: CUDA graphs off with --slkv-offload (lazy layers read per-layer rows; "
+                          "see docs/gpu.md)")
+        return plan
+    if requested.get("cuda_graph_backend_decode") == "full":
+        raise SlkvConfigError(f"--cuda-graph-backend-decode full is not supported with --enable-simlayerkv: {_BAKES}; "
+                              f"drop it (SimLayerKV selects {DECODE_GRAPH}) or use --disable-cuda-graph")
+    if requested.get("enable_torch_compile"):
+        raise SlkvConfigError(f"--enable-torch-compile is not supported with --enable-simlayerkv: {_BAKES}; drop it "
+                              "or add --disable-cuda-graph")
+    plan.declarations["disable_prefill_cuda_graph"] = True
+    if requested.get("cuda_graph_backend_decode") is None and not requested.get("disable_decode_cuda_graph"):
+        plan.declarations["cuda_graph_backend_decode"] = DECODE_GRAPH
+        plan.notes.append(f"SimLayerKV: --cuda-graph-backend-decode {DECODE_GRAPH}, prefill CUDA graphs off (decode "
+                          "attention runs eagerly between captured segments; see docs/gpu.md)")
     return plan
 
 
-def check_resolved(resolved: Mapping[str, Any], cfg: SlkvConfig, cuda_graphs: Sequence[str] = ()) -> None:
-    """After SGLang's resolution: prefill and decode run on one covered backend, and no CUDA graph phase is on
-    (``cuda_graphs``: the phases whose graphs the resolution left on)."""
+def check_resolved(resolved: Mapping[str, Any], cfg: SlkvConfig, cuda_graphs: Mapping[str, str] | None = None,
+                   metadata_glue: bool = False) -> None:
+    """After SGLang's resolution: prefill and decode run on one covered backend, and CUDA graphs are at most
+    breakable decode graphs, none with offload (``cuda_graphs``: phase -> backend, for the phases whose graphs the
+    resolution left on; ``metadata_glue``: ``SGLANG_ENABLE_METADATA_GLUE_GRAPH``)."""
     chosen = {name: resolved.get(name) for name in BACKEND_FIELDS if resolved.get(name) is not None}
     for name, backend in chosen.items():
         if backend not in COVERED_BACKENDS:
@@ -77,6 +100,16 @@ def check_resolved(resolved: Mapping[str, Any], cfg: SlkvConfig, cuda_graphs: Se
     if prefill != decode:  # SGLang would pair two backends, each with its own tracker: decode would never restrict
         raise SlkvConfigError(f"--enable-simlayerkv needs one backend for prefill and decode, got prefill {prefill} and "
                               f"decode {decode}: start with --attention-backend {decode or prefill} alone")
-    if cuda_graphs:
-        raise SlkvConfigError(f"CUDA graphs are on for {', '.join(cuda_graphs)} (a --cuda-graph-* flag overrides "
-                              "--disable-cuda-graph); SimLayerKV plans decode windows per step: drop those flags")
+    graphs = dict(cuda_graphs or {})
+    if graphs and cfg.offload:
+        raise SlkvConfigError(f"CUDA graphs are on for {', '.join(graphs)} (a --cuda-graph-* flag overrides "
+                              "--disable-cuda-graph); --slkv-offload serves decode without them: drop those flags")
+    if "prefill" in graphs:
+        raise SlkvConfigError(f"CUDA graphs are on for prefill ({graphs['prefill']}): SimLayerKV scores each prefill "
+                              "layer on the host; start with --cuda-graph-backend-prefill disabled")
+    if graphs.get("decode", DECODE_GRAPH) != DECODE_GRAPH:
+        raise SlkvConfigError(f"decode CUDA graphs are {graphs['decode']}: {_BAKES}; start with "
+                              f"--cuda-graph-backend-decode {DECODE_GRAPH} or --disable-cuda-graph")
+    if graphs and metadata_glue:
+        raise SlkvConfigError(f"SGLANG_ENABLE_METADATA_GLUE_GRAPH=1 captures the replay's metadata step, where "
+                              f"SimLayerKV plans each step's lazy windows: {_BAKES}; unset it")

@@ -176,6 +176,15 @@ class LazyTracker:
         self.plan_ = plan
         return plan
 
+    def idle(self) -> None:
+        """The forward about to run does no SimLayerKV work (a decode graph's capture): no plan, nothing staged
+        taken."""
+        self.plan_ = None
+
+    def decides_in_decode(self, req_pool_indices: Sequence[int]) -> bool:
+        """Some of these requests decide at this decode step (``--slkv-mode decode``, their first)."""
+        return any(int(idx) in self._awaiting for idx in req_pool_indices)
+
     def _plan_extend(self, plan: BatchPlan, params: list[RequestParams], prefix_lens: list[int], ext_lens: list[int]) -> None:
         cfg = self.config
         q_start = 0

@@ -45,7 +45,7 @@ def test_plugin_found_and_started_as_a_user_starts_it(report):
         ("simlayerkv", "slkv_sglang.plugin:register")]
     startup = report["startup"]
     assert startup["ok"] is True, startup
-    assert startup["attention_backend"] == "torch_native"
+    assert startup["attention_backend"] == "torch_native" and startup["decode_cuda_graph"] == "disabled"
     assert startup["plugin_log"] == [
         "SimLayerKV: --attention-backend torch_native (no backend was named; the plugin wraps this one)"]
 
@@ -81,6 +81,7 @@ def test_batch_radix_and_chunks(report):
     chunked = report["chunked_prefill"]
     assert chunked["ok"] is True, chunked
     assert chunked["last_chunk_shorter_than_last"] == [2 * DRY.chunk + 8]
+    assert report["graphs_equal_eager"] == {"ok": True, "skipped": "no CUDA graphs without CUDA"}
 
 
 def test_serving_runs_every_configuration_and_point(report):
@@ -89,7 +90,7 @@ def test_serving_runs_every_configuration_and_point(report):
     assert set(serving["configs"]) == {"sglang", "simlayerkv", "simlayerkv_offload"}
     assert serving["lazy_layers"] == lazy_share(DRY.model["num_hidden_layers"]) == [1, 3]
     for name, entry in serving["configs"].items():
-        assert entry["started"] is True and entry["cuda_graphs"] is False
+        assert entry["started"] is True and entry["decode_cuda_graph"] == "disabled"  # CPU: no CUDA graphs
         runs = {(r["history"], r["point"]): r for r in entry["runs"]}
         assert set(runs) == {(h, p) for h in DRY.histories for p in ("compute_bound", "memory_bound")}
         for (history, point), run in runs.items():

@@ -16,17 +16,25 @@ ON = SlkvConfig(enabled=True)
 OFFLOAD = SlkvConfig(enabled=True, offload=True)
 
 
+GRAPHS = {"disable_prefill_cuda_graph": True, "cuda_graph_backend_decode": "breakable"}
+
+
 @pytest.mark.parametrize("cuda, cfg, requested, declared", [
-    # nothing named: the covered backend for the machine; CUDA graphs off on CUDA
-    (True, ON, {}, {"attention_backend": "flashinfer", "disable_cuda_graph": True}),
+    # nothing named: the covered backend for the machine; on CUDA breakable decode graphs, prefill graphs off
+    (True, ON, {}, {"attention_backend": "flashinfer", **GRAPHS}),
     (False, ON, {}, {"attention_backend": "torch_native"}),
-    (True, OFFLOAD, {}, {"attention_backend": "flashinfer", "disable_cuda_graph": True}),  # rows on FlashInfer
+    (True, OFFLOAD, {}, {"attention_backend": "flashinfer", "disable_cuda_graph": True}),  # rows: no graphs
     (False, OFFLOAD, {}, {"attention_backend": "torch_native"}),
     # a covered backend named: kept as it is
-    (True, ON, {"attention_backend": "flashinfer"}, {"disable_cuda_graph": True}),
+    (True, ON, {"attention_backend": "flashinfer"}, GRAPHS),
     (True, ON, {"attention_backend": "flashinfer", "disable_cuda_graph": True}, {}),
     (False, ON, {"attention_backend": "torch_native", "disable_cuda_graph": True}, {}),
-    (True, ON, {"decode_attention_backend": "flashinfer"}, {"disable_cuda_graph": True}),
+    (True, ON, {"decode_attention_backend": "flashinfer"}, GRAPHS),
+    # decode graphs named: breakable kept, off kept (a declared decode backend would override the user's off)
+    (True, ON, {"cuda_graph_backend_decode": "breakable"}, {"attention_backend": "flashinfer",
+                                                            "disable_prefill_cuda_graph": True}),
+    (True, ON, {"disable_decode_cuda_graph": True}, {"attention_backend": "flashinfer",
+                                                     "disable_prefill_cuda_graph": True}),
 ])
 def test_plan_names_a_covered_backend(cuda, cfg, requested, declared):
     assert plan_server_args(requested, cuda, cfg).declarations == declared
@@ -41,6 +49,10 @@ def test_plan_names_a_covered_backend(cuda, cfg, requested, declared):
     ({"speculative_algorithm": "EAGLE"}, "--speculative-algorithm EAGLE is not supported"),
     ({"enable_dp_attention": True}, "--enable-dp-attention is not supported"),
     ({"pp_size": 2}, "--pp-size > 1 is not supported"),
+    # a capture would bake the capture step's attention branch and plan into every replay
+    ({"cuda_graph_backend_decode": "full"}, "--cuda-graph-backend-decode full is not supported with "
+                                            "--enable-simlayerkv: a captured replay repeats the capture step's"),
+    ({"enable_torch_compile": True}, "--enable-torch-compile is not supported with --enable-simlayerkv"),
 ])
 def test_plan_refuses_what_it_does_not_serve(requested, message):
     with pytest.raises(SlkvConfigError, match=message):
@@ -63,8 +75,15 @@ def test_check_after_resolution():
         check_resolved({"attention_backend": "flashinfer", "decode_attention_backend": "fa3"}, ON)
     with pytest.raises(SlkvConfigError, match="one backend for prefill and decode, got prefill torch_native and decode flashinfer"):
         check_resolved({"prefill_attention_backend": "torch_native", "decode_attention_backend": "flashinfer"}, ON)
-    with pytest.raises(SlkvConfigError, match="CUDA graphs are on for prefill"):
-        check_resolved({"attention_backend": "flashinfer"}, ON, ["prefill"])
+    check_resolved({"attention_backend": "flashinfer"}, ON, {"decode": "breakable"})
+    for graphs, cfg, glue, message in [
+        ({"decode": "breakable", "prefill": "breakable"}, ON, False, "CUDA graphs are on for prefill"),
+        ({"decode": "full"}, ON, False, "decode CUDA graphs are full: a captured replay repeats"),
+        ({"decode": "breakable"}, ON, True, "SGLANG_ENABLE_METADATA_GLUE_GRAPH=1 captures"),
+        ({"decode": "breakable"}, OFFLOAD, False, "--slkv-offload serves decode without them"),
+    ]:
+        with pytest.raises(SlkvConfigError, match=message):
+            check_resolved({"attention_backend": "flashinfer"}, cfg, graphs, glue)
 
 
 def test_declarations_land_in_sglangs_resolution(monkeypatch, model_path):
@@ -86,9 +105,33 @@ def test_declarations_land_in_sglangs_resolution(monkeypatch, model_path):
         mixed.resolve_once()
 
 
+def test_decode_graphs_land_in_sglangs_resolution(monkeypatch, model_path):
+    """Through SGLang's own resolution, the machine taken for a CUDA one: breakable decode graphs and no prefill
+    graphs resolved (FlashInfer named: SGLang turns graphs off for torch_native); a prefill graph named is refused
+    after resolution, a full decode graph before it."""
+    from sglang.srt.arg_groups.model_override_base import resolved_view
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs
+
+    from slkv_sglang.hooks import flags
+
+    monkeypatch.setenv("SLKV_ENABLE", "1")
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    monkeypatch.setattr(flags, "uses_cuda", lambda server_args: True)
+    load_plugins()
+    args = ServerArgs(model_path=model_path, device="cpu", attention_backend="flashinfer")
+    args.resolve_once()
+    graphs = resolved_view(args).cuda_graph_config
+    assert (graphs.decode.backend, graphs.prefill.backend) == ("breakable", "disabled")
+    for named, message in [({"cuda_graph_backend_prefill": "breakable"}, "CUDA graphs are on for prefill"),
+                           ({"cuda_graph_backend_decode": "full"}, "--cuda-graph-backend-decode full is not supported")]:
+        with pytest.raises(SlkvConfigError, match=message):
+            ServerArgs(model_path=model_path, device="cpu", attention_backend="flashinfer", **named).resolve_once()
+
+
 def test_engine_kwargs_per_machine():
     gpu = engine_kwargs("m", cuda=True)
-    assert gpu["attention_backend"] == "flashinfer" and gpu["disable_cuda_graph"] is True
+    assert gpu["attention_backend"] == "flashinfer" and "disable_cuda_graph" not in gpu  # the plugin decides graphs
     assert "device" not in gpu and "dtype" not in gpu
     cpu = engine_kwargs("m", cuda=False)
     assert cpu["device"] == "cpu" and cpu["attention_backend"] == "torch_native" and cpu["dtype"] == "float32"

@@ -21,7 +21,10 @@ from an earlier chunk have no log-sum-exp in this forward: FlashInfer's prefill 
 (``flashinfer_ops.LseScorer``) scores them over slot pages. The calls themselves live in
 ``flashinfer_ops``, which the device check (``slkv gpu-check``) runs against torch references without SGLang.
 
-CUDA graphs are off (``startup.py``): the decode windows are planned per step.
+Decode CUDA graphs: SGLang's breakable backend (``startup.py``). Each full-attention layer's decode attention runs
+as an eager break (``paged.PagedForward``); before each replay ``init_forward_metadata_out_graph`` plans the step
+from the live batch and points ``forward_metadata`` at the graph's own decode wrappers, which SGLang re-plans
+there. Not yet run on a GPU (docs/gpu.md).
 
 Not yet run on a GPU over rows (docs/gpu.md): the device check runs its reads through a torch stand-in.
 """
@@ -32,7 +35,7 @@ from typing import Any
 
 import torch
 from flashinfer import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
-from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata, FlashInferAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.runtime_context import get_parallel
 
@@ -69,8 +72,15 @@ class SlkvFlashInferBackend(PagedForward, ScoringMixin, FlashInferAttnBackend):
         self._scorer = None if self.pool.page_map is not None else LseScorer(
             self._new_prefill_wrapper(), self._shape, config.sink, config.recent)
 
-    def init_cuda_graph_state(self, *args: Any, **kwargs: Any) -> None:
-        raise SlkvConfigError("SimLayerKV plans decode windows per step: start SGLang with --disable-cuda-graph")
+    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
+        """Before a decode graph's capture or replay. SGLang re-plans the graph's wrappers here but leaves
+        ``forward_metadata`` to whatever the last eager forward set, which the breaks' parent decode reads."""
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        if forward_batch.forward_mode.is_decode():
+            bs = forward_batch.batch_size
+            swa = self.cuda_graph_swa_out_cache_loc[:bs] if self.use_sliding_window_kv_pool else None
+            self.forward_metadata = DecodeMetadata(self.decode_cuda_graph_metadata[bs], swa_out_cache_loc=swa)
+            self.plan_graph_step(bs, in_capture)
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)

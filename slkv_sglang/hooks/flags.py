@@ -105,14 +105,16 @@ def uses_cuda(server_args: Any) -> bool:
 
 
 def plan_server_args(server_args: Any, *args: Any, **kwargs: Any) -> None:
-    """ServerArgs.resolve_once (before): name the covered backend, CUDA graphs off, refuse what is not served."""
+    """ServerArgs.resolve_once (before): name the covered backend and the decode CUDA graphs SimLayerKV serves,
+    refuse what is not served."""
     cfg = SlkvConfig.from_env()
     if not cfg.enabled or getattr(server_args, "_resolution_finished", False):
         return None
     from sglang.srt.arg_groups.overrides import declare_resolution
 
     requested = {name: getattr(server_args, name, None) for name in
-                 (*startup.BACKEND_FIELDS, "device", "disable_cuda_graph", "enable_mixed_chunk", "speculative_algorithm",
+                 (*startup.BACKEND_FIELDS, "device", "disable_cuda_graph", "disable_decode_cuda_graph",
+                  "cuda_graph_backend_decode", "enable_torch_compile", "enable_mixed_chunk", "speculative_algorithm",
                   "enable_dp_attention", "pp_size")}
     plan = startup.plan_server_args(requested, uses_cuda(server_args), cfg)
     if plan.declarations:
@@ -130,12 +132,13 @@ def check_resolved(_result: Any, server_args: Any, *args: Any, **kwargs: Any) ->
         from sglang.srt.arg_groups.model_override_base import model_config_of, resolved_view
 
         view = resolved_view(server_args)
+        from sglang.srt.environ import envs
         from sglang.srt.model_executor.cuda_graph_config import Backend
 
         graphs = view.cuda_graph_config
-        graphs_on = [phase for phase in ("decode", "prefill") if getattr(graphs, phase).backend != Backend.DISABLED]
-        if not uses_cuda(server_args):
-            graphs_on = []
-        startup.check_resolved({name: getattr(view, name, None) for name in startup.BACKEND_FIELDS}, cfg, graphs_on)
+        graphs_on = {phase: str(getattr(graphs, phase).backend) for phase in ("decode", "prefill")
+                     if getattr(graphs, phase).backend != Backend.DISABLED} if uses_cuda(server_args) else {}
+        startup.check_resolved({name: getattr(view, name, None) for name in startup.BACKEND_FIELDS}, cfg, graphs_on,
+                               envs.SGLANG_ENABLE_METADATA_GLUE_GRAPH.get())
         check_servable(ModelLayers.from_model_config(model_config_of(server_args)), cfg)
     return None

@@ -6,14 +6,16 @@ small shapes, so CI proves the plumbing. One JSON report, ``gpu_e2e.json``, one 
 ``{"ok": bool, ...figures}`` or ``"skipped: <why>"``:
 
 - ``entry_point``: SGLang finds the plugin through its ``sglang.srt.plugins`` entry point;
-- ``startup``: with SimLayerKV on and nothing else named, the backend and CUDA-graph decisions the plugin logs;
+- ``startup``: with SimLayerKV on and nothing else named, the backend and CUDA-graph decisions the plugin logs
+  (on CUDA: breakable decode graphs, which every later SimLayerKV check runs with);
 - correctness on a seeded random-weight Llama written here (``write_checkpoint``) that the engine and the
   reference (``reference.py``, plain transformers) both load: ``forced_full`` (threshold above 1: tokens equal
   plain SGLang's), ``lazy_head`` / ``lazy_layer`` (lazy sets, scores and tokens equal the reference's at each
   granularity), ``batch_equals_alone``, ``radix_hit``, ``chunked_prefill``; ``fp8_kv`` the same on an fp8 cache;
 - ``serving``: multi-turn sessions (``serve_driver``) on one device KV budget at Llama-3-8B shape (dummy weights),
-  plain SGLang with its CUDA graphs vs SimLayerKV vs SimLayerKV with ``--slkv-offload``, compute-bound and
-  memory-bound, per history length: turns/s, TTFT and ITL p50/p99; ``serving_hicache``: SGLang's hierarchical
+  plain SGLang with its CUDA graphs vs SimLayerKV (its breakable decode graphs) vs SimLayerKV with
+  ``--slkv-offload`` (no graphs), compute-bound and memory-bound, per history length: turns/s, TTFT and ITL
+  p50/p99, and the decode graph backend each engine resolved; ``serving_hicache``: SGLang's hierarchical
   cache (``direct`` IO backend), whether it started and its figures if it ran.
 
 At most one engine is alive at a time; a check asking for an engine with the settings of the one alive reuses it
@@ -228,9 +230,14 @@ def engine_settings(scale: Scale, cuda: bool, model_path: Path, **extra: Any) ->
 
 
 def as_user() -> dict[str, Any]:
-    """What a user running ``--enable-simlayerkv`` names: no attention backend and SGLang's default CUDA graphs
-    (runtime.engine_kwargs names FlashInfer without graphs; here the plugin must decide both)."""
-    return {"attention_backend": None, "disable_cuda_graph": False}
+    """What a user running ``--enable-simlayerkv`` names: no attention backend (runtime.engine_kwargs names FlashInfer)
+    and no CUDA-graph setting: the plugin must decide both."""
+    return {"attention_backend": None}
+
+
+def decode_graph(engine: Any) -> str:
+    """The decode CUDA graph backend the engine resolved: full, breakable or disabled."""
+    return engine.server_args.resolved_dict()["cuda_graph_config"]["decode"]["backend"]
 
 
 # ---- requests ---------------------------------------------------------------------------------------------------
@@ -353,7 +360,30 @@ def correctness(engines: Engines, scale: Scale, model_path: Path, reference: Any
         "chunk": scale.chunk, "chunked_prompts": [scale.prompts[i] for i in chunked],
         "last_chunk_shorter_than_last": short_tail,
         "note": "each chunked prompt's lazy sets and tokens vs the reference's whole prefill (lazy_head, lazy_layer)"}
+    checks["graphs_equal_eager"] = _graphs_equal_eager(engines, scale, model_path, prompts, solo, extra, tol)
     return checks
+
+
+def _graphs_equal_eager(engines: Engines, scale: Scale, model_path: Path, prompts: list[list[int]],
+                        solo: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]], extra: dict[str, Any],
+                        tol: Tolerance) -> dict[str, Any]:
+    """On CUDA the checks above decode through the breakable graphs (each step's lazy pattern planned before the
+    replay, its attention an eager break): the same requests on an engine with graphs off give the same lazy sets
+    and tokens. Without CUDA there is no graph to compare (``tests/test_decode_graphs.py`` replays the breaks)."""
+    if not engines.cuda:
+        return {"ok": True, "skipped": "no CUDA graphs without CUDA"}
+    suffix = f"_{extra['kv_cache_dtype']}" if extra else ""
+    eager = engines.get(f"check_eager{suffix}", scale.slkv, **engine_settings(
+        scale, True, model_path, **as_user(), disable_cuda_graph=True, **extra))
+    runs = []
+    for granularity, pairs in solo.items():
+        for (graphed, slkv), ids in zip(pairs, prompts):
+            again = generate(eager, ids, greedy(scale.new_tokens, **slkv))
+            runs.append({"granularity": granularity, "prompt_tokens": len(ids),
+                         "same_lazy_set": layer_map(again).heads == layer_map(graphed).heads,
+                         **tokens_agree(graphed["output_ids"], again["output_ids"], top_gaps(again), tol.token_margin)})
+    return {"ok": decode_graph(eager) == "disabled" and all(r["ok"] and r["same_lazy_set"] for r in runs),
+            "runs": runs}
 
 
 def _all(runs: list[dict[str, Any]], ok: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
@@ -361,16 +391,17 @@ def _all(runs: list[dict[str, Any]], ok: Callable[[dict[str, Any]], bool]) -> di
 
 
 def startup_check(engine: Any, start: dict[str, Any], cuda: bool) -> dict[str, Any]:
-    """The plugin's start-up decisions with nothing named: its backend (FlashInfer on CUDA, torch_native on CPU),
-    CUDA graphs off on CUDA, each a logged line; and what SGLang resolved."""
+    """The plugin's start-up decisions with nothing named: its backend (FlashInfer on CUDA, torch_native on CPU)
+    and on CUDA breakable decode graphs, each a logged line; and what SGLang resolved."""
     resolved = engine.server_args.resolved_dict()
     backend = "flashinfer" if cuda else "torch_native"
     notes = [n for n in start["plugin_log"] if n.startswith("SimLayerKV:")]
-    want = [f"SimLayerKV: --attention-backend {backend} "] + (["SimLayerKV: CUDA graphs off "] if cuda else [])
+    want = [f"SimLayerKV: --attention-backend {backend} "]
+    want += ["SimLayerKV: --cuda-graph-backend-decode breakable, "] if cuda else []
     logged = all(any(n.startswith(w) for n in notes) for w in want) and len(notes) == len(want)
-    graphs_off = resolved["disable_cuda_graph"]
-    return {"ok": logged and resolved["attention_backend"] == backend and (graphs_off or not cuda),
-            "plugin_log": notes, "attention_backend": resolved["attention_backend"], "disable_cuda_graph": graphs_off,
+    graph = decode_graph(engine)
+    return {"ok": logged and resolved["attention_backend"] == backend and (graph == "breakable" or not cuda),
+            "plugin_log": notes, "attention_backend": resolved["attention_backend"], "decode_cuda_graph": graph,
             "start_s": start["start_s"]}
 
 
@@ -493,14 +524,14 @@ class Serving:
         if scale.serve_chunk is None:
             del base["chunked_prefill_size"]
         most = max(n for p in self.points.values() for n in p.values())
-        graphs = {"disable_cuda_graph": False, "cuda_graph_max_bs_decode": most} if engines.cuda else {}
+        graphs = {"cuda_graph_max_bs_decode": most} if engines.cuda else {}  # every point's batch in a graph
         plain = SlkvConfig(enabled=False)
         forced = {"force_lazy": self.lazy}
         self.configs: dict[str, tuple[SlkvConfig, dict[str, Any], dict[str, Any]]] = {
             # runtime.engine_kwargs names FlashInfer on CUDA (SGLang's own choice on Hopper, fa3, is not in the kit)
             "sglang": (plain, {**base, **graphs}, {"enabled": False}),
-            "simlayerkv": (scale.slkv, {**base, **as_user()}, forced),
-            "simlayerkv_offload": (replace(scale.slkv, offload=True), {**base, **as_user()}, forced),
+            "simlayerkv": (scale.slkv, {**base, **graphs, **as_user()}, forced),
+            "simlayerkv_offload": (replace(scale.slkv, offload=True), {**base, **graphs, **as_user()}, forced),
             "hicache": (plain, {**base, **graphs, "enable_hierarchical_cache": True, "hicache_io_backend": "direct",
                                 "hicache_mem_layout": "layer_first"}, {"enabled": False}),
         }
@@ -517,15 +548,15 @@ class Serving:
 
         slkv, settings, per_request = self.configs[name]
         cuda = self.engines.cuda
-        entry: dict[str, Any] = {"cuda_graphs": cuda and not settings.get("disable_cuda_graph", True),
-                                 "per_request": per_request, "runs": []}
+        entry: dict[str, Any] = {"per_request": per_request, "runs": []}
         if not cuda and name == "sglang":
             entry["note"] = NO_CPU_GRAPHS
         try:
             engine = self.engines.get(f"serve_{name}", slkv, **settings)
         except Exception as exc:  # a configuration that cannot start is a finding of the run, not its end
             return {**entry, "ok": False, "started": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-        entry |= {"started": True, "start_s": self.engines.starts[f"serve_{name}"]["start_s"]}
+        entry |= {"started": True, "start_s": self.engines.starts[f"serve_{name}"]["start_s"],
+                  "decode_cuda_graph": decode_graph(engine)}
         share = self.scale.serve_budget_s / (len(self.configs) if cuda else len(self.configs) - 1)  # no hicache
         self.spent[name] = 0.0
         for history, counts in self.points.items():
