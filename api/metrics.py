@@ -45,6 +45,8 @@ class Metrics:
                 ("host_refused", "host_refusals", "Saves to the host the budget refused in part or whole; that KV is "
                  "recomputed when needed (engine)"),
                 ("lost_rows", "lost_kv_rows", "KV rows (one unit's KV of one slot) freed without a host copy (engine)"),
+                ("demoted_rows", "demoted_kv_rows", "KV rows of idle cached conversations moved to the host to make "
+                 "room; their next turn reloads them (engine)"),
                 ("recomputed_tokens", "recomputed_tokens", "Cached tokens recomputed because their KV was on "
                  "neither tier (engine)"),
                 ("free_rows", "device_free_kv_rows", "Free KV rows (one unit's KV of one slot) of the device pool (engine)"),

@@ -63,7 +63,8 @@ def plan_server_args(requested: Mapping[str, Any], cuda: bool, cfg: SlkvConfig) 
         raise SlkvConfigError("--enable-hierarchical-cache is not supported with --slkv-offload: SGLang's host tier "
                               "would copy and load back the token slots whose KV the plugin's rows hold; use "
                               "--slkv-offload-budget for the host tier and --slkv-shared-store for a shared one")
-    if not cuda or requested.get("disable_cuda_graph"):
+    named = [requested.get(name) for name in BACKEND_FIELDS if requested.get(name) is not None]
+    if not cuda or requested.get("disable_cuda_graph") or "torch_native" in named:  # SGLang: no graphs on it
         return plan
     if cfg.offload:  # the capture would read SGLang's one-page buffers, which the row pool leaves empty
         plan.declarations["disable_cuda_graph"] = True
@@ -73,6 +74,9 @@ def plan_server_args(requested: Mapping[str, Any], cuda: bool, cfg: SlkvConfig) 
     if requested.get("cuda_graph_backend_decode") == "full":
         raise SlkvConfigError(f"--cuda-graph-backend-decode full is not supported with --enable-simlayerkv: {_BAKES}; "
                               f"drop it (SimLayerKV selects {DECODE_GRAPH}) or use --disable-cuda-graph")
+    if requested.get("debug_cuda_graph"):  # its one eager break around the whole forward cannot hold the plugin's
+        raise SlkvConfigError("--debug-cuda-graph is not supported with --enable-simlayerkv: the plugin's decode "
+                              "attention is itself an eager break; drop it or add --disable-cuda-graph")
     if requested.get("enable_torch_compile"):
         raise SlkvConfigError(f"--enable-torch-compile is not supported with --enable-simlayerkv: {_BAKES}; drop it "
                               "or add --disable-cuda-graph")

@@ -17,7 +17,7 @@ from slkv_sglang.kv.fingerprint import prefix_fingerprints
 from slkv_sglang.kv.planner import KvPlanner
 from slkv_sglang.kv.rows import LostKv
 from slkv_sglang.kv.step import Heal, KvStep, RequestStep
-from slkv_sglang.kv.tier import INDEX_BYTES, KvTier, pool_rows, slot_factor
+from slkv_sglang.kv.tier import DEMOTE_AHEAD, INDEX_BYTES, KvTier, pool_rows, slot_factor
 
 SINK, RECENT = 4, 256
 
@@ -238,7 +238,7 @@ def test_tier_releases_restores_and_falls_back_to_recompute(units_per_layer):
 
 
 def test_demotion_moves_the_idlest_cached_kv_to_the_host_and_a_restore_brings_it_back():
-    """Under row pressure idle cached slots give their rows up, least recently decided first, with host copies,
+    """Under row pressure idle cached slots give their rows up, least recently seen first, with host copies,
     so the prefix stays restorable (not recomputed); slots a running or admitted request reads are kept, and
     without a host budget nothing is demoted (the caller evicts instead)."""
     tier = _tier()
@@ -257,17 +257,18 @@ def test_demotion_moves_the_idlest_cached_kv_to_the_host_and_a_restore_brings_it
     assert _tier(host_budget=0).demote(10, keep) == 0
     keep[old[:5]] = True  # read by a running request
     free = tier.rows.free
-    assert tier.demote(20, keep) == 20  # ten idle slots of the old conversation, both layers
-    assert tier.rows.free == free + 20 and tier.stats.demoted_rows == 20
-    assert tier.rows.held(old).tolist() == [10, 10] and tier.rows.held(new).tolist() == [30, 30]
-    assert tier.host.hosted(old[5:15], prefix_fingerprints(old_ids)[5:15]).all()
+    assert int(tier.rows.num_rows * DEMOTE_AHEAD) == 3  # freed beyond the need: up to 23 rows, 2 to a slot
+    assert tier.demote(20, keep) == 22  # eleven idle slots of the old conversation, both layers
+    assert tier.rows.free == free + 22 and tier.stats.demoted_rows == 22
+    assert tier.rows.held(old).tolist() == [9, 9] and tier.rows.held(new).tolist() == [30, 30]
+    assert tier.host.hosted(old[5:16], prefix_fingerprints(old_ids)[5:16]).all()
     assert planner.restorable(old, prefix_fingerprints(old_ids)) == 20
     ex.begin(_step(3, old_ids + [7]))
     req_to_token[3, :20] = old
     for layer in range(2):
         ex.restore(layer, req_to_token, [20])
         assert torch.equal(_kv(tier, layer, old), kv[:20])
-    assert tier.stats.restored_rows == 20
+    assert tier.stats.restored_rows == 22
     # only into the host's free bytes (row_bytes 64), and never a slot whose KV some unit lost (a heal fills it)
     tier.host.set_budget(tier.host.stats.held_bytes + 6 * 64)
     assert tier.demote(20, keep) == 6  # old[5:8]: the oldest idle, restored above

@@ -30,6 +30,7 @@ GRAPHS = {"disable_prefill_cuda_graph": True, "cuda_graph_backend_decode": "brea
     (True, ON, {"attention_backend": "flashinfer", "disable_cuda_graph": True}, {}),
     (False, ON, {"attention_backend": "torch_native", "disable_cuda_graph": True}, {}),
     (True, ON, {"decode_attention_backend": "flashinfer"}, GRAPHS),
+    (True, ON, {"attention_backend": "torch_native"}, {}),  # SGLang runs no CUDA graphs on torch_native
     # decode graphs named: breakable kept, off kept (a declared decode backend would override the user's off)
     (True, ON, {"cuda_graph_backend_decode": "breakable"}, {"attention_backend": "flashinfer",
                                                             "disable_prefill_cuda_graph": True}),
@@ -53,6 +54,7 @@ def test_plan_names_a_covered_backend(cuda, cfg, requested, declared):
     ({"cuda_graph_backend_decode": "full"}, "--cuda-graph-backend-decode full is not supported with "
                                             "--enable-simlayerkv: a captured replay repeats the capture step's"),
     ({"enable_torch_compile": True}, "--enable-torch-compile is not supported with --enable-simlayerkv"),
+    ({"debug_cuda_graph": True}, "--debug-cuda-graph is not supported with --enable-simlayerkv"),
 ])
 def test_plan_refuses_what_it_does_not_serve(requested, message):
     with pytest.raises(SlkvConfigError, match=message):

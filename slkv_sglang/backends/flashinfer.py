@@ -24,9 +24,9 @@ from an earlier chunk have no log-sum-exp in this forward: FlashInfer's prefill 
 Decode CUDA graphs: SGLang's breakable backend (``startup.py``). Each full-attention layer's decode attention runs
 as an eager break (``paged.PagedForward``); before each replay ``init_forward_metadata_out_graph`` plans the step
 from the live batch and points ``forward_metadata`` at the graph's own decode wrappers, which SGLang re-plans
-there. Not yet run on a GPU (docs/gpu.md).
+there.
 
-Not yet run on a GPU over rows (docs/gpu.md): the device check runs its reads through a torch stand-in.
+Not yet run on a GPU, graphs or rows (docs/gpu.md): the device check runs the reads through a torch stand-in.
 """
 
 from __future__ import annotations

@@ -176,22 +176,25 @@ def alloc_with_rows(side: SchedulerSide, original: Any, allocator: Any, need_siz
     return slots
 
 
-def _evict_for_rows(side: SchedulerSide, tree_cache: Any, rows_needed: int, admitted: torch.Tensor | None = None) -> None:
-    """Make ``rows_needed`` rows spare: first by moving idle cached KV to the host (``KvTier.demote``: the radix
-    cache keeps those prefixes, a later turn reloads them), then by evicting the radix tree (LRU) until nothing
-    is left to evict; an evicted token frees only the rows it still holds, fewer than one per unit where lazy
-    layers or heads released it. ``admitted``: slots of requests admitted but not running yet, which keep their
-    rows (admission counted them), as do running requests' slots and the cached slots heals fill."""
+def _evict_for_rows(side: SchedulerSide, tree_cache: Any, rows_needed: int, matched: torch.Tensor | None = None) -> None:
+    """Make ``rows_needed`` rows spare: by moving idle cached KV to the host (``KvTier.demote``: the radix cache
+    keeps those prefixes, a later turn reloads them) and, where that frees none, by evicting the radix tree (LRU),
+    which also gives the host room back; until nothing is left to evict. An evicted token frees only the rows it
+    still holds, fewer than one per unit where lazy layers or heads released it or it was demoted. Running
+    requests, those admitted (``SchedulerSide.admitted``), heals and ``matched`` keep their rows."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
     tier = side.tier
-    if tier is not None and side.tracker is not None and tier.spare_rows < rows_needed:
-        keep = side.tracker.running_slots(tier.rows.num_slots).clone()
-        for slots in (admitted, None if side.planner is None else side.planner.healing()):
-            if slots is not None:
-                keep[slots.cpu()] = True
-        tier.demote(rows_needed - tier.spare_rows, keep)
-    while tier is not None and tier.spare_rows < rows_needed:
+    if tier is None or side.tracker is None or tier.spare_rows >= rows_needed:
+        return
+    keep = side.tracker.running_slots(tier.rows.num_slots).clone()
+    healing = None if side.planner is None else side.planner.healing()
+    for slots in (*side.admitted, healing, matched):
+        if slots is not None:
+            keep[slots.cpu()] = True
+    while tier.spare_rows < rows_needed:
+        if tier.demote(rows_needed - tier.spare_rows, keep):
+            continue
         short = -(-(rows_needed - tier.spare_rows) // tier.rows_per_slot)
         if tree_cache.evict(EvictParams(num_tokens=short)).num_tokens_evicted == 0:
             break
@@ -201,7 +204,7 @@ def evict_more(side: SchedulerSide, _result: Any, allocator: Any, tree_cache: An
     """evict_to_free_tokens: SGLang evicts ``num_tokens`` tokens; keep going until their rows are there."""
     tier = side.tier
     if tier is not None and tree_cache is not None and tree_cache.supports_prefix_sharing():
-        _evict_for_rows(side, tree_cache, num_tokens * tier.rows_per_slot, side.admitted)
+        _evict_for_rows(side, tree_cache, num_tokens * tier.rows_per_slot)
     return None
 
 
@@ -249,32 +252,31 @@ def promise_prefix_rows(side: SchedulerSide, original: Any, batch: Any, *args: A
     if side.planner is None:
         return original(batch, *args, **kwargs)
     tree_cache = batch.tree_cache
-    # a request that holds KV already (a later chunk) is running: its slots keep their rows as it is
-    prefixes = [tree_cache.prefix_device_indices(req).to(torch.int64).cpu() for req in batch.reqs
-                if req.prefix_len and not req.kv.holds_kv]
-    side.admitted = torch.cat(prefixes) if prefixes else None
     try:
         return side.planner.allocate(
-            [_prefix_rows(side, tree_cache, req) for req in batch.reqs],
-            lambda n: _evict_for_rows(side, tree_cache, n, side.admitted), batch.extend_num_tokens,
-            lambda: original(batch, *args, **kwargs), lambda: [int(req_pool_idx(req)) for req in batch.reqs])
-    finally:
-        side.admitted = None
+            [_prefix_rows(side, tree_cache, req) for req in batch.reqs], lambda n: _evict_for_rows(side, tree_cache, n),
+            batch.extend_num_tokens, lambda: original(batch, *args, **kwargs),
+            lambda: [int(req_pool_idx(req)) for req in batch.reqs])
+    finally:  # the batch's requests run from now on: the tracker's running slots cover them
+        side.admitted.clear()
 
 
 def charge_prefix_rows(side: SchedulerSide, original: Any, adder: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
     """PrefillAdder.add_one_req: admission charges a request the rows its prefix takes (as tokens of a row
-    per unit)
-    on top of its new tokens, through SGLang's per-request overhead."""
-    extra = 0
+    per unit) on top of its new tokens, through SGLang's per-request overhead. An admitted request's prefix keeps
+    its rows until its batch is allocated (``SchedulerSide.admitted``)."""
     tier = side.tier
-    if tier is not None:
-        extra = -(-_prefix_rows(side, adder.tree_cache, req) // tier.rows_per_slot)
+    if tier is None:
+        return original(adder, req, *args, **kwargs)
+    extra = -(-_prefix_rows(side, adder.tree_cache, req) // tier.rows_per_slot)
     adder.per_req_token_overhead += extra
     try:
-        return original(adder, req, *args, **kwargs)
+        result = original(adder, req, *args, **kwargs)
     finally:
         adder.per_req_token_overhead -= extra
+    if req.prefix_len and not req.kv.holds_kv and any(r is req for r in adder.can_run_list):
+        side.admitted.append(adder.tree_cache.prefix_device_indices(req).to(torch.int64).cpu())
+    return result
 
 
 # ---- the KV pool's size ---------------------------------------------------------------------------------

@@ -39,9 +39,9 @@ class SchedulerSide:
     tracker: LazyTracker | None = None
     planner: KvPlanner | None = None  # with --slkv-offload
     executor: KvExecutor | None = None  # with --slkv-offload
-    # while a prefill batch's slots are allocated: its requests' prefix slots, whose rows admission counted (no
-    # eviction for rows moves them to the host, ``admission._evict_for_rows``)
-    admitted: torch.Tensor | None = None
+    # the prefix slots of the requests admitted since the last prefill batch was allocated: admission counted their
+    # rows, so no eviction for rows moves them to the host (``admission._evict_for_rows``)
+    admitted: list[torch.Tensor] = field(default_factory=list)
 
     @cached_property
     def config(self) -> SlkvConfig:
@@ -175,15 +175,19 @@ def settle_failures(side: SchedulerSide, _scheduler: Any, *args: Any, **kwargs: 
 
 def release_request(side: SchedulerSide, req: Any, tree_cache: Any = None, *args: Any, **kwargs: Any) -> None:
     """release_kv_cache: the request leaves (finished, aborted, retracted); its per-request state goes. A finished
-    request that SGLang caches is first written back to the shared tier (``--slkv-shared-store``)."""
+    request that SGLang caches is first seen by the KV tier (its tokens' fingerprints) and written back to the
+    shared tier (``--slkv-shared-store``)."""
     idx = req_pool_idx(req)
     tier = side.tier
-    if (tier is not None and tier.shared is not None and idx is not None and tree_cache is not None
-            and kwargs.get("checkpoint") and req.finished() and not req.skip_radix_cache_insert):
+    if (tier is not None and idx is not None and tree_cache is not None and kwargs.get("checkpoint")
+            and req.finished() and not req.skip_radix_cache_insert):
         n = req.owned_kv_len()
         ids = [*req.origin_input_ids, *req.output_ids][:n]
-        tier.shared.save(ids, tree_cache.req_to_token_pool.req_to_token[int(idx), :n].to(torch.int64),
-                         prefix_fingerprints(ids), shared_salt(req))
+        slots = tree_cache.req_to_token_pool.req_to_token[int(idx), :n].to(torch.int64)
+        fingerprints = prefix_fingerprints(ids)
+        tier.seen(slots, fingerprints)  # its reply too can be demoted to the host while it is idle (``KvTier.demote``)
+        if tier.shared is not None:
+            tier.shared.save(ids, slots, fingerprints, shared_salt(req))
     if idx is not None and side.tracker is not None:
         side.tracker.release(int(idx))
     if side.planner is not None:

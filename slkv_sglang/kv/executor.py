@@ -175,7 +175,7 @@ class KvExecutor:
             slots = req_to_token[req_pool_idx, :seq_len].to(torch.int64)
         if r is None or self.failed(pos) or r.fingerprints is None:
             return {"kv": self.tier.report(slots)}
-        self.tier.decided(slots, r.fingerprints)
+        self.tier.seen(slots, r.fingerprints)
         units = lazy.view(self.tier.rows.num_layers, self.tier.rows.units_per_layer, -1).all(dim=2).flatten()
         if bool(units.any()) and seq_len > self.sink + self.recent:
             self._release_middle(r, units, slots, seq_len, shared)

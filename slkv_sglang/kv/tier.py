@@ -34,6 +34,9 @@ INDEX_SHARE = 1 / 32
 # The label of host copies ``demote`` makes: the radix cache's, no conversation's (``HostArena`` counts a reload
 # as shared only between two conversations).
 DEMOTED = ""
+# What a demotion frees beyond what is needed, as a share of the pool's rows: under steady pressure a demotion (a
+# device sync on CUDA) then runs once per that many rows taken, not at every decode step.
+DEMOTE_AHEAD = 1 / 64
 MAX_SLOT_FACTOR = 8.0
 
 
@@ -77,16 +80,17 @@ class KvTier:
     host: HostArena
     stats: TierStats
     shared: SharedTier | None = None
-    # per slot, on the host: the prefix fingerprint of its token where a decision saw it (-1: not known) and when
-    # (the ``decisions`` count then): what ``demote`` needs to copy a slot's KV to the host and pick the idlest
+    # per slot, on the host: the prefix fingerprint of its token where a decision or a finished request saw it (-1:
+    # not known) and when (the ``sightings`` count then): what ``demote`` needs to copy a slot's KV to the host and
+    # pick the idlest
     fingerprints: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    decided_at: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    decisions: int = 0
+    seen_at: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    sightings: int = 0
 
     def __post_init__(self) -> None:
         if self.fingerprints.size == 0:
             self.fingerprints = np.full(self.rows.num_slots + 1, -1, dtype=np.int64)
-            self.decided_at = np.zeros(self.rows.num_slots + 1, dtype=np.int64)
+            self.seen_at = np.zeros(self.rows.num_slots + 1, dtype=np.int64)
 
     @classmethod
     def build(cls, num_layers: int, units_per_layer: int, num_slots: int, num_rows: int, heads: int, dim: int,
@@ -131,7 +135,7 @@ class KvTier:
         own_at, tree_at = own.cpu().numpy(), tree.cpu().numpy()
         unknown = self.fingerprints[tree_at] < 0
         self.fingerprints[tree_at[unknown]] = self.fingerprints[own_at[unknown]]
-        self.decided_at[tree_at] = np.maximum(self.decided_at[tree_at], self.decided_at[own_at])
+        self.seen_at[tree_at] = np.maximum(self.seen_at[tree_at], self.seen_at[own_at])
 
     def fill_slots(self, slots: torch.Tensor, kv: torch.Tensor) -> bool:
         """Fresh ``slots`` (allocated, owed their rows) take the KV ``kv`` ``[units, n, 2, heads, dim]`` in every
@@ -146,20 +150,22 @@ class KvTier:
         self.ledger.written(range(rows.num_units), slots)
         return True
 
-    def decided(self, slots: torch.Tensor, fingerprints: torch.Tensor) -> None:
-        """A decision saw the tokens of ``slots`` (a request's, by position) with these prefix fingerprints."""
-        self.decisions += 1
+    def seen(self, slots: torch.Tensor, fingerprints: torch.Tensor) -> None:
+        """The tokens of ``slots`` (a request's, by position) have these prefix fingerprints: a decision or a
+        finished request saw them now."""
+        self.sightings += 1
         at = slots.cpu().numpy()
         self.fingerprints[at] = fingerprints[: at.size].numpy()
-        self.decided_at[at] = self.decisions
+        self.seen_at[at] = self.sightings
 
-    def offload(self, label: str, units: torch.Tensor, slots: torch.Tensor, fingerprints: torch.Tensor) -> int:
-        """The rows ``slots`` hold in ``units`` go back to the free rows, a host copy first where the host does not
-        hold one and the budget allows (the rest is counted in ``lost_rows``: recomputed if read again). Returns
-        the rows released."""
+    def offload(self, label: str, units: torch.Tensor, slots: torch.Tensor, fingerprints: torch.Tensor,
+                entry: int | None = None) -> int:
+        """The rows ``slots`` hold in ``units`` go back to the free rows, a host copy first (under ``entry``, a new
+        one if None) where the host does not hold one and the budget allows (the rest is counted in ``lost_rows``:
+        recomputed if read again). Returns the rows released."""
         at = self.rows.row_of[units[:, None], slots[None, :]]  # [units, n]
         fresh = (at >= 0).cpu() & ~self.host.holds(units.tolist(), slots)
-        entry = self.host.new_entry()
+        entry = self.host.new_entry() if entry is None else entry
         # one host chunk per set of units with the same copies to make (usually all of them: the same tokens)
         patterns, which = torch.unique(fresh, dim=0, return_inverse=True)
         for p, mask in enumerate(patterns):
@@ -173,39 +179,54 @@ class KvTier:
         return self.rows.release(units, slots)
 
     def demote(self, rows_needed: int, keep: torch.Tensor) -> int:
-        """Free about ``rows_needed`` rows without dropping a cached prefix: idle cached slots move their KV to the
-        host, least recently decided first, and the radix cache keeps them, so the next turn that matches them
-        reloads instead of recomputing (the planner checks their fingerprints). Idle: a decision saw their tokens,
-        ``keep`` (a mask over slots: what running and admitted requests read) does not hold them, and every unit's
-        KV of theirs is on one tier (one that lost some is a heal's to fill, its rows promised). Only into the
-        host budget's free bytes: evicting other host copies could cut a prefix already matched. Returns the rows
-        freed (0 without idle slots or host room: the caller evicts)."""
+        """Free ``rows_needed`` rows (and ``DEMOTE_AHEAD`` of the pool more, so that pressure demotes now and then,
+        not at every step) without dropping a cached prefix: idle cached slots move their KV to the host, least
+        recently seen first, and the radix cache keeps them, so the next turn that matches them reloads instead of
+        recomputing (the planner checks their fingerprints). Idle: their tokens were seen (``seen``), ``keep`` (a
+        mask over slots: what running and admitted requests and heals read) does not hold them, and every unit's
+        KV of theirs is on one tier (one that lost some is a heal's to fill). Only into the host budget's free
+        bytes: evicting other host copies could cut a prefix already matched. Returns the rows freed (0 without
+        idle slots or host room: the caller evicts)."""
         rows, host = self.rows, self.host
         room = (host.budget_bytes - host.stats.held_bytes) // rows.row_bytes
         if rows_needed <= 0 or room <= 0:
             return 0
+        target = min(room, rows_needed + int(rows.num_rows * DEMOTE_AHEAD))
         held = rows.held_by_slot.cpu().numpy()
         idle = np.flatnonzero((self.fingerprints >= 0) & (held > 0) & ~keep.cpu().numpy())
-        if idle.size:
-            at = torch.from_numpy(idle)
-            whole = ((rows.row_of[:, at.to(rows.row_of.device)] >= 0).cpu()
-                     | host.hosted(at, torch.from_numpy(self.fingerprints[idle]))).all(dim=0)
-            idle = idle[whole.numpy()]
-        if idle.size == 0:
+        idle = idle[np.argsort(self.seen_at[idle], kind="stable")]
+        chosen = self._whole_prefix(idle, held, target)
+        if chosen.size == 0:
             return 0
-        order = idle[np.argsort(self.decided_at[idle], kind="stable")]
-        freed = np.cumsum(held[order])
-        n = min(int(np.searchsorted(freed, rows_needed)) + 1, int(np.searchsorted(freed, room, side="right")))
-        if n == 0:
-            return 0
-        chosen = np.sort(order[:n])
         if rows.kv.is_cuda:  # a forward in flight may still write these rows, or read them on another stream
             torch.cuda.synchronize(rows.kv.device)
-        slots = torch.from_numpy(chosen).to(rows.row_of.device)
-        units = torch.arange(rows.num_units, device=rows.row_of.device)
-        released = self.offload(DEMOTED, units, slots, torch.from_numpy(self.fingerprints[chosen]))
+        slots = torch.from_numpy(np.sort(chosen)).to(rows.row_of.device)
+        fingerprints = torch.from_numpy(self.fingerprints[slots.cpu().numpy()])
+        entry, released = host.new_entry(), 0
+        for layer in range(rows.num_layers):  # staging one layer's rows at a time, as reloads do
+            units = torch.tensor(rows.units(layer), device=rows.row_of.device)
+            released += self.offload(DEMOTED, units, slots, fingerprints, entry)
         self.stats.demoted_rows += released
         return released
+
+    def _whole_prefix(self, order: np.ndarray, held: np.ndarray, target: int) -> np.ndarray:
+        """The first of ``order`` whose KV every unit holds on one tier, as many as hold at most ``target`` rows
+        (at least one slot's, if any): checked in growing runs, not over every idle slot."""
+        rows, chosen, total, start, step = self.rows, [], 0, 0, 256
+        while start < order.size and total < target:
+            run = order[start : start + step]
+            at = torch.from_numpy(run)
+            whole = ((rows.row_of[:, at.to(rows.row_of.device)] >= 0).cpu()
+                     | self.host.hosted(at, torch.from_numpy(self.fingerprints[run]))).all(dim=0).numpy()
+            for slot, n in zip(run[whole], held[run[whole]]):
+                if total + n > target and chosen:
+                    return np.asarray(chosen, dtype=np.int64)
+                chosen.append(slot)
+                total += n
+                if total >= target:
+                    break
+            start, step = start + step, step * 2
+        return np.asarray(chosen, dtype=np.int64)
 
     def clear(self) -> None:
         """SGLang cleared its allocator (flush_cache): no slot is live."""
@@ -213,6 +234,7 @@ class KvTier:
         self.ledger.clear()
         self.host.clear()
         self.fingerprints.fill(-1)
+        self.seen_at.fill(0)
 
     def sizes(self) -> dict[str, int]:
         """Entries of each per-request map, and what the tier holds (a soak test checks none of them grows)."""

@@ -218,6 +218,9 @@ class _Collect(logging.Handler):
         self.into.append(record.getMessage())
 
 
+CHECK_GRAPH_BS = 8
+
+
 def engine_settings(scale: Scale, cuda: bool, model_path: Path, **extra: Any) -> dict[str, Any]:
     """The arguments every engine of a run shares (``runtime.engine_kwargs`` adds the machine's own)."""
     settings: dict[str, Any] = {"model_path": str(model_path), "skip_tokenizer_init": True, "random_seed": 0,
@@ -226,6 +229,9 @@ def engine_settings(scale: Scale, cuda: bool, model_path: Path, **extra: Any) ->
     if cuda:
         # FlashInfer's sampling kernels are not among the bundle's compiled ones (JIT on first use): torch's
         settings["sampling_backend"] = "pytorch"
+        # the checks send at most 4 requests at once: decode graphs captured up to 8, not SGLang's default list
+        # (a breakable capture makes a segment per layer and batch size; serving names its own)
+        settings["cuda_graph_max_bs_decode"] = CHECK_GRAPH_BS
     return {**settings, **extra}
 
 
