@@ -270,6 +270,8 @@ def test_demotion_moves_the_idlest_cached_kv_to_the_host_and_a_restore_brings_it
         assert torch.equal(_kv(tier, layer, old), kv[:20])
     assert tier.stats.restored_rows == 22
     # only into the host's free bytes (row_bytes 64), and never a slot whose KV some unit lost (a heal fills it)
+    tier.host.set_budget(tier.host.stats.held_bytes + 64)
+    assert tier.demote(20, keep) == 0  # room for one row: not for a slot's two
     tier.host.set_budget(tier.host.stats.held_bytes + 6 * 64)
     assert tier.demote(20, keep) == 6  # old[5:8]: the oldest idle, restored above
     tier.host.set_budget(1 << 20)

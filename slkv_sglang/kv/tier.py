@@ -154,7 +154,7 @@ class KvTier:
         """The tokens of ``slots`` (a request's, by position) have these prefix fingerprints: a decision or a
         finished request saw them now."""
         self.sightings += 1
-        at = slots.cpu().numpy()
+        at = slots.cpu().numpy()[: fingerprints.numel()]
         self.fingerprints[at] = fingerprints[: at.size].numpy()
         self.seen_at[at] = self.sightings
 
@@ -211,7 +211,7 @@ class KvTier:
 
     def _whole_prefix(self, order: np.ndarray, held: np.ndarray, target: int) -> np.ndarray:
         """The first of ``order`` whose KV every unit holds on one tier, as many as hold at most ``target`` rows
-        (at least one slot's, if any): checked in growing runs, not over every idle slot."""
+        (never more: ``target`` may be the host's room): checked in growing runs, not over every idle slot."""
         rows, chosen, total, start, step = self.rows, [], 0, 0, 256
         while start < order.size and total < target:
             run = order[start : start + step]
@@ -219,7 +219,7 @@ class KvTier:
             whole = ((rows.row_of[:, at.to(rows.row_of.device)] >= 0).cpu()
                      | self.host.hosted(at, torch.from_numpy(self.fingerprints[run]))).all(dim=0).numpy()
             for slot, n in zip(run[whole], held[run[whole]]):
-                if total + n > target and chosen:
+                if total + n > target:
                     return np.asarray(chosen, dtype=np.int64)
                 chosen.append(slot)
                 total += n
