@@ -42,9 +42,7 @@ class KvPlanner:
         rows = self.tier.rows
         if bool((rows.held_by_slot[cached] == rows.num_units).all()):  # all on the device: no host lookup
             return cached.numel()
-        on_device = (rows.row_of[:, cached] >= 0).cpu()
-        ok = (on_device | self.tier.host.hosted(cached, fingerprints)).all(dim=0)
-        bad = (~ok).nonzero()
+        bad = (~self.tier.whole(cached, fingerprints)).nonzero()
         return int(bad[0]) if bad.numel() else cached.numel()
 
     def match(self, req: Any, cached: torch.Tensor, tokens: Sequence[int], page_size: int) -> int:

@@ -158,6 +158,12 @@ class KvTier:
         self.fingerprints[at] = fingerprints[: at.size].numpy()
         self.seen_at[at] = self.sightings
 
+    def whole(self, slots: torch.Tensor, fingerprints: torch.Tensor) -> torch.Tensor:
+        """``[n]`` bool: which of ``slots`` have their KV in every unit, on the device or on the host with the
+        prefix fingerprint ``fingerprints`` (what a restore can bring back)."""
+        on_device = (self.rows.row_of[:, slots.to(self.rows.row_of.device)] >= 0).cpu()
+        return (on_device | self.host.hosted(slots, fingerprints)).all(dim=0)
+
     def offload(self, label: str, units: torch.Tensor, slots: torch.Tensor, fingerprints: torch.Tensor,
                 entry: int | None = None) -> int:
         """The rows ``slots`` hold in ``units`` go back to the free rows, a host copy first (under ``entry``, a new
@@ -200,8 +206,9 @@ class KvTier:
             return 0
         if rows.kv.is_cuda:  # a forward in flight may still write these rows, or read them on another stream
             torch.cuda.synchronize(rows.kv.device)
-        slots = torch.from_numpy(np.sort(chosen)).to(rows.row_of.device)
-        fingerprints = torch.from_numpy(self.fingerprints[slots.cpu().numpy()])
+        chosen = np.sort(chosen)
+        slots = torch.from_numpy(chosen).to(rows.row_of.device)
+        fingerprints = torch.from_numpy(self.fingerprints[chosen])
         entry, released = host.new_entry(), 0
         for layer in range(rows.num_layers):  # staging one layer's rows at a time, as reloads do
             units = torch.tensor(rows.units(layer), device=rows.row_of.device)
@@ -212,12 +219,10 @@ class KvTier:
     def _whole_prefix(self, order: np.ndarray, held: np.ndarray, target: int) -> np.ndarray:
         """The first of ``order`` whose KV every unit holds on one tier, as many as hold at most ``target`` rows
         (never more: ``target`` may be the host's room): checked in growing runs, not over every idle slot."""
-        rows, chosen, total, start, step = self.rows, [], 0, 0, 256
+        chosen, total, start, step = [], 0, 0, 256
         while start < order.size and total < target:
             run = order[start : start + step]
-            at = torch.from_numpy(run)
-            whole = ((rows.row_of[:, at.to(rows.row_of.device)] >= 0).cpu()
-                     | self.host.hosted(at, torch.from_numpy(self.fingerprints[run]))).all(dim=0).numpy()
+            whole = self.whole(torch.from_numpy(run), torch.from_numpy(self.fingerprints[run])).numpy()
             for slot, n in zip(run[whole], held[run[whole]]):
                 if total + n > target:
                     return np.asarray(chosen, dtype=np.int64)
