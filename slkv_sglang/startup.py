@@ -23,6 +23,10 @@ DECODE_GRAPH = "breakable"  # the decode CUDA graph backend SimLayerKV serves (S
 _BAKES = ("a captured replay repeats the capture step's attention branch and plan, while SimLayerKV plans lazy "
           "windows per request and step")
 BACKEND_FIELDS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
+# every ServerArgs field plan_server_args reads: the launcher's hook passes exactly these
+REQUESTED_FIELDS = (*BACKEND_FIELDS, "disable_cuda_graph", "disable_decode_cuda_graph",
+                    "cuda_graph_backend_decode", "debug_cuda_graph", "enable_torch_compile", "enable_mixed_chunk",
+                    "speculative_algorithm", "enable_dp_attention", "pp_size", "enable_hierarchical_cache")
 
 
 @dataclass

@@ -50,6 +50,15 @@ def test_plugin_found_and_started_as_a_user_starts_it(report):
         "SimLayerKV: --attention-backend torch_native (no backend was named; the plugin wraps this one)"]
 
 
+def test_decode_graphs_replay_each_steps_pattern(report):
+    """The dry run's graph section: the stub capture over the FlashInfer code path (tests/test_decode_graphs.py has
+    the details), run before any engine."""
+    graphs = report["decode_graphs"]
+    assert graphs["ok"] is True, graphs
+    assert (graphs["device"], graphs["breaks"], graphs["graph_bs"]) == ("cpu", 3, 4)
+    assert [(s["batch"], s["graphed_vs_eager"]) for s in graphs["steps"]] == [(3, 0.0), (2, 0.0)]
+
+
 def test_forced_full_equals_plain_sglang(report):
     check = report["forced_full"]
     assert check["ok"] is True, check

@@ -105,6 +105,9 @@ def test_declarations_land_in_sglangs_resolution(monkeypatch, model_path):
                        decode_attention_backend="flashinfer")
     with pytest.raises(SlkvConfigError, match="one backend for prefill and decode"):
         mixed.resolve_once()
+    monkeypatch.setenv("SLKV_OFFLOAD", "1")  # the launcher passes every field the plan reads
+    with pytest.raises(SlkvConfigError, match="--enable-hierarchical-cache is not supported with --slkv-offload"):
+        ServerArgs(model_path=model_path, device="cpu", enable_hierarchical_cache=True).resolve_once()
 
 
 def test_decode_graphs_land_in_sglangs_resolution(monkeypatch, model_path):

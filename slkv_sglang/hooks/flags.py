@@ -112,10 +112,7 @@ def plan_server_args(server_args: Any, *args: Any, **kwargs: Any) -> None:
         return None
     from sglang.srt.arg_groups.overrides import declare_resolution
 
-    requested = {name: getattr(server_args, name, None) for name in
-                 (*startup.BACKEND_FIELDS, "device", "disable_cuda_graph", "disable_decode_cuda_graph",
-                  "cuda_graph_backend_decode", "debug_cuda_graph", "enable_torch_compile", "enable_mixed_chunk", "speculative_algorithm",
-                  "enable_dp_attention", "pp_size")}
+    requested = {name: getattr(server_args, name, None) for name in startup.REQUESTED_FIELDS}
     plan = startup.plan_server_args(requested, uses_cuda(server_args), cfg)
     if plan.declarations:
         declare_resolution(server_args, "slkv_sglang", **plan.declarations)

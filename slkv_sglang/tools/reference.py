@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
@@ -86,6 +87,17 @@ def _attention(run: _Run | None, module: Any, query: torch.Tensor, key: torch.Te
     if run.score_now:
         run.per_head[layer] = _mass(query, key, n, cfg.sink, cfg.recent, scale)
     return out.transpose(1, 2).contiguous(), None
+
+
+def decode_attention(config: SlkvConfig, lazy_heads: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One decode step of the reference's attention outside a model: ``query`` ``[heads, dim]`` over ``keys`` /
+    ``values`` ``[n, kv heads, dim]`` (its own token last), sink + recent in the ``lazy_heads`` (``[kv heads]``
+    bool); returns ``[heads, dim]``."""
+    run = _Run(config, lazy={0: lazy_heads} if bool(lazy_heads.any()) else {})
+    out, _ = _attention(run, SimpleNamespace(layer_idx=0), query[None, :, None], keys.movedim(0, 1)[None],
+                        values.movedim(0, 1)[None], None, scaling=scaling)
+    return out.view(query.shape)
 
 
 class ReferenceModel:

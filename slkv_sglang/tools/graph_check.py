@@ -1,0 +1,282 @@
+"""Decode CUDA graphs with SimLayerKV, checked without an engine: the FlashInfer code path's decode attention
+(``backends/paged.py``) captured once under SGLang's breakable capture, then replayed for batches of other sizes
+and other lazy patterns, each step against the eager forward and the project's reference attention.
+
+The engine-level check (``gpu_e2e``, ``graphs_equal_eager``) compares whole generations; this one isolates the
+graph machinery: the capture with nothing planned, ``admit_graph`` keeping the live batch, ``plan_graph_step``
+planning it padded to the graph's batch, and the breaks reading the graph's buffers.
+
+- On CUDA: SGLang's real ``BreakableCUDAGraphCapture`` and ``BreakableCUDAGraph.replay``; restricted layers run
+  FlashInfer's decode (``WindowedDecode``) at Llama-3-8B's attention shape in bf16, the shape the FlashInfer
+  bundle holds compiled.
+- On CPU (``--dry``, CI): no CUDA graph can be captured, so SGLang's capture context variable holds a stub whose
+  segments are no-ops; SGLang's ``eager_on_graph`` still records the plugin's breaks (CPU tensors are kept as they
+  are), and a replay calls them in order as ``BreakableCUDAGraph.replay`` does between its segments. Restricted
+  layers run the torch stand-in kernels (``backends/torch_paged.py``) in float32, so graphed and eager steps must be
+  bit-equal.
+
+In both, the layers' unrestricted decode is torch_native's (the stand-in backend's parent), over SGLang's real KV
+and request pools.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..config import SlkvConfig
+from ..request_params import request_params
+
+CONFIG = SlkvConfig(enabled=True, sink=2, recent=6, flashinfer_standin=True)
+LAYERS = 3
+GRAPH_BS = 4  # the captured graph's batch size
+SLOTS = 512  # histories at scattered slots 1-490, the steps' new tokens at 501-505 (slot 0: SGLang's padding)
+# Each step: (req_pool_idx, sequence length with the step's token, the token's slot) per request, and the lazy
+# [layers, KV heads] of the requests it changes: whole layers, single KV heads, none; the first step 3 requests,
+# the second 2, in another order (KV_HEADS is 2 in both shapes' patterns: the rest of a row is False).
+STEPS = (
+    ([(1, 30, 501), (2, 25, 502), (3, 40, 503)],
+     {1: [[1, 1], [0, 0], [1, 0]], 2: [[1, 1], [0, 1], [0, 0]], 3: [[0, 0], [0, 0], [0, 0]]}),
+    ([(3, 41, 504), (1, 31, 505)], {3: [[0, 1], [1, 1], [0, 0]], 1: [[0, 0], [0, 0], [0, 0]]}),
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    heads: int
+    kv_heads: int
+    dim: int
+    dtype: torch.dtype
+    tol: float  # graphed vs eager and vs the reference: |diff| <= tol * (1 + |ref|); 0: graphed equals eager
+
+
+# CPU: small and float32. CUDA: Llama-3-8B's attention in bf16; tolerance as gpu_check.DECODE_TOL (bf16 output vs
+# an fp32 reference), also between graphed and eager steps, which FlashInfer plans with other batch sizes (padded
+# to the graph's) and so may split the KV differently.
+CPU_SHAPE = Shape(heads=4, kv_heads=2, dim=8, dtype=torch.float32, tol=0.0)
+CUDA_SHAPE = Shape(heads=32, kv_heads=8, dim=128, dtype=torch.bfloat16, tol=2e-2)
+CPU_REFERENCE_ATOL = 1e-5  # float32 both sides, other summation orders
+
+
+def standin_backend(device: str, shape: Shape, config: SlkvConfig = CONFIG) -> Any:
+    """The FlashInfer code path over SGLang's real pools (``SlkvFlashInferStandinBackend``), the pools filled with
+    seeded KV and histories at scattered slots; on CUDA its restricted decode runs FlashInfer's kernels. The runner
+    is a plain holder of the pools. Build it inside ``one_rank()``."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+    from ..backends import torch_native
+    from ..kv.pool import pool_class
+    from ..report import Outbox
+
+    kv = pool_class(config)(size=SLOTS, page_size=1, dtype=shape.dtype, head_num=shape.kv_heads, head_dim=shape.dim,
+                            layer_num=LAYERS, device=device, enable_memory_saver=False)
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(LAYERS):
+        for buffer in (kv.k_buffer[layer], kv.v_buffer[layer]):
+            buffer.copy_(torch.randn(buffer.shape, generator=gen))
+    req_to_token = ReqToTokenPool(size=8, max_context_len=64, device=device, enable_memory_saver=False)
+    req_to_token.req_to_token[1:, :50].copy_(torch.randperm(490, generator=gen)[: 8 * 50].view(8, 50) + 1)
+    layers = [RadixAttention(shape.heads, shape.dim, shape.dim ** -0.5, shape.kv_heads, i) for i in range(LAYERS)]
+    model_config = SimpleNamespace(num_hidden_layers=LAYERS, num_attention_heads=shape.heads, hf_text_config=None,
+                                   get_total_num_kv_heads=lambda: shape.kv_heads)
+    runner = SimpleNamespace(device=device, req_to_token_pool=req_to_token, token_to_kv_pool=kv,
+                             model_config=model_config, model=torch.nn.ModuleList(layers))
+    backend = torch_native.SlkvFlashInferStandinBackend(runner, config, Outbox())
+    backend.layers = layers
+    if device == "cuda":
+        _use_flashinfer(backend, shape, config)
+    return backend
+
+
+def _use_flashinfer(backend: Any, shape: Shape, config: SlkvConfig) -> None:
+    """The restricted decode through FlashInfer's wrappers, made as ``SlkvFlashInferBackend`` makes them."""
+    from flashinfer import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
+
+    from ..backends.flashinfer_ops import PREFILL_BACKEND, AttnShape
+    from ..backends.paged import PagedReads
+
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+    attn = AttnShape(shape.heads, shape.kv_heads, shape.dim, shape.dtype, shape.dtype)
+    backend._paged = PagedReads(
+        backend.pool, backend.tracker, config, attn, lambda: BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD"),
+        lambda: BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=PREFILL_BACKEND))
+
+
+@contextmanager
+def one_rank() -> Iterator[None]:
+    """SGLang publishes its parallel layout inside an engine; outside one, state a single rank."""
+    from sglang.srt.runtime_context import get_parallel
+
+    with get_parallel().override(tp_size=1):
+        yield
+
+
+@dataclass
+class Graph:
+    """What a capture leaves: the breaks it recorded, and its replay (valid once the capture block is left)."""
+
+    breaks: list[Callable[[], Any]]
+    replay: Callable[[], None]
+
+
+@contextmanager
+def capture(device: str) -> Iterator[Graph]:
+    """SGLang's breakable capture (a stub on CPU)."""
+    from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph import breakable_cuda_graph as bcg
+    from sglang.srt.model_executor.runner_backend_utils.breakable_cuda_graph.context import \
+        enable_breakable_cuda_graph
+
+    if device == "cuda":
+        graph = bcg.BreakableCUDAGraph()
+
+        def replay() -> None:
+            with enable_breakable_cuda_graph():
+                graph.replay()
+            torch.cuda.synchronize()
+
+        torch.cuda.synchronize()  # the capture stream reads buffers the default stream wrote
+        with enable_breakable_cuda_graph(), bcg.BreakableCUDAGraphCapture(
+                graph, pool=torch.cuda.graph_pool_handle(), stream=torch.cuda.Stream()):
+            yield Graph(graph._break_fns, replay)
+        return
+    stub = SimpleNamespace(_end_current_segment=lambda: None, _begin_new_segment=lambda: None, _barrier_fn=None,
+                           cuda_graph=SimpleNamespace(_break_fns=[]))
+
+    def replay_breaks() -> None:
+        with enable_breakable_cuda_graph():
+            for replay_fn in stub.cuda_graph._break_fns:
+                replay_fn()
+
+    token = bcg._current_capture_var.set(stub)
+    try:
+        with enable_breakable_cuda_graph():
+            yield Graph(stub.cuda_graph._break_fns, replay_breaks)
+    finally:
+        bcg._current_capture_var.reset(token)
+
+
+def decode_batch(indices: list[int], seq_lens: list[int], out_cache_loc: list[int], device: str) -> Any:
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+    n = len(indices)
+    on = lambda values: torch.tensor(values, device=device)  # noqa: E731
+    return ForwardBatch(forward_mode=ForwardMode.DECODE, batch_size=n, input_ids=on([0] * n),
+                        req_pool_indices=on(indices), req_pool_indices_cpu=torch.tensor(indices),
+                        seq_lens=on(seq_lens), seq_lens_cpu=torch.tensor(seq_lens), out_cache_loc=on(out_cache_loc),
+                        seq_lens_sum=sum(seq_lens))
+
+
+def stage(backend: Any, n: int, config: SlkvConfig = CONFIG) -> None:
+    """What ``stage_forward`` does before each forward (ForwardBatch.init_new)."""
+    backend.tracker.stage([request_params(config, f"r{i}", None, True) for i in range(n)])
+
+
+def load(static: Any, raw: Any) -> None:
+    """SGLang's ``load_batch``: the live batch into the graph's buffers, padded with req_pool_idx 0, sequence length
+    1 (FlashInfer's fill value) and slot 0."""
+    n = raw.batch_size
+    for name, fill in (("req_pool_indices", 0), ("seq_lens", 1), ("seq_lens_cpu", 1), ("out_cache_loc", 0)):
+        buf = getattr(static, name)
+        buf.fill_(fill)
+        buf[:n].copy_(getattr(raw, name))
+
+
+def reference_step(backend: Any, shape: Shape, raw: Any, q: list[torch.Tensor], k: list[torch.Tensor],
+                   v: list[torch.Tensor], lazy: Any, config: SlkvConfig = CONFIG) -> list[torch.Tensor]:
+    """The reference's decode attention (``tools/reference.py``) in float32 on the CPU, per request over its slots
+    (the step's own token included), sink + recent in its lazy KV heads."""
+    from .reference import decode_attention
+
+    pool, r2t = backend.pool, backend.req_to_token_pool.req_to_token
+    outs = []
+    for layer in range(LAYERS):
+        rows = []
+        for pos, (idx, n) in enumerate(zip(raw.req_pool_indices.tolist(), raw.seq_lens.tolist())):
+            slots = r2t[idx, :n].long()
+            keys, values = (buffer[layer][slots].float().cpu() for buffer in (pool.k_buffer, pool.v_buffer))
+            keys[-1], values[-1] = k[layer][pos].float().cpu(), v[layer][pos].float().cpu()
+            query = q[layer][pos].float().cpu().view(shape.heads, shape.dim)
+            rows.append(decode_attention(config, lazy[idx][layer].cpu(), query, keys, values, shape.dim ** -0.5)
+                        .reshape(-1))
+        outs.append(torch.stack(rows))
+    return outs
+
+
+def eager_step(backend: Any, raw: Any, q: list[torch.Tensor], k: list[torch.Tensor],
+               v: list[torch.Tensor]) -> list[torch.Tensor]:
+    stage(backend, raw.batch_size)
+    backend.init_forward_metadata(raw)
+    n = raw.batch_size
+    return [backend.forward_decode(q[layer][:n], k[layer][:n], v[layer][:n], backend.layers[layer], raw).clone()
+            for layer in range(LAYERS)]
+
+
+def _error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / (1 + |want|), in float32 on the CPU."""
+    got, want = got.float().cpu(), want.float().cpu()
+    return float(((got - want).abs() / (1 + want.abs())).max())
+
+
+def run(device: str) -> dict[str, Any]:
+    """Capture at ``GRAPH_BS`` with nothing planned, replay ``STEPS``; the report's ``ok`` holds when each step's
+    graphed output equals the eager one (bit-equal on CPU, within the tolerance on CUDA) and the reference within
+    the tolerance, every break was recorded and some layer was restricted."""
+    shape = CUDA_SHAPE if device == "cuda" else CPU_SHAPE
+    with one_rank():
+        backend = standin_backend(device, shape)
+        return _replay_steps(backend, shape, device)
+
+
+def _replay_steps(backend: Any, shape: Shape, device: str) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(1)
+    q = [torch.zeros(GRAPH_BS, shape.heads * shape.dim, dtype=shape.dtype, device=device) for _ in range(LAYERS)]
+    k = [torch.zeros(GRAPH_BS, shape.kv_heads, shape.dim, dtype=shape.dtype, device=device) for _ in range(LAYERS)]
+    v = [torch.zeros(GRAPH_BS, shape.kv_heads, shape.dim, dtype=shape.dtype, device=device) for _ in range(LAYERS)]
+    static = decode_batch([0] * GRAPH_BS, [1] * GRAPH_BS, [0] * GRAPH_BS, device)
+    backend.plan_graph_step(GRAPH_BS, in_capture=True)
+    with capture(device) as graph:
+        outs = [backend.forward_decode(q[l], k[l], v[l], backend.layers[l], static) for l in range(LAYERS)]
+    report: dict[str, Any] = {"device": device, "shape": {"q_heads": shape.heads, "kv_heads": shape.kv_heads,
+                                                          "head_dim": shape.dim, "dtype": str(shape.dtype)},
+                              "graph_bs": GRAPH_BS, "breaks": len(graph.breaks), "steps": []}
+    lazy = backend.tracker.lazy
+    for reqs, pattern in STEPS:
+        for idx, heads in pattern.items():
+            row = torch.zeros(LAYERS, shape.kv_heads, dtype=torch.bool)
+            row[:, :2] = torch.tensor(heads, dtype=torch.bool)
+            lazy[idx] = row.to(lazy.device)
+        indices, seq_lens, new_slots = map(list, zip(*reqs))
+        raw = decode_batch(indices, seq_lens, new_slots, device)
+        for idx, n, slot in reqs:  # the scheduler's allocation of the step's token
+            backend.req_to_token_pool.req_to_token[idx, n - 1] = slot
+        for tensors in (q, k, v):
+            for t in tensors:
+                t.copy_(torch.randn(t.shape, generator=gen))
+        stage(backend, raw.batch_size)
+        admitted = backend.admit_graph(raw)
+        load(static, raw)
+        backend.plan_graph_step(GRAPH_BS, in_capture=False)  # init_forward_metadata_out_graph at replay
+        planned = backend.tracker.plan_.req_pool_indices == indices
+        restricted = [l for l in range(LAYERS) if backend._paged.restricts(l)]
+        graph.replay()
+        graphed = [o[: raw.batch_size].clone() for o in outs]
+        want = reference_step(backend, shape, raw, q, k, v, lazy)
+        eager = eager_step(backend, raw, q, k, v)
+        vs_eager = max(_error(g, e) for g, e in zip(graphed, eager))
+        vs_reference = max(_error(g, w) for g, w in zip(graphed, want))
+        reference_tol = shape.tol or CPU_REFERENCE_ATOL
+        report["steps"].append({
+            "batch": raw.batch_size, "admitted": admitted, "planned_live_batch": planned,
+            "restricted_layers": restricted, "graphed_vs_eager": vs_eager, "graphed_vs_reference": vs_reference,
+            "ok": admitted and planned and bool(restricted) and vs_eager <= shape.tol
+            and vs_reference <= reference_tol})
+    report["ok"] = report["breaks"] == LAYERS and all(s["ok"] for s in report["steps"])
+    report["note"] = ("SGLang's breakable capture and replay, FlashInfer decode in the breaks" if device == "cuda" else
+                      "a stub capture (no CUDA): SGLang's eager_on_graph records the breaks, a replay calls them")
+    return report
+
