@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from slkv_sglang.tools.gpu_e2e import DRY, NO_CPU_FP8, NO_CPU_HICACHE, lazy_share, serving_points
+from slkv_sglang.tools.gpu_e2e import (DRY, NO_CPU_FP8, NO_CPU_HICACHE, NOT_CHOSEN, PARTS, lazy_share,
+                                       serving_points)
 
 pytestmark = pytest.mark.engine  # the script starts SGLang engines
 
@@ -30,6 +31,20 @@ def report(tmp_path_factory) -> dict:
     data = json.loads((out / "gpu_e2e.json").read_text())
     print(f"gpu-e2e --dry: {data['seconds']}")
     return data
+
+
+def test_a_run_limited_to_some_parts_says_which_it_skipped(tmp_path):
+    """``--parts``: a rerun takes what a run cut short by its time limit did not reach; here the graph section alone,
+    no engine started."""
+    proc = subprocess.run([str(ROOT / "scripts" / "gpu_e2e.sh"), "--dry", str(tmp_path), "--parts", "decode_graphs"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_e2e.json").read_text())
+    assert data["decode_graphs"]["ok"] is True
+    assert {part: data[part] for part in PARTS if part != "decode_graphs"} == {
+        "correctness": NOT_CHOSEN, "serving": NOT_CHOSEN, "serving_hicache": NOT_CHOSEN, "fp8_kv": NOT_CHOSEN}
+    assert data["engine_starts"] == {} and "startup" not in data
 
 
 def test_cuda_only_parts_are_skipped(report):

@@ -49,6 +49,10 @@ NO_CPU_HICACHE = f"{NEEDS_CUDA} (SGLang's hierarchical cache copies KV between d
 REPORT = "gpu_e2e.json"
 FORCED_FULL = 1.5  # a threshold above 1: no score exceeds it, so SimLayerKV is on and nothing is lazy
 FOLLOW_UP_TOKENS = 70  # a second turn's user prompt: LMSYS-Chat-1M's mean, 69.5 tokens (serve_workload.STATS)
+# What a run can be limited to (--parts), in the order it runs them: a rerun after a run cut short by its time limit
+# takes the parts the first did not reach
+PARTS = ("decode_graphs", "correctness", "serving", "serving_hicache", "fp8_kv")
+NOT_CHOSEN = "skipped: not among --parts"
 PLUGIN_GROUP = "sglang.srt.plugins"  # SGLang 0.5.23, sglang/srt/plugins/__init__.py: GENERAL_PLUGINS_GROUP
 
 
@@ -658,7 +662,8 @@ def _guarded(report: dict[str, Any], out: Path, name: str, check: Callable[[], A
     return value
 
 
-def run(out: Path, dry: bool, kit: list[str], serve_model: Path | None, budget: float | None) -> dict[str, Any]:
+def run(out: Path, dry: bool, kit: list[str], serve_model: Path | None, budget: float | None,
+        parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
     import torch
     import sglang
 
@@ -684,28 +689,36 @@ def run(out: Path, dry: bool, kit: list[str], serve_model: Path | None, budget: 
     engines = Engines(cuda)
     serve = Serving(engines, scale, serve_path, serve_config["num_hidden_layers"], serve_config["vocab_size"], load)
     entries: dict[str, Any] = {}
-    report["decode_graphs"] = _guarded(report, out, "decode_graphs", lambda: decode_graphs("cuda" if cuda else "cpu"))
+    report.update({part: NOT_CHOSEN for part in PARTS if part not in parts})
+    if "decode_graphs" in parts:
+        report["decode_graphs"] = _guarded(report, out, "decode_graphs",
+                                           lambda: decode_graphs("cuda" if cuda else "cpu"))
     try:
         # plain SGLang's serving first: in the dry run its engine is the one the correctness checks start next
-        entries["sglang"] = _guarded(report, out, "serving_sglang", lambda: serve.play("sglang"))
-        checks = _guarded(report, out, "correctness", lambda: correctness(engines, scale, model, reference, None, tol))
-        report.update(checks if "startup" in checks else {"correctness": checks})
-        for name in ("simlayerkv", "simlayerkv_offload"):
-            entries[name] = _guarded(report, out, f"serving_{name}", lambda name=name: serve.play(name))
-        report["serving"] = serve.summary(entries)
-        report["serving_hicache"] = (_guarded(report, out, "serving_hicache", lambda: serve.play("hicache")) if cuda
-                                     else NO_CPU_HICACHE)
-        if cuda:
+        if "serving" in parts:
+            entries["sglang"] = _guarded(report, out, "serving_sglang", lambda: serve.play("sglang"))
+        if "correctness" in parts:
+            checks = _guarded(report, out, "correctness",
+                              lambda: correctness(engines, scale, model, reference, None, tol))
+            report.update(checks if "startup" in checks else {"correctness": checks})
+        if "serving" in parts:
+            for name in ("simlayerkv", "simlayerkv_offload"):
+                entries[name] = _guarded(report, out, f"serving_{name}", lambda name=name: serve.play(name))
+            report["serving"] = serve.summary(entries)
+        if "serving_hicache" in parts:
+            report["serving_hicache"] = (_guarded(report, out, "serving_hicache", lambda: serve.play("hicache"))
+                                         if cuda else NO_CPU_HICACHE)
+        if "fp8_kv" in parts and not cuda:
+            report["fp8_kv"] = NO_CPU_FP8
+        elif "fp8_kv" in parts:
             fp8 = Tolerance(FP8_SCORE_TOL, scale.token_margin, tokens_vs_reference=False)
             checks = _guarded(report, out, "fp8_kv",
                               lambda: correctness(engines, scale, model, reference, "fp8_e4m3", fp8))
             report["fp8_kv"] = {"ok": all(c["ok"] for c in checks.values()), **checks}
-        else:
-            report["fp8_kv"] = NO_CPU_FP8
     finally:
         engines.close()
     report["engine_starts"] = engines.starts
-    report["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    report.setdefault("seconds", {})["total"] = round(time.perf_counter() - t0, 1)
     return report
 
 
@@ -725,6 +738,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--serve-model", type=Path, default=None,
                    help="on CUDA: a Llama config folder served with dummy weights (the kit's llama3-8b-dummy)")
     p.add_argument("--serve-budget-s", type=float, default=None, help="stop starting serving points after this")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="run only these parts (default: all; correctness includes startup and graphs_equal_eager)")
     p.add_argument("--kit", nargs="*", default=[], metavar="KEY=VALUE", help="figures gpu_e2e.sh measured")
     p.add_argument("--entry-point-dir", type=Path, default=None,
                    help="only write the plugin's entry-point dist-info into this folder and exit")
@@ -733,7 +748,7 @@ def main(argv: list[str]) -> int:
         print(write_entry_point(args.entry_point_dir, Path(__file__).resolve().parents[2]))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    report = run(args.out, args.dry, args.kit, args.serve_model, args.serve_budget_s)
+    report = run(args.out, args.dry, args.kit, args.serve_model, args.serve_budget_s, tuple(args.parts))
     save(report, args.out)
     for name, value in report.items():
         ok = value if isinstance(value, str) else ("ok" if value.get("ok") else "FAILED") if isinstance(value, dict) \
