@@ -53,6 +53,7 @@ FOLLOW_UP_TOKENS = 70  # a second turn's user prompt: LMSYS-Chat-1M's mean, 69.5
 # takes the parts the first did not reach
 PARTS = ("decode_graphs", "correctness", "serving", "serving_hicache", "fp8_kv")
 NOT_CHOSEN = "skipped: not among --parts"
+GRAPH_CHECK_TIMEOUT_S = 300  # decode_graphs' own process: FlashInfer may compile a kernel (0.5-2 min on 16 cores)
 PLUGIN_GROUP = "sglang.srt.plugins"  # SGLang 0.5.23, sglang/srt/plugins/__init__.py: GENERAL_PLUGINS_GROUP
 
 
@@ -402,23 +403,26 @@ def _graphs_equal_eager(engines: Engines, scale: Scale, model_path: Path, prompt
 
 
 def decode_graphs(device: str) -> dict[str, Any]:
-    """Before any engine: the plugin's decode under SGLang's breakable capture alone (``graph_check``), and whether
-    ``cuda.bindings`` imports (SGLang's breakable capture asks the CUDA runtime through it whether a side stream is
-    capturing; the device's torch wheel depends on it, the kit does not carry it)."""
+    """Before any engine: the plugin's decode under SGLang's breakable capture alone (``graph_check``), in a process
+    of its own (a CUDA fault there must not end the engines' checks); and whether ``cuda.bindings`` imports (SGLang's
+    breakable capture asks the CUDA runtime through it whether a side stream is capturing; the device's torch wheel
+    depends on it, the kit does not carry it)."""
     import importlib.util
-
-    from . import graph_check
+    import subprocess
+    import sys
 
     try:
         bindings = importlib.util.find_spec("cuda.bindings") is not None
     except ModuleNotFoundError:
         bindings = False
-    report = {**graph_check.run(device), "cuda_bindings": bindings}
-    if device == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()  # the engines start next, each sizing its KV pool from the free memory
-    return report
+    proc = subprocess.run([sys.executable, "-m", "slkv_sglang.tools.graph_check", device], capture_output=True,
+                          text=True, timeout=GRAPH_CHECK_TIMEOUT_S)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        report = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        report = {"ok": False, "exit_status": proc.returncode, "stderr": proc.stderr[-2000:]}
+    return {**report, "cuda_bindings": bindings}
 
 
 def _all(runs: list[dict[str, Any]], ok: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
