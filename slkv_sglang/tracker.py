@@ -332,7 +332,8 @@ class LazyTracker:
 
     def running_slots(self, num_slots: int, exclude: int | None = None) -> torch.Tensor:
         """Mask over KV slots ``[num_slots + 1]``: those a running request (other than the one at req_pool_idx
-        ``exclude``) reads. Read-only: without ``exclude`` it is kept for the admission checks until the next forward."""
+        ``exclude``) reads. Read-only: without ``exclude`` it is kept for the admission checks until the next forward
+        or ``slots_moved``."""
         if exclude is None and self._running_mask is not None:
             return self._running_mask
         mask = torch.zeros(num_slots + 1, dtype=torch.bool)
@@ -342,6 +343,11 @@ class LazyTracker:
         if exclude is None:
             self._running_mask = mask
         return mask
+
+    def slots_moved(self) -> None:
+        """SGLang pointed running requests at other slots (a radix insert found their tokens cached under other
+        slots and freed theirs): ``running_slots`` recomputes."""
+        self._running_mask = None
 
     def release(self, req_pool_idx: int) -> None:
         """The request at ``req_pool_idx`` is done: drop its carried queries and pending decode decision."""

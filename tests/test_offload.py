@@ -12,12 +12,14 @@ import torch
 
 from offload import HostArena
 from slkv_sglang.tools.corpus import prompt_ids
+from slkv_sglang.config import SlkvConfig
 from slkv_sglang.kv.executor import KvExecutor
 from slkv_sglang.kv.fingerprint import prefix_fingerprints
 from slkv_sglang.kv.planner import KvPlanner
 from slkv_sglang.kv.rows import LostKv
 from slkv_sglang.kv.step import Heal, KvStep, RequestStep
 from slkv_sglang.kv.tier import DEMOTE_AHEAD, INDEX_BYTES, KvTier, pool_rows, slot_factor
+from slkv_sglang.tracker import LazyTracker
 
 SINK, RECENT = 4, 256
 
@@ -378,6 +380,22 @@ def test_cached_slots_adopt_what_a_duplicate_holds():
     hosted = tier.host.hosted(tree, prefix_fingerprints(ids))
     assert hosted[0, 4:30].all() and hosted[1, :2].all()  # layer 0's own copies stay; layer 1 took own's two
     assert tier.rows.free == tier.rows.num_rows - 80 and not tier.host.hosted(own).any()
+
+
+def test_running_slots_follow_a_request_pointed_at_the_trees_slots():
+    """A checkpoint's insert that finds a running request's tokens cached under other slots frees its own and points
+    it at the tree's: the running mask admission keeps from demotion follows once told (``slots_moved``, called by
+    the insert hook), instead of the freed slots until the next forward."""
+    req_to_token = torch.zeros(4, 16, dtype=torch.int32)
+    req_to_token[1, :5] = torch.arange(10, 15)
+    tracker = LazyTracker(SlkvConfig(enabled=True), num_layers=2, num_kv_heads=1, req_pool_size=4,
+                          req_to_token=req_to_token)
+    tracker.running[1] = 5  # what plan() records for a batch with that request
+    assert tracker.running_slots(32).nonzero().flatten().tolist() == [10, 11, 12, 13, 14]
+    req_to_token[1, :3] = torch.arange(20, 23)  # SGLang's write after the insert
+    assert tracker.running_slots(32).nonzero().flatten().tolist() == [10, 11, 12, 13, 14]  # kept until told
+    tracker.slots_moved()
+    assert tracker.running_slots(32).nonzero().flatten().tolist() == [13, 14, 20, 21, 22]
 
 
 def test_lazy_heads_free_their_own_rows():

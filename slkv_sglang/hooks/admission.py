@@ -133,6 +133,11 @@ def adopt_duplicates(side: SchedulerSide, original: Any, tree_cache: Any, params
             dup = tree != own
             if bool(dup.any()):
                 tier.adopt(own[dup], tree[dup])
+                # after a checkpoint's insert SGLang points the running request at the tree's slots (req_to_token
+                # written next): what it reads changes, so the running mask is rebuilt when next asked
+                result = original(tree_cache, params, *args, **kwargs)
+                side.tracker.slots_moved()
+                return result
     return original(tree_cache, params, *args, **kwargs)
 
 
