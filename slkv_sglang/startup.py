@@ -70,7 +70,7 @@ def plan_server_args(requested: Mapping[str, Any], cuda: bool, cfg: SlkvConfig) 
     named = [requested.get(name) for name in BACKEND_FIELDS if requested.get(name) is not None]
     if not cuda or requested.get("disable_cuda_graph") or "torch_native" in named:  # SGLang: no graphs on it
         return plan
-    if cfg.offload:  # the capture would read SGLang's one-page buffers, which the row pool leaves empty
+    if cfg.offload:  # padded graph rows write and read slot 0, which has no rows in the pool (docs/design.md)
         plan.declarations["disable_cuda_graph"] = True
         plan.notes.append("SimLayerKV: CUDA graphs off with --slkv-offload (lazy layers read per-layer rows; "
                           "see docs/gpu.md)")
