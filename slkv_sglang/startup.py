@@ -5,9 +5,10 @@ SGLang 0.5.23 resolves its arguments once (``ServerArgs.resolve_once``) in the l
 would pick fa3, which the plugin does not wrap, and every request would silently run with full KV) and picks
 SGLang's *breakable* decode CUDA graphs, prefill graphs off: the plugin's decode attention runs as an eager
 break between captured segments, so each step's lazy patterns are planned on the host as without graphs
-(``backends/paged.py``). A full decode graph, torch.compile or the metadata glue graph would bake the capture
-step's attention branch and plan into every replay: refused. With ``--slkv-offload`` CUDA graphs stay off. After
-it, ``check_resolved`` refuses what the resolution chose that the plugin cannot serve. Both take plain mappings so they are testable without CUDA.
+(``backends/paged.py``), with ``--slkv-offload`` too (its rows include SGLang's padding slot). A full decode graph,
+torch.compile or the metadata glue graph would bake the capture step's attention branch and plan into every
+replay: refused. After it, ``check_resolved`` refuses what the resolution chose that the plugin cannot serve.
+Both take plain mappings so they are testable without CUDA.
 Every refusal is a ``SlkvConfigError`` naming the flag to use, raised before any process is spawned.
 """
 
@@ -70,11 +71,6 @@ def plan_server_args(requested: Mapping[str, Any], cuda: bool, cfg: SlkvConfig) 
     named = [requested.get(name) for name in BACKEND_FIELDS if requested.get(name) is not None]
     if not cuda or requested.get("disable_cuda_graph") or "torch_native" in named:  # SGLang: no graphs on it
         return plan
-    if cfg.offload:  # padded graph rows write and read slot 0, which has no rows in the pool (docs/design.md)
-        plan.declarations["disable_cuda_graph"] = True
-        plan.notes.append("SimLayerKV: CUDA graphs off with --slkv-offload (lazy layers read per-layer rows; "
-                          "see docs/gpu.md)")
-        return plan
     if requested.get("cuda_graph_backend_decode") == "full":
         raise SlkvConfigError(f"--cuda-graph-backend-decode full is not supported with --enable-simlayerkv: {_BAKES}; "
                               f"drop it (SimLayerKV selects {DECODE_GRAPH}) or use --disable-cuda-graph")
@@ -95,8 +91,8 @@ def plan_server_args(requested: Mapping[str, Any], cuda: bool, cfg: SlkvConfig) 
 def check_resolved(resolved: Mapping[str, Any], cfg: SlkvConfig, cuda_graphs: Mapping[str, str] | None = None,
                    metadata_glue: bool = False) -> None:
     """After SGLang's resolution: prefill and decode run on one covered backend, and CUDA graphs are at most
-    breakable decode graphs, none with offload (``cuda_graphs``: phase -> backend, for the phases whose graphs the
-    resolution left on; ``metadata_glue``: ``SGLANG_ENABLE_METADATA_GLUE_GRAPH``)."""
+    breakable decode graphs (``cuda_graphs``: phase -> backend, for the phases whose graphs the resolution left on;
+    ``metadata_glue``: ``SGLANG_ENABLE_METADATA_GLUE_GRAPH``)."""
     chosen = {name: resolved.get(name) for name in BACKEND_FIELDS if resolved.get(name) is not None}
     for name, backend in chosen.items():
         if backend not in COVERED_BACKENDS:
@@ -109,9 +105,6 @@ def check_resolved(resolved: Mapping[str, Any], cfg: SlkvConfig, cuda_graphs: Ma
         raise SlkvConfigError(f"--enable-simlayerkv needs one backend for prefill and decode, got prefill {prefill} and "
                               f"decode {decode}: start with --attention-backend {decode or prefill} alone")
     graphs = dict(cuda_graphs or {})
-    if graphs and cfg.offload:
-        raise SlkvConfigError(f"CUDA graphs are on for {', '.join(graphs)} (a --cuda-graph-* flag overrides "
-                              "--disable-cuda-graph); --slkv-offload serves decode without them: drop those flags")
     if "prefill" in graphs:
         raise SlkvConfigError(f"CUDA graphs are on for prefill ({graphs['prefill']}): SimLayerKV scores each prefill "
                               "layer on the host; start with --cuda-graph-backend-prefill disabled")

@@ -32,14 +32,34 @@ def test_captured_decode_replays_each_steps_lazy_pattern():
     bit and the reference, and the padded row never reaches a real request's output."""
     report = graph_check.run("cpu")
     assert report["ok"] is True, report
-    assert report["breaks"] == LAYERS  # one break per full-attention layer
-    steps = report["steps"]
-    assert [s["batch"] for s in steps] == [3, 2]
-    # step 1: requests 1 and 2 lazy in layers 0-2 between them; step 2: request 3 lazy in layers 0 and 1
-    assert [s["restricted_layers"] for s in steps] == [[0, 1, 2], [0, 1]]
-    assert all(s["admitted"] and s["planned_live_batch"] for s in steps)
-    assert [s["graphed_vs_eager"] for s in steps] == [0.0, 0.0]
-    assert all(s["graphed_vs_reference"] <= graph_check.CPU_REFERENCE_ATOL for s in steps)
+    for pool, restricted in (("slots", [[0, 1, 2], [0, 1]]), ("rows", [[0, 1, 2], [0, 1, 2]])):
+        checked = report["pools"][pool]
+        assert checked["breaks"] == LAYERS  # one break per full-attention layer
+        steps = checked["steps"]
+        assert [s["batch"] for s in steps] == [3, 2]
+        # step 1: requests 1 and 2 lazy in layers 0-2 between them; step 2: request 3 lazy in layers 0 and 1;
+        # over rows every full-attention layer is the plugin's
+        assert [s["lazy_layers"] for s in steps] == [[0, 1, 2], [0, 1]]
+        assert [s["restricted_layers"] for s in steps] == restricted, pool
+        assert all(s["admitted"] and s["planned_live_batch"] for s in steps)
+        assert [s["graphed_vs_eager"] for s in steps] == [0.0, 0.0]
+        assert all(s["graphed_vs_reference"] <= graph_check.CPU_REFERENCE_ATOL for s in steps)
+
+
+def test_padded_graph_rows_take_no_row_from_the_pool():
+    """Over rows (``--slkv-offload``) SGLang's padding slot has rows of its own from the start: a graph padded to 4
+    requests writes and reads them, and the pool's free rows, all owed to real tokens here (``_replay_steps`` takes
+    the rest), stay theirs."""
+    from slkv_sglang.kv.rows import PAD_SLOT
+
+    with graph_check.one_rank():
+        backend = graph_check.standin_backend("cpu", CPU_SHAPE, graph_check.POOLS["rows"])
+    rows = backend.pool.tier.rows
+    assert rows.row_of[:, PAD_SLOT].tolist() == list(range(rows.num_rows, rows.num_rows + rows.num_units))
+    free = rows.free
+    rows.clear()  # SGLang's flush_cache: the padding keeps its rows
+    assert rows.row_of[:, PAD_SLOT].min() == rows.num_rows and rows.free == rows.num_rows and rows.miscounted() == 0
+    assert free == rows.num_rows - 400 * rows.num_units  # the histories' 400 slots took theirs, the padding none
 
 
 def test_replay_needs_an_admitted_batch(backend):

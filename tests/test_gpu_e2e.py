@@ -70,8 +70,11 @@ def test_decode_graphs_replay_each_steps_pattern(report):
     the details), run before any engine."""
     graphs = report["decode_graphs"]
     assert graphs["ok"] is True, graphs
-    assert (graphs["device"], graphs["breaks"], graphs["graph_bs"]) == ("cpu", 3, 4)
-    assert [(s["batch"], s["graphed_vs_eager"]) for s in graphs["steps"]] == [(3, 0.0), (2, 0.0)]
+    assert (graphs["device"], graphs["graph_bs"], graphs["captured_segments"]) == ("cpu", 4, False)
+    for pool in ("slots", "rows"):  # SGLang's pool, the plugin's rows (--slkv-offload)
+        checked = graphs["pools"][pool]
+        assert checked["breaks"] == 3  # one per layer of graph_check's own 3-layer pools
+        assert [(s["batch"], s["graphed_vs_eager"]) for s in checked["steps"]] == [(3, 0.0), (2, 0.0)]
 
 
 def test_forced_full_equals_plain_sglang(report):

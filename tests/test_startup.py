@@ -23,7 +23,7 @@ GRAPHS = {"disable_prefill_cuda_graph": True, "cuda_graph_backend_decode": "brea
     # nothing named: the covered backend for the machine; on CUDA breakable decode graphs, prefill graphs off
     (True, ON, {}, {"attention_backend": "flashinfer", **GRAPHS}),
     (False, ON, {}, {"attention_backend": "torch_native"}),
-    (True, OFFLOAD, {}, {"attention_backend": "flashinfer", "disable_cuda_graph": True}),  # rows: no graphs
+    (True, OFFLOAD, {}, {"attention_backend": "flashinfer", **GRAPHS}),  # rows: the same graphs
     (False, OFFLOAD, {}, {"attention_backend": "torch_native"}),
     # a covered backend named: kept as it is
     (True, ON, {"attention_backend": "flashinfer"}, GRAPHS),
@@ -78,11 +78,12 @@ def test_check_after_resolution():
     with pytest.raises(SlkvConfigError, match="one backend for prefill and decode, got prefill torch_native and decode flashinfer"):
         check_resolved({"prefill_attention_backend": "torch_native", "decode_attention_backend": "flashinfer"}, ON)
     check_resolved({"attention_backend": "flashinfer"}, ON, {"decode": "breakable"})
+    check_resolved({"attention_backend": "flashinfer"}, OFFLOAD, {"decode": "breakable"})
     for graphs, cfg, glue, message in [
         ({"decode": "breakable", "prefill": "breakable"}, ON, False, "CUDA graphs are on for prefill"),
         ({"decode": "full"}, ON, False, "decode CUDA graphs are full: a captured replay repeats"),
         ({"decode": "breakable"}, ON, True, "SGLANG_ENABLE_METADATA_GLUE_GRAPH=1 captures"),
-        ({"decode": "breakable"}, OFFLOAD, False, "--slkv-offload serves decode without them"),
+        ({"decode": "full"}, OFFLOAD, False, "decode CUDA graphs are full: a captured replay repeats"),
     ]:
         with pytest.raises(SlkvConfigError, match=message):
             check_resolved({"attention_backend": "flashinfer"}, cfg, graphs, glue)

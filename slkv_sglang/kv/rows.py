@@ -9,11 +9,18 @@ A *unit* is what one row holds of a token: the KV heads of one layer split into 
 With one unit per layer a row is a whole layer (a layer's middle goes back only when every head of it is lazy);
 with one unit per KV head (``--slkv-granularity head``) each lazy KV head gives its own rows back. Unit
 ``layer * units_per_layer + u`` holds KV heads ``u * heads .. (u + 1) * heads - 1`` of ``layer``.
+
+SGLang's padding slot (``PAD_SLOT``) holds a row in every unit from the start, past the pool's ``num_rows``: a
+decode CUDA graph pads its batch with requests on that slot, whose KV each replay writes and reads. Those rows are
+never free and never counted.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+PAD_SLOT = 0  # SGLang's padding slot: never allocated to a request (its allocators hand out slots from 1)
 
 
 class LostKv(RuntimeError):
@@ -27,7 +34,7 @@ class DeviceRows:
         self.num_layers, self.units_per_layer = num_layers, units_per_layer
         self.num_slots, self.num_rows = num_slots, num_rows
         self.num_units = num_layers * units_per_layer
-        self.kv = torch.zeros(2, num_rows, heads, dim, dtype=dtype, device=device)
+        self.kv = torch.zeros(2, num_rows + self.num_units, heads, dim, dtype=dtype, device=device)  # + PAD_SLOT's
         self.row_shape = (2, heads, dim)  # what ``get`` gives per row (and the host tier's pieces hold)
         self.row_of = torch.full((self.num_units, num_slots + 1), -1, dtype=torch.int32, device=device)  # tier.INDEX_BYTES
         # per slot, how many units hold a row for it (``row_of >= 0`` summed over units, kept as it changes):
@@ -51,7 +58,9 @@ class DeviceRows:
         self._stack = torch.arange(self.num_rows - 1, -1, -1, dtype=torch.int32, device=self.kv.device)
         self._n_free = self.num_rows
         self.row_of.fill_(-1)
+        self.row_of[:, PAD_SLOT] = torch.arange(self.num_rows, self.num_rows + self.num_units, dtype=torch.int32)
         self.held_by_slot.zero_()
+        self.held_by_slot[PAD_SLOT] = self.num_units
 
     def take(self, n: int) -> torch.Tensor | None:
         """``n`` free rows, or None (nothing taken) if fewer are free."""

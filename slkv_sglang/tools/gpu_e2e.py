@@ -16,7 +16,7 @@ small shapes, so CI proves the plumbing. One JSON report, ``gpu_e2e.json``, one 
   granularity), ``batch_equals_alone``, ``radix_hit``, ``chunked_prefill``; ``fp8_kv`` the same on an fp8 cache;
 - ``serving``: multi-turn sessions (``serve_driver``) on one device KV budget at Llama-3-8B shape (dummy weights),
   plain SGLang with its CUDA graphs vs SimLayerKV (its breakable decode graphs) vs SimLayerKV with
-  ``--slkv-offload`` (no graphs), compute-bound and memory-bound, per history length: turns/s, TTFT and ITL
+  ``--slkv-offload`` (the same graphs), compute-bound and memory-bound, per history length: turns/s, TTFT and ITL
   p50/p99, and the decode graph backend each engine resolved; ``serving_hicache``: SGLang's hierarchical
   cache (``direct`` IO backend), whether it started and its figures if it ran.
 
