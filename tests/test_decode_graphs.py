@@ -60,6 +60,8 @@ def test_padded_graph_rows_take_no_row_from_the_pool():
     rows.clear()  # SGLang's flush_cache: the padding keeps its rows
     assert rows.row_of[:, PAD_SLOT].min() == rows.num_rows and rows.free == rows.num_rows and rows.miscounted() == 0
     assert free == rows.num_rows - 400 * rows.num_units  # the histories' 400 slots took theirs, the padding none
+    backend.pool.tier.free_slots(torch.tensor([PAD_SLOT]))  # were it ever freed, its rows would stay its own
+    assert rows.row_of[:, PAD_SLOT].min() == rows.num_rows and rows.free == rows.num_rows
 
 
 def test_replay_needs_an_admitted_batch(backend):

@@ -18,7 +18,7 @@ import torch
 from offload import HostArena
 
 from .ledger import Ledger
-from .rows import DeviceRows
+from .rows import PAD_SLOT, DeviceRows
 from .shared import SharedTier
 
 # Device bytes per (unit, slot) besides KV: ``DeviceRows.row_of`` (int32) and ``Ledger.unwritten`` (bool). The
@@ -118,6 +118,7 @@ class KvTier:
 
     def free_slots(self, slots: torch.Tensor) -> None:
         """SGLang freed these slots: their rows in every unit and their host copies go."""
+        slots = slots[slots != PAD_SLOT]  # never allocated by SGLang; its rows stay whatever frees it
         if slots.numel() == 0:
             return
         self.rows.release_slots(slots)
