@@ -88,7 +88,7 @@ def plan_server_args(requested: Mapping[str, Any], cuda: bool, cfg: SlkvConfig) 
     return plan
 
 
-def check_resolved(resolved: Mapping[str, Any], cfg: SlkvConfig, cuda_graphs: Mapping[str, str] | None = None,
+def check_resolved(resolved: Mapping[str, Any], cuda_graphs: Mapping[str, str] | None = None,
                    metadata_glue: bool = False) -> None:
     """After SGLang's resolution: prefill and decode run on one covered backend, and CUDA graphs are at most
     breakable decode graphs (``cuda_graphs``: phase -> backend, for the phases whose graphs the resolution left on;

@@ -149,8 +149,8 @@ def _check_worker_shared(argv: list[str], master_host: str, rpc: int, meta: int)
     ServerArgs.add_cli_args(parser)
     resolved = vars(parser.parse_known_args(argv)[0])
     url = _flag_value(argv, "--slkv-shared-store") or ""
-    config = SlkvConfig(enabled=True, offload=True, shared_store=url)  # SlkvConfigError on a URL it refuses
-    startup.check_resolved({n: resolved.get(n) for n in startup.BACKEND_FIELDS}, config)
+    SlkvConfig(enabled=True, offload=True, shared_store=url)  # SlkvConfigError on a URL it refuses
+    startup.check_resolved({n: resolved.get(n) for n in startup.BACKEND_FIELDS})
     store = parse_store_url(url)
     assert (store.master_host, store.master_port) == (master_host, rpc), url
     assert store.metadata == f"http://{master_host}:{meta}/metadata", url

@@ -70,23 +70,22 @@ def test_plan_refuses_two_host_tiers():
 
 
 def test_check_after_resolution():
-    check_resolved({"attention_backend": "flashinfer"}, ON)
-    check_resolved({"attention_backend": "torch_native"}, OFFLOAD)
-    check_resolved({"attention_backend": "flashinfer"}, OFFLOAD)  # both backends read the pool's rows
+    """What SGLang resolved, the same with offload or without (both backends read the pool's rows, both with
+    breakable decode graphs)."""
+    check_resolved({"attention_backend": "flashinfer"})
+    check_resolved({"attention_backend": "torch_native"})
     with pytest.raises(SlkvConfigError, match="resolved --decode-attention-backend to fa3"):
-        check_resolved({"attention_backend": "flashinfer", "decode_attention_backend": "fa3"}, ON)
+        check_resolved({"attention_backend": "flashinfer", "decode_attention_backend": "fa3"})
     with pytest.raises(SlkvConfigError, match="one backend for prefill and decode, got prefill torch_native and decode flashinfer"):
-        check_resolved({"prefill_attention_backend": "torch_native", "decode_attention_backend": "flashinfer"}, ON)
-    check_resolved({"attention_backend": "flashinfer"}, ON, {"decode": "breakable"})
-    check_resolved({"attention_backend": "flashinfer"}, OFFLOAD, {"decode": "breakable"})
-    for graphs, cfg, glue, message in [
-        ({"decode": "breakable", "prefill": "breakable"}, ON, False, "CUDA graphs are on for prefill"),
-        ({"decode": "full"}, ON, False, "decode CUDA graphs are full: a captured replay repeats"),
-        ({"decode": "breakable"}, ON, True, "SGLANG_ENABLE_METADATA_GLUE_GRAPH=1 captures"),
-        ({"decode": "full"}, OFFLOAD, False, "decode CUDA graphs are full: a captured replay repeats"),
+        check_resolved({"prefill_attention_backend": "torch_native", "decode_attention_backend": "flashinfer"})
+    check_resolved({"attention_backend": "flashinfer"}, {"decode": "breakable"})
+    for graphs, glue, message in [
+        ({"decode": "breakable", "prefill": "breakable"}, False, "CUDA graphs are on for prefill"),
+        ({"decode": "full"}, False, "decode CUDA graphs are full: a captured replay repeats"),
+        ({"decode": "breakable"}, True, "SGLANG_ENABLE_METADATA_GLUE_GRAPH=1 captures"),
     ]:
         with pytest.raises(SlkvConfigError, match=message):
-            check_resolved({"attention_backend": "flashinfer"}, cfg, graphs, glue)
+            check_resolved({"attention_backend": "flashinfer"}, graphs, glue)
 
 
 def test_declarations_land_in_sglangs_resolution(monkeypatch, model_path):

@@ -123,7 +123,7 @@ def adopt_duplicates(side: SchedulerSide, original: Any, tree_cache: Any, params
     """UnifiedRadixCache.insert: where the tree already holds the request's tokens in other slots, the insert frees
     the request's own and SGLang points the request at the tree's; first those take over the rows and host copies
     they lack (``KvTier.adopt``): a lazy layer may have released them, and the request's window reads them next."""
-    tier = side.tier
+    tier, moved = side.tier, False
     if tier is not None and params.key is not None and params.value is not None and len(params.key):
         probe = _walk(tree_cache, params.key)
         n = min(probe.device_prefix_len, len(params.value))
@@ -131,14 +131,15 @@ def adopt_duplicates(side: SchedulerSide, original: Any, tree_cache: Any, params
             tree = tree_cache.path_device_indices(probe.last_device_node)[:n].to(torch.int64)
             own = params.value[:n].to(tree.device, torch.int64)
             dup = tree != own
-            if bool(dup.any()):
+            moved = bool(dup.any())
+            if moved:
                 tier.adopt(own[dup], tree[dup])
-                # after a checkpoint's insert SGLang points the running request at the tree's slots (req_to_token
-                # written next): what it reads changes, so the running mask is rebuilt when next asked
-                result = original(tree_cache, params, *args, **kwargs)
-                side.tracker.slots_moved()
-                return result
-    return original(tree_cache, params, *args, **kwargs)
+    result = original(tree_cache, params, *args, **kwargs)
+    if moved:
+        # after a checkpoint's insert SGLang points the running request at the tree's slots (req_to_token written
+        # next): what it reads changes, so the running mask is rebuilt when next asked
+        side.tracker.slots_moved()
+    return result
 
 
 # ---- slots and their rows -------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def check_resolved(_result: Any, server_args: Any, *args: Any, **kwargs: Any) ->
         graphs = view.cuda_graph_config
         graphs_on = {phase: str(getattr(graphs, phase).backend) for phase in ("decode", "prefill")
                      if getattr(graphs, phase).backend != Backend.DISABLED} if uses_cuda(server_args) else {}
-        startup.check_resolved({name: getattr(view, name, None) for name in startup.BACKEND_FIELDS}, cfg, graphs_on,
+        startup.check_resolved({name: getattr(view, name, None) for name in startup.BACKEND_FIELDS}, graphs_on,
                                envs.SGLANG_ENABLE_METADATA_GLUE_GRAPH.get())
         check_servable(ModelLayers.from_model_config(model_config_of(server_args)), cfg)
     return None
