@@ -25,8 +25,8 @@ from typing import Any, Callable
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from .hooks import admission, flags, reporting, requests
-from .hooks.scheduler import (SchedulerSide, admit_graph, install_backends, release_request, settle_failures,
-                              stage_forward)
+from .hooks.scheduler import (SchedulerSide, admit_graph, install_backends, release_request, settle_before_stash,
+                              settle_failures, stage_forward)
 
 _SRT = "sglang.srt."
 _ALLOCATOR = "mem_cache.allocator."
@@ -55,7 +55,7 @@ def hook_table(side: SchedulerSide) -> list[tuple[str, Callable[..., Any], HookT
          HookType.AFTER),
         ("managers.scheduler.Scheduler.process_batch_result", bound(settle_failures), HookType.BEFORE),
         # overlap scheduling caches a chunk (stash) before the previous forward's result is processed
-        ("managers.scheduler.Scheduler.stash_chunked_request", bound(settle_failures), HookType.BEFORE),
+        ("managers.scheduler.Scheduler.stash_chunked_request", bound(settle_before_stash), HookType.BEFORE),
         ("mem_cache.common.release_kv_cache", bound(release_request), HookType.BEFORE),
         # the radix cache, the allocator and admission
         ("managers.schedule_batch.Req._compute_max_prefix_len", bound(admission.cap_prefix), HookType.AFTER),
@@ -77,6 +77,7 @@ def hook_table(side: SchedulerSide) -> list[tuple[str, Callable[..., Any], HookT
          HookType.AFTER),
         ("mem_cache.kv_cache_configurator.KVCacheConfigurator._resolve_kv_pool_class", bound(admission.kv_pool_class),
          HookType.AROUND),
+        ("models.utils.enable_fused_set_kv_buffer", admission.unfuse_row_writes, HookType.AFTER),
         # reporting
         (_SCHEDULER + "batch_result_processor.SchedulerBatchResultProcessor._maybe_collect_customized_info",
          bound(reporting.report_decision), HookType.AFTER),

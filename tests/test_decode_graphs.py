@@ -32,6 +32,10 @@ def test_captured_decode_replays_each_steps_lazy_pattern():
     bit and the reference, and the padded row never reaches a real request's output."""
     report = graph_check.run("cpu")
     assert report["ok"] is True, report
+    # host reads in the replay's breaks (a wait for the device each, on a GPU): none in the plugin's decode over
+    # slots; over rows one per step, the first layer taking the step's new rows in every layer. Step 2 over slots
+    # decodes layer 2 with the CPU parent's kernel, torch_native, which reads its lengths (on a GPU: FlashInfer's)
+    replay_reads = {"slots": [0, 2], "rows": [1, 1]}
     for pool, restricted in (("slots", [[0, 1, 2], [0, 1]]), ("rows", [[0, 1, 2], [0, 1, 2]])):
         checked = report["pools"][pool]
         assert checked["breaks"] == LAYERS  # one break per full-attention layer
@@ -44,6 +48,7 @@ def test_captured_decode_replays_each_steps_lazy_pattern():
         assert all(s["admitted"] and s["planned_live_batch"] for s in steps)
         assert [s["graphed_vs_eager"] for s in steps] == [0.0, 0.0]
         assert all(s["graphed_vs_reference"] <= graph_check.CPU_REFERENCE_ATOL for s in steps)
+        assert [s["host_reads"] for s in steps] == [{"plan": None, "replay": n} for n in replay_reads[pool]]
 
 
 def test_padded_graph_rows_take_no_row_from_the_pool():

@@ -12,6 +12,7 @@ import torch
 
 from offload import HostArena
 from slkv_sglang.tools.corpus import prompt_ids
+from slkv_sglang.tools.host_reads import HostReads
 from slkv_sglang.config import SlkvConfig
 from slkv_sglang.kv.executor import KvExecutor
 from slkv_sglang.kv.fingerprint import prefix_fingerprints
@@ -354,6 +355,59 @@ def test_ledger_counts_promised_rows():
     assert tier.spare_rows == 182
     tier.free_slots(more)
     assert tier.ledger.reserved == 0 and tier.spare_rows == tier.rows.free == 186
+
+
+@pytest.mark.parametrize("units_per_layer", [1, 2])
+def test_the_layers_of_a_forward_never_wait_for_the_device(units_per_layer):
+    """A forward over rows reads values off the device once: its first write takes the new tokens' rows in every
+    unit. Each layer's write and page reads after that are device work only (on a GPU each read is a wait, per
+    layer). A page read of KV that is not there is counted on the device; the step's requests fail when a decision
+    would release rows (nothing is released) or when the scheduler side settles the forward."""
+    layers, ids = 4, list(range(8))
+    tier = _tier(layers=layers, units_per_layer=units_per_layer)
+    ex, planner = KvExecutor(tier, sink=2, recent=2, strict=False), KvPlanner(tier, strict=False)
+    req_to_token = torch.zeros(4, 100, dtype=torch.int64)
+    req_to_token[1, :8] = slots = torch.arange(1, 9)
+    tier.ledger.owe_slots(slots)
+    kv = torch.randn(layers, 8, 2, 2, 4)
+    req = SimpleNamespace(rid="r")
+    ex.begin(planner.plan([req], [1], ["s"], [ids], None))
+    with HostReads() as reads:
+        for layer in range(layers):
+            ex.write(layer, slots, kv[layer, :, 0], kv[layer, :, 1])
+            ex.pages(tier.rows.page_ids(layer, slots))
+    assert reads.where == {"tolist": 1}
+    assert (tier.ledger.reserved, tier.rows.free) == (0, tier.rows.num_rows - layers * units_per_layer * 8)
+    assert all(torch.equal(_kv(tier, layer, slots), kv[layer]) for layer in range(layers))
+    assert planner.settle() == []
+    for decides in (False, True):
+        ex.begin(planner.plan([req], [1], ["s"], [ids], None))
+        with HostReads() as reads:
+            ex.pages(tier.rows.page_ids(0, torch.tensor([9])))  # slot 9 holds nothing
+        assert reads.count == 0 and not ex.failed(0)
+        if decides:
+            ex.release_lazy(1, _lazy(*[True] * layers), 8, req_to_token, shared=None)
+            assert ex.failed(0) and tier.stats.released_rows == 0
+        (failed, why), = planner.settle()
+        assert failed is req and why.endswith("(1 page reads found no KV on the device)")
+        assert tier.stats.failed_requests == 1 + decides
+
+
+def test_a_model_stores_kv_through_the_pool_over_rows():
+    """A model whose RoPE kernel stores KV itself (SGLang's ``enable_fused_set_kv_buffer``: CUDA, bf16 KV) stores
+    it through the pool's ``set_kv_buffer`` when KV lives in rows, whose SGLang buffers are one page long; over
+    SGLang's own buffers the fusion stays. The hook, called with what SGLang decided, over real backends."""
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+    from slkv_sglang.hooks.admission import unfuse_row_writes
+    from slkv_sglang.tools import graph_check
+
+    for pool, fused in (("slots", None), ("rows", False)):
+        with graph_check.one_rank():
+            backend = graph_check.standin_backend("cpu", graph_check.CPU_SHAPE, graph_check.POOLS[pool])
+        with forward_context(ForwardContext(attn_backend=backend)):
+            assert unfuse_row_writes(True) is fused, pool  # None: SGLang's answer stands
+            assert unfuse_row_writes(False) is None, pool
 
 
 def test_cached_slots_adopt_what_a_duplicate_holds():

@@ -4,8 +4,9 @@ backend's parts, and what it hands the backend per forward.
 The scheduler process also runs the model (its ModelRunner builds the attention backend). The hand-off between
 the two sides is explicit and one way: the backend factory ``attach``es the backend's tracker and KV executor to
 the ``SchedulerSide``; before each forward ``stage_forward`` stages every request's settings on the tracker and,
-with ``--slkv-offload``, hands the executor the planner's ``KvStep``; after it, ``settle_failures`` finishes the
-requests the executor reported in that step. The worker side never touches SGLang's ``Req``.
+with ``--slkv-offload``, hands the executor the planner's ``KvStep``; before its result is processed,
+``settle_failures`` finishes the requests the executor reported in that step. The worker side never touches
+SGLang's ``Req``.
 """
 
 from __future__ import annotations
@@ -158,19 +159,36 @@ def admit_graph(result: bool, runner: Any, forward_batch: Any, *args: Any, **kwa
     return backend.admit_graph(forward_batch)
 
 
-def settle_failures(side: SchedulerSide, _scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """Scheduler.process_batch_result and Scheduler.stash_chunked_request (before): requests whose KV the executor
-    could not make whole in the forwards run so far finish with a 503-style error, and nothing of theirs is cached
-    (with overlap scheduling a chunked request's chunk is cached before the previous forward's result is
-    processed, so the stash settles too; settling twice is a no-op)."""
+def settle_failures(side: SchedulerSide, scheduler: Any, _batch: Any = None, result: Any = None, *args: Any,
+                    **kwargs: Any) -> None:
+    """Scheduler.process_batch_result (before): requests whose KV the executor could not make whole in the forwards
+    run so far finish with a 503-style error, and nothing of theirs is cached. The forward whose result this is
+    has finished on the device first (SGLang waits for its tokens next: ``copy_done``), so its page reads are all
+    counted; with overlap scheduling the next forward, already running, stays for its own result."""
     if side.planner is None:
         return None
+    copy_done = getattr(result, "copy_done", None)
+    if copy_done is not None:
+        copy_done.synchronize()
+    _finish(side.planner.settle(wait=not getattr(scheduler, "enable_overlap", False)))
+    return None
+
+
+def settle_before_stash(side: SchedulerSide, _scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """Scheduler.stash_chunked_request (before): with overlap scheduling a chunk is cached before the previous
+    forward's result is processed, so every forward handed out settles now, waiting for the device where it must
+    (settling twice is a no-op)."""
+    if side.planner is not None:
+        _finish(side.planner.settle(wait=True))
+    return None
+
+
+def _finish(failed: list[tuple[Any, str]]) -> None:
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-    for req, why in side.planner.settle():
+    for req, why in failed:
         req.skip_radix_cache_insert = True
         req.discard_output_reason = FINISH_ABORT(f"{why}; retry the request", HTTPStatus.SERVICE_UNAVAILABLE)
-    return None
 
 
 def release_request(side: SchedulerSide, req: Any, tree_cache: Any = None, *args: Any, **kwargs: Any) -> None:

@@ -15,7 +15,6 @@ request finishes with an error, its KV is not cached, and the engine goes on.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 import torch
@@ -23,8 +22,6 @@ import torch
 from .rows import LostKv
 from .step import KvStep, RequestStep
 from .tier import KvTier
-
-logger = logging.getLogger("slkv.kv")
 
 # Layers whose reloads are issued ahead of the one computing: enough to cover a layer's reload with the compute of
 # the layers before it, few enough that their staging buffers (a 32K history's lazy half is ~64 MiB per layer of
@@ -38,10 +35,15 @@ class KvExecutor:
         self.step = KvStep([])
         self._fences: dict[int, object] = {}  # this forward's layers whose reloads are issued -> their fence
         self._layer = -1  # the layer restored last in this forward
+        # the slots this forward's writes took rows for (``_rows_taken``), the layer written last, and whether
+        # the rows were there
+        self._new_slots: tuple[int, int] | None = None
+        self._written, self._new_rows_ok = -1, True
 
     def begin(self, step: KvStep) -> None:
         self.step = step
         self._fences, self._layer = {}, -1
+        self._new_slots = None
 
     def failed(self, pos: int) -> bool:
         return pos in self.step.failed
@@ -83,7 +85,7 @@ class KvExecutor:
                 if taken is None or fps is None or not host.reload(members, need, fps, out, reader=r.label):
                     if taken is not None:
                         rows.give(taken)
-                    self._fail(pos, r, f"layer {layer}: {need.numel()} prefix rows could not be restored")
+                    self._fail(pos, f"layer {layer}: {need.numel()} prefix rows could not be restored")
                     break
                 with host.copy_stream(taken, out):  # the scatter into the rows, after the reload, off the compute stream
                     rows.put(taken, out)
@@ -117,31 +119,54 @@ class KvExecutor:
                 continue
             rows.put(taken, rows.get(fresh[missing]))
             at[missing] = taken
-            rows.fill(layer, targets, at, missing)
+            rows.fill(rows.units(layer), targets, at, missing)
             self.tier.ledger.taken(r.req_pool_idx, taken.numel())
             self.tier.stats.healed_rows += taken.numel()
 
     # ---- every forward ------------------------------------------------------------------------------
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """KV of new tokens (``k``/``v`` ``[n, heads, dim]`` at ``slots``) into the layer's units, taking the rows
-        owed to new slots."""
+        """KV of new tokens (``k``/``v`` ``[n, heads, dim]`` at ``slots``) into the layer's rows: a scatter, which
+        never waits for the device, once the forward's first write took the rows of ``slots`` in every unit."""
+        if not self._rows_taken(layer, slots):
+            return
         rows = self.tier.rows
-        at = rows.rows_of(layer, slots)
-        missing = at < 0
-        if bool(missing.any()):
-            self.tier.ledger.written(rows.units(layer), slots)
-            taken = rows.take(int(missing.sum()))
-            if taken is None:
-                for pos, r in enumerate(self.step.requests):
-                    self._fail(pos, r, f"layer {layer}: no rows for new tokens")
-                return
-            at[missing] = taken
-            rows.fill(layer, slots, at, missing)
+        at = rows.rows_of(layer, slots).flatten()
         shape = rows.row_shape[1:]  # a unit's heads, dim
-        at = at.flatten()
         for part, new in ((0, k), (1, v)):
             per_unit = new.reshape(-1, rows.units_per_layer, *shape).movedim(1, 0)  # unit-major, as ``at``
             rows.kv[part][at] = per_unit.reshape(-1, *shape).to(rows.kv.dtype)
+
+    def _rows_taken(self, layer: int, slots: torch.Tensor) -> bool:
+        """Every unit holds a row for each of ``slots`` (False: the step's requests failed, nothing is written).
+        The layers of a forward write the same slots in increasing order: the first takes the rows."""
+        key = (slots.data_ptr(), slots.numel())
+        if key == self._new_slots and layer > self._written:
+            self._written = layer
+            return self._new_rows_ok
+        self._new_slots, self._written = key, layer
+        self._new_rows_ok = self._take_new_rows(slots)
+        return self._new_rows_ok
+
+    def _take_new_rows(self, slots: torch.Tensor) -> bool:
+        """The rows owed to ``slots`` in every unit at once (``Ledger``): the forward's one wait for the device on
+        its writes."""
+        rows, ledger = self.tier.rows, self.tier.ledger
+        at = rows.row_of[:, slots]  # [units, n]
+        missing = at < 0
+        owed = ledger.unwritten[:, slots]
+        n_missing, n_owed = torch.stack([missing.sum(), owed.sum()]).tolist()
+        units = range(rows.num_units)
+        ledger.written(units, slots, n_owed)
+        if not n_missing:
+            return True
+        taken = rows.take(n_missing)
+        if taken is None:
+            for pos in range(len(self.step.requests)):
+                self._fail(pos, "no rows for new tokens")
+            return False
+        order = (missing.flatten().cumsum(0) - 1).clamp(min=0).view_as(at)  # a mask assignment would wait
+        rows.fill(units, slots, torch.where(missing, taken[order], at), missing)
+        return True
 
     def lookup(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """``[units, n]``: the rows of ``slots`` in ``layer`` (``DeviceRows.lookup``)."""
@@ -157,7 +182,7 @@ class KvExecutor:
         except LostKv as exc:
             if pos >= len(self.step.requests):
                 raise
-            self._fail(pos, self.step.requests[pos], str(exc))
+            self._fail(pos, str(exc))
             return None
 
     # ---- after a decision ---------------------------------------------------------------------------
@@ -173,6 +198,8 @@ class KvExecutor:
             slots = r.slots(req_to_token, seq_len)
         else:
             slots = req_to_token[req_pool_idx, :seq_len].to(torch.int64)
+        if r is not None:  # nothing is released from a forward that read missing KV
+            self.tier.stats.failed_requests += self.step.fail_lost_pages(self.strict)
         if r is None or self.failed(pos) or r.fingerprints is None:
             return {"kv": self.tier.report(slots)}
         self.tier.seen(slots, r.fingerprints)
@@ -195,20 +222,16 @@ class KvExecutor:
         tier.stats.released_rows += tier.offload(r.label, lazy, middle, r.fingerprints[start : start + middle.numel()])
 
     # ---- failures -----------------------------------------------------------------------------------
-    def fail_step(self, why: str) -> None:
-        """KV the forward reads is on neither tier and the reader is not known (a paged kernel's batch): every
-        request of the step fails."""
-        for pos, r in enumerate(self.step.requests):
-            self._fail(pos, r, why)
+    def pages(self, page_ids: torch.Tensor) -> torch.Tensor:
+        """Page ids a paged kernel is about to read. A missing one (-1) is a bug of ours (the planner restores every
+        row a forward reads): it reads row 0 and is counted on the device, and the step's requests fail when the
+        count is read (``KvStep.fail_lost_pages``: before a decision releases rows, and when the scheduler side
+        settles the forward), so that no layer waits for the device to check."""
+        self.step.count_lost_pages(page_ids)
+        return page_ids.clamp(min=0)
 
-    def _fail(self, pos: int, r: RequestStep, why: str) -> None:
+    def _fail(self, pos: int, why: str) -> None:
         """Skip the request for the rest of the forward and say why in the step; the scheduler side finishes it
         with an error (``KvPlanner.settle``)."""
-        if pos in self.step.failed:
-            return
-        message = f"slkv: KV of request {r.rid} could not be made whole ({why})"
-        if self.strict:
-            raise LostKv(message)
-        logger.error("%s: finished with an error, nothing served from it", message)
-        self.step.failed[pos] = message
-        self.tier.stats.failed_requests += 1
+        if self.step.fail(pos, why, self.strict):
+            self.tier.stats.failed_requests += 1

@@ -28,9 +28,10 @@ class Ledger:
         self.unwritten[:, slots] = True
         self.reserved += self.num_units * slots.numel()
 
-    def written(self, units: range, slots: torch.Tensor) -> None:
-        owed = self.unwritten[units.start : units.stop, slots]
-        self.reserved -= int(owed.sum())
+    def written(self, units: range, slots: torch.Tensor, owed: int) -> None:
+        """``units`` hold rows for ``slots`` now; ``owed``: how many of those rows were owed (``unwritten``), counted
+        by the caller with whatever else it reads from the device."""
+        self.reserved -= owed
         self.unwritten[units.start : units.stop, slots] = False
 
     def slots_freed(self, slots: torch.Tensor) -> None:

@@ -126,12 +126,16 @@ class KvPlanner:
         self._handed = [*self._handed[-(UNSETTLED - 1):], step]
         return step
 
-    def settle(self) -> list[tuple[Any, str]]:
-        """The requests whose KV the forwards since the last call could not make whole, with why: SGLang is about
-        to process those forwards' results, and the caller finishes these requests with an error."""
-        failed = [(step.requests[pos].req, why) for step in self._handed for pos, why in step.failed.items()]
-        self._handed = []
-        return failed
+    def settle(self, wait: bool = True) -> list[tuple[Any, str]]:
+        """The requests whose KV the forwards handed out so far could not make whole, with why: SGLang is about to
+        process those forwards' results, and the caller finishes these requests with an error. Without ``wait``, a
+        forward the device is still running (with overlap scheduling, the one after the result processed) stays
+        for a later call: its page reads are not all counted yet."""
+        settled = [step for step in self._handed if wait or step.lost_pages_counted]
+        self._handed = [step for step in self._handed if step not in settled]
+        for step in settled:
+            self.tier.stats.failed_requests += step.fail_lost_pages(self.strict)
+        return [(step.requests[pos].req, why) for step in settled for pos, why in step.failed.items()]
 
     def retire(self, req: Any, req_pool_idx: int | None) -> None:
         """The request left (finished, aborted or retracted): its promise and its heal go."""

@@ -176,13 +176,9 @@ class RowKVPool(SlotKVPool):
         return self.tier.rows.row_shape[1]
 
     def page_ids(self, layer: int, slots: torch.Tensor, units: torch.Tensor | None) -> torch.Tensor:
-        """Rows of ``slots`` in ``layer`` (``DeviceRows.page_ids``). A missing one is a bug of ours (the planner
-        restores every row a forward reads): the step's requests fail and the kernel reads row 0 for it."""
-        ids = self.tier.rows.page_ids(layer, slots, units)
-        if bool((ids < 0).any()):
-            self.executor.fail_step(f"layer {layer}: {int((ids < 0).sum())} pages are not on the device")
-            ids = ids.clamp(min=0)
-        return ids
+        """Rows of ``slots`` in ``layer`` (``DeviceRows.page_ids``); a missing one fails the step's requests
+        (``KvExecutor.pages``)."""
+        return self.executor.pages(self.tier.rows.page_ids(layer, slots, units))
 
     def page_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tier.rows.kv[0], self.tier.rows.kv[1]

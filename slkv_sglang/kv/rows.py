@@ -154,10 +154,10 @@ class DeviceRows:
         store = self.kv[part]
         return store.index_select(0, rows[0]) if rows.shape[0] == 1 else store[rows].movedim(0, 1).flatten(1, 2)
 
-    def fill(self, layer: int, slots: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
-        """``rows`` (``[units_per_layer, n]``) become the rows of ``slots`` in ``layer``'s units, ``new`` (a mask
-        of them) being rows the slots did not hold before."""
-        self.row_of[layer * self.units_per_layer : (layer + 1) * self.units_per_layer, slots] = rows
+    def fill(self, units: range, slots: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
+        """``rows`` (``[units, n]``) become the rows of ``slots`` in ``units``, ``new`` (a mask of them) being rows
+        the slots did not hold before."""
+        self.row_of[units.start : units.stop, slots] = rows
         self.held_by_slot[slots] += new.sum(dim=0, dtype=torch.int32)
 
     def place(self, unit: int, slots: torch.Tensor, rows: torch.Tensor) -> None:

@@ -148,7 +148,7 @@ class KvTier:
         rows.put(taken, kv.reshape(-1, *rows.row_shape))
         for unit, mine in enumerate(taken.view(rows.num_units, n)):
             rows.place(unit, slots, mine)
-        self.ledger.written(range(rows.num_units), slots)
+        self.ledger.written(range(rows.num_units), slots, int(self.ledger.unwritten[:, slots].sum()))
         return True
 
     def seen(self, slots: torch.Tensor, fingerprints: torch.Tensor) -> None:

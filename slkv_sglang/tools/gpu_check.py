@@ -237,7 +237,7 @@ def check_rows(name: str, device: torch.device, kv_dtype: torch.dtype = torch.bf
         rows.give(rows.take(rows.num_rows)[torch.randperm(rows.num_rows, generator=gen).to(device)])  # scattered
         for layer, (k, v) in enumerate(caches):
             taken = rows.take(per_layer * used.numel()).view(per_layer, -1)
-            rows.fill(layer, used, taken, torch.ones_like(taken, dtype=torch.bool))
+            rows.fill(rows.units(layer), used, taken, torch.ones_like(taken, dtype=torch.bool))
             for u in range(per_layer):
                 rows.kv[0][taken[u]] = k[used][:, u * per_unit : (u + 1) * per_unit]
                 rows.kv[1][taken[u]] = v[used][:, u * per_unit : (u + 1) * per_unit]

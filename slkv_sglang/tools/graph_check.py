@@ -34,6 +34,7 @@ import torch
 
 from ..config import SlkvConfig
 from ..request_params import request_params
+from .host_reads import HostReads
 
 CONFIG = SlkvConfig(enabled=True, sink=2, recent=6, flashinfer_standin=True)
 # the pools the FlashInfer code path reads: SGLang's slots, or the plugin's rows (--slkv-offload; a host tier of
@@ -292,6 +293,8 @@ def _replay_steps(backend: Any, shape: Shape, device: str, config: SlkvConfig) -
     report: dict[str, Any] = {"breaks": len(graph.breaks), "steps": []}
     lazy = backend.tracker.lazy
     reference_tol = shape.tol or CPU_REFERENCE_ATOL
+    # on CPU every tensor is the host's: the plan's host-side work cannot be told apart, the replay's reads count
+    reads_of = device if device == "cuda" else None
     for reqs, pattern in STEPS:
         for idx, heads in pattern.items():  # each listed head stands for kv_heads / 2 of them
             lazy[idx] = torch.tensor(heads, dtype=torch.bool).repeat_interleave(shape.kv_heads // 2, dim=1)
@@ -305,10 +308,12 @@ def _replay_steps(backend: Any, shape: Shape, device: str, config: SlkvConfig) -
         stage(backend, raw.batch_size, config)
         admitted = backend.admit_graph(raw)
         load(static, raw)
-        backend.plan_graph_step(GRAPH_BS, in_capture=False)  # init_forward_metadata_out_graph at replay
+        with HostReads(reads_of) as plan_reads:
+            backend.plan_graph_step(GRAPH_BS, in_capture=False)  # init_forward_metadata_out_graph at replay
         planned = backend.tracker.plan_.req_pool_indices == indices
         restricted = [l for l in range(LAYERS) if backend._paged.restricts(l)]
-        graph.replay()
+        with HostReads(reads_of) as replay_reads:
+            graph.replay()
         graphed = [o[: raw.batch_size].clone() for o in outs]
         want = reference_step(backend, shape, raw, q_in, k_in, v_in, lazy, config)
         none_lazy = {i: torch.zeros_like(lazy[i]) for i in indices}
@@ -323,6 +328,8 @@ def _replay_steps(backend: Any, shape: Shape, device: str, config: SlkvConfig) -
             "batch": raw.batch_size, "admitted": admitted, "planned_live_batch": planned,
             "restricted_layers": restricted, "lazy_layers": lazy_layers, "graphed_vs_eager": vs_eager,
             "graphed_vs_reference": vs_reference, "window_effect": window_effect,
+            # on CUDA the host's waits for the device: planning the step, and in the replay's breaks
+            "host_reads": {"plan": plan_reads.count if reads_of else None, "replay": replay_reads.count},
             "ok": admitted and planned and bool(lazy_layers) and set(lazy_layers) <= set(restricted)
             and vs_eager <= shape.tol
             and vs_reference <= reference_tol and window_effect > WINDOW_EFFECT_FACTOR * reference_tol})
