@@ -393,6 +393,17 @@ def test_the_layers_of_a_forward_never_wait_for_the_device(units_per_layer):
         assert tier.stats.failed_requests == 1 + decides
 
 
+def test_steps_of_the_same_request_settle_apart_and_report_once():
+    """Steps are told apart by identity (their fields hold tensors): a prefill's step and the next decode's over the
+    same request, their fingerprints of other lengths, settle together, and a failure is reported once."""
+    planner, req = KvPlanner(_tier(), strict=False), SimpleNamespace(rid="r")
+    planner.plan([req], [1], ["s"], [list(range(8))], [0])
+    decode = planner.plan([req], [1], ["s"], [list(range(9))], None)
+    decode.fail(0, "no rows for new tokens", strict=False)
+    assert planner.settle() == [(req, "slkv: KV of request r could not be made whole (no rows for new tokens)")]
+    assert planner.settle() == []
+
+
 def test_a_model_stores_kv_through_the_pool_over_rows():
     """A model whose RoPE kernel stores KV itself (SGLang's ``enable_fused_set_kv_buffer``: CUDA, bf16 KV) stores
     it through the pool's ``set_kv_buffer`` when KV lives in rows, whose SGLang buffers are one page long; over

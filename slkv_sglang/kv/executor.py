@@ -168,10 +168,6 @@ class KvExecutor:
         rows.fill(units, slots, torch.where(missing, taken[order], at), missing)
         return True
 
-    def lookup(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """``[units, n]``: the rows of ``slots`` in ``layer`` (``DeviceRows.lookup``)."""
-        return self.tier.rows.lookup(layer, slots)
-
     def read(self, pos: int, layer: int, slots: torch.Tensor,
              heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Keys and values ``[n, heads, dim]`` of ``slots`` in ``layer`` (in ``heads`` only, a mask over its KV

@@ -22,7 +22,8 @@ from .tier import KvTier
 logger = logging.getLogger("slkv.kv")
 
 # Results are processed at most one forward late (overlap scheduling) and every result settles the steps handed
-# out so far; the list is capped all the same, so that it stays bounded whatever SGLang calls.
+# out so far but one the device may still be running; the list is capped all the same, so that it stays bounded
+# whatever SGLang calls.
 UNSETTLED = 4
 HEAL_ATTR = "slkv_heal"  # on SGLang's Req: its Heal from the latest match (None: nothing recomputed)
 
@@ -127,15 +128,20 @@ class KvPlanner:
         return step
 
     def settle(self, wait: bool = True) -> list[tuple[Any, str]]:
-        """The requests whose KV the forwards handed out so far could not make whole, with why: SGLang is about to
-        process those forwards' results, and the caller finishes these requests with an error. Without ``wait``, a
-        forward the device is still running (with overlap scheduling, the one after the result processed) stays
-        for a later call: its page reads are not all counted yet."""
-        settled = [step for step in self._handed if wait or step.lost_pages_counted]
-        self._handed = [step for step in self._handed if step not in settled]
-        for step in settled:
-            self.tier.stats.failed_requests += step.fail_lost_pages(self.strict)
-        return [(step.requests[pos].req, why) for step in settled for pos, why in step.failed.items()]
+        """The requests whose KV the forwards handed out so far could not make whole, each once, with why: SGLang
+        is about to process those forwards' results, and the caller finishes these requests with an error. Without
+        ``wait``, a forward the device is still running (with overlap scheduling, the one after the result
+        processed) stays for a later call, its page reads not all counted yet; what it found on the host is
+        reported now."""
+        failed, running = [], []
+        for step in self._handed:
+            if wait or step.lost_pages_counted:
+                self.tier.stats.failed_requests += step.fail_lost_pages(self.strict)
+            else:
+                running.append(step)
+            failed += step.unreported()
+        self._handed = running
+        return failed
 
     def retire(self, req: Any, req_pool_idx: int | None) -> None:
         """The request left (finished, aborted or retracted): its promise and its heal go."""

@@ -197,10 +197,9 @@ class _RowKeys:
         self.executor, self.layer = executor, layer
 
     def __getitem__(self, slots: torch.Tensor) -> torch.Tensor:
+        """A missing row is read as row 0 and fails the step (``KvExecutor.pages``) before its decisions act."""
         rows = self.executor.tier.rows
-        if self.executor.step.failed:  # a failed request's scores are never acted on: read any row for it
-            return rows.gather(rows.rows_of(self.layer, slots).clamp(min=0), 0)
-        return rows.gather(self.executor.lookup(self.layer, slots), 0)
+        return rows.gather(self.executor.pages(rows.rows_of(self.layer, slots)), 0)
 
 
 def pool_class(config: SlkvConfig) -> type[SlotKVPool]:

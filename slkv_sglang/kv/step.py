@@ -47,7 +47,7 @@ class RequestStep:
         return slots
 
 
-@dataclass
+@dataclass(eq=False)  # a step is compared by identity: its fields hold tensors
 class KvStep:
     requests: list[RequestStep]  # batch order
     failed: dict[int, str] = field(default_factory=dict)  # batch position -> why its KV could not be made whole
@@ -55,6 +55,7 @@ class KvStep:
     # once per forward (``fail_lost_pages``), so that no layer waits for the device to check its pages
     lost_pages: torch.Tensor | None = None
     _counted: Any = None  # a CUDA event after the latest count (the forward may run on another stream)
+    _reported: set[int] = field(default_factory=set)  # positions in ``failed`` the scheduler side has been told of
 
     def fail(self, pos: int, why: str, strict: bool) -> bool:
         """The request at batch position ``pos`` is served nothing from this forward on (strict mode raises
@@ -93,6 +94,12 @@ class KvStep:
             return 0
         return sum(self.fail(pos, f"{lost} page reads found no KV on the device", strict)
                    for pos in range(len(self.requests)))
+
+    def unreported(self) -> list[tuple[Any, str]]:
+        """SGLang's requests that failed and why, each once."""
+        new = [(pos, why) for pos, why in self.failed.items() if pos not in self._reported]
+        self._reported.update(pos for pos, _ in new)
+        return [(self.requests[pos].req, why) for pos, why in new]
 
     def position(self, req_pool_idx: int) -> int | None:
         """The batch position of the request holding ``req_pool_idx``, None if it is not in this forward."""

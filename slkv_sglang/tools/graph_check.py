@@ -110,16 +110,17 @@ def standin_backend(device: str, shape: Shape, config: SlkvConfig = CONFIG) -> A
 
 def _use_flashinfer(backend: Any, shape: Shape, config: SlkvConfig) -> None:
     """The restricted decode through FlashInfer's wrappers, made as ``SlkvFlashInferBackend`` makes them at this
-    shape: SGLang's decode backend ``fa2`` with tensor cores, which SGLang picks for bf16 KV at 4 query heads per KV
-    head and more (``should_use_tensor_core``)."""
+    shape: SGLang's decode backend ``fa2``, with tensor cores where SGLang's own rule picks them (at Llama-3-8B's
+    shape it does)."""
     from flashinfer import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
+    from sglang.srt.layers.attention.flashinfer_backend import should_use_tensor_core
 
     from ..backends.flashinfer_ops import PREFILL_BACKEND, AttnShape
     from ..backends.paged import PagedReads
 
     workspace = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
     attn = AttnShape(shape.heads, shape.kv_heads, shape.dim, shape.dtype, shape.dtype)
-    tensor_cores = shape.heads // shape.kv_heads >= 4
+    tensor_cores = should_use_tensor_core(shape.dtype, shape.heads, shape.kv_heads)
     backend._paged = PagedReads(
         backend.pool, backend.tracker, config, attn,
         lambda: BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", backend=PREFILL_BACKEND,

@@ -2,9 +2,11 @@
 (the host stops queueing work until the device has caught up), which is what a decode step's per-layer work must
 not do. On a CPU nothing waits, but the same calls show where a GPU would.
 
-What counts: a tensor turned into a Python value (``bool``, ``int``, ``float``, ``item``, ``tolist``), ops whose
-output size depends on the values (``nonzero``, ``unique``, ``masked_select``) and indexing by a boolean mask
-(read or assignment), which is a ``nonzero`` inside.
+What counts: a tensor turned into Python values or copied to the host (``bool``, ``int``, ``float``, ``item``,
+``tolist``, ``numpy``, ``cpu``, ``to`` the CPU), ops whose output size depends on the values (``nonzero``,
+``unique``, ``masked_select``, ``bincount``, ``where`` with one argument, ``repeat_interleave`` of tensor
+repeats without ``output_size``) and indexing by a boolean mask (read or assignment), a ``nonzero`` inside. What it
+cannot see: waits that are not tensor calls (a CUDA event's or stream's ``synchronize``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-_VALUE_READS = frozenset({"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "unique",
-                          "masked_select", "argwhere", "unique_consecutive"})
+_VALUE_READS = frozenset({"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu",
+                          "nonzero", "argwhere", "unique", "unique_consecutive", "masked_select", "bincount"})
 _INDEXING = frozenset({"__getitem__", "__setitem__"})
 
 
@@ -33,12 +35,33 @@ class HostReads(TorchFunctionMode):
         return sum(self.where.values())
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _VALUE_READS or (name in _INDEXING and len(args) > 1 and _has_mask(args[1])):
+        if _reads_values(name, args, kwargs):
             tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if tensor is not None and (self.device is None or tensor.device.type == self.device):
                 self.where[name] += 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
+
+
+def _reads_values(name: str, args: tuple, kwargs: dict) -> bool:
+    if name in _VALUE_READS:
+        return True
+    if name in _INDEXING:
+        return len(args) > 1 and _has_mask(args[1])
+    if name == "where":
+        return len(args) + len(kwargs) == 1
+    if name == "repeat_interleave":  # repeats given as a tensor (alone: the tensor is the repeats)
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats", args[0] if len(args) == 1 else None)
+        return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None and len(args) < 4
+    if name == "to":
+        return any(_is_cpu(a) for a in (*args[1:], kwargs.get("device")))
+    return False
+
+
+def _is_cpu(target: Any) -> bool:
+    return (target == "cpu" or (isinstance(target, torch.device) and target.type == "cpu")
+            or (isinstance(target, torch.Tensor) and target.device.type == "cpu"))
 
 
 def _has_mask(index: Any) -> bool:
