@@ -219,10 +219,10 @@ class KvExecutor:
 
     # ---- failures -----------------------------------------------------------------------------------
     def pages(self, page_ids: torch.Tensor) -> torch.Tensor:
-        """Page ids a paged kernel is about to read. A missing one (-1) is a bug of ours (the planner restores every
-        row a forward reads): it reads row 0 and is counted on the device, and the step's requests fail when the
-        count is read (``KvStep.fail_lost_pages``: before a decision releases rows, and when the scheduler side
-        settles the forward), so that no layer waits for the device to check."""
+        """Page ids about to be read (a paged kernel's, or scoring's keys). A missing one (-1) is a bug of ours (the
+        planner restores every row a forward reads): it reads row 0 and is counted on the device, and the step's
+        requests fail when the count is read (``KvStep.fail_lost_pages``: before a decision releases rows, and when
+        the scheduler side settles the forward or caches a chunk), so that no layer waits for the device to check."""
         self.step.count_lost_pages(page_ids)
         return page_ids.clamp(min=0)
 
