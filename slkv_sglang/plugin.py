@@ -77,7 +77,7 @@ def hook_table(side: SchedulerSide) -> list[tuple[str, Callable[..., Any], HookT
          HookType.AFTER),
         ("mem_cache.kv_cache_configurator.KVCacheConfigurator._resolve_kv_pool_class", bound(admission.kv_pool_class),
          HookType.AROUND),
-        ("models.utils.enable_fused_set_kv_buffer", admission.unfuse_row_writes, HookType.AFTER),
+        ("models.utils.enable_fused_set_kv_buffer", bound(admission.unfuse_row_writes), HookType.AFTER),
         # reporting
         (_SCHEDULER + "batch_result_processor.SchedulerBatchResultProcessor._maybe_collect_customized_info",
          bound(reporting.report_decision), HookType.AFTER),

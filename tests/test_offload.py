@@ -357,6 +357,26 @@ def test_ledger_counts_promised_rows():
     assert tier.ledger.reserved == 0 and tier.spare_rows == tier.rows.free == 186
 
 
+def test_new_tokens_without_rows_fail_their_forward_and_stay_owed():
+    """A forward whose new tokens find too few free rows (a bug of admission's) takes none, writes nothing, fails
+    its requests, and leaves the rows owed until SGLang frees the slots."""
+    tier, ids = _tier(), list(range(8))
+    ex = KvExecutor(tier, sink=2, recent=2, strict=False)
+    kept = tier.rows.take(tier.rows.free - 15)  # 15 rows free: 8 slots in 2 units need 16
+    slots = torch.arange(1, 9)
+    tier.ledger.owe_slots(slots)
+    ex.begin(_step(1, ids))
+    for layer in range(2):
+        ex.write(layer, slots, torch.ones(8, 2, 4), torch.ones(8, 2, 4))
+    assert list(ex.step.failed) == [0] and "(no rows for new tokens)" in ex.step.failed[0]
+    assert tier.stats.failed_requests == 1
+    assert (tier.rows.free, tier.ledger.reserved) == (15, 16)
+    assert int((tier.rows.row_of[:, slots] >= 0).sum()) == 0 and tier.rows.miscounted() == 0
+    tier.free_slots(slots)
+    tier.rows.give(kept)
+    assert tier.ledger.reserved == 0 and tier.rows.free == tier.rows.num_rows
+
+
 @pytest.mark.parametrize("units_per_layer", [1, 2])
 def test_the_layers_of_a_forward_never_wait_for_the_device(units_per_layer):
     """A forward over rows reads values off the device once: its first write takes the new tokens' rows in every
@@ -407,18 +427,37 @@ def test_steps_of_the_same_request_settle_apart_and_report_once():
 def test_a_model_stores_kv_through_the_pool_over_rows():
     """A model whose RoPE kernel stores KV itself (SGLang's ``enable_fused_set_kv_buffer``: CUDA, bf16 KV) stores
     it through the pool's ``set_kv_buffer`` when KV lives in rows, whose SGLang buffers are one page long; over
-    SGLang's own buffers the fusion stays. The hook, called with what SGLang decided, over real backends."""
-    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
-
+    SGLang's own buffers the fusion stays. The hook, called with what SGLang decided, on the scheduler side as a
+    real backend's start-up attaches it."""
     from slkv_sglang.hooks.admission import unfuse_row_writes
+    from slkv_sglang.hooks.scheduler import SchedulerSide
     from slkv_sglang.tools import graph_check
 
+    assert unfuse_row_writes(SchedulerSide(), True) is None  # SimLayerKV off: nothing attached
     for pool, fused in (("slots", None), ("rows", False)):
         with graph_check.one_rank():
             backend = graph_check.standin_backend("cpu", graph_check.CPU_SHAPE, graph_check.POOLS[pool])
-        with forward_context(ForwardContext(attn_backend=backend)):
-            assert unfuse_row_writes(True) is fused, pool  # None: SGLang's answer stands
-            assert unfuse_row_writes(False) is None, pool
+        side = SchedulerSide()
+        side.attach(backend.tracker, backend.pool)
+        assert unfuse_row_writes(side, True) is fused, pool  # None: SGLang's answer stands
+        assert unfuse_row_writes(side, False) is None, pool
+
+
+def test_the_scheduler_waits_for_a_whole_decode_replay_over_rows():
+    """With overlap scheduling SGLang lets the scheduler's device work run beside a decode graph's replay once the
+    backend's reads of shared state end (a CUDA event it records). Over rows every layer reads the row index and
+    takes rows, so the plugin's backends declare the end of the replay; over slots SGLang's own declaration
+    stands, and prefill keeps its whole-forward fence."""
+    from sglang.srt.layers.attention.base_attn_backend import SharedReadEnds
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from slkv_sglang.tools import graph_check
+
+    for pool, decode in (("slots", SharedReadEnds.IN_REPLAY), ("rows", SharedReadEnds.POST_REPLAY)):
+        with graph_check.one_rank():
+            backend = graph_check.standin_backend("cpu", graph_check.CPU_SHAPE, graph_check.POOLS[pool])
+        assert backend.shared_read_ends(ForwardMode.DECODE) is decode, pool
+        assert backend.shared_read_ends(ForwardMode.EXTEND) is SharedReadEnds.UNKNOWN, pool
 
 
 def test_cached_slots_adopt_what_a_duplicate_holds():

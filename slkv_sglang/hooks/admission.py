@@ -326,14 +326,8 @@ def kv_pool_class(side: SchedulerSide, original: Any, configurator: Any, *args: 
     return pool_class(side.config)
 
 
-def unfuse_row_writes(result: bool, *args: Any, **kwargs: Any) -> bool | None:
+def unfuse_row_writes(side: SchedulerSide, result: bool, *args: Any, **kwargs: Any) -> bool | None:
     """models.utils.enable_fused_set_kv_buffer (after): a model whose RoPE kernel would store KV itself (CUDA, bf16
     KV: Qwen3-MoE and a few others) stores it through the pool's ``set_kv_buffer`` instead when its KV lives in
     rows (``--slkv-offload``): the fused kernel writes SGLang's per-layer buffers, one page long there."""
-    if not result:
-        return None
-    from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
-
-    from ..kv.pool import RowKVPool
-
-    return False if isinstance(get_token_to_kv_pool(), RowKVPool) else None
+    return False if result and side.tier is not None else None

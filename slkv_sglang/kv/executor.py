@@ -148,25 +148,13 @@ class KvExecutor:
         return self._new_rows_ok
 
     def _take_new_rows(self, slots: torch.Tensor) -> bool:
-        """The rows owed to ``slots`` in every unit at once (``Ledger``): the forward's one wait for the device on
-        its writes."""
-        rows, ledger = self.tier.rows, self.tier.ledger
-        at = rows.row_of[:, slots]  # [units, n]
-        missing = at < 0
-        owed = ledger.unwritten[:, slots]
-        n_missing, n_owed = torch.stack([missing.sum(), owed.sum()]).tolist()
-        units = range(rows.num_units)
-        ledger.written(units, slots, n_owed)
-        if not n_missing:
+        """The rows of ``slots`` in every unit at once (``KvTier.take_rows``): the forward's one wait for the device
+        on its writes."""
+        if self.tier.take_rows(slots) is not None:
             return True
-        taken = rows.take(n_missing)
-        if taken is None:
-            for pos in range(len(self.step.requests)):
-                self._fail(pos, "no rows for new tokens")
-            return False
-        order = (missing.flatten().cumsum(0) - 1).clamp(min=0).view_as(at)  # a mask assignment would wait
-        rows.fill(units, slots, torch.where(missing, taken[order], at), missing)
-        return True
+        for pos in range(len(self.step.requests)):
+            self._fail(pos, "no rows for new tokens")
+        return False
 
     def read(self, pos: int, layer: int, slots: torch.Tensor,
              heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:

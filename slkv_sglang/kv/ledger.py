@@ -28,11 +28,11 @@ class Ledger:
         self.unwritten[:, slots] = True
         self.reserved += self.num_units * slots.numel()
 
-    def written(self, units: range, slots: torch.Tensor, owed: int) -> None:
-        """``units`` hold rows for ``slots`` now; ``owed``: how many of those rows were owed (``unwritten``), counted
-        by the caller with whatever else it reads from the device."""
+    def written(self, slots: torch.Tensor, owed: int) -> None:
+        """Every unit holds rows for ``slots`` now; ``owed``: how many of those rows were owed (``unwritten``),
+        counted by the caller with whatever else it reads from the device."""
         self.reserved -= owed
-        self.unwritten[units.start : units.stop, slots] = False
+        self.unwritten[:, slots] = False
 
     def slots_freed(self, slots: torch.Tensor) -> None:
         self.reserved -= int(self.unwritten[:, slots].sum())

@@ -138,17 +138,31 @@ class KvTier:
         self.fingerprints[tree_at[unknown]] = self.fingerprints[own_at[unknown]]
         self.seen_at[tree_at] = np.maximum(self.seen_at[tree_at], self.seen_at[own_at])
 
+    def take_rows(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """Every unit holds a row for each of ``slots`` (fresh ones take theirs, owed to them in the ``Ledger``);
+        returns those rows ``[units, n]``, or None (nothing taken, still owed) if the free rows are too few. One
+        wait for the device, for the counts: a forward's new tokens take their rows here once, not per layer."""
+        rows, ledger = self.rows, self.ledger
+        at = rows.row_of[:, slots]  # [units, n]
+        missing = at < 0
+        n_missing, n_owed = torch.stack([missing.sum(), ledger.unwritten[:, slots].sum()]).tolist()
+        if n_missing:
+            taken = rows.take(n_missing)
+            if taken is None:
+                return None
+            order = (missing.flatten().cumsum(0) - 1).clamp(min=0).view_as(at)  # a mask assignment would wait
+            at = torch.where(missing, taken[order], at)
+            rows.fill(range(rows.num_units), slots, at, missing)
+        ledger.written(slots, n_owed)
+        return at
+
     def fill_slots(self, slots: torch.Tensor, kv: torch.Tensor) -> bool:
         """Fresh ``slots`` (allocated, owed their rows) take the KV ``kv`` ``[units, n, 2, heads, dim]`` in every
         unit (a prefix restored from the shared tier). False, nothing taken, if the rows are not there."""
-        rows, n = self.rows, slots.numel()
-        taken = rows.take(rows.num_units * n)
-        if taken is None:
+        at = self.take_rows(slots)
+        if at is None:
             return False
-        rows.put(taken, kv.reshape(-1, *rows.row_shape))
-        for unit, mine in enumerate(taken.view(rows.num_units, n)):
-            rows.place(unit, slots, mine)
-        self.ledger.written(range(rows.num_units), slots, int(self.ledger.unwritten[:, slots].sum()))
+        self.rows.put(at.flatten(), kv.reshape(-1, *self.rows.row_shape))
         return True
 
     def seen(self, slots: torch.Tensor, fingerprints: torch.Tensor) -> None:
