@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from sglang.srt.layers.attention.base_attn_backend import SharedReadEnds
 from sglang.srt.runtime_context import get_parallel
 
 from ..config import SlkvConfig
@@ -53,17 +52,10 @@ class ScoringMixin:
     req_to_token_pool: Any
     outbox: Outbox
 
-    def shared_read_ends(self, fm: Any) -> SharedReadEnds:
-        """From where on the scheduler's next device work (with overlap scheduling: freeing slots, adopting, a
-        shared-tier restore) may run beside this forward. Over rows (``--slkv-offload``) every decode layer reads
-        the row index of its requests' slots, so a decode graph's replay is waited for whole, not from SGLang's
-        in-graph marker on: slots freed meanwhile (a finished request's, duplicates after an insert) would read as
-        missing in later layers, failing the forward's requests, and their rows could be taken by a restore while
-        the replay still writes its new tokens' KV into them."""
-        ends = super().shared_read_ends(fm)  # type: ignore[misc]
-        if self.pool.executor is not None and ends is SharedReadEnds.IN_REPLAY:
-            return SharedReadEnds.POST_REPLAY
-        return ends
+    def shared_read_ends(self, fm: Any) -> Any:
+        """SGLang's declaration of where this backend's reads of shared state end, with the pool's own reads
+        (``read_ends``)."""
+        return self.pool.read_ends(super().shared_read_ends(fm))  # type: ignore[misc]
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):  # type: ignore[no-untyped-def]
         o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)  # type: ignore[misc]

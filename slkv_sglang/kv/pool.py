@@ -17,7 +17,8 @@ What a backend calls, the same on both:
 - ``read``: one request's K and V at some slots of a layer, contiguous, or None once the request failed;
 - ``key_reader``: a layer's keys indexable by slot ids (scoring);
 - ``page_map`` / ``page_buffers``: a layer's slots as page ids into the buffers a paged kernel reads (FlashInfer);
-- ``release_lazy``: a decision's lazy units give their middle rows back; returns the request's KV report.
+- ``release_lazy``: a decision's lazy units give their middle rows back; returns the request's KV report;
+- ``read_ends``: where a forward's reads of the pool's state end, for SGLang's overlap scheduler.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from sglang.srt.layers.attention.base_attn_backend import SharedReadEnds
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
 from ..config import SlkvConfig, SlkvConfigError
@@ -63,6 +65,12 @@ class SlotReads:
     def key_reader(self, layer: int) -> Any:
         """The layer's keys, indexable by slot ids."""
         return self.get_key_buffer(layer)
+
+    def read_ends(self, declared: SharedReadEnds) -> SharedReadEnds:
+        """From where on the scheduler's next device work (with overlap scheduling: freeing slots, radix inserts,
+        admission) may run beside a forward, given where the backend's own reads end (``shared_read_ends``):
+        SGLang's buffers add no reads of their own."""
+        return declared
 
     @property
     def page_map(self) -> Any:
@@ -141,6 +149,13 @@ class RowKVPool(SlotKVPool):
                                                self.tier.host, cfg.shared_timeout_ms, cfg.shared_queue_bytes,
                                                cfg.shared_write_back == "finished")
         self.executor = KvExecutor(self.tier, cfg.sink, cfg.recent, strict=cfg.poison)
+
+    def read_ends(self, declared: SharedReadEnds) -> SharedReadEnds:
+        """Every decode layer reads the row index of its requests' slots, so a decode graph's replay is waited for
+        whole, not from SGLang's in-graph marker on: slots freed meanwhile (a finished request's, duplicates after an
+        insert) would read as missing in later layers, failing the forward's requests, and their rows could be
+        taken by a shared-tier restore while the replay still writes its new tokens' KV into them."""
+        return SharedReadEnds.POST_REPLAY if declared is SharedReadEnds.IN_REPLAY else declared
 
     def set_kv_buffer(self, layer: Any, loc_info: Any, cache_k: torch.Tensor, cache_v: torch.Tensor,
                       k_scale: float | None = None, v_scale: float | None = None, **_: Any) -> None:
