@@ -446,8 +446,8 @@ def test_a_model_stores_kv_through_the_pool_over_rows():
 def test_the_scheduler_waits_for_a_whole_decode_replay_over_rows():
     """With overlap scheduling SGLang lets the scheduler's device work run beside a decode graph's replay once the
     backend's reads of shared state end (a CUDA event it records). Over rows every layer reads the row index and
-    takes rows, so the plugin's backends declare the end of the replay; over slots SGLang's own declaration
-    stands, and prefill keeps its whole-forward fence."""
+    takes rows, so that pool declares the end of the replay (``read_ends``), which the plugin's backends hand
+    SGLang; over slots SGLang's own declaration stands, and prefill keeps its whole-forward fence."""
     from sglang.srt.layers.attention.base_attn_backend import SharedReadEnds
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
